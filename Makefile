@@ -1,0 +1,45 @@
+# scaletrain: the two Quick-start commands.
+#   make demo   set up .venv and train the default GPT on the Python stdlib source (CPU: ~3 min)
+#   make test   set up .venv with the dev tools, check notebooks <-> library, run every notebook and pytest
+# TORCH picks the torch build: the default pins the CPU wheel CI uses; on a GPU machine use e.g. TORCH=torch.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test setup setup-dev check-sync nbtest pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first: a bare 'torch' requirement would pull a multi-GB CUDA build
+setup: $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e .
+
+setup-dev: setup
+	$(BIN)/python -m pip install -q -e ".[dev]"
+
+demo: setup
+	$(BIN)/scaletrain train
+
+# The notebooks are the source: exporting and cleaning them must not change any tracked file.
+check-sync:
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	@if [ -n "$$(git status --porcelain --untracked-files=all -- scaletrain nbs)" ]; then \
+	  echo "nbdev_export/nbdev_clean changed files: the notebooks and scaletrain/ are out of sync:"; \
+	  git status --porcelain --untracked-files=all -- scaletrain nbs; exit 1; fi
+	@echo "notebooks and library in sync"
+
+nbtest:
+	$(BIN)/nbdev_test --timing
+
+pytest:
+	$(BIN)/python -m pytest tests
+
+test: setup-dev check-sync nbtest pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

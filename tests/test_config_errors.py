@@ -1,0 +1,74 @@
+"Bad input: one line naming the field, the value and what is allowed; exit code 2; nothing overwritten."
+from pathlib import Path
+import pytest
+from conftest import run_cli, tiny
+
+def one_line_error(r):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("scaletrain: error: ")
+    return err
+
+@pytest.mark.parametrize("override, expect", [
+    ("train.step=5", "unknown key 'train.step' (did you mean 'train.steps'?)"),
+    ("modle.n_layer=2", "unknown key 'modle.n_layer' (did you mean 'model.n_layer'?)"),
+    ("train.steps=lots", "train.steps='lots': expected a whole number"),
+    ("train.lr=fast", "train.lr='fast': expected a number"),
+    ("model.bias=maybe", "model.bias='maybe': expected true or false"),
+    ("train.steps=0", "train.steps=0: must be >= 1"),
+    ("model.dropout=1.5", "model.dropout=1.5: must be <= 0.99"),
+    ("memory.precision=fp8", "memory.precision='fp8': allowed: fp32 | bf16-mixed | fp16-mixed | bf16-true"),
+    ("model.n_head=3", "model.n_embd=256 is not divisible by model.n_head=3"),
+    ("memory.cpu_offload=true", "memory.cpu_offload=true needs parallel.strategy=fsdp"),
+    ("train.warmup_steps=900", "train.warmup_steps=900 exceeds train.steps=250"),
+    ("nonsense", "override 'nonsense': expected key=value"),
+])
+def test_bad_overrides(tmp_path, override, expect):
+    err = one_line_error(run_cli("train", f"run.out_dir={tmp_path}", override))
+    assert expect in err
+    assert not any(tmp_path.iterdir()), "no run folder may be created for bad input"
+
+def test_bad_config_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  stpes: 3\n")
+    assert "unknown key 'train.stpes' (did you mean 'train.steps'?)" in one_line_error(run_cli("train", "--config", f))
+    f.write_text("train: [1, 2\n")
+    assert "not valid YAML" in one_line_error(run_cli("train", "--config", f))
+    assert "cannot read" in one_line_error(run_cli("train", "--config", tmp_path / "missing.yaml"))
+
+def test_unreadable_data(tmp_path):
+    err = one_line_error(run_cli("train", f"run.out_dir={tmp_path}/runs", f"data.source={tmp_path}/nope"))
+    assert f"data.source='{tmp_path}/nope': no such folder" in err
+    empty = tmp_path / "empty"; empty.mkdir()
+    assert "contains no text files" in one_line_error(run_cli("train", f"run.out_dir={tmp_path}/runs", f"data.source={empty}"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+def test_missing_and_corrupt_checkpoint(tmp_path, corpus, cache_dir):
+    assert "not a run folder" in one_line_error(run_cli("train", "--resume", tmp_path / "none"))
+    ov = tiny(corpus, cache_dir, tmp_path / "runs", "run.name=r", "train.steps=3", "train.ckpt_every=0")
+    r = run_cli("train", *ov); assert r.returncode == 0, r.stderr
+    run = tmp_path / "runs" / "r"
+    ck = run / "checkpoints" / "step_00000003"
+    # corrupt every shard of the checkpoint
+    for f in ck.glob("*.distcp"): f.write_bytes(b"garbage")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    err = one_line_error(run_cli("train", "--resume", run, "train.steps=5"))
+    assert str(ck) in err and "cannot be loaded" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml included
+    (ck / ".metadata").unlink()
+    err = one_line_error(run_cli("train", "--resume", run))
+    assert "holds no complete checkpoint" in err
+
+def test_existing_run_folder_is_never_reused(tmp_path, corpus, cache_dir):
+    ov = tiny(corpus, cache_dir, tmp_path, "run.name=keep", "train.steps=2", "train.ckpt_every=0")
+    assert run_cli("train", *ov).returncode == 0
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "keep").rglob("*") if p.is_file()}
+    err = one_line_error(run_cli("train", *ov))
+    assert "run.name=keep" in err and "already exists" in err and "--resume" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "keep").rglob("*") if p.is_file()} == snapshot
+
+def test_resume_with_config_file_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert "--config with --resume" in one_line_error(run_cli("train", "--resume", tmp_path, "--config", tmp_path / "config.yaml"))
