@@ -18,9 +18,9 @@ def check(cfg: Config, world_size: int) -> None:
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}")
 
-def build_engine(model, cfg: Config, device, info, mesh=None) -> Engine:
+def build_engine(model, cfg: Config, device, info, mesh=None, **kw) -> Engine:
     "The engine for this rank's part of the mesh."
-    return Engine(model.to(device), cfg, device, info, mesh)
+    return Engine(model.to(device), cfg, device, info, mesh, **kw)
 
 def auto_micro_batch(trainer) -> int:
     raise ConfigError("train.micro_batch=auto is not available yet")

@@ -16,12 +16,12 @@ from .data import prepare_data, BatchSampler
 from .models import GPT, num_params, flops_per_token
 from .metrics import MetricsWriter, device_peak, peak_memory_gb, truncate_metrics
 from .dist import init_distributed, build_mesh, RankPrinter, teardown
-from .engine import Engine, lr_at
+from .engine import Engine, lr_at, lm_loss
 from . import checkpoint as ckpt
 
 # %% auto #0
 __all__ = ['EVENTS', 'new_run_dir', 'git_commit', 'TrainingAnomaly', 'Callback', 'ProgressCallback', 'MetricsCallback',
-           'PlotCallback', 'SignalCallback', 'Trainer', 'StopAfter']
+           'PlotCallback', 'SignalCallback', 'LMTask', 'Trainer', 'StopAfter']
 
 # %% ../nbs/08_train.ipynb #abd7632c
 def new_run_dir(cfg: Config) -> Path:
@@ -84,7 +84,7 @@ class MetricsCallback(Callback):
     def after_step(self):
         if self.w and self.trainer.step % self.trainer.cfg.run.log_every == 0: self.w.write(self.trainer.last)
     def after_eval(self):
-        if self.w: self.w.write(dict(step=self.trainer.step, val_loss=self.trainer.last_val))
+        if self.w: self.w.write(dict(step=self.trainer.step, **self.trainer.last_eval))
     def on_anomaly(self):
         if self.w: self.w.write(dict(step=self.trainer.step, anomaly=self.trainer.anomaly))
     def after_fit(self):
@@ -112,11 +112,39 @@ class SignalCallback(Callback):
     def after_fit(self):
         if self.old is not None: signal.signal(signal.SIGTERM, self.old)
 
+# %% ../nbs/08_train.ipynb #39ba4b8b
+class LMTask:
+    "Next-token prediction on `cfg.data` (the stdlib corpus by default)."
+    loss_fn = staticmethod(lm_loss)
+    def __init__(self, cfg: Config, show_progress: bool = True):
+        self.cfg = cfg
+        self.data = prepare_data(cfg.data, show_progress=show_progress)
+        if cfg.model.vocab_size == 0: cfg.model.vocab_size = self.data.vocab_size
+        elif cfg.model.vocab_size < self.data.vocab_size:
+            raise ConfigError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}")
+    @property
+    def seq_len(self) -> int: return self.cfg.model.block_size
+    def build_model(self): return GPT(self.cfg.model)
+    def flops_per_token(self, model): return flops_per_token(self.cfg.model, num_params(model))
+    def setup(self, global_batch: int, eval_batch: int):
+        c = self.cfg
+        self.train_sampler = BatchSampler(self.data.train, self.data.weights, c.model.block_size, global_batch, c.train.seed, "train")
+        self.val_sampler = BatchSampler(self.data.val, self.data.weights, c.model.block_size, eval_batch, c.train.seed, "val")
+    def train_batch(self, step: int, rank: int, n_ranks: int, device):
+        return self.train_sampler.batch(step, rank, n_ranks, device)
+    def evaluate(self, engine, device) -> dict:
+        "Mean validation loss over `train.eval_iters` fixed batches: `{'val_loss': ...}`."
+        tot = 0.0
+        for i in range(self.cfg.train.eval_iters):
+            x, y = self.val_sampler.batch(i, engine.dp_rank, engine.dp_size, device)
+            tot += float(engine.eval_loss(x, y))
+        return {"val_loss": tot / self.cfg.train.eval_iters}
+
 # %% ../nbs/08_train.ipynb #2db45847
 class Trainer:
     "Train `cfg` into `run_dir` (a new folder unless given); `resume=True` continues its latest checkpoint."
     def __init__(self, cfg: Config, run_dir=None, callbacks=(), resume: bool = False, model=None,
-                 build_engine=None, default_callbacks: bool = True):
+                 build_engine=None, default_callbacks: bool = True, task=None):
         self.cfg, self.t0 = cfg, time.time()
         self.info = init_distributed(cfg.train.device)
         self.device = self.info.device
@@ -124,24 +152,20 @@ class Trainer:
         from scaletrain import parallel
         parallel.check(cfg, self.info.world_size)
         self.mesh = build_mesh(self.info, cfg.parallel.tp, cfg.parallel.pp)
-        self.data = prepare_data(cfg.data, show_progress=self.info.is_main)
-        if cfg.model.vocab_size == 0: cfg.model.vocab_size = self.data.vocab_size
-        elif cfg.model.vocab_size < self.data.vocab_size:
-            raise ConfigError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}")
+        self.task = task if task is not None else LMTask(cfg, show_progress=self.info.is_main)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        self.model = model if model is not None else GPT(cfg.model)
+        self.model = model if model is not None else self.task.build_model()
         self.n_params = num_params(self.model)
-        self.flops_per_token = flops_per_token(cfg.model, self.n_params)
-        self.engine = (build_engine or parallel.build_engine)(self.model, cfg, self.device, self.info, self.mesh)
+        self.flops_per_token = self.task.flops_per_token(self.model)
+        self.engine = (build_engine or parallel.build_engine)(self.model, cfg, self.device, self.info, self.mesh,
+                                                              loss_fn=self.task.loss_fn)
         self.run_dir = self._run_dir(run_dir, resume)
         self.micro_batch = int(cfg.train.micro_batch) if cfg.train.micro_batch != "auto" else self._auto_micro_batch()
         self.grad_accum = cfg.train.grad_accum
         self.global_batch = self.micro_batch * self.grad_accum * self.engine.dp_size
-        T = cfg.model.block_size
-        self.train_sampler = BatchSampler(self.data.train, self.data.weights, T, self.global_batch, cfg.train.seed, "train")
-        self.val_sampler = BatchSampler(self.data.val, self.data.weights, T, self.micro_batch * self.engine.dp_size, cfg.train.seed, "val")
+        self.task.setup(self.global_batch, self.micro_batch * self.engine.dp_size)
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
-        self.history, self.val_history, self.last, self.last_val, self.anomaly = [], [], None, None, None
+        self.history, self.val_history, self.last, self.last_val, self.last_eval, self.anomaly = [], [], None, None, None, None
         self.last_checkpoint, self.summary, self.status = None, None, "running"
         self.peak_tflops, self.peak_source = device_peak(self.device, cfg.memory.precision, cfg.run.peak_tflops)
         self.callbacks = sorted(([SignalCallback(), ProgressCallback(), MetricsCallback(), PlotCallback()] if default_callbacks else [])
@@ -182,18 +206,15 @@ class Trainer:
     # ---- the loop ----
     def micro_batches(self, step: int):
         "This rank's micro-batches of the global batch of `step`."
-        x, y = self.train_sampler.batch(step, self.engine.dp_rank, self.engine.dp_size, self.device)
+        x, y = self.task.train_batch(step, self.engine.dp_rank, self.engine.dp_size, self.device)
         m = self.micro_batch
         return [(x[i:i + m], y[i:i + m]) for i in range(0, x.shape[0], m)]
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        "Mean validation loss over `train.eval_iters` fixed batches."
-        tot = 0.0
-        for i in range(self.cfg.train.eval_iters):
-            x, y = self.val_sampler.batch(i, self.engine.dp_rank, self.engine.dp_size, self.device)
-            tot += float(self.engine.eval_loss(x, y))
-        self.last_val = tot / self.cfg.train.eval_iters
+        "Run the task's validation; `last_eval` holds all its metrics, `last_val` the validation loss."
+        self.last_eval = self.task.evaluate(self.engine, self.device)
+        self.last_val = self.last_eval["val_loss"]
         self.val_history.append((self.step, self.last_val))
         self.fire("after_eval")
         return self.last_val
@@ -225,7 +246,7 @@ class Trainer:
             self.anomaly = f"step {self.step + 1}: loss is {res.loss}"
             raise TrainingAnomaly(self.anomaly)
         self.step += 1
-        ntok = self.global_batch * self.cfg.model.block_size
+        ntok = self.global_batch * self.task.seq_len
         self.tokens += ntok
         if self.step > 1: self.train_time += dt  # the first step pays for warm-up/compilation
         tps = ntok / dt
@@ -241,7 +262,7 @@ class Trainer:
         t = self.cfg.train
         self.print(f"scaletrain {scaletrain.__version__}: {self.run_dir} | {self.n_params / 1e6:.2f}M params | "
                    f"{self.device} x {self.info.world_size} | strategy {self.engine.name} | global batch "
-                   f"{self.global_batch} x {self.cfg.model.block_size} tokens (micro {self.micro_batch} x accum {self.grad_accum} x dp {self.engine.dp_size})")
+                   f"{self.global_batch} x {self.task.seq_len} tokens (micro {self.micro_batch} x accum {self.grad_accum} x dp {self.engine.dp_size})")
         if self.step == 0: torch.manual_seed(self.cfg.train.seed + self.info.rank)  # dropout stream; a resume restores it instead
         self.fire("before_fit")
         try:
@@ -273,14 +294,14 @@ class Trainer:
                     final_train_loss=sum(r["loss"] for r in h) / len(h) if h else None,
                     first_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
                     final_val_loss=vals[-1][1] if vals else None,
-                    tokens_per_s=(self.tokens - self.global_batch * self.cfg.model.block_size) / self.train_time if self.train_time else None,
+                    tokens_per_s=(self.tokens - self.global_batch * self.task.seq_len) / self.train_time if self.train_time else None,
                     mfu=(sum(r["mfu"] for r in self.history[1:]) / len(self.history[1:])) if len(self.history) > 1 else None,
                     peak_tflops=self.peak_tflops, peak_source=self.peak_source,
                     wall_time_s=time.time() - self.t0, train_time_s=self.train_time,
                     n_params=self.n_params, device=str(self.device), world_size=self.info.world_size,
                     strategy=self.cfg.parallel.strategy, dp=self.engine.dp_size, tp=self.cfg.parallel.tp, pp=self.cfg.parallel.pp,
                     precision=self.cfg.memory.precision, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
-                    global_batch=self.global_batch, seq_len=self.cfg.model.block_size,
+                    global_batch=self.global_batch, seq_len=self.task.seq_len,
                     seed=self.cfg.train.seed, config_hash=config_hash(self.cfg),
                     python=platform.python_version(), torch=torch.__version__, scaletrain=scaletrain.__version__,
                     git_commit=git_commit(), last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
