@@ -34,7 +34,7 @@ check-sync:
 	@echo "notebooks and library in sync"
 
 nbtest:
-	$(BIN)/nbdev_test --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing  # two notebooks at a time on 2 cores: one thread each
 
 pytest:
 	$(BIN)/python -m pytest tests

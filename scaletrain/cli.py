@@ -76,16 +76,19 @@ def prepare_run(args):
 
 def train_main(argv) -> int:
     args = train_parser().parse_args(argv)
-    try: cfg, run_dir, resume = prepare_run(args)
+    from scaletrain.launch import RunLock, torchrun_args, run_foreground
+    try:
+        cfg, run_dir, resume = prepare_run(args)
+        lock = RunLock(run_dir, args.node_rank)  # refuses a folder that a live job is using
     except user_errors() as e: fail(str(e))
-    rank_args = ["--run-dir", str(run_dir)] + (["--resume"] + list(args.overrides) if resume else [])
-    if args.nproc * args.nnodes == 1: return rank_main(rank_args)
-    from scaletrain.launch import torchrun_args, run_foreground
-    cmd = torchrun_args(["-m", "scaletrain.cli", "_rank"] + rank_args,
-                        nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id or cfg.run.name, max_restarts=args.max_restarts)
-    print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
-    return run_foreground(cmd)
+    with lock:
+        rank_args = ["--run-dir", str(run_dir)] + (["--resume"] + list(args.overrides) if resume else [])
+        if args.nproc * args.nnodes == 1: return rank_main(rank_args)
+        cmd = torchrun_args(["-m", "scaletrain.cli", "_rank"] + rank_args,
+                            nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id or cfg.run.name, max_restarts=args.max_restarts)
+        print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
+        return run_foreground(cmd)
 
 def rank_main(argv) -> int:
     "What each rank runs: train the config of an already prepared run folder."
@@ -127,6 +130,11 @@ def export_main(argv) -> int:
 COMMANDS = {
     "train": ("scaletrain.cli:train_main", "train a model (single process or torchrun)"),
     "export": ("scaletrain.cli:export_main", "checkpoint -> single safetensors file"),
+    "plan": ("scaletrain.plan:plan_main", "predict memory and step time; rank feasible layouts"),
+    "launch": ("scaletrain.launch:launch_main", "launch, watch and stop a multi-process job (torchrun; per-rank logs)"),
+    "finetune": ("scaletrain.finetune:finetune_main", "fine-tune a pretrained checkpoint for a task (classification head)"),
+    "sweep": ("scaletrain.sweep:sweep_main", "grid or random hyperparameter search; compares runs, writes best.yaml"),
+    "compress": ("scaletrain.compress:compress_main", "prune and quantize a fine-tuned model; size/latency/accuracy report"),
     "_rank": ("scaletrain.cli:rank_main", None),
 }
 

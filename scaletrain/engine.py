@@ -11,7 +11,7 @@ from .config import Config, TrainConfig
 
 # %% auto #0
 __all__ = ['autocast_dtype', 'autocast_ctx', 'make_scaler', 'param_groups', 'adamw_kwargs', 'lr_at', 'set_lr', 'lm_loss',
-           'StepResult', 'Engine']
+           'local_bytes', 'StepResult', 'Engine']
 
 # %% ../nbs/06_engine.ipynb #7e03ab01
 def autocast_dtype(precision: str):
@@ -56,6 +56,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 # %% ../nbs/06_engine.ipynb #56348b39
+def local_bytes(tensors) -> int:
+    "Bytes of the tensors as held by this rank: a DTensor counts its local shard; scalars (Adam's step) are ignored."
+    n, seen = 0, set()
+    for t in tensors:
+        if not torch.is_tensor(t) or t.dim() == 0 or id(t) in seen: continue
+        seen.add(id(t))
+        t = t.to_local() if hasattr(t, "to_local") else t
+        n += t.numel() * t.element_size()
+    return n
+
 @dataclass
 class StepResult:
     loss: float
@@ -83,6 +93,7 @@ class Engine:
     def sync(self, last_micro: bool): return contextlib.nullcontext()
     def reduce(self, t: torch.Tensor) -> torch.Tensor: return t
     def forward_ctx(self): return autocast_ctx(self.precision, self.device)
+    def zero_grad(self): self.optimizer.zero_grad(set_to_none=True)
     def parameters(self): return [p for p in self.module.parameters() if p.requires_grad]
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm if max_norm > 0 else float("inf"))
@@ -104,6 +115,7 @@ class Engine:
         return self.optimizer_step(self.reduce(total))
 
     def optimizer_step(self, loss: torch.Tensor) -> StepResult:
+        self.grad_bytes = local_bytes(p.grad for p in self.module.parameters())  # what this rank holds after backward
         scale = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer); scale = self.scaler.get_scale()
@@ -113,7 +125,7 @@ class Engine:
             skipped = self.scaler.get_scale() < scale
         else:
             self.optimizer.step(); skipped = False
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return StepResult(float(loss), float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), skipped, scale)
 
     @torch.no_grad()
@@ -138,6 +150,16 @@ class Engine:
 
     def load_extra_state(self, st: dict) -> None:
         if self.scaler is not None and st.get("scaler"): self.scaler.load_state_dict(st["scaler"])
+
+    def local_optimizer(self):
+        "The optimizer object that holds this rank's state (sharded optimizers override)."
+        return self.optimizer
+
+    def state_bytes(self) -> dict:
+        "Bytes of parameters, gradients (as of the last step) and optimizer state held by this rank."
+        opt = self.local_optimizer()
+        return dict(params=local_bytes(self.module.parameters()), grads=getattr(self, "grad_bytes", 0),
+                    optim=local_bytes(t for st in opt.state.values() for t in st.values()))
 
     @property
     def dp_rank(self): return 0

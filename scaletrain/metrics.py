@@ -42,8 +42,14 @@ def device_peak(device: torch.device, precision: str, override: float = 0.0) -> 
         name = torch.cuda.get_device_name(device)
         p = gpu_peak_tflops(name)
         if p: return p, f"datasheet ({name}, dense 16-bit)"
-    dt = torch.float32 if precision == "fp32" else torch.bfloat16
-    return measure_peak_tflops(device, dt), f"measured {str(dt).split('.')[-1]} matmul on {device.type}"
+    # No datasheet: the best matmul rate we can measure, in fp32 or the run's 16-bit type (CPUs without native
+    # bf16 run it slower than fp32, and a "peak" below what the model achieves would make MFU exceed 1).
+    rates = {"fp32": measure_peak_tflops(device, torch.float32)}
+    if precision != "fp32":
+        dt = torch.float16 if precision == "fp16-mixed" else torch.bfloat16
+        rates[str(dt).split(".")[-1]] = measure_peak_tflops(device, dt)
+    best = max(rates, key=rates.get)
+    return rates[best], f"measured {best} matmul on {device.type}"
 
 # %% ../nbs/03_metrics.ipynb #5097c4ea
 def peak_memory_gb(device: torch.device) -> float:

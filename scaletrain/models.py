@@ -9,7 +9,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .config import ModelConfig
 
 # %% auto #0
-__all__ = ['CausalSelfAttention', 'MLP', 'Block', 'GPT', 'num_params', 'flops_per_token', 'count_params']
+__all__ = ['CausalSelfAttention', 'MLP', 'Block', 'GPT', 'num_params', 'flops_per_token', 'count_params', 'generate']
 
 # %% ../nbs/02_models.ipynb #9eda4ebb
 class CausalSelfAttention(nn.Module):
@@ -105,3 +105,21 @@ def count_params(c: ModelConfig, non_embedding: bool = True) -> int:
     block = 2 * ln + 4 * (d * d + b * d) + (d * 4 * d + b * 4 * d) + (4 * d * d + b * d)
     n = V * d + L * block + ln + (0 if c.tie_weights else V * d)
     return n if non_embedding else n + c.block_size * d
+
+# %% ../nbs/02_models.ipynb #3ea245f8
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    "Extend `idx` `(B, T)` by `max_new_tokens` sampled tokens."
+    was_training = model.training; model.eval()
+    T = model.config.block_size
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -T:])[:, -1, :].float()
+        if temperature <= 0: nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k: logits[logits < torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    model.train(was_training)
+    return idx

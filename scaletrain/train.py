@@ -62,7 +62,7 @@ class Callback:
 
 class ProgressCallback(Callback):
     "tqdm bar on the printing rank."
-    order = 10
+    order, bar = 10, None
     def before_fit(self):
         t = self.trainer
         tty = sys.stderr.isatty()  # in a log file, a line every 15 s rather than a stream of \r updates
@@ -70,14 +70,19 @@ class ProgressCallback(Callback):
                         mininterval=2.0 if tty else 15.0, dynamic_ncols=tty, file=sys.stderr)
     def after_step(self):
         r = self.trainer.last
+        if self.bar is None: return
         self.bar.update(1); self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
     def after_eval(self):
-        self.bar.write(f"step {self.trainer.step}: val loss {self.trainer.last_val:.4f}") if self.trainer.info.is_main else None
-    def after_fit(self): self.bar.close()
+        msg = f"step {self.trainer.step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.trainer.last_eval.items()
+                                                         if isinstance(v, float))
+        if self.bar is not None: self.bar.write(msg) if self.trainer.info.is_main else None
+        else: self.trainer.print(msg)
+    def after_fit(self):
+        if self.bar is not None: self.bar.close(); self.bar = None
 
 class MetricsCallback(Callback):
-    "Writes step and eval records to `metrics.jsonl` (rank 0)."
-    order = 20
+    "Writes step and eval records to `metrics.jsonl` (rank 0) while fitting."
+    order, w = 20, None
     def before_fit(self):
         t = self.trainer
         self.w = MetricsWriter(t.run_dir / "metrics.jsonl", t.cfg.run.tensorboard) if t.info.is_main else None
@@ -88,13 +93,13 @@ class MetricsCallback(Callback):
     def on_anomaly(self):
         if self.w: self.w.write(dict(step=self.trainer.step, anomaly=self.trainer.anomaly))
     def after_fit(self):
-        if self.w: self.w.close()
+        if self.w: self.w.close(); self.w = None
 
 class PlotCallback(Callback):
     "Saves `loss.png` after each validation pass and at the end (rank 0)."
     order = 30
     def _plot(self):
-        if self.trainer.info.is_main:
+        if self.trainer.info.is_main and (self.trainer.run_dir / "metrics.jsonl").exists():
             from scaletrain.plots import plot_run
             import matplotlib.pyplot as plt
             plt.close(plot_run(self.trainer.run_dir))
@@ -163,10 +168,11 @@ class Trainer:
         self.micro_batch = int(cfg.train.micro_batch) if cfg.train.micro_batch != "auto" else self._auto_micro_batch()
         self.grad_accum = cfg.train.grad_accum
         self.global_batch = self.micro_batch * self.grad_accum * self.engine.dp_size
-        self.task.setup(self.global_batch, self.micro_batch * self.engine.dp_size)
+        self.task.setup(self.global_batch, cfg.train.eval_batch)
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
         self.history, self.val_history, self.last, self.last_val, self.last_eval, self.anomaly = [], [], None, None, None, None
         self.last_checkpoint, self.summary, self.status = None, None, "running"
+        self.oom_events, self._in_optimizer_step, self._opt_hooks = [], False, None
         self.peak_tflops, self.peak_source = device_peak(self.device, cfg.memory.precision, cfg.run.peak_tflops)
         self.callbacks = sorted(([SignalCallback(), ProgressCallback(), MetricsCallback(), PlotCallback()] if default_callbacks else [])
                                 + list(callbacks), key=lambda c: c.order)
@@ -185,13 +191,15 @@ class Trainer:
         return Path(d[0])
 
     def _auto_micro_batch(self) -> int:
-        from scaletrain import parallel
-        return parallel.auto_micro_batch(self)
+        from scaletrain.memory import find_micro_batch
+        return find_micro_batch(self)
 
     def _resume(self):
         st = ckpt.load_checkpoint(ckpt.resolve_checkpoint(self.run_dir), self.engine)
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
-        if st.get("micro_batch") and st.get("global_batch") == self.global_batch and self.cfg.train.micro_batch == "auto":
+        # keep a micro-batch found by `auto`, or lowered after running out of memory, when the global batch is the same
+        if st.get("micro_batch") and st.get("global_batch") == self.global_batch and (
+                self.cfg.train.micro_batch == "auto" or st["micro_batch"] < self.micro_batch):
             self.micro_batch, self.grad_accum = st["micro_batch"], st["grad_accum"]
         if self.info.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -235,11 +243,40 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def _recover_from_oom(self, err) -> None:
+        "After an out-of-memory error in forward/backward: free memory, split the micro-batch, same global batch."
+        m = self.micro_batch
+        f = next((k for k in range(2, m + 1) if m % k == 0), None)  # halve (or split by the smallest factor)
+        new = m // f if f else 0
+        n_mb = getattr(self.engine, "n_mb", 1)
+        if getattr(self, "_in_optimizer_step", False) or not new or new % n_mb:
+            raise err  # the optimizer step itself, or nothing left to split: a smaller micro-batch cannot help
+        self.engine.zero_grad()  # drop the partial gradients of the failed attempt
+        import gc; gc.collect()
+        if self.device.type == "cuda": torch.cuda.empty_cache()
+        self.micro_batch, self.grad_accum = new, self.grad_accum * f
+        self.oom_events.append(dict(step=self.step + 1, micro_batch=new, grad_accum=self.grad_accum))
+        self.print(f"step {self.step + 1}: out of memory with micro-batch {m}; retrying with micro-batch {new} x "
+                   f"accumulation {self.grad_accum} (global batch {self.global_batch} unchanged)", force=True)
+
+    def _watch_optimizer(self):
+        "Flag the optimizer step, so an out-of-memory error there is not taken for one in forward/backward."
+        if getattr(self, "_opt_hooks", None) is not None: return
+        opt = self.engine.optimizer
+        def pre(*a): self._in_optimizer_step = True
+        def post(*a): self._in_optimizer_step = False
+        self._opt_hooks = (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)) if hasattr(opt, "register_step_pre_hook") else ()
+
     def train_one_step(self):
         self.fire("before_step")
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
-        res = self.engine.train_step(self.micro_batches(self.step), lr)
+        self._watch_optimizer()
+        n_oom = len(self.oom_events)
+        while True:  # out of memory in forward/backward: same step again with a smaller micro-batch
+            try:
+                res = self.engine.train_step(self.micro_batches(self.step), lr); break
+            except torch.OutOfMemoryError as e: self._recover_from_oom(e)
         if self.device.type == "cuda": torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         if not math.isfinite(res.loss):
@@ -254,6 +291,8 @@ class Trainer:
                          mfu=self.flops_per_token * tps / (self.info.world_size * self.peak_tflops * 1e12),
                          peak_mem_gb=peak_memory_gb(self.device), tokens=self.tokens, time=time.time() - self.t0)
         if res.loss_scale is not None: self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
+        if len(self.oom_events) > n_oom:  # logged in metrics.jsonl: the step ran with a smaller micro-batch
+            self.last.update(oom_recovered=True, micro_batch=self.micro_batch, grad_accum=self.grad_accum)
         self.history.append(self.last)
         self.fire("after_step")
 
@@ -283,6 +322,11 @@ class Trainer:
                        + (f" (continue with: scaletrain train --resume {self.run_dir})" if last else ""), file=sys.stderr)
             self.fire("on_anomaly")
         self.summary = self._summary()
+        sb = [self.engine.state_bytes()]
+        if self.info.distributed:
+            sb = [None] * self.info.world_size
+            dist.all_gather_object(sb, self.engine.state_bytes())
+        self.summary["state_bytes_per_rank"] = sb
         if self.info.is_main: atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=1))
         self.fire("after_fit")
         return self.summary

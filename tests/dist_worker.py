@@ -1,0 +1,55 @@
+"""Run under torchrun by test_parallel.py: train each case of a JSON spec on every rank and record
+per-step losses, the full final weights this rank can see, and the bytes this rank really holds.
+
+usage: torchrun --nproc-per-node N dist_worker.py SPEC.json OUT_DIR
+"""
+import json, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+
+from scaletrain.config import load_config
+from scaletrain.train import Trainer, StopAfter
+from scaletrain.dist import teardown
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+def nbytes(ts):
+    return sum(local(t).numel() * local(t).element_size() for t in ts if torch.is_tensor(t) and t.dim() > 0)
+
+def optimizer_state(engine):
+    opt = getattr(engine, "local_optimizer", None)
+    opt = opt() if opt else engine.optimizer
+    return [t for st in opt.state.values() for t in st.values()]
+
+def full_weights(engine):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    sd = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    return {k: local(v).detach().float().cpu().clone() for k, v in sd.items()}
+
+def main(spec_path, out_dir):
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(out_dir)
+    for case in spec["cases"]:
+        cfg = load_config(overrides=spec["common"] + case["overrides"] + [f"run.out_dir={out / case['name']}"])
+        cbs = [StopAfter(case["stop_after"])] if case.get("stop_after") else []
+        run_dir = None
+        if case.get("resume_of"):
+            run_dir = Path((out / case["resume_of"] / "run_dir.txt").read_text())
+            cfg = load_config(run_dir / "config.yaml")
+        t = Trainer(cfg, run_dir=run_dir, resume=bool(case.get("resume_of")), callbacks=cbs)
+        s = t.fit()
+        rank = dist.get_rank()
+        res = dict(summary=s, losses=[r["loss"] for r in t.history], grad_norms=[r["grad_norm"] for r in t.history],
+                   val=t.last_val, weights=full_weights(t.engine),
+                   param_bytes=nbytes(list(t.engine.module.parameters())),
+                   optim_bytes=nbytes(optimizer_state(t.engine)), engine=t.engine.name)
+        (out / case["name"]).mkdir(parents=True, exist_ok=True)
+        torch.save(res, out / case["name"] / f"rank{rank}.pt")
+        if rank == 0: (out / case["name"] / "run_dir.txt").write_text(str(t.run_dir))
+        dist.barrier()
+    teardown()
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

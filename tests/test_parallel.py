@@ -1,0 +1,152 @@
+"""Every strategy equals single-process training: same per-step losses and final weights for the same
+global batch (fp32, CPU, gloo). One torchrun launch runs all 2-process cases, another the 4-process 2-D ones."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from conftest import tiny, run_cli, ROOT
+from scaletrain.config import load_config
+from scaletrain.train import Trainer
+from scaletrain.launch import torchrun_args, child_env
+from scaletrain.checkpoint import latest_checkpoint
+
+STEPS, MICRO = 4, 4
+
+def common(corpus, cache_dir):
+    return tiny(corpus, cache_dir, "unused", f"train.steps={STEPS}", f"train.micro_batch={MICRO}", "train.warmup_steps=1",
+                "train.eval_every=0", "train.ckpt_every=0", "model.n_layer=4", "model.n_head=4", "train.eval_iters=2")[3:]
+
+# name, overrides, world, data-parallel degree
+CASES_2 = [
+    ("ddp", ["parallel.strategy=ddp"], 2),
+    ("ddp_accum", ["parallel.strategy=ddp", "train.grad_accum=2", "train.micro_batch=2"], 2),
+    ("zero1_torch", ["parallel.strategy=zero1"], 2),
+    ("zero1_fairscale", ["parallel.strategy=zero1", "parallel.backend=fairscale"], 2),
+    ("zero2_torch", ["parallel.strategy=zero2"], 2),
+    ("zero2_fairscale", ["parallel.strategy=zero2", "parallel.backend=fairscale"], 2),
+    ("fsdp", ["parallel.strategy=fsdp", "train.grad_accum=2", "train.micro_batch=2"], 2),
+    ("tp", ["parallel.tp=2"], 1),
+    ("tp_sp", ["parallel.tp=2", "parallel.sequence_parallel=true"], 1),
+    ("pp_gpipe", ["parallel.pp=2", "parallel.pp_schedule=gpipe", "model.tie_weights=false"], 1),
+    ("pp_1f1b", ["parallel.pp=2", "parallel.pp_schedule=1f1b", "model.tie_weights=false"], 1),
+    ("pp_interleaved", ["parallel.pp=2", "parallel.pp_schedule=interleaved1f1b", "model.tie_weights=false"], 1),
+]
+CASES_4 = [
+    ("fsdp_x_tp", ["parallel.strategy=fsdp", "parallel.tp=2"], 2),
+    ("ddp_x_pp", ["parallel.strategy=ddp", "parallel.pp=2", "model.tie_weights=false"], 2),
+]
+PRECISION = [dict(name=f"prec_{s}_{p}", overrides=[f"parallel.strategy={s}", f"memory.precision={p}", "train.steps=6", "train.lr=3e-3"])
+             for s in ("ddp", "fsdp") for p in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")]
+CKPT = [  # fsdp on 2 ranks: stop at 2 and resume to 4, against a straight run (ddp_... above are separate runs)
+    dict(name="fsdp_straight", overrides=["parallel.strategy=fsdp"]),
+    dict(name="fsdp_first", overrides=["parallel.strategy=fsdp"], stop_after=2),
+    dict(name="fsdp_resumed", overrides=[], resume_of="fsdp_first"),
+]
+
+def launch(nproc, cases, corpus, cache_dir, out):
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "spec.json"
+    spec.write_text(json.dumps(dict(common=common(corpus, cache_dir), cases=cases)))
+    cmd = torchrun_args([str(ROOT / "tests" / "dist_worker.py"), str(spec), str(out)], nproc=nproc)
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return out
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, corpus, cache_dir):
+    cases = [dict(name=n, overrides=o) for n, o, _ in CASES_2] + CKPT + PRECISION
+    return launch(2, cases, corpus, cache_dir, tmp_path_factory.mktemp("dist2"))
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory, corpus, cache_dir):
+    return launch(4, [dict(name=n, overrides=o) for n, o, _ in CASES_4], corpus, cache_dir, tmp_path_factory.mktemp("dist4"))
+
+def results(out, name, world):
+    return [torch.load(out / name / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+def reference(corpus, cache_dir, tmp_path, overrides, dp):
+    "The same global batch in one process and one large batch: micro-batch x accumulation x dp, no parallelism."
+    cfg = load_config(overrides=common(corpus, cache_dir) + [o for o in overrides if not o.startswith("parallel.")]
+                      + [f"run.out_dir={tmp_path}"])
+    cfg.train.micro_batch, cfg.train.grad_accum = int(cfg.train.micro_batch) * cfg.train.grad_accum * dp, 1
+    t = Trainer(cfg, default_callbacks=False); t.fit()
+    return [r["loss"] for r in t.history], {k: v.detach().float() for k, v in t.model.state_dict().items()}
+
+def merged_weights(res):
+    w = {}
+    for r in res:
+        for k, v in r["weights"].items():
+            if k in w: assert torch.allclose(w[k], v, atol=1e-6), f"ranks disagree on {k}"
+            w[k] = v
+    return w
+
+def assert_equivalent(res, ref_losses, ref_w, rtol):
+    for r in res:
+        assert len(r["losses"]) == STEPS
+        for a, b in zip(r["losses"], ref_losses):
+            assert abs(a - b) <= rtol * abs(b), (r["engine"], r["losses"], ref_losses)
+    w = merged_weights(res)
+    keys = {k for k in ref_w if not (k == "lm_head.weight" and "lm_head.weight" not in w)}
+    assert keys <= set(w), set(ref_w) - set(w)
+    for k in keys:
+        assert torch.allclose(w[k], ref_w[k], rtol=1e-4, atol=2e-5), (k, (w[k] - ref_w[k]).abs().max())
+
+# fp32 tolerances on the loss: DDP/ZeRO/FSDP only reorder the same sums (<=1e-6 relative);
+# TP and PP split matmuls or micro-batches, summing partial results in another order (<=1e-5).
+@pytest.mark.parametrize("name,overrides,dp", CASES_2, ids=[c[0] for c in CASES_2])
+def test_two_process_strategy_equals_single_process(two, corpus, cache_dir, tmp_path, name, overrides, dp):
+    res = results(two, name, 2)
+    ref_l, ref_w = reference(corpus, cache_dir, tmp_path, overrides, dp)
+    assert_equivalent(res, ref_l, ref_w, rtol=1e-5)
+    s = res[0]["summary"]
+    assert s["world_size"] == 2 and s["dp"] == dp and s["global_batch"] == dp * int(load_config(overrides=common(corpus, cache_dir) + overrides).train.micro_batch) * load_config(overrides=common(corpus, cache_dir) + overrides).train.grad_accum
+
+@pytest.mark.parametrize("name,overrides,dp", CASES_4, ids=[c[0] for c in CASES_4])
+def test_four_process_2d_equals_single_process(four, corpus, cache_dir, tmp_path, name, overrides, dp):
+    res = results(four, name, 4)
+    ref_l, ref_w = reference(corpus, cache_dir, tmp_path, overrides, dp)
+    assert_equivalent(res, ref_l, ref_w, rtol=1e-5)
+
+def test_sharded_state_is_about_one_over_world(two):
+    ddp = results(two, "ddp", 2)[0]
+    for name in ("zero1_torch", "zero1_fairscale", "zero2_torch", "zero2_fairscale", "fsdp"):
+        for r in results(two, name, 2):
+            ratio = r["optim_bytes"] / ddp["optim_bytes"]
+            assert 0.3 < ratio < 0.7, (name, ratio)  # ZeRO partitions whole tensors, so not exactly 1/2
+    for r in results(two, "fsdp", 2):
+        assert abs(r["param_bytes"] / ddp["param_bytes"] - 0.5) < 0.02
+    both = sum(r["optim_bytes"] for r in results(two, "fsdp", 2))
+    assert abs(both - ddp["optim_bytes"]) / ddp["optim_bytes"] < 0.02  # the shards add up to the whole
+
+def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path):
+    straight = results(two, "fsdp_straight", 2)
+    first, resumed = results(two, "fsdp_first", 2), results(two, "fsdp_resumed", 2)
+    assert first[0]["summary"]["status"] == "stopped" and first[0]["summary"]["steps"] == 2
+    assert first[0]["losses"] + resumed[0]["losses"] == straight[0]["losses"]
+    ws, wr = merged_weights(straight), merged_weights(resumed)
+    for k in ws: assert torch.equal(ws[k], wr[k]), k
+    # the final fsdp checkpoint, written by 2 ranks, evaluated in this single process
+    run = Path((two / "fsdp_resumed" / "run_dir.txt").read_text())
+    assert latest_checkpoint(run).name == f"step_{STEPS:08d}"
+    cfg = load_config(run / "config.yaml", [f"run.out_dir={tmp_path}"])
+    t = Trainer(cfg, run_dir=run, resume=True)
+    assert t.engine.name == "single" and t.step == STEPS
+    assert abs(t.evaluate() - resumed[0]["val"]) < 1e-5
+
+@pytest.mark.parametrize("case", PRECISION, ids=[c["name"] for c in PRECISION])
+def test_every_precision_runs_and_learns_under_ddp_and_fsdp(two, case):
+    for r in results(two, case["name"], 2):
+        l = r["losses"]
+        assert len(l) == 6 and all(x == x for x in l) and l[-1] < l[0] - 0.2, l
+    run = Path((two / case["name"] / "run_dir.txt").read_text())
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in recs if "loss" in x]
+    if "fp16-mixed" in case["name"]: assert all(x["loss_scale"] >= 1 and isinstance(x["skipped"], bool) for x in steps)
+    else: assert all("loss_scale" not in x for x in steps)
+
+def test_cli_fsdp_on_two_processes_as_typed(tmp_path):
+    r = run_cli("train", "--nproc", "2", "parallel.strategy=fsdp", "train.steps=20", f"run.out_dir={tmp_path}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = list(tmp_path.iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["status"], s["world_size"], s["strategy"], s["global_batch"], s["steps"]) == ("finished", 2, "fsdp", 32, 20)
+    assert s["final_val_loss"] < s["first_val_loss"]

@@ -1,0 +1,37 @@
+"Sweeps: runs in parallel processes, the comparison table and plot, best.yaml; a bad key stops everything before it starts."
+import csv, json
+from pathlib import Path
+from conftest import run_cli
+from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
+from scaletrain.config import load_config
+
+def test_sweep_cli_grid_in_parallel(tmp_path, pets, pretrained, cache_dir):
+    fixed = [o for o in ft_overrides(tmp_path, pretrained, pets, cache_dir, "train.steps=4", "train.eval_every=2") if not o.startswith("train.lr=")]
+    r = run_cli("sweep", "--parallel", "2", "--out", tmp_path / "sw", "--vary", "train.lr=0,3e-3", *fixed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sw = tmp_path / "sw"
+    rows = list(csv.DictReader((sw / "results.csv").open()))
+    assert sorted(x["train.lr"] for x in rows) == ["0", "3e-3"] and all(x["status"] == "finished" for x in rows)
+    best = [float(x["best_accuracy"]) for x in rows]
+    assert best == sorted(best, reverse=True)  # ranked, best first
+    for x in rows:  # each run's own folder and log, its best = the max of its eval records
+        evals = [json.loads(l) for l in (sw / "runs" / x["run"] / "metrics.jsonl").read_text().splitlines()]
+        assert max(e["accuracy"] for e in evals if "accuracy" in e) == float(x["best_accuracy"])
+        assert (sw / "logs" / f"{x['run']}.log").stat().st_size > 0
+    assert load_config(sw / "best.yaml").train.lr == float(rows[0]["train.lr"])
+    assert (sw / "sweep.png").stat().st_size > 1000 and json.loads((sw / "results.json").read_text())["best"] == rows[0]["run"]
+    assert "best: " in r.stdout and "best_accuracy" in r.stdout
+
+def test_sweep_bad_input_starts_nothing(tmp_path, pets, pretrained, cache_dir):
+    import pytest
+    from scaletrain.config import ConfigError
+    from scaletrain.sweep import sweep, parse_vary
+    fixed = [o for o in ft_overrides(tmp_path, pretrained, pets, cache_dir) if not o.startswith("train.lr=")]
+    for vary, want in (("train.lrr=1e-3,1e-2", "did you mean 'train.lr'"), ("train.lr=log:1e-4:1e-2", "ranges need --random N"),
+                       ("finetune.freeze_blocks=0,9", "more than the model's 2 blocks"), ("run.name=a,b", "set by the sweep")):
+        with pytest.raises(ConfigError) as e: sweep(dict([parse_vary(vary)]), fixed, out=tmp_path / "sw")
+        assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
+    r = run_cli("sweep", "--out", tmp_path / "sw", "--vary", "train.lrr=1e-3,1e-2", *fixed)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "did you mean 'train.lr'" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "sw").exists()
