@@ -13,7 +13,7 @@ from .config import atomic_write_text
 # %% auto #0
 __all__ = ['CheckpointError', 'step_name', 'is_complete', 'latest_checkpoint', 'resolve_checkpoint', 'rng_state', 'set_rng_state',
            'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights', 'checkpoint_config',
-           'export_safetensors', 'load_safetensors']
+           'export_safetensors', 'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/07_checkpoint.ipynb #e17527a4
 class CheckpointError(ValueError):
@@ -106,18 +106,23 @@ def read_trainer_state(path) -> dict:
     try: return torch.load(p, weights_only=True)
     except Exception as e: raise CheckpointError(f"checkpoint {path}: trainer_state.pt is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
 
+def _dcp_load(sd: dict, path: Path, what: str) -> None:
+    "Fill `sd` in place from the DCP checkpoint at `path`; a failure becomes one `CheckpointError` line."
+    import torch.distributed.checkpoint as dcp
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(sd, checkpoint_id=str(path))
+    except _load_errors() as e:
+        raise CheckpointError(f"checkpoint {path}: {what} ({type(e).__name__}: {_first_line(e)})") from None
+
 def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     "Collective: load model, optimizer and extra state into `engine`; returns the trainer state."
     import torch.distributed.checkpoint as dcp
     path = resolve_checkpoint(path)
     st = read_trainer_state(path)
     sd = engine.state_dict()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(sd, checkpoint_id=str(path))
-    except _load_errors() as e:
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded into this model ({type(e).__name__}: {_first_line(e)})") from None
+    _dcp_load(sd, path, "cannot be loaded into this model")
     engine.load_state_dict(sd)
     engine.load_extra_state(st.get("engine", {}))
     rf = path / "rng" / f"rank{_rank()}.pt"
@@ -131,12 +136,7 @@ def load_model_weights(path, model: torch.nn.Module) -> dict:
     path = resolve_checkpoint(path)
     st = read_trainer_state(path)
     sd = {"model": get_model_state_dict(model)}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(sd, checkpoint_id=str(path))
-    except _load_errors() as e:
-        raise CheckpointError(f"checkpoint {path}: does not match this model ({type(e).__name__}: {_first_line(e)})") from None
+    _dcp_load(sd, path, "does not match this model")
     set_model_state_dict(model, sd["model"])
     return st
 
@@ -166,14 +166,18 @@ def export_safetensors(path, out) -> Path:
 
 def load_safetensors(path):
     "A `GPT` (eval mode) from a file written by `export_safetensors`."
+    from safetensors.torch import load_model
+    from scaletrain.models import GPT
+    cfg, _ = safetensors_config(path)
+    model = GPT(cfg.model); load_model(model, str(path)); return model.eval()
+
+def safetensors_config(path, hint: str = ""):
+    "(`Config`, metadata) recorded in a safetensors file written by scaletrain; `CheckpointError` otherwise."
     import json
     from safetensors import safe_open
-    from safetensors.torch import load_model
     from scaletrain.config import from_dict
-    from scaletrain.models import GPT
     try:
         with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
-    except Exception as e: raise CheckpointError(f"model file {path}: not a readable safetensors file ({e})") from None
-    if "scaletrain_config" not in meta: raise CheckpointError(f"model file {path}: no scaletrain_config in its metadata")
-    cfg = from_dict(json.loads(meta["scaletrain_config"]), where=str(path))
-    model = GPT(cfg.model); load_model(model, str(path)); return model.eval()
+    except Exception as e: raise CheckpointError(f"model file {path}: not a readable safetensors file ({str(e)[:120]})") from None
+    if "scaletrain_config" not in meta: raise CheckpointError(f"model file {path}: no scaletrain_config in its metadata{hint}")
+    return from_dict(json.loads(meta["scaletrain_config"]), where=str(path)), meta

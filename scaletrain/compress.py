@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 import torch.nn.utils.prune as prune
-from .config import ConfigError, from_dict, to_dict, atomic_write_text
+from .config import ConfigError, to_dict, atomic_write_text
 from .checkpoint import CheckpointError
 
 # %% auto #0
@@ -129,15 +129,11 @@ def export_model(model: nn.Module, path, cfg, quant: str = "", extra: dict | Non
 
 def load_for_inference(path, device="cpu") -> nn.Module:
     "A `GPTClassifier` in eval mode from a file of `export_model`, quantized layers rebuilt; `.labels` names the classes."
-    from safetensors import safe_open
     from safetensors.torch import load_file
+    from scaletrain.checkpoint import safetensors_config
     from scaletrain.finetune import GPTClassifier
     from scaletrain.tasks import labels_of
-    try:
-        with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
-    except Exception as e: raise CheckpointError(f"model file {path}: not a readable safetensors file ({str(e)[:120]})") from None
-    if "scaletrain_config" not in meta: raise CheckpointError(f"model file {path}: no scaletrain_config in its metadata (not written by scaletrain compress)")
-    cfg = from_dict(json.loads(meta["scaletrain_config"]), where=str(path))
+    cfg, meta = safetensors_config(path, " (not written by scaletrain compress)")
     labels = labels_of(cfg)
     if not labels: raise CheckpointError(f"model file {path}: not a classifier (its config has no finetune.labels)")
     model = GPTClassifier(cfg.model, len(labels), cfg.finetune.pooling, labels)

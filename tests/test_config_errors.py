@@ -72,3 +72,19 @@ def test_existing_run_folder_is_never_reused(tmp_path, corpus, cache_dir):
 def test_resume_with_config_file_refused(tmp_path):
     (tmp_path / "config.yaml").write_text("{}\n")
     assert "--config with --resume" in one_line_error(run_cli("train", "--resume", tmp_path, "--config", tmp_path / "config.yaml"))
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--nproc", "3", "parallel.tp=2"], "world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1"),
+    (["--nproc", "2", "parallel.pp=2", "model.tie_weights=false", "model.n_layer=1"], "needs 2 pipeline stages, more than model.n_layer=1"),
+    (["--nproc", "2", "parallel.tp=3"], "model.n_head=4 is not divisible by parallel.tp=3"),
+    (["--nproc", "2", "parallel.strategy=zero3"], "allowed: ddp | zero1 | zero2 | fsdp"),
+    (["--nproc", "2", "parallel.pp=2", "parallel.pp_schedule=zb"], "allowed: gpipe | 1f1b | interleaved1f1b"),
+    (["--nproc", "2", "parallel.strategy=fsdp", "parallel.backend=fairscale"], "fairscale implements only zero1"),
+    (["--nproc", "2", "parallel.pp=2", "model.tie_weights=false", "parallel.microbatches=1"], "fewer than parallel.pp=2 stages"),
+    (["--nproc", "2", "parallel.pp=2"], "model.tie_weights=true with parallel.pp=2"),
+])
+def test_bad_parallel_layouts_refused_before_any_process_starts(tmp_path, args, expect):
+    r = run_cli("train", *args, f"run.out_dir={tmp_path}")
+    assert expect in one_line_error(r)
+    assert "launching" not in r.stdout and not any(tmp_path.iterdir())

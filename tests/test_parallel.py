@@ -131,6 +131,15 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path)
     t = Trainer(cfg, run_dir=run, resume=True)
     assert t.engine.name == "single" and t.step == STEPS
     assert abs(t.evaluate() - resumed[0]["val"]) < 1e-5
+    # and `scaletrain export` turns the sharded checkpoint into one plain file with the same model
+    from scaletrain.checkpoint import load_safetensors
+    r = run_cli("export", run, tmp_path / "m.safetensors")
+    assert r.returncode == 0, r.stderr
+    m = load_safetensors(tmp_path / "m.safetensors")
+    x = torch.randint(0, 257, (2, 16))
+    t.model.eval()
+    assert torch.equal(m(x), t.model(x))
+    assert run_cli("export", run, tmp_path / "m.safetensors").returncode == 2  # never overwritten without --force
 
 @pytest.mark.parametrize("case", PRECISION, ids=[c["name"] for c in PRECISION])
 def test_every_precision_runs_and_learns_under_ddp_and_fsdp(two, case):
