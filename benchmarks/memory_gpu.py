@@ -26,8 +26,8 @@ and writes one JSON line per configuration. At the end it checks the targets of 
 - full checkpointing cuts the peak memory >= 50 %.
 
 `--strict` makes a missed target exit with code 1. It needs only torch and this repository (no network, no data:
-token ids are random). NOTE: no GPU was available when this script was written, so it has only been run with
-`--tiny` on CPU; its GPU numbers have not been produced yet. Run it on a CUDA machine to get them.
+token ids are random). Its H200 results (2026-11-27) are in benchmarks/RESULTS.md. `--compile` measures the engine
+with `train.compile` (the estimator models eager autograd, so expect it to overestimate there).
 """
 from __future__ import annotations
 import argparse, json, os, sys, time
@@ -37,20 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 from scaletrain.config import Config, ModelConfig
 from scaletrain.models import GPT, count_params
-from scaletrain.engine import Engine
-from scaletrain.activations import apply_activation_checkpointing
+from scaletrain.parallel import build_engine
 from scaletrain.memory import estimate, TensorMemoryTracker, GiB
 
 POLICIES = ("none", "selective", "full", "every_k")
 
-def build(shape: dict, precision: str, ac: str, device: torch.device):
+def build(shape: dict, precision: str, ac: str, device: torch.device, compile_: bool = False):
+    "The Trainer's single-process engine: `build_engine` applies checkpointing, then (with compile_) compiles blocks and loss."
     cfg = Config(); cfg.model = ModelConfig(**shape)
     cfg.memory.precision, cfg.memory.activation_checkpointing, cfg.memory.ac_every = precision, ac, 2
+    cfg.train.compile = compile_
     torch.manual_seed(0)
-    m = GPT(cfg.model)
-    if precision == "bf16-true": m = m.to(torch.bfloat16)
-    m = apply_activation_checkpointing(m.to(device), cfg.memory)
-    return cfg, Engine(m, cfg, device)
+    return cfg, build_engine(GPT(cfg.model), cfg, device, None)
 
 def measure(eng: Engine, batch, steps: int, warmup: int) -> dict:
     dev = eng.device
@@ -61,9 +59,10 @@ def measure(eng: Engine, batch, steps: int, warmup: int) -> dict:
     # activation memory: allocated after forward + loss, minus before; and what the blocks alone leave behind
     tracker = None if cuda else TensorMemoryTracker(dev).track(eng.module, eng.optimizer, *batch)
     now = (lambda: (sync(), torch.cuda.memory_allocated(dev))[1]) if cuda else (lambda: tracker.now)
-    blocks = list(eng.module.blocks.values()); marks = {}
-    hooks = [blocks[0].register_forward_pre_hook(lambda m, a: marks.__setitem__("in", now())),
-             blocks[-1].register_forward_hook(lambda m, a, o: marks.__setitem__("out", now()))]
+    # around the blocks, on the (never compiled) modules just before and after them
+    m, marks = eng.module, {}
+    hooks = [m.drop.register_forward_hook(lambda mod, a, o: marks.__setitem__("in", now())),
+             m.ln_f.register_forward_pre_hook(lambda mod, a: marks.__setitem__("out", now()))]
     try:
         if cuda:
             base = now(); loss = eng.forward_loss(*batch); act = now() - base
@@ -94,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 2 tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 tiny)")
     p.add_argument("--all-precisions", action="store_true", help="also fp16-mixed")
+    p.add_argument("--precisions", default="", help="comma-separated precisions to run instead (e.g. bf16-mixed)")
+    p.add_argument("--compile", action="store_true", help="train.compile=true: blocks and loss compiled (as the Trainer does)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 50304, GPT-2's padded; 512 tiny)")
     p.add_argument("--out", default=None, help="folder for memory_gpu.jsonl (default $OUT, else the current folder)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         dev = torch.device("cuda", 0)
         shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=a.seq_len or 1024, vocab_size=a.vocab or 50304)  # GPT-2 small, 124M
         mb, steps, warmup = a.micro_batch or 8, a.steps or 10, a.warmup if a.warmup is not None else 3
-    precisions = ["fp32", "bf16-mixed", "bf16-true"] + (["fp16-mixed"] if a.all_precisions else [])
+    precisions = a.precisions.split(",") if a.precisions else ["fp32", "bf16-mixed", "bf16-true"] + (["fp16-mixed"] if a.all_precisions else [])
     out_dir = Path(a.out or os.environ.get("OUT") or "."); out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / "memory_gpu.jsonl"
     T, V = shape["block_size"], shape["vocab_size"]
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
     with open(out_file, "a") as fh:
         for prec in precisions:
             for ac in POLICIES:
-                cfg, eng = build(shape, prec, ac, dev)
+                if a.compile: torch._dynamo.reset()  # each configuration compiles afresh
+                cfg, eng = build(shape, prec, ac, dev, a.compile)
                 try: r = measure(eng, batch, steps, warmup)
                 except torch.OutOfMemoryError as e:
                     print(f"{prec:<11} {ac:<10} out of memory ({str(e).splitlines()[0][:60]})"); continue
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
                     del eng
                     if dev.type == "cuda": torch.cuda.empty_cache()
                 est = estimate(cfg, precision=prec, micro_batch=mb, ac=ac, ac_every=2, device=dev.type)
-                rec = dict(device=dev_name, torch=torch.__version__, params=n_params, micro_batch=mb, seq_len=T, precision=prec, ac=ac,
+                rec = dict(device=dev_name, torch=torch.__version__, params=n_params, micro_batch=mb, seq_len=T, precision=prec, ac=ac, compile=a.compile,
                            peak_bytes=r["peak"], estimate_bytes=est.total, error=est.total / r["peak"] - 1,
                            activation_bytes=r["act"], estimate_activation_bytes=est.activations, block_activation_bytes=r["blocks_act"],
                            step_time_s=r["step_time"], tokens_per_s=mb * T / r["step_time"], estimate_phase=est.phase,

@@ -89,7 +89,7 @@ class RunConfig:
     "Where and how a run is recorded."
     name: str = _f("", "run folder name under out_dir; '' = a fresh timestamped name")
     out_dir: str = _f("runs", "parent folder of run folders")
-    log_every: int = _f(1, "steps between metric records", low=1)
+    log_every: int = _f(1, "steps between metric records; the host reads loss and grad norm from the device this often", low=1)
     tensorboard: bool = _f(False, "also write TensorBoard events (when tensorboard is installed)")
     peak_tflops: float = _f(0.0, "device peak for MFU; 0 = look up the GPU, or measure a matmul on CPU", low=0.0)
     log_ranks: str = _f("0", "which ranks print: '0' or 'all'", choices=("0", "all"))

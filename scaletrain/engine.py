@@ -68,10 +68,15 @@ def local_bytes(tensors) -> int:
 
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
+    """Loss and gradient norm of one step. The engine returns them as device tensors, so the host need not wait
+    for the GPU after every step; `resolve()` reads them (a synchronisation) and makes them floats."""
+    loss: float | torch.Tensor
+    grad_norm: float | torch.Tensor
     skipped: bool = False
     loss_scale: float | None = None
+    def resolve(self) -> "StepResult":
+        self.loss, self.grad_norm = float(self.loss), float(self.grad_norm)
+        return self
 
 class Engine:
     "Single-process training step; strategies override the hooks."
@@ -85,6 +90,7 @@ class Engine:
         groups = (param_groups_fn or (lambda m: param_groups(m, cfg.train.weight_decay)))(self.module)
         self.optimizer = self.build_optimizer(groups)
         self.scaler = self.build_scaler()
+        self._params = None  # listed at first use, after wrapping (FSDP2 swaps the parameters for DTensors)
 
     # ---- hooks ----
     def wrap(self, model): return model
@@ -94,7 +100,10 @@ class Engine:
     def reduce(self, t: torch.Tensor) -> torch.Tensor: return t
     def forward_ctx(self): return autocast_ctx(self.precision, self.device)
     def zero_grad(self): self.optimizer.zero_grad(set_to_none=True)
-    def parameters(self): return [p for p in self.module.parameters() if p.requires_grad]
+    def parameters(self):
+        "The trainable parameters as this rank holds them, listed once (walking the module tree every step costs host time)."
+        if getattr(self, "_params", None) is None: self._params = [p for p in self.module.parameters() if p.requires_grad]
+        return self._params
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm if max_norm > 0 else float("inf"))
 
@@ -115,7 +124,8 @@ class Engine:
         return self.optimizer_step(self.reduce(total))
 
     def optimizer_step(self, loss: torch.Tensor) -> StepResult:
-        self.grad_bytes = local_bytes(p.grad for p in self.module.parameters())  # what this rank holds after backward
+        if not hasattr(self, "grad_bytes"):  # what this rank holds after backward; the layout is the same every step
+            self.grad_bytes = local_bytes(p.grad for p in self.module.parameters())
         scale = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer); scale = self.scaler.get_scale()
@@ -126,7 +136,8 @@ class Engine:
         else:
             self.optimizer.step(); skipped = False
         self.zero_grad()
-        return StepResult(float(loss), float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), skipped, scale)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return StepResult(loss.detach(), norm.detach(), skipped, scale)  # read later: `StepResult.resolve`
 
     @torch.no_grad()
     def eval_loss(self, x, y) -> torch.Tensor:

@@ -121,7 +121,7 @@ def layer_bytes_per_token(shape: GPTShape, prec: Precision, policy: str = "none"
     if policy == "full": return r * h / spd
     if policy == "selective":
         coll = 0 if t == 1 else (2 * c * h / t + 2 * c * h if sp else 2 * c * h)
-        return r * h / spd + c * h * (8 / t + 2) + 4 * a / t + coll
+        return r * h / spd + c * h * (8 / t + 1) + 4 * a / t + coll  # q, k, v, attention, fc (sharded); MLP out
     if policy != "none": raise ConfigError(f"activation_checkpointing={policy!r}: allowed: {' | '.join(AC_POLICIES)}")
     lin_inputs = (4 if prec.autocast else 2) * c * h
     masks = 2 * h / spd if shape.dropout > 0 else 0

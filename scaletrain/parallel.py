@@ -343,9 +343,16 @@ def _apply_activation_checkpointing(model, cfg):
     return apply_activation_checkpointing(model, cfg.memory)
 
 def _compile_blocks(model):
-    "Compile block by block, in place (`Module.compile`), so parameter names and checkpoints stay the same."
+    """Compile block by block, in place (`Module.compile`), so parameter names and checkpoints stay the same and FSDP,
+    DDP and pipeline stages see the same modules. (Compiling the whole model instead measured slower inside the
+    Trainer on an H200: see benchmarks/RESULTS.md.)"""
     for blk in model.blocks.values(): blk.compile()
     return model
+
+def _compile_loss(kw: dict) -> dict:
+    "Compile the loss too: inductor fuses the fp32 up-cast, log-softmax and NLL, so no full fp32 logits are kept."
+    kw["loss_fn"] = torch.compile(kw.get("loss_fn", lm_loss))
+    return kw
 
 def build_engine(model, cfg: Config, device, info, mesh=None, **kw) -> Engine:
     "This rank's engine: TP -> activation checkpointing -> compile -> data parallel (or pipeline stages)."
@@ -353,6 +360,7 @@ def build_engine(model, cfg: Config, device, info, mesh=None, **kw) -> Engine:
     world = info.world_size if info is not None else 1
     check(cfg, world)
     dims = mesh_shape(world, p.tp, p.pp)
+    if cfg.train.compile: kw = _compile_loss(dict(kw))
     if cfg.memory.precision == "bf16-true": model = model.to(torch.bfloat16)
     if p.pp > 1:
         _apply_activation_checkpointing(model, cfg)

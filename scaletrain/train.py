@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #c0ae22cf
 from __future__ import annotations
-import json, math, os, platform, signal, subprocess, sys, threading, time, warnings
+import gc, json, math, os, platform, signal, subprocess, sys, threading, time, warnings
 from datetime import datetime
 from pathlib import Path
 import torch
@@ -171,6 +171,7 @@ class Trainer:
         self.task.setup(self.global_batch, cfg.train.eval_batch)
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
         self.history, self.val_history, self.last, self.last_val, self.last_eval, self.anomaly = [], [], None, None, None, None
+        self._pending, self._t_read, self._gc_frozen = [], time.perf_counter(), None
         self.last_checkpoint, self.summary, self.status = None, None, "running"
         self.oom_events, self._in_optimizer_step, self._opt_hooks = [], False, None
         self.peak_tflops, self.peak_source = device_peak(self.device, cfg.memory.precision, cfg.run.peak_tflops)
@@ -221,6 +222,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         "Run the task's validation; `last_eval` holds all its metrics, `last_val` the validation loss."
+        self.read_steps()
         self.last_eval = self.task.evaluate(self.engine, self.device)
         self.last_val = self.last_eval["val_loss"]
         self.val_history.append((self.step, self.last_val))
@@ -228,6 +230,7 @@ class Trainer:
         return self.last_val
 
     def save(self):
+        self.read_steps()  # a NaN must be caught before its weights are written
         state = dict(step=self.step, data_step=self.step, tokens=self.tokens, train_time=self.train_time,
                      config=to_dict(self.cfg), config_hash=config_hash(self.cfg), world_size=self.info.world_size,
                      strategy=self.cfg.parallel.strategy, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
@@ -268,8 +271,9 @@ class Trainer:
         self._opt_hooks = (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)) if hasattr(opt, "register_step_pre_hook") else ()
 
     def train_one_step(self):
+        "Launch one optimizer step. Its loss and grad norm stay on the device until `read_steps` (every `run.log_every` steps)."
         self.fire("before_step")
-        t0 = time.perf_counter()
+        if not self._pending: self._t_read = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
         self._watch_optimizer()
         n_oom = len(self.oom_events)
@@ -277,44 +281,72 @@ class Trainer:
             try:
                 res = self.engine.train_step(self.micro_batches(self.step), lr); break
             except torch.OutOfMemoryError as e: self._recover_from_oom(e)
-        if self.device.type == "cuda": torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        if not math.isfinite(res.loss):
-            self.anomaly = f"step {self.step + 1}: loss is {res.loss}"
-            raise TrainingAnomaly(self.anomaly)
         self.step += 1
-        ntok = self.global_batch * self.task.seq_len
-        self.tokens += ntok
-        if self.step > 1: self.train_time += dt  # the first step pays for warm-up/compilation
-        tps = ntok / dt
-        self.last = dict(step=self.step, loss=res.loss, lr=lr, grad_norm=res.grad_norm, tokens_per_s=tps,
-                         mfu=self.flops_per_token * tps / (self.info.world_size * self.peak_tflops * 1e12),
-                         peak_mem_gb=peak_memory_gb(self.device), tokens=self.tokens, time=time.time() - self.t0)
-        if res.loss_scale is not None: self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
-        if len(self.oom_events) > n_oom:  # logged in metrics.jsonl: the step ran with a smaller micro-batch
-            self.last.update(oom_recovered=True, micro_batch=self.micro_batch, grad_accum=self.grad_accum)
-        self.history.append(self.last)
-        self.fire("after_step")
+        self.tokens += self.global_batch * self.task.seq_len
+        self._pending.append((self.step, self.tokens, lr, res, len(self.oom_events) > n_oom))
+        t = self.cfg.train
+        # a schedule common to all ranks (the stop vote in `fit` happens at reads); one process also reads on a stop request
+        if (self.step == 1 or self.step % self.cfg.run.log_every == 0 or self.step == t.steps
+                or (self.stop_requested and not self.info.distributed)):
+            self.read_steps()
+
+    def read_steps(self):
+        """Wait for the device, then check, record and announce (`after_step`) each step launched since the last read.
+
+        Reading every step (`run.log_every=1`) gives exact per-step timings; reading every N steps lets the host
+        queue the next steps while the GPU works (no idle gap between steps), and tokens/s is then the window's
+        mean. Callbacks hear of the window's steps at the read. A NaN is still caught at its step: the read comes
+        before any evaluation or checkpoint."""
+        if not self._pending: return
+        if self.device.type == "cuda": torch.cuda.synchronize(self.device)
+        pending, self._pending = self._pending, []
+        dt = (time.perf_counter() - self._t_read) / len(pending)
+        for step, tokens, lr, res, oom in pending:
+            res.resolve()
+            if not math.isfinite(res.loss):
+                self.step, self.tokens = step - 1, tokens - self.global_batch * self.task.seq_len  # the last good step
+                self.anomaly = f"step {step}: loss is {res.loss}"
+                raise TrainingAnomaly(self.anomaly)
+            self.step, self.tokens = step, tokens  # callbacks see the step they are told about
+            if step > 1: self.train_time += dt  # the first step pays for warm-up/compilation
+            tps = self.global_batch * self.task.seq_len / dt
+            self.last = dict(step=step, loss=res.loss, lr=lr, grad_norm=res.grad_norm, tokens_per_s=tps,
+                             mfu=self.flops_per_token * tps / (self.info.world_size * self.peak_tflops * 1e12),
+                             peak_mem_gb=peak_memory_gb(self.device), tokens=tokens, time=time.time() - self.t0)
+            if res.loss_scale is not None: self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
+            if oom:  # logged in metrics.jsonl: the step ran with a smaller micro-batch
+                self.last.update(oom_recovered=True, micro_batch=self.micro_batch, grad_accum=self.grad_accum)
+            self.history.append(self.last)
+            self.fire("after_step")
+            if step == 1 and self._gc_frozen is None:
+                # the model, optimizer and compiled graphs live as long as the run: keep the collector off them
+                gc.collect(); gc.freeze(); self._gc_frozen = True
 
     def fit(self) -> dict:
         "Train to `train.steps`; returns the summary (also written to `summary.json`)."
-        t = self.cfg.train
         self.print(f"scaletrain {scaletrain.__version__}: {self.run_dir} | {self.n_params / 1e6:.2f}M params | "
                    f"{self.device} x {self.info.world_size} | strategy {self.engine.name} | global batch "
                    f"{self.global_batch} x {self.task.seq_len} tokens (micro {self.micro_batch} x accum {self.grad_accum} x dp {self.engine.dp_size})")
         if self.step == 0: torch.manual_seed(self.cfg.train.seed + self.info.rank)  # dropout stream; a resume restores it instead
         self.fire("before_fit")
+        try: return self._fit()
+        finally:
+            if self._gc_frozen: gc.unfreeze(); self._gc_frozen = None
+
+    def _fit(self) -> dict:
+        t = self.cfg.train
         try:
             if self.step == 0: self.evaluate()
             while self.step < t.steps:
                 self.train_one_step()
-                if self._agree_stop():
+                if not self._pending and self._agree_stop():
                     self.save(); self.status = "stopped"
                     self.print(f"stopped at step {self.step}; checkpoint {self.last_checkpoint}")
                     break
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps: self.evaluate()
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps: self.save()
             else: self.status = "finished"
+            self.read_steps()
         except TrainingAnomaly as e:
             self.status = "anomaly"
             last = ckpt.latest_checkpoint(self.run_dir)

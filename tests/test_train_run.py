@@ -5,7 +5,7 @@ import torch
 from conftest import run_cli, tiny
 from scaletrain.config import load_config
 from scaletrain.metrics import read_metrics
-from scaletrain.train import Trainer, StopAfter
+from scaletrain.train import Trainer, StopAfter, Callback
 
 def losses(run): return [r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl") if "loss" in r]
 
@@ -82,3 +82,50 @@ def test_stdlib_corpus_split_is_by_file_and_deterministic():
     assert 0.02 < len(va) / len(src.files) < 0.09
     assert _split_files(parse_sources("stdlib")[0], 0.05) == (tr, va)
     assert sum(f.stat().st_size for f in stdlib_files()) > 10e6
+
+def test_compile_matches_eager_and_keeps_checkpoint_names(tmp_path, corpus, cache_dir):
+    # train.compile compiles each block in place and the loss: same numbers as eager, same parameter names
+    ov = tiny(corpus, cache_dir, tmp_path, "train.steps=3", "train.ckpt_every=0", "train.eval_every=0")
+    eager = Trainer(load_config(overrides=ov)); eager.fit()
+    comp = Trainer(load_config(overrides=ov + ["train.compile=true"])); s = comp.fit()
+    assert s["status"] == "finished"
+    a, b = losses(eager.run_dir), losses(comp.run_dir)
+    assert len(a) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    assert [n for n, _ in comp.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
+    # its checkpoint loads into a plain, uncompiled model
+    again = Trainer(load_config(comp.run_dir / "config.yaml", overrides=["train.compile=false"]), run_dir=comp.run_dir, resume=True)
+    for (n, p), (_, q) in zip(comp.model.named_parameters(), again.model.named_parameters()): assert torch.equal(p, q), n
+
+def test_reading_losses_every_n_steps_changes_nothing_but_the_log(tmp_path, corpus, cache_dir):
+    # run.log_every=3: the host reads loss/grad norm every 3 steps; history, weights and checkpoints are the same
+    ov = tiny(corpus, cache_dir, tmp_path, "train.steps=7", "train.ckpt_every=0", "train.eval_every=0")
+    every = Trainer(load_config(overrides=ov)); every.fit()
+    lazy = Trainer(load_config(overrides=ov + ["run.log_every=3"])); s = lazy.fit()
+    assert [r["loss"] for r in lazy.history] == [r["loss"] for r in every.history] and len(lazy.history) == 7
+    assert [r["step"] for r in lazy.history] == list(range(1, 8)) and s["steps"] == 7
+    assert [r["step"] for r in read_metrics(lazy.run_dir / "metrics.jsonl") if "loss" in r] == [3, 6]
+    for (n, p), (_, q) in zip(every.model.named_parameters(), lazy.model.named_parameters()): assert torch.equal(p, q), n
+    # callbacks hear of steps at the reads: StopAfter(4) learns of step 4 at the read of step 6 and stops there
+    stopped = Trainer(load_config(overrides=ov + ["run.log_every=3"]), callbacks=[StopAfter(4)])
+    assert stopped.fit()["status"] == "stopped" and stopped.step == 6
+    assert (stopped.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    # a stop request that arrives between reads (SIGTERM) is acted on at the next step in one process
+    class Signal(Callback):
+        def before_step(self):
+            if self.trainer.step == 4: self.trainer.stop_requested = True
+    sig = Trainer(load_config(overrides=ov + ["run.log_every=3"]), callbacks=[Signal()])
+    assert sig.fit()["status"] == "stopped" and sig.step == 5
+
+def test_nan_is_caught_at_its_step_when_reading_every_n_steps(tmp_path, corpus, cache_dir):
+    from scaletrain.train import Callback
+    class Poison(Callback):
+        def before_step(self):
+            if self.trainer.step == 4 and not self.trainer._pending:  # step 5 is launched on NaN weights
+                with torch.no_grad(): self.trainer.model.wte.weight.fill_(float("nan"))
+    t = Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "train.steps=9", "train.ckpt_every=2",
+                                           "train.eval_every=0", "run.log_every=3")), callbacks=[Poison()])
+    s = t.fit()
+    # steps 5 and 6 ran before the read at step 6, but the checkpoint at step 6 is never written
+    assert s["status"] == "anomaly" and "step 5: loss is nan" in s["anomaly"] and s["steps"] == 4
+    assert (t.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (t.run_dir / "checkpoints" / "step_00000006").exists()
