@@ -17,7 +17,7 @@ For each precision (fp32, bf16-mixed, bf16-true; fp16-mixed with --all-precision
   per token), which block checkpointing does not touch and which, with GPT-2's 50k vocabulary, is about a third;
 - the mean wall time of a step over `--steps` steps and the tokens per second,
 
-and compares each with `scaletrain.memory.estimate(...)` (device "cuda", or "cpu" with --tiny). It prints one table
+and compares each with `scaletrain.memory.estimate_config(...)` (device "cuda", or "cpu" with --tiny). It prints one table
 and writes one JSON line per configuration. At the end it checks the targets of the memory issue, per precision:
 
 - estimate within +-15 % of the measured peak;
@@ -38,7 +38,7 @@ import torch
 from scaletrain.config import Config, ModelConfig
 from scaletrain.models import GPT, count_params
 from scaletrain.parallel import build_engine
-from scaletrain.memory import estimate, TensorMemoryTracker, GiB
+from scaletrain.memory import estimate_config, measure_step, TensorMemoryTracker, GiB
 
 POLICIES = ("none", "selective", "full", "every_k")
 
@@ -50,7 +50,7 @@ def build(shape: dict, precision: str, ac: str, device: torch.device, compile_: 
     torch.manual_seed(0)
     return cfg, build_engine(GPT(cfg.model), cfg, device, None)
 
-def measure(eng: Engine, batch, steps: int, warmup: int) -> dict:
+def measure(eng, batch, steps: int, warmup: int) -> dict:
     dev = eng.device
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
@@ -73,13 +73,7 @@ def measure(eng: Engine, batch, steps: int, warmup: int) -> dict:
         for h in hooks: h.remove()
     del loss
     eng.optimizer.zero_grad(set_to_none=True)
-    # peak of a whole step
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev); eng.train_step([batch], 1e-4); sync(); peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        tracker = TensorMemoryTracker(dev).track(eng.module, eng.optimizer, *batch)
-        with tracker: eng.train_step([batch], 1e-4)
-        peak = tracker.peak
+    peak = measure_step(eng, [batch], 1e-4, warm=False)["peak"]  # of a whole step
     t0 = time.perf_counter()
     for _ in range(steps): eng.train_step([batch], 1e-4)
     sync()
@@ -135,12 +129,12 @@ def main(argv=None) -> int:
                 finally:
                     del eng
                     if dev.type == "cuda": torch.cuda.empty_cache()
-                est = estimate(cfg, precision=prec, micro_batch=mb, ac=ac, ac_every=2, device=dev.type)
+                est = estimate_config(cfg, 1, mb, device=dev.type)  # the engine's own config: precision and policy
                 rec = dict(device=dev_name, torch=torch.__version__, params=n_params, micro_batch=mb, seq_len=T, precision=prec, ac=ac, compile=a.compile,
                            peak_bytes=r["peak"], estimate_bytes=est.total, error=est.total / r["peak"] - 1,
                            activation_bytes=r["act"], estimate_activation_bytes=est.activations, block_activation_bytes=r["blocks_act"],
                            step_time_s=r["step_time"], tokens_per_s=mb * T / r["step_time"], estimate_phase=est.phase,
-                           estimate_parts={k: v for k, v in est.parts().items()})
+                           estimate_parts=est.parts())
                 results.append(rec); fh.write(json.dumps(rec) + "\n"); fh.flush()
                 print(f"{prec:<11} {ac:<10} {r['peak'] / unit:>10.3f} {est.total / unit:>10.3f} {rec['error']:>+7.1%} "
                       f"{r['act'] / unit:>10.3f} {est.activations / unit:>9.3f} {r['blocks_act'] / unit:>10.3f} "

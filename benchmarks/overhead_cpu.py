@@ -15,7 +15,7 @@ import torch
 
 from scaletrain.config import load_config
 from scaletrain.data import BatchSampler
-from scaletrain.engine import param_groups, adamw_kwargs, lr_at, lm_loss
+from scaletrain.engine import param_groups, adamw_kwargs, lr_at, lm_loss, set_lr
 from scaletrain.models import GPT
 from scaletrain.train import Trainer, Callback, LMTask
 
@@ -39,7 +39,7 @@ def raw_loop(cfg, sampler, device, steps, skip):
     stamps = []
     for step in range(steps):
         stamps.append(time.perf_counter())
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg.train)
+        set_lr(opt, lr_at(step, cfg.train))
         x, y = sampler.batch(step, device=device)
         loss = lm_loss(model(x), y)
         loss.backward()

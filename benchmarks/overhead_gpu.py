@@ -22,7 +22,7 @@ Prints one JSON line per variant (also appended to OUT/overhead_gpu.jsonl) and a
 variant's tokens/s to `anchor_raw_compiled` (target for `trainer_compiled`: >= 0.98).
 """
 from __future__ import annotations
-import argparse, gc, json, os, statistics, sys, tempfile, time
+import argparse, gc, json, os, sys, tempfile, time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +31,7 @@ import torch
 import gpu_anchors as A
 from scaletrain.config import load_config
 from scaletrain.engine import lm_loss
+from scaletrain.parallel import _compile_blocks, _compile_loss
 from scaletrain.models import GPT, flops_per_token
 from scaletrain.train import Trainer, Callback
 
@@ -71,9 +72,8 @@ def run_st_raw(cfg_shape, B, dev, compile_, regional=False):
     class WithLoss(torch.nn.Module):
         def __init__(s, m, loss): super().__init__(); s.m, s.loss = m, loss
         def forward(s, x, y): return s.loss(s.m(x), y)
-    if regional:
-        for blk in m.blocks.values(): blk.compile()
-        fwd = WithLoss(m, torch.compile(lm_loss))
+    if regional:  # exactly what build_engine does under train.compile
+        fwd = WithLoss(_compile_blocks(m), _compile_loss({})["loss_fn"])
     else:
         fwd = WithLoss(m, lm_loss); fwd = torch.compile(fwd) if compile_ else fwd
     def step(x, y):

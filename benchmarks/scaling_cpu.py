@@ -15,7 +15,7 @@ step); tp and pp keep the global batch of one process and split the work on it. 
 Prints a Markdown table and writes JSON (updated after every case) next to this file unless `--json`.
 """
 from __future__ import annotations
-import argparse, json, os, platform, resource, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, platform, resource, shutil, statistics, subprocess, sys, tempfile
 from datetime import datetime
 from pathlib import Path
 

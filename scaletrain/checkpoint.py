@@ -118,7 +118,6 @@ def _dcp_load(sd: dict, path: Path, what: str) -> None:
 
 def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     "Collective: load model, optimizer and extra state into `engine`; returns the trainer state."
-    import torch.distributed.checkpoint as dcp
     path = resolve_checkpoint(path)
     st = read_trainer_state(path)
     sd = engine.state_dict()
@@ -131,7 +130,6 @@ def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
 
 def load_model_weights(path, model: torch.nn.Module) -> dict:
     "Load only the model's weights (any strategy, any world size) into a plain `model`; returns the trainer state."
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     path = resolve_checkpoint(path)
     st = read_trainer_state(path)

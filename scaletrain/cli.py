@@ -4,9 +4,9 @@
 
 # %% ../nbs/09_cli.ipynb #db0896e0
 from __future__ import annotations
-import argparse, importlib, os, signal, subprocess, sys
+import argparse, importlib, os, sys
 from pathlib import Path
-from .config import ConfigError, load_config, save_config, validate
+from .config import ConfigError, load_config, save_config
 
 # %% auto #0
 __all__ = ['COMMANDS', 'user_errors', 'fail', 'add_launch_args', 'train_parser', 'prepare_run', 'train_main', 'rank_main',

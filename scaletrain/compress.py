@@ -4,13 +4,14 @@
 
 # %% ../nbs/19_compress.ipynb #2ce6ebae
 from __future__ import annotations
-import argparse, copy, csv, io, json, logging, os, shutil, statistics, time
+import argparse, copy, csv, io, json, logging, os, statistics, time
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 import torch.nn.utils.prune as prune
 from .config import ConfigError, to_dict, atomic_write_text
 from .checkpoint import CheckpointError
+from .plots import save_figure
 
 # %% auto #0
 __all__ = ['PRUNE_METHODS', 'QUANT_MODES', 'REPORT_COLS', 'prunable_layers', 'check_sparsity', 'prune_model', 'make_permanent',
@@ -182,8 +183,7 @@ def _plot_report(rows: list, out):
         ax.set(title=title); ax.grid(alpha=0.3, axis="x")
         if key == "accuracy": ax.set_xlim(0, 1)
     fig.tight_layout()
-    out = Path(out); tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110); tmp.replace(out); plt.close(fig)
+    save_figure(fig, out)
 
 # %% ../nbs/19_compress.ipynb #736ccf83
 REPORT_COLS = ["stage", "sparsity", "size_mb", "latency_ms", "accuracy", "macro_f1", "agreement", "rel_diff", "file"]
@@ -227,7 +227,7 @@ def compress(path, out=None, sparsity: float = 0.5, prune_method: str = "unstruc
     base, base_name = model, "float"
     if prune_method != "none" and sparsity > 0:
         pm = copy.deepcopy(model)
-        reached = prune_model(pm, sparsity, prune_method, permanent=False)
+        prune_model(pm, sparsity, prune_method, permanent=False)
         name = f"pruned {sparsity:.0%} {prune_method}"
         if recover_steps:
             # the accuracy right after pruning, from a second copy pruned the same way (magnitude pruning is deterministic);

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #e28ae386
 from __future__ import annotations
-import dataclasses, difflib, hashlib, json, os, tempfile, typing
+import difflib, hashlib, json, os, tempfile, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Union

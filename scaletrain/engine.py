@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_engine.ipynb #559612f7
 from __future__ import annotations
-import contextlib, math, warnings
+import contextlib, math
 from dataclasses import dataclass
 import torch, torch.nn as nn, torch.nn.functional as F
 from .config import Config, TrainConfig

@@ -13,6 +13,7 @@ from .models import GPT
 from .train import Trainer, Callback
 from . import checkpoint as ckpt
 from .tasks import ClassificationTask, PackageLMTask, task_kind, labels_of, snippets, task_tokenizer
+from .plots import save_figure
 
 # %% auto #0
 __all__ = ['ARCH_KEYS', 'GPTClassifier', 'resolve_config', 'metric_of', 'load_pretrained', 'freeze', 'finetune_param_groups',
@@ -118,13 +119,13 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, body_lr_scale: 
                  name=("head" if head else "body") + ("" if decay else "_no_decay"))
             for (head, decay), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))]
 
-def build_model(cfg: Config, n_classes: int | None = None) -> nn.Module:
+def build_model(cfg: Config) -> nn.Module:
     "The model `cfg` fine-tunes: a `GPTClassifier` (or the GPT for an lm: task), pretrained body loaded, blocks frozen."
     f = cfg.finetune
     if task_kind(f.task) == "lm": model = GPT(cfg.model)
     else:
         labels = labels_of(cfg)
-        model = GPTClassifier(cfg.model, n_classes or len(labels), f.pooling, labels)
+        model = GPTClassifier(cfg.model, len(labels), f.pooling, labels)
     if f.init != "scratch": load_pretrained(f.init, model)
     freeze(model, f.freeze_blocks)
     return model
@@ -189,12 +190,12 @@ class BestCheckpoint(Callback):
     "Keep the weights of the best evaluation so far as `checkpoints/best_<step>`."
     order = 45
     def __init__(self, metric: str = "accuracy", higher_is_better: bool = True):
-        self.metric, self.higher, self.best, self.best_step, self.best_eval, self.path = metric, higher_is_better, None, None, None, None
+        self.metric, self.higher, self.best, self.best_step, self.path = metric, higher_is_better, None, None, None
     def after_eval(self):
         t = self.trainer
         v = t.last_eval[self.metric]
         if _better(v, self.best, self.higher):
-            self.best, self.best_step, self.best_eval = v, t.step, dict(t.last_eval)
+            self.best, self.best_step = v, t.step
             self.path = save_best(t, self.metric, v)
 
 # %% ../nbs/17_finetune.ipynb #21774d24
@@ -213,24 +214,20 @@ def plot_confusion(cm, labels, out=None, title: str = "confusion matrix"):
     ax.set_xticks(range(C), labels, rotation=60, ha="right", fontsize=8); ax.set_yticks(range(C), labels, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    if out is not None:
-        out = Path(out); tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp, dpi=110); tmp.replace(out); plt.close(fig)
+    if out is not None: save_figure(fig, out)
     return fig
 
 # %% ../nbs/17_finetune.ipynb #69784b84
 def make_task(cfg: Config, show_progress: bool = False):
     "The task of `finetune.task`: a `ClassificationTask`, or a `PackageLMTask` for `lm:`."
-    tok = task_tokenizer(cfg)
-    if task_kind(cfg.finetune.task) == "lm": return PackageLMTask(cfg, tok, show_progress)
-    return ClassificationTask(cfg, tok, model_fn=lambda: build_model(cfg), show_progress=show_progress)
+    tok, model_fn = task_tokenizer(cfg), lambda: build_model(cfg)  # the pretrained body (and head), blocks frozen
+    if task_kind(cfg.finetune.task) == "lm": return PackageLMTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
+    return ClassificationTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
 
 def prepare(cfg: Config, explicit=None):
     "Resolve `cfg` against its checkpoint and build its task; returns `(cfg, task)`."
     resolve_config(cfg, explicit)
-    task = make_task(cfg)
-    if isinstance(task, PackageLMTask): task.build_model = lambda: build_model(cfg)
-    return cfg, task
+    return cfg, make_task(cfg)
 
 def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None) -> dict:
     "Fine-tune as `cfg.finetune` says; returns the summary (also in `summary.json`)."
@@ -254,7 +251,7 @@ def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None) 
         for split in ("val", "test"):
             if split not in task.data.x: continue
             m = task.evaluate(tr.engine, tr.device, split)
-            s.update({f"{split}_loss": m["val_loss" if split == "val" else f"{split}_loss"], f"{split}_accuracy": m["accuracy"],
+            s.update({f"{split}_loss": m[f"{split}_loss"], f"{split}_accuracy": m["accuracy"],
                       f"{split}_macro_f1": m["macro_f1"], f"{split}_n": m["n"], f"{split}_confusion": task.last_confusion.tolist()})
         if tr.info.is_main:
             split = "test" if "test_confusion" in s else "val"

@@ -156,8 +156,6 @@ class RankContext:
         "Print with a flush (the rank's output goes to `logs/rank<r>.log`)."
         print(*args, flush=True)
 
-def _env_int(k, d): return int(os.environ.get(k, d))
-
 def _redirect_output(path: Path):
     sys.stdout.flush(); sys.stderr.flush()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -169,12 +167,11 @@ def _log_tail(path: Path, n: int = 30) -> str:
 
 def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
     import pickle, cloudpickle
-    from scaletrain.dist import init_distributed, pick_device
+    from scaletrain.dist import init_distributed, env_int
     with open(pkl, "rb") as f: fn, args = pickle.load(f)
-    world = _env_int("WORLD_SIZE", 1)
-    device = init_distributed("auto").device if world > 1 else pick_device("auto", _env_int("LOCAL_RANK", 0))
-    ctx = RankContext(rank, world, _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1), _env_int("GROUP_RANK", 0),
-                      run_dir, resume, device)
+    info = init_distributed("auto")  # the process group when world > 1; one process just gets its device
+    ctx = RankContext(rank, info.world_size, info.local_rank, info.local_world_size, env_int("GROUP_RANK", 0),
+                      run_dir, resume, info.device)
     out = fn(ctx, *args)  # on an exception the process group stays up until the failure is recorded (see worker_main)
     try: data = cloudpickle.dumps(out)
     except Exception as e:
@@ -193,7 +190,7 @@ def worker_main(argv=None) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     rest = a.args[1:] if a.args[:1] == ["--"] else a.args
-    rank, run_dir = _env_int("RANK", 0), Path(a.run_dir)
+    rank, run_dir = int(os.environ.get("RANK", 0)), Path(a.run_dir)
     logs = run_dir / "logs"; logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"rank{rank}.log"
     _redirect_output(log)

@@ -4,16 +4,19 @@
 
 # %% ../nbs/12_memory.ipynb #74d3ed8b
 from __future__ import annotations
-import gc, math, os, sys, time, warnings
-from dataclasses import dataclass, field, asdict, replace
+import gc, math, os, time
+from dataclasses import dataclass, field, replace
 import torch
 from .config import Config, ModelConfig, ConfigError
+from .activations import checkpointed_blocks
+from .data import ByteTokenizer
+from .parallel import stage_blocks
 
 # %% auto #0
 __all__ = ['GPT3_FAMILY', 'AC_POLICIES', 'GiB', 'FAIRSCALE_BUCKET', 'AUTO_MAX_MICRO_BATCH', 'GPTShape', 'shape_for_params',
            'Precision', 'fsdp_like', 'precision_bytes', 'layer_bytes_per_token', 'end_bytes_per_token',
-           'MemoryEstimate', 'estimate', 'estimate_config', 'model_state_bytes', 'TensorMemoryTracker', 'measure_step',
-           'available_memory', 'find_micro_batch']
+           'MemoryEstimate', 'estimate', 'config_vocab', 'estimate_config', 'model_state_bytes', 'TensorMemoryTracker',
+           'measure_step', 'available_memory', 'find_micro_batch']
 
 # %% ../nbs/12_memory.ipynb #3d677301
 @dataclass(frozen=True)
@@ -42,10 +45,6 @@ class GPTShape:
         h, b = self.n_embd, int(self.bias)
         split = 3 * (h * h + h * b) + (4 * h * h + 4 * h * b) + h * h + 4 * h * h
         return 2 * h * (1 + b) + math.ceil(split / tp) + 2 * h * b
-
-    def matmul_params(self, tp: int = 1) -> int:
-        "Linear-layer weights of one block on one tp rank (what autocast copies to 16 bits)."
-        return math.ceil(12 * self.n_embd ** 2 / tp)
 
     def end_params(self, first: bool, last: bool) -> int:
         "Embeddings (first stage) and final norm + head (last stage); replicated under tensor parallelism."
@@ -195,10 +194,6 @@ def _inflight(schedule: str, pp: int, rank: int, n_mb: int) -> float:
     if schedule == "interleaved1f1b": return min(2 * n_mb, pp + 2 * (pp - 1 - rank) + 1) / 2  # two stages per rank
     return min(pp - rank, n_mb)
 
-def _stage_blocks(n_layer: int, n_stages: int) -> list[int]:
-    q, r = divmod(n_layer, n_stages)
-    return [q + (1 if s < r else 0) for s in range(n_stages)]
-
 def estimate(model=None, *, params: float | None = None, seq_len: int | None = None, vocab_size: int | None = None,
              precision: str = "bf16-mixed", strategy: str = "ddp", backend: str = "torch", dp: int = 1, tp: int = 1,
              pp: int = 1, micro_batch: int = 1, grad_accum: int = 1, ac: str = "none", ac_every: int = 2,
@@ -207,9 +202,12 @@ def estimate(model=None, *, params: float | None = None, seq_len: int | None = N
              activations: str = "scaletrain") -> MemoryEstimate:
     """Bytes per rank for training `model` (a `GPTShape`, `ModelConfig` or `Config`) or a GPT of `params` parameters.
 
+    A `Config` gives the shape and vocabulary only; the layout comes from the arguments (`estimate_config` takes it
+    from the config's `parallel` and `memory` sections instead).
+
     `micro_batch` is sequences per forward pass per data-parallel rank (with pp > 1 it is split into
     `pp_microbatches` pipeline micro-batches, default 2·pp); `device='cpu'` models the non-fused AdamW."""
-    if isinstance(model, Config): model = model.model
+    if isinstance(model, Config): model, vocab_size = model.model, vocab_size or config_vocab(model)
     if isinstance(model, ModelConfig): shape = GPTShape.from_config(model, seq_len, vocab_size)
     elif isinstance(model, GPTShape): shape = replace(model, seq_len=seq_len or model.seq_len)
     elif model is None and params is not None: shape = shape_for_params(params, vocab_size or 50304, seq_len or 2048)
@@ -228,11 +226,11 @@ def estimate(model=None, *, params: float | None = None, seq_len: int | None = N
     n_stages = pp * (2 if pp_schedule == "interleaved1f1b" and pp > 1 else 1)
     n_mb = (pp_microbatches or 2 * pp) if pp > 1 else 1
     b = micro_batch / n_mb                                   # sequences per pipeline micro-batch
-    splits = _stage_blocks(L, n_stages)
+    blocks = stage_blocks(L, n_stages)                       # the engine's own split
     worst = None
     for rank in sorted({0, pp - 1}):
         stages = [st for st in range(n_stages) if st % pp == rank]
-        nblk = sum(splits[st] for st in stages)
+        nblk = sum(len(blocks[st]) for st in stages)
         first, last = 0 in stages, n_stages - 1 in stages
         psi = (nblk * shape.block_params(tp) + shape.end_params(first, last)) * scale
         n_t = shape.n_tensors(nblk, first, last) if accounting == "scaletrain" else 0
@@ -245,8 +243,8 @@ def estimate(model=None, *, params: float | None = None, seq_len: int | None = N
         if cpu_offload and sharded: cpu, P, G, O = P + G + O, 0.0, 0.0, 0.0
         # activations of the blocks on this rank, for the micro-batches in flight
         tok = b * s
-        blk_keys = [k for st in stages for k in range(sum(splits[:st]), sum(splits[:st + 1]))]
-        ck = set(blk_keys) if ac in ("full", "selective") else ({k for k in blk_keys if (k + 1) % ac_every == 0} if ac == "every_k" else set())
+        blk_keys = [k for st in stages for k in blocks[st]]
+        ck = set(checkpointed_blocks(blk_keys, ac, ac_every))
         pol = "selective" if ac == "selective" else "full"
         per_tok_blocks = sum(layer_bytes_per_token(shape, prec, pol if k in ck else "none", tp, sp, activations) for k in blk_keys)
         inflight = _inflight(pp_schedule, pp, rank, n_mb)
@@ -298,12 +296,16 @@ def estimate(model=None, *, params: float | None = None, seq_len: int | None = N
                         device=device, accounting=accounting, activations=activations)
     return worst
 
+def config_vocab(cfg: Config) -> int:
+    "The vocabulary a run of `cfg` ends up with: `model.vocab_size`, else what its tokenizer sets (as `LMTask` does)."
+    return cfg.model.vocab_size or (ByteTokenizer.vocab_size if cfg.data.tokenizer == "byte" else cfg.data.bpe_vocab_size)
+
 def estimate_config(cfg: Config, world_size: int = 1, micro_batch: int | None = None, device: str = "cuda") -> MemoryEstimate:
     "The estimate for a run's config on `world_size` ranks (micro-batch from the config unless given)."
     p, mem = cfg.parallel, cfg.memory
     mb = micro_batch or (cfg.train.micro_batch if cfg.train.micro_batch != "auto" else 1)
     dp = max(1, world_size // (p.tp * p.pp))
-    return estimate(cfg.model, precision=mem.precision, strategy=p.strategy, backend=p.backend, dp=dp, tp=p.tp, pp=p.pp,
+    return estimate(cfg, precision=mem.precision, strategy=p.strategy, backend=p.backend, dp=dp, tp=p.tp, pp=p.pp,
                     micro_batch=int(mb), grad_accum=cfg.train.grad_accum, ac=mem.activation_checkpointing, ac_every=mem.ac_every,
                     ac_offload=mem.ac_offload, sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
                     pp_microbatches=p.microbatches, cpu_offload=mem.cpu_offload, device=device)

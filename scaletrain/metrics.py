@@ -4,9 +4,10 @@
 
 # %% ../nbs/03_metrics.ipynb #41f8a910
 from __future__ import annotations
-import json, os, resource, sys, time
+import functools, json, resource, sys, time
 from pathlib import Path
 import torch
+from .engine import autocast_dtype
 
 # %% auto #0
 __all__ = ['GPU_PEAK_TFLOPS', 'gpu_peak_tflops', 'measure_peak_tflops', 'device_peak', 'peak_memory_gb', 'MetricsWriter',
@@ -25,15 +26,22 @@ def gpu_peak_tflops(name: str) -> float | None:
         if k in name: return GPU_PEAK_TFLOPS[k]
     return None
 
+@functools.lru_cache(maxsize=None)  # a device's matmul rate does not change within a process
 def measure_peak_tflops(device="cpu", dtype=torch.float32, seconds: float = 0.3, n: int = 1024) -> float:
-    "Achieved TFLOP/s of an n×n matmul on `device`: a stand-in peak where no datasheet applies."
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    """Achieved TFLOP/s of a square matmul on `device`: a stand-in peak where no datasheet applies. The size grows
+    from 128 up to `n` only while one product stays well inside `seconds` (16-bit matmuls on CPUs without native
+    support are slow enough that a single 1024² product would take seconds)."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    a @ b; sync()
+    m = 128
+    while True:
+        a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+        t = time.perf_counter(); a @ b; sync()
+        if m >= n or (time.perf_counter() - t) * 8 > seconds: break
+        m *= 2
     k, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds: a @ b; k += 1
     sync()
-    return 2 * n ** 3 * k / (time.perf_counter() - t0) / 1e12
+    return 2 * m ** 3 * k / (time.perf_counter() - t0) / 1e12
 
 def device_peak(device: torch.device, precision: str, override: float = 0.0) -> tuple[float, str]:
     "(peak TFLOP/s, where it came from) for MFU."
@@ -46,7 +54,7 @@ def device_peak(device: torch.device, precision: str, override: float = 0.0) -> 
     # bf16 run it slower than fp32, and a "peak" below what the model achieves would make MFU exceed 1).
     rates = {"fp32": measure_peak_tflops(device, torch.float32)}
     if precision != "fp32":
-        dt = torch.float16 if precision == "fp16-mixed" else torch.bfloat16
+        dt = autocast_dtype(precision) or torch.bfloat16  # bf16-true has no autocast type
         rates[str(dt).split(".")[-1]] = measure_peak_tflops(device, dt)
     best = max(rates, key=rates.get)
     return rates[best], f"measured {best} matmul on {device.type}"

@@ -4,18 +4,19 @@
 
 # %% ../nbs/10_parallel.ipynb #ce2e7fa0
 from __future__ import annotations
-import contextlib, copy, math, warnings
+import contextlib, copy
 from collections import defaultdict
 import torch, torch.nn as nn
 import torch.distributed as dist
 from .config import Config, ConfigError
-from .engine import Engine, StepResult, adamw_kwargs, autocast_ctx, lm_loss, set_lr
+from .engine import Engine, adamw_kwargs, autocast_dtype, lm_loss, set_lr
 from .dist import mesh_shape, all_reduce_mean
+from .activations import apply_activation_checkpointing
 
 # %% auto #0
 __all__ = ['n_microbatches', 'pp_stages', 'check', 'clip_grad_norm_mixed', 'ParallelEngine', 'TPEngine', 'DDPEngine',
            'ShardedOptimizerMixin', 'ZeRO1Engine', 'OSSEngine', 'ShardedDDPEngine', 'FSDPEngine',
-           'apply_tensor_parallel', 'stage_blocks', 'PipelineEngine', 'build_engine', 'auto_micro_batch']
+           'apply_tensor_parallel', 'stage_blocks', 'PipelineEngine', 'build_engine']
 
 # %% ../nbs/10_parallel.ipynb #dfb6e54f
 def n_microbatches(cfg: Config) -> int:
@@ -125,13 +126,13 @@ class DDPEngine(ParallelEngine):
     def clip_grad_norm(self, max_norm): return Engine.clip_grad_norm(self, max_norm)
 
 # %% ../nbs/10_parallel.ipynb #e63665a4
-def _local_opt_state_dict(local_opt, names: dict, template: bool = False) -> dict:
-    "The local (sharded) optimizer's state keyed by parameter name; zeros to load into when `template`."
+def _local_opt_state_dict(local_opt, names: dict) -> dict:
+    "The local (sharded) optimizer's state keyed by parameter name (zeros where there is none yet, to load into)."
     out = {}
     for g in local_opt.param_groups:
         for p in g["params"]:
             st = local_opt.state.get(p)
-            if not st or template:
+            if not st:
                 st = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
             out[names[p]] = {k: v for k, v in st.items()}
     return {"state": out}
@@ -145,12 +146,13 @@ def _load_local_opt_state(local_opt, names: dict, sd: dict) -> None:
 class ShardedOptimizerMixin:
     "State-dict pair for optimizers that hold only a shard of the state (ZeroRedundancyOptimizer, fairscale OSS)."
     def _names(self): return {p: n for n, p in self.module.named_parameters()}
+    def local_optimizer(self): return self.optimizer.optim  # both wrap a per-rank torch optimizer as `.optim`
+    def _oss(self, groups):
+        from fairscale.optim import OSS
+        return OSS(groups, optim=torch.optim.AdamW, group=self.dp_group, **adamw_kwargs(self.cfg.train, self.device))
     def state_dict(self):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         return {"model": get_model_state_dict(self.module), "optim": _local_opt_state_dict(self.local_optimizer(), self._names())}
-    def _template(self):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        return {"model": get_model_state_dict(self.module), "optim": _local_opt_state_dict(self.local_optimizer(), self._names(), template=True)}
     def load_state_dict(self, sd):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
         set_model_state_dict(self.module, sd["model"])
@@ -167,24 +169,19 @@ class ZeRO1Engine(ShardedOptimizerMixin, DDPEngine):
         opt.param_groups[0]["lr_scale"] = groups[0].get("lr_scale", 1.0)
         for g in groups[1:]: opt.add_param_group(dict(g))
         return opt
-    def local_optimizer(self): return self.optimizer.optim
 
 class OSSEngine(ShardedOptimizerMixin, DDPEngine):
     "DDP + fairscale OSS (ZeRO-1)."
     name = "zero1-fairscale"
-    def build_optimizer(self, groups):
-        from fairscale.optim import OSS
-        return OSS(groups, optim=torch.optim.AdamW, group=self.dp_group, **adamw_kwargs(self.cfg.train, self.device))
-    def local_optimizer(self): return self.optimizer.optim
+    def build_optimizer(self, groups): return self._oss(groups)
 
 class ShardedDDPEngine(ShardedOptimizerMixin, ParallelEngine):
     "fairscale ShardedDataParallel + OSS (ZeRO-2): gradients reduced to the rank that owns them."
     name = "zero2-fairscale"
     def wrap(self, model): return model  # ShardedDDP needs the optimizer: wrapped in build_optimizer
     def build_optimizer(self, groups):
-        from fairscale.optim import OSS
         from fairscale.nn.data_parallel import ShardedDataParallel
-        opt = OSS(groups, optim=torch.optim.AdamW, group=self.dp_group, **adamw_kwargs(self.cfg.train, self.device))
+        opt = self._oss(groups)
         self.model = ShardedDataParallel(self.module, opt, process_group=self.dp_group)
         return opt
     def build_scaler(self):
@@ -195,7 +192,6 @@ class ShardedDDPEngine(ShardedOptimizerMixin, ParallelEngine):
     def zero_grad(self): self.model.zero_grad(set_to_none=True)  # ShardedDDP's own: its grad buckets must be zeroed too
     def clip_grad_norm(self, max_norm):
         return self.optimizer.clip_grad_norm(max_norm if max_norm > 0 else float("inf"))
-    def local_optimizer(self): return self.optimizer.optim
 
 # %% ../nbs/10_parallel.ipynb #8e84fd3b
 class FSDPEngine(ParallelEngine):
@@ -205,7 +201,7 @@ class FSDPEngine(ParallelEngine):
         super().__init__(model, cfg, device, info, mesh, **kw)
     def wrap(self, model):
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
-        dt = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.precision)
+        dt = autocast_dtype(self.precision)
         kw = dict(mesh=self.dp_mesh, reshard_after_forward=self.reshard_after_forward)
         if dt is not None: kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
         if self.cfg.memory.cpu_offload: kw["offload_policy"] = CPUOffloadPolicy()
@@ -306,7 +302,9 @@ class PipelineEngine(ParallelEngine):
         kw = dict(target=y, losses=losses) if self.is_last else {}
         with self.forward_ctx():
             (self.schedule.step if train else self.schedule.eval)(*args, **kw)
-        tot = torch.stack(losses).sum().float().detach() if self.is_last else torch.zeros((), device=self.device)
+        return torch.stack(losses).sum().float().detach() if self.is_last else torch.zeros((), device=self.device)
+
+    def _pp_sum(self, tot):
         dist.all_reduce(tot, group=self.pp_group)  # the loss lives on the last stage; everyone logs it
         return tot
 
@@ -315,7 +313,7 @@ class PipelineEngine(ParallelEngine):
         n = len(micro_batches)
         # scale_grads=False and a loss of mean/(microbatches*accum): gradients add up to the batch mean
         self._accum_scale = 1.0 / (self.n_mb * n)
-        total = sum(self._run(x, y, train=True) for x, y in micro_batches)
+        total = self._pp_sum(sum(self._run(x, y, train=True) for x, y in micro_batches))  # one collective per step
         if self.dp_size > 1: self._average_grads()
         return self.optimizer_step(self.reduce(total))
 
@@ -332,16 +330,11 @@ class PipelineEngine(ParallelEngine):
         for m in self.stage_modules: m.eval()
         try:
             self._accum_scale = 1.0 / self.n_mb
-            return self.reduce(self._run(x, y, train=False))
+            return self.reduce(self._pp_sum(self._run(x, y, train=False)))
         finally:
             for m in self.stage_modules: m.train()
 
 # %% ../nbs/10_parallel.ipynb #97f51aac
-def _apply_activation_checkpointing(model, cfg):
-    if cfg.memory.activation_checkpointing == "none": return model
-    from scaletrain.activations import apply_activation_checkpointing
-    return apply_activation_checkpointing(model, cfg.memory)
-
 def _compile_blocks(model):
     """Compile block by block, in place (`Module.compile`), so parameter names and checkpoints stay the same and FSDP,
     DDP and pipeline stages see the same modules. (Compiling the whole model instead measured slower inside the
@@ -362,14 +355,12 @@ def build_engine(model, cfg: Config, device, info, mesh=None, **kw) -> Engine:
     dims = mesh_shape(world, p.tp, p.pp)
     if cfg.train.compile: kw = _compile_loss(dict(kw))
     if cfg.memory.precision == "bf16-true": model = model.to(torch.bfloat16)
-    if p.pp > 1:
-        _apply_activation_checkpointing(model, cfg)
-        if cfg.train.compile: _compile_blocks(model)
-        return PipelineEngine(model, cfg, device, info, mesh, **kw)
-    if not (cfg.memory.cpu_offload and p.strategy == "fsdp"): model = model.to(device)
-    if p.tp > 1: apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
-    _apply_activation_checkpointing(model, cfg)
+    if p.pp == 1:  # pipeline stages are cut from the whole model and moved to their devices by PipelineEngine
+        if not (cfg.memory.cpu_offload and p.strategy == "fsdp"): model = model.to(device)
+        if p.tp > 1: apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
+    apply_activation_checkpointing(model, cfg.memory)
     if cfg.train.compile: _compile_blocks(model)
+    if p.pp > 1: return PipelineEngine(model, cfg, device, info, mesh, **kw)
     if dims["dp"] == 1: return (TPEngine if p.tp > 1 else Engine)(model, cfg, device, info, mesh, **kw)
     s, b = p.strategy, p.backend
     if s == "ddp": return DDPEngine(model, cfg, device, info, mesh, **kw)
@@ -378,7 +369,3 @@ def build_engine(model, cfg: Config, device, info, mesh=None, **kw) -> Engine:
         if b == "fairscale": return ShardedDDPEngine(model, cfg, device, info, mesh, **kw)
         return FSDPEngine(model, cfg, device, info, mesh, reshard_after_forward=False, **kw)
     return FSDPEngine(model, cfg, device, info, mesh, **kw)
-
-def auto_micro_batch(trainer) -> int:
-    from scaletrain.memory import find_micro_batch
-    return find_micro_batch(trainer)

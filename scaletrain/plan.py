@@ -4,11 +4,11 @@
 
 # %% ../nbs/13_plan.ipynb #559fe523
 from __future__ import annotations
-import argparse, math, sys, time
+import argparse, math, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config, ModelConfig, ConfigError, load_config, save_config, validate
-from .memory import GPTShape, estimate, shape_for_params, GiB, fsdp_like, layer_bytes_per_token
+from .memory import GPTShape, estimate, shape_for_params, GiB, fsdp_like, config_vocab
 
 # %% auto #0
 __all__ = ['GPUS', 'Link', 'GPU', 'all_reduce_time', 'all_gather_time', 'p2p_time', 'Layout', 'step_time', 'Plan', 'plan',
@@ -184,13 +184,18 @@ class Plan:
         p.pp_schedule, p.microbatches = (l.schedule, l.microbatches) if l.pp > 1 else (p.pp_schedule, 0)
         cfg.memory.precision, cfg.memory.activation_checkpointing = self.precision, l.ac
         cfg.train.micro_batch, cfg.train.grad_accum = l.micro_batch, l.grad_accum
-        cfg.train.eval_batch = l.dp * math.ceil(cfg.train.eval_batch / l.dp)   # every rank gets an equal share
+        cfg.train.eval_batch = _eval_batch(cfg.train.eval_batch, l.dp, l.microbatches)
         return validate(cfg)
+
+def _eval_batch(eval_batch: int, dp: int, n_mb: int) -> int:
+    "The smallest validation batch >= `eval_batch` that every rank, and every pipeline micro-batch, gets an equal share of."
+    unit = dp * max(1, n_mb)
+    return unit * math.ceil(eval_batch / unit)
 
 def _shape_and_base(model, params, seq_len, vocab_size):
     if isinstance(model, Config):
         c = model.model
-        V = vocab_size or c.vocab_size or (257 if model.data.tokenizer == "byte" else model.data.bpe_vocab_size)
+        V = vocab_size or config_vocab(model)
         return GPTShape(c.n_layer, c.n_embd, c.n_head, V, seq_len or c.block_size, seq_len or c.block_size,
                         c.tie_weights, c.bias, c.dropout), model
     if isinstance(model, ModelConfig): return _shape_and_base(replace(Config(), model=model), params, seq_len, vocab_size)
@@ -224,6 +229,7 @@ def plan(model=None, *, params: float | None = None, gpus: int = 8, gpu_mem: flo
     out = Plan(shape, dev, gpus, nodes, usable, global_batch, precision, mfu, base=base,
                args=dict(gpu=gpu, gpu_mem=mem, mfu=mfu, global_batch=global_batch, precision=precision, headroom=headroom,
                          overlap=overlap, links=links, strategies=strategies))
+    eval_batch = base.train.eval_batch if base is not None else Config().train.eval_batch
     probe = Config(); probe.model = ModelConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
                                                 block_size=shape.seq_len, vocab_size=shape.vocab_size, tie_weights=False)
     probe.memory.precision = precision
@@ -243,7 +249,7 @@ def plan(model=None, *, params: float | None = None, gpus: int = 8, gpu_mem: flo
                                 p = probe.parallel
                                 p.strategy, p.tp, p.pp, p.sequence_parallel, p.pp_schedule, p.microbatches = strategy, tp, pp, sp, sched, n_mb
                                 probe.train.micro_batch = micro
-                                probe.train.eval_batch = dp * math.ceil(probe.train.eval_batch / dp)
+                                probe.train.eval_batch = _eval_batch(eval_batch, dp, n_mb)
                                 try: check(probe, gpus)
                                 except ConfigError: continue
                                 accum = per_rank // micro
@@ -271,7 +277,7 @@ def why_nothing_fits(pl: Plan) -> str:
     need_mem = math.ceil(e.total / GiB / (1 - pl.args.get("headroom", 0.1)))
     more, g = None, pl.gpus * 2
     while g <= pl.gpus * 4096 and more is None:  # only the leanest settings: full recomputation, micro-batch 1
-        trial = plan(pl.base if pl.base is not None else pl.shape, gpus=g, nodes=pl.nodes * g // pl.gpus,
+        trial = plan(pl.shape, gpus=g,  # the shape carries --seq-len/--vocab; the base config only matters for to_config nodes=pl.nodes * g // pl.gpus,
                      **{**pl.args, "global_batch": max(pl.global_batch, g)}, ac_policies=("full",), max_micro_batch=1)
         if trial.layouts: more = g
         g *= 2

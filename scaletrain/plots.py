@@ -5,11 +5,10 @@
 # %% ../nbs/04_plots.ipynb #bb22a608
 from __future__ import annotations
 from pathlib import Path
-import matplotlib
 from .metrics import read_metrics
 
 # %% auto #0
-__all__ = ['draw_curves', 'plot_runs', 'plot_run']
+__all__ = ['draw_curves', 'save_figure', 'plot_runs', 'plot_run']
 
 # %% ../nbs/04_plots.ipynb #7f56af16
 def _series(recs, key):
@@ -33,6 +32,12 @@ def draw_curves(axes, runs: dict, memory: bool = False):
         if a.get_legend_handles_labels()[0]: a.legend(fontsize=7)
         a.grid(alpha=0.3)
 
+def save_figure(fig, out) -> None:
+    "Write `fig` to the PNG `out` atomically (a reader never sees half a file), then close it."
+    import matplotlib.pyplot as plt
+    out = Path(out); tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110); tmp.replace(out); plt.close(fig)
+
 def plot_runs(run_dirs, out=None, memory: bool = False):
     "Plot the curves of run folders side by side; save to `out` (PNG) when given. Returns the figure."
     import matplotlib.pyplot as plt
@@ -40,10 +45,7 @@ def plot_runs(run_dirs, out=None, memory: bool = False):
     fig, axes = plt.subplots(1, 3 if memory else 2, figsize=(12 if memory else 9, 3.4))
     draw_curves(axes, runs, memory)
     fig.tight_layout()
-    if out is not None:
-        out = Path(out); tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp, dpi=110); tmp.replace(out)
-        plt.close(fig)
+    if out is not None: save_figure(fig, out)
     return fig
 
 def plot_run(run_dir, out=None):

@@ -5,13 +5,14 @@
 # %% ../nbs/18_sweep.ipynb #c55a6eac
 from __future__ import annotations
 import argparse, csv, io, itertools, json, math, os, shutil, subprocess, sys, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
-from .config import ConfigError, load_config, save_config, atomic_write_text
+from .config import ConfigError, load_config, atomic_write_text
 from .metrics import read_metrics
+from .plots import save_figure
 
 # %% auto #0
 __all__ = ['parse_vary', 'expand', 'Run', 'run_all', 'run_metric', 'plot_finetune_runs', 'format_table', 'collect', 'SweepResult',
@@ -132,9 +133,7 @@ def plot_finetune_runs(run_dirs: dict, metric: str = "accuracy", out=None, ranki
         a.grid(alpha=0.3)
         if len(run_dirs) <= 12: a.legend(fontsize=7)
     fig.tight_layout()
-    if out is not None:
-        out = Path(out); tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp, dpi=110); tmp.replace(out); plt.close(fig)
+    if out is not None: save_figure(fig, out)
     return fig
 
 def format_table(rows: list, cols: list) -> str:

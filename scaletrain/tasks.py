@@ -12,7 +12,7 @@ import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import Config, ConfigError
-from .data import DataError, ByteTokenizer, BatchSampler, stdlib_root, stdlib_files, folder_files, is_val_file
+from .data import DataError, ByteTokenizer, stdlib_root, stdlib_files, folder_files, is_val_file
 from .train import LMTask
 from .models import flops_per_token, num_params
 
@@ -331,7 +331,7 @@ class ClassificationTask:
         cm = stats[2:].round().long().view(C, C).cpu().numpy()
         self.last_confusion = cm
         m = confusion_metrics(cm)
-        key = "val_loss" if split == "val" else f"{split}_loss"
+        key = f"{split}_loss"
         return {key: float(stats[0]) / max(n, 1), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": n}
 
 # %% ../nbs/16_tasks.ipynb #1fd3f93b
@@ -349,21 +349,24 @@ def lm_source(spec: str) -> Path:
 
 class PackageLMTask(LMTask):
     "Next-token prediction on one package family (or folder), with the pretrained model's tokenizer."
-    def __init__(self, cfg: Config, tokenizer=None, show_progress: bool = False):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, tokenizer=None, model_fn=None, show_progress: bool = False):
+        self.cfg, self.model_fn = cfg, model_fn
         tok = tokenizer or task_tokenizer(cfg)
         if cfg.model.vocab_size == 0: cfg.model.vocab_size = tok.vocab_size
         root = lm_source(cfg.finetune.task)
         files = folder_files(root)
         if not files: raise DataError(f"finetune.task={cfg.finetune.task}: {root} holds no text files")
         val = [f for f in files if is_val_file(f.relative_to(root), cfg.finetune.val_fraction)] or files[-1:]
-        train = [f for f in files if f not in set(val)]
+        held = set(val)
+        train = [f for f in files if f not in held]
         if not train: raise DataError(f"finetune.task={cfg.finetune.task}: {root} has too few files to split by file")
         eot = np.array([tok.eot], dtype=np.uint16)
         cat = lambda fs: np.concatenate([np.concatenate([_encode(tok, Path(f).read_text(encoding="utf-8", errors="replace")).astype(np.uint16), eot])
                                          for f in fs])
         self.data = SimpleNamespace(train=[cat(train)], val=[cat(val)], weights=[1.0], vocab_size=tok.vocab_size,
                                     tokenizer=tok, files=dict(train=len(train), val=len(val)))
+
+    def build_model(self): return self.model_fn() if self.model_fn is not None else super().build_model()
 
 # %% ../nbs/16_tasks.ipynb #5a2ebf93
 def held_out_files(f) -> set:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #c0ae22cf
 from __future__ import annotations
-import gc, json, math, os, platform, signal, subprocess, sys, threading, time, warnings
+import gc, json, math, platform, signal, subprocess, sys, threading, time
 from datetime import datetime
 from pathlib import Path
 import torch
@@ -15,8 +15,8 @@ from .config import Config, ConfigError, config_hash, save_config, to_dict, atom
 from .data import prepare_data, BatchSampler
 from .models import GPT, num_params, flops_per_token
 from .metrics import MetricsWriter, device_peak, peak_memory_gb, truncate_metrics
-from .dist import init_distributed, build_mesh, RankPrinter, teardown
-from .engine import Engine, lr_at, lm_loss
+from .dist import init_distributed, build_mesh, RankPrinter
+from .engine import lr_at, lm_loss
 from . import checkpoint as ckpt
 
 # %% auto #0
@@ -171,9 +171,10 @@ class Trainer:
         self.task.setup(self.global_batch, cfg.train.eval_batch)
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
         self.history, self.val_history, self.last, self.last_val, self.last_eval, self.anomaly = [], [], None, None, None, None
-        self._pending, self._t_read, self._gc_frozen = [], time.perf_counter(), None
+        self._pending, self._t_read, self._gc_frozen = [], time.perf_counter(), False
         self.last_checkpoint, self.summary, self.status = None, None, "running"
-        self.oom_events, self._in_optimizer_step, self._opt_hooks = [], False, None
+        self.oom_events, self._in_optimizer_step = [], False
+        self._watch_optimizer()
         self.peak_tflops, self.peak_source = device_peak(self.device, cfg.memory.precision, cfg.run.peak_tflops)
         self.callbacks = sorted(([SignalCallback(), ProgressCallback(), MetricsCallback(), PlotCallback()] if default_callbacks else [])
                                 + list(callbacks), key=lambda c: c.order)
@@ -252,10 +253,10 @@ class Trainer:
         f = next((k for k in range(2, m + 1) if m % k == 0), None)  # halve (or split by the smallest factor)
         new = m // f if f else 0
         n_mb = getattr(self.engine, "n_mb", 1)
-        if getattr(self, "_in_optimizer_step", False) or not new or new % n_mb:
+        if self._in_optimizer_step or not new or new % n_mb:
             raise err  # the optimizer step itself, or nothing left to split: a smaller micro-batch cannot help
         self.engine.zero_grad()  # drop the partial gradients of the failed attempt
-        import gc; gc.collect()
+        gc.collect()
         if self.device.type == "cuda": torch.cuda.empty_cache()
         self.micro_batch, self.grad_accum = new, self.grad_accum * f
         self.oom_events.append(dict(step=self.step + 1, micro_batch=new, grad_accum=self.grad_accum))
@@ -264,18 +265,16 @@ class Trainer:
 
     def _watch_optimizer(self):
         "Flag the optimizer step, so an out-of-memory error there is not taken for one in forward/backward."
-        if getattr(self, "_opt_hooks", None) is not None: return
         opt = self.engine.optimizer
         def pre(*a): self._in_optimizer_step = True
         def post(*a): self._in_optimizer_step = False
-        self._opt_hooks = (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)) if hasattr(opt, "register_step_pre_hook") else ()
+        if hasattr(opt, "register_step_pre_hook"): opt.register_step_pre_hook(pre); opt.register_step_post_hook(post)
 
     def train_one_step(self):
         "Launch one optimizer step. Its loss and grad norm stay on the device until `read_steps` (every `run.log_every` steps)."
         self.fire("before_step")
         if not self._pending: self._t_read = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
-        self._watch_optimizer()
         n_oom = len(self.oom_events)
         while True:  # out of memory in forward/backward: same step again with a smaller micro-batch
             try:
@@ -318,7 +317,7 @@ class Trainer:
                 self.last.update(oom_recovered=True, micro_batch=self.micro_batch, grad_accum=self.grad_accum)
             self.history.append(self.last)
             self.fire("after_step")
-            if step == 1 and self._gc_frozen is None:
+            if step == 1 and not self._gc_frozen:
                 # the model, optimizer and compiled graphs live as long as the run: keep the collector off them
                 gc.collect(); gc.freeze(); self._gc_frozen = True
 
@@ -331,7 +330,7 @@ class Trainer:
         self.fire("before_fit")
         try: return self._fit()
         finally:
-            if self._gc_frozen: gc.unfreeze(); self._gc_frozen = None
+            if self._gc_frozen: gc.unfreeze(); self._gc_frozen = False
 
     def _fit(self) -> dict:
         t = self.cfg.train
@@ -356,8 +355,8 @@ class Trainer:
         self.summary = self._summary()
         sb = [self.engine.state_bytes()]
         if self.info.distributed:
-            sb = [None] * self.info.world_size
-            dist.all_gather_object(sb, self.engine.state_bytes())
+            mine, sb = sb[0], [None] * self.info.world_size
+            dist.all_gather_object(sb, mine)
         self.summary["state_bytes_per_rank"] = sb
         if self.info.is_main: atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=1))
         self.fire("after_fit")

@@ -4,7 +4,8 @@
 
 # %% ../nbs/15_widgets.ipynb #2ef29713
 from __future__ import annotations
-import html, io, json, os, shutil, subprocess, threading, time
+import functools, html, io, json, os, shutil, subprocess, threading, time
+from collections import deque
 from pathlib import Path
 import ipywidgets as W
 from .config import ConfigError, load_config
@@ -26,25 +27,28 @@ MODEL_SIZES = {
 # %% ../nbs/15_widgets.ipynb #d30139eb
 def predict_memory(cfg, world_size: int, device: str = "cuda") -> dict:
     "Bytes per rank predicted by `scaletrain.memory` for `cfg` on `world_size` processes, as a dict with `total`."
-    import dataclasses
     from scaletrain.memory import estimate_config
-    from scaletrain.models import count_params
-    if cfg.model.vocab_size == 0:  # as the tokenizer will set it
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=257 if cfg.data.tokenizer == "byte" else cfg.data.bpe_vocab_size))
-    est = estimate_config(cfg, world_size, device=device)
-    return dict(est.parts(), total=est.total, phase=est.phase, n_params=count_params(cfg.model, non_embedding=False))
+    est = estimate_config(cfg, world_size, device=device)  # the vocabulary as the tokenizer will set it
+    return dict(est.parts(), total=est.total, phase=est.phase, n_params=est.inputs["params"])
+
+@functools.lru_cache(maxsize=1)  # asked on every change of a control; the GPUs do not change meanwhile
+def _smallest_gpu() -> tuple[float, str] | None:
+    "(MiB, name) of the smallest GPU, from `nvidia-smi` (so the kernel never creates a CUDA context), or None."
+    smi = shutil.which("nvidia-smi")
+    if not smi: return None
+    try:
+        r = subprocess.run([smi, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        rows = [l.split(",", 1) for l in r.stdout.strip().splitlines() if l.strip()]
+        if r.returncode == 0 and rows: return min((float(a), b.strip()) for a, b in rows)
+    except (OSError, ValueError, subprocess.TimeoutExpired): pass
+    return None
 
 def device_capacity(nproc: int) -> tuple[float, str]:
     "(bytes available to one rank, what it is): the smallest GPU's memory, or this machine's RAM / nproc."
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            r = subprocess.run([smi, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
-            rows = [l.split(",", 1) for l in r.stdout.strip().splitlines() if l.strip()]
-            if r.returncode == 0 and rows:
-                mib, name = min((float(a), b.strip()) for a, b in rows)
-                return mib * 2**20, f"{name} ({mib / 1024:.0f} GiB)"
-        except (OSError, ValueError, subprocess.TimeoutExpired): pass
+    gpu = _smallest_gpu()
+    if gpu:
+        mib, name = gpu
+        return mib * 2**20, f"{name} ({mib / 1024:.0f} GiB)"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram / max(1, nproc), f"CPU RAM {ram / 2**30:.0f} GiB / {nproc} ranks"
 
@@ -114,9 +118,9 @@ class LaunchPanel(W.VBox):
     def __init__(self, overrides=(), out_dir="runs", nproc: int = 2, steps: int = 200, model: str = "small",
                  strategy: str = "ddp", micro_batch: int = 16, lr: float = 2e-3, refresh_s: float = 1.0):
         self.base, self.out_dir, self.refresh_s = list(overrides), Path(out_dir), refresh_s
-        self.run, self.records, self.error, self.prediction, self.fits = None, [], None, None, False
+        self.run, self.records, self.prediction, self.fits = None, [], None, False
         self.state, self.plot_points, self.total_steps = "idle", 0, steps
-        self._mutex, self._last_log, self._lines = threading.RLock(), 0.0, []
+        self._mutex, self._last_log, self._lines, self._log_timer = threading.RLock(), 0.0, deque(maxlen=300), None
         self._painter, self._dirty, self._seq, self._shown = None, False, 0, 0
         st = dict(description_width="110px")
         lay = lambda: W.Layout(width="250px")  # one Layout per control: hiding one must not hide the others
@@ -219,14 +223,22 @@ class LaunchPanel(W.VBox):
 
     def _on_line(self, rank, line):
         with self._mutex:
-            self._lines = (self._lines + [line])[-300:]
-            if time.time() - self._last_log > 0.5: self._flush_log()
+            self._lines.append(line)
+            wait = 0.5 - (time.time() - self._last_log)
+            if wait <= 0: self._flush_log()
+            elif self._log_timer is None:  # a burst: show it when the half second is over, so no line stays hidden
+                self._log_timer = threading.Timer(wait, self._flush_burst, args=(self.run,))
+                self._log_timer.daemon = True; self._log_timer.start()
+
+    def _flush_burst(self, run):
+        with self._mutex:
+            self._log_timer = None
+            if run is self.run and not (run is not None and run.done): self._flush_log()  # the exit writes the final log
 
     def _flush_log(self, error: str | None = None):
         self._last_log = time.time()
         text = "\n".join(self._lines)
-        self.log_pane.value = self._pre(text + (f"\n\n{error}" if error else ""), "#222") if not error else (
-            self._pre(text, "#222") + self._pre(error, "#c62828"))
+        self.log_pane.value = self._pre(text, "#222") + (self._pre(error, "#c62828") if error else "")
 
     def _on_metrics(self, records):
         with self._mutex:
@@ -265,7 +277,6 @@ class LaunchPanel(W.VBox):
             if run is not self.run: return
             self.records = run.records
             self.redraw()
-            self.error = run.error
             if run.error: self._flush_log(f"run {run.status}: {run.error}")
             else: self._flush_log()
             first = run.error.splitlines()[0] if run.error else ""
@@ -278,7 +289,7 @@ class LaunchPanel(W.VBox):
     def watch(self, run):
         "Follow `run` (launched here or anywhere else with `scaletrain.launch`)."
         with self._mutex:
-            self.run, self.records, self._lines, self.error, self.plot_points = run, [], [], None, 0
+            self.run, self.records, self._lines, self.plot_points = run, [], deque(maxlen=300), 0
             try: self.total_steps = load_config(run.run_dir / "config.yaml").train.steps
             except (ConfigError, OSError): self.total_steps = "?"
             self.launch_button.disabled, self.stop_button.disabled, self.resume_button.disabled = True, False, True
@@ -297,7 +308,7 @@ class LaunchPanel(W.VBox):
             if self.nnodes.value > 1:
                 mn = multinode(None, overrides=self.overrides(), nnodes=self.nnodes.value, nproc=self.nproc.value, rdzv_endpoint=self.rdzv.value.strip())
                 script = mn.write_slurm()
-                self._lines = [str(mn), "", f"# or submit {script}:", mn.slurm_script()]
+                self._lines = deque([str(mn), "", f"# or submit {script}:", mn.slurm_script()], maxlen=300)
                 self._flush_log()
                 self.refresh_runs()
                 return self.set_status("prepared", f"multi-node run {mn.run_dir.name}: run the command on each node, or sbatch {script}")

@@ -3,7 +3,7 @@
 For each (wrapper, policy) the worker trains one step from the same weights on the same data and prints one JSON
 line per case with the loss and the max abs difference of the gradients (full, unsharded) from no checkpointing.
 """
-import copy, json, os, sys
+import copy, json
 import torch, torch.distributed as dist
 from scaletrain.config import ModelConfig, MemoryConfig
 from scaletrain.models import GPT
@@ -12,13 +12,12 @@ from scaletrain.activations import apply_activation_checkpointing
 
 def main():
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(0)
     base = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257))
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     x, y = torch.randint(0, 257, (2, 16), generator=g), torch.randint(0, 257, (2, 16), generator=g)
     policies = [("none", False), ("full", False), ("selective", False), ("every_k", False), ("full", True)]
-    names = [n for n, _ in base.named_parameters()]
     from torch.distributed.tensor import DTensor
     def grads(m):
         out = {}

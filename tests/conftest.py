@@ -30,3 +30,19 @@ def run_cli(*args, cwd=None, timeout=300, env=None):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "scaletrain.cli", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=e)
+
+def torchrun_rows(worker: str, nproc: int = 2, timeout: int = 300) -> list:
+    "Run tests/<worker> under torchrun (gloo, loopback); assert it succeeded and return the JSON lines it printed."
+    import json
+    from scaletrain.launch import torchrun_args, child_env
+    r = subprocess.run(torchrun_args([str(ROOT / "tests" / worker)], nproc=nproc), capture_output=True, text=True,
+                       timeout=timeout, env=child_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+
+def notebook_function(src: str, name: str):
+    "A function as a notebook cell defines it: its module is __main__, so cloudpickle must ship it by value."
+    ns = {"__name__": "__main__"}
+    exec(src, ns)
+    assert ns[name].__module__ == "__main__"
+    return ns[name]

@@ -15,14 +15,6 @@ from scaletrain.dist import teardown
 def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
-def nbytes(ts):
-    return sum(local(t).numel() * local(t).element_size() for t in ts if torch.is_tensor(t) and t.dim() > 0)
-
-def optimizer_state(engine):
-    opt = getattr(engine, "local_optimizer", None)
-    opt = opt() if opt else engine.optimizer
-    return [t for st in opt.state.values() for t in st.values()]
-
 def full_weights(engine):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     sd = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
@@ -40,11 +32,10 @@ def main(spec_path, out_dir):
             cfg = load_config(run_dir / "config.yaml")
         t = Trainer(cfg, run_dir=run_dir, resume=bool(case.get("resume_of")), callbacks=cbs)
         s = t.fit()
-        rank = dist.get_rank()
+        rank = dist.get_rank()  # bytes this rank holds, as Engine.state_bytes counts them (local shards)
         res = dict(summary=s, losses=[r["loss"] for r in t.history], grad_norms=[r["grad_norm"] for r in t.history],
-                   val=t.last_val, weights=full_weights(t.engine),
-                   param_bytes=nbytes(list(t.engine.module.parameters())),
-                   optim_bytes=nbytes(optimizer_state(t.engine)), engine=t.engine.name)
+                   val=t.last_val, weights=full_weights(t.engine), engine=t.engine.name,
+                   param_bytes=s["state_bytes_per_rank"][rank]["params"], optim_bytes=s["state_bytes_per_rank"][rank]["optim"])
         (out / case["name"]).mkdir(parents=True, exist_ok=True)
         torch.save(res, out / case["name"] / f"rank{rank}.pt")
         if rank == 0: (out / case["name"] / "run_dir.txt").write_text(str(t.run_dir))

@@ -5,7 +5,7 @@ exists) and one more forward/backward with gradient sync (so gradients exist), t
 rank's parameters, gradients and optimizer state (local shards of DTensors). Rank 0 prints one JSON line per
 layout with every rank's counts and the estimate.
 """
-import json, sys
+import json
 import torch, torch.distributed as dist
 from scaletrain.config import Config
 from scaletrain.dist import init_distributed, build_mesh

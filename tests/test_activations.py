@@ -1,8 +1,7 @@
 "Activation checkpointing: every policy computes the same numbers, keeps checkpoints portable, composes with DDP/FSDP2."
-import copy, json, sys
-from pathlib import Path
+import copy
 import pytest, torch
-from conftest import run_cli, tiny, ROOT
+from conftest import run_cli, tiny, torchrun_rows
 from scaletrain.config import ConfigError, MemoryConfig, ModelConfig, load_config
 from scaletrain.models import GPT
 from scaletrain.engine import lm_loss
@@ -98,12 +97,7 @@ def test_selective_refuses_a_block_that_mutates_a_kept_output():
 
 def test_composes_with_ddp_and_fsdp2():
     "2 ranks (gloo): each policy under DDP and under FSDP2 fully_shard applied after it equals no checkpointing."
-    from scaletrain.launch import torchrun_args, child_env
-    import subprocess
-    r = subprocess.run(torchrun_args([str(ROOT / "tests" / "ac_compose_worker.py")], nproc=2), capture_output=True, text=True,
-                       timeout=300, env=child_env(), cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    rows = torchrun_rows("ac_compose_worker.py")
     assert {(x["wrapper"], x["policy"], x["offload"]) for x in rows} == {
         (w, p, o) for w in ("ddp", "fsdp") for p, o in [("none", False), ("full", False), ("selective", False), ("every_k", False), ("full", True)]}
     for x in rows:

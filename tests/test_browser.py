@@ -3,9 +3,10 @@ the panel's Launch clicked, the run followed to 'finished' with points on the pl
 
 Needs Debian's `chromium` (/usr/bin/chromium; `.ci/run` installs it) and the `playwright` Python package, which drives
 that browser directly (no `playwright install`). Set SCALETRAIN_UPDATE_SCREENSHOT=1 to also refresh nbs/images/launch_panel.png."""
-import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
+import json, os, secrets, shutil, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
+from scaletrain.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -13,9 +14,6 @@ TUTORIAL = ROOT / "nbs" / "tutorials" / "08_launch_from_notebook.ipynb"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"browser test needs Debian's chromium at {CHROMIUM} (apt-get install chromium; .ci/run does this)")
-
-def free_port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 def write_json(p: Path, d):
     p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(d))

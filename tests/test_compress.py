@@ -8,7 +8,7 @@ from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
 from scaletrain.config import load_config, ConfigError
 from scaletrain.finetune import finetune, load_classifier
 from scaletrain.compress import (prune_model, prunable_layers, quantize, output_gap, export_model, load_for_inference,
-                                 QUANT_MODES, weight_sparsity)
+                                 QUANT_MODES)
 
 # Stated tolerance for int8 (per-channel weights; per-token activations for int8-dynamic): on a batch of real snippets the
 # largest logit difference to the float model is under 5% of the float logits' range, and >= 90% of the predicted labels agree.

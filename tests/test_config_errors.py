@@ -1,5 +1,4 @@
 "Bad input: one line naming the field, the value and what is allowed; exit code 2; nothing overwritten."
-from pathlib import Path
 import pytest
 from conftest import run_cli, tiny
 

@@ -1,5 +1,5 @@
 "Fine-tuning: the run folder, loading an FSDP checkpoint, frozen blocks, lr groups, early stopping, bad checkpoints."
-import json
+import copy, json
 from pathlib import Path
 import pytest
 import torch
@@ -120,6 +120,11 @@ def test_continued_pretraining_on_one_package_family(tmp_path, pretrained, cache
     cfg = load_config(overrides=[f"finetune.init={pretrained}", "finetune.task=lm:json", f"data.cache_dir={cache_dir}",
                                  f"run.out_dir={tmp_path}", "train.device=cpu", "train.micro_batch=4", "train.steps=4",
                                  "train.warmup_steps=1", "train.eval_every=2", "train.eval_iters=2", "train.ckpt_every=0"])
+    # the task alone (make_task, the public entry) builds the pretrained model, as finetune does
+    from scaletrain.finetune import make_task, resolve_config
+    ref = GPT(ckpt.checkpoint_config(pretrained).model); ckpt.load_model_weights(pretrained, ref)
+    built = make_task(resolve_config(copy.deepcopy(cfg))).build_model()
+    for (n, p), (_, q) in zip(built.named_parameters(), ref.named_parameters()): assert torch.equal(p, q), n
     s = finetune(cfg)
     assert s["status"] == "finished" and s["metric"] == "val_loss" and s["best_step"] in (0, 2, 4)
     assert ckpt.checkpoint_config(s["run_dir"]).finetune.labels == ""

@@ -4,19 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import run_cli, tiny
+from conftest import run_cli, tiny, notebook_function
 from scaletrain.checkpoint import latest_checkpoint, load_model_weights
 from scaletrain.config import load_config
 from scaletrain.launch import LaunchError, RunLock, free_port, launch, multinode, resume
 from scaletrain.metrics import read_metrics
 from scaletrain.models import GPT
-
-def notebook_function(src: str, name: str):
-    "A function as a notebook cell defines it: its module is __main__, so cloudpickle must ship it by value."
-    ns = {"__name__": "__main__"}
-    exec(src, ns)
-    assert ns[name].__module__ == "__main__"
-    return ns[name]
 
 def losses(run_dir): return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
 

@@ -1,12 +1,11 @@
 "The memory estimator against the bytes ranks really hold; train.micro_batch=auto; recovery from out-of-memory errors."
-import json, subprocess
-from pathlib import Path
+import json
 import pytest, torch
-from conftest import tiny, ROOT
+from conftest import tiny, torchrun_rows
 from scaletrain import memory
 from scaletrain.config import Config, ConfigError, ModelConfig, load_config
 from scaletrain.engine import Engine
-from scaletrain.memory import estimate, estimate_config, model_state_bytes, measure_step, GiB
+from scaletrain.memory import estimate, model_state_bytes, measure_step
 from scaletrain.metrics import read_metrics
 from scaletrain.models import GPT
 from scaletrain.train import Trainer
@@ -29,11 +28,7 @@ def test_single_process_state_bytes_equal_the_estimate(precision):
 
 def test_each_rank_holds_what_the_estimate_says():
     "2 ranks (gloo): ddp, zero1, zero2, fsdp, tp, pp and the fairscale backends, each rank within 5 % per component."
-    from scaletrain.launch import torchrun_args, child_env
-    r = subprocess.run(torchrun_args([str(ROOT / "tests" / "memory_rank_worker.py")], nproc=2), capture_output=True, text=True,
-                       timeout=600, env=child_env(), cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    rows = torchrun_rows("memory_rank_worker.py", timeout=600)
     assert len(rows) == 10
     for row in rows:
         for rank in row["ranks"]:

@@ -1,10 +1,9 @@
 "scaletrain plan: a ranked table of layouts that fit, one-line refusals, and a config that trains."
 import contextlib, io
-from pathlib import Path
 import pytest
 from conftest import run_cli, tiny
 from scaletrain.config import load_config
-from scaletrain.memory import estimate, GiB
+from scaletrain.memory import estimate_config, GiB
 from scaletrain.parallel import check
 from scaletrain.plan import plan, plan_main, best_layouts
 from scaletrain.train import Trainer
@@ -37,9 +36,7 @@ def test_every_listed_layout_fits_runs_and_matches_the_estimator():
     for l in pl.layouts:
         cfg = pl.to_config(l)
         check(cfg, 16)                                         # scaletrain.parallel would run it
-        e = estimate(pl.shape, precision="bf16-mixed", strategy=l.strategy, dp=l.dp, tp=l.tp, pp=l.pp, micro_batch=l.micro_batch,
-                     grad_accum=l.grad_accum, ac=l.ac, sequence_parallel=l.sp, pp_schedule=l.schedule, pp_microbatches=l.microbatches)
-        assert e.total == l.memory <= 80 * GiB * 0.9
+        assert estimate_config(cfg, 16).total == l.memory <= 80 * GiB * 0.9  # the config it writes predicts the same
         assert l.micro_batch * l.grad_accum * l.dp == 1024
     # the gradient all-reduce of plain DDP crosses the slow inter-node link; more bandwidth there makes it cheaper
     kw = dict(params=1e9, gpus=16, nodes=2, gpu_mem=80, strategies=("ddp",), ac_policies=("none",), overlap=0.0)
@@ -93,3 +90,12 @@ def test_scaling_table_from_8_to_4096_gpus():
     t = {(r["params"], r["gpus"]): r for r in best_layouts((1e9, 70e9), (8, 4096), global_batch=2048)}
     assert t[(1e9, 8)]["gib"] and t[(70e9, 4096)]["gib"] and t[(70e9, 8)]["layout"] == "nothing fits"
     assert t[(1e9, 4096)]["tokens_per_s"] > t[(1e9, 8)]["tokens_per_s"]
+
+def test_layouts_from_a_base_config_keep_its_settings_runnable():
+    # a base config with its own validation batch: every layout written back must pass the launch checks,
+    # pipeline layouts included (their validation batch is split into pipeline micro-batches too)
+    base = load_config(overrides=["model.n_layer=24", "model.n_embd=2048", "model.n_head=16", "model.block_size=2048",
+                                  "model.vocab_size=50304", "model.tie_weights=false", "train.eval_batch=4"])
+    pl = plan(base, gpus=16, nodes=2, gpu_mem=24, global_batch=256)
+    assert pl.layouts and any(l.pp > 1 and l.microbatches > l.pp for l in pl.layouts)
+    for l in pl.layouts: check(pl.to_config(l), 16)

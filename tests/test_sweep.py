@@ -1,6 +1,5 @@
 "Sweeps: runs in parallel processes, the comparison table and plot, best.yaml; a bad key stops everything before it starts."
 import csv, json
-from pathlib import Path
 from conftest import run_cli
 from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
@@ -35,3 +34,22 @@ def test_sweep_bad_input_starts_nothing(tmp_path, pets, pretrained, cache_dir):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "did you mean 'train.lr'" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "sw").exists()
+
+def test_random_search_draws_inside_the_ranges_and_repeats_with_its_seed():
+    import math, pytest
+    from scaletrain.config import ConfigError
+    from scaletrain.sweep import parse_vary, expand
+    space = dict([parse_vary("train.lr=log:1e-4:3e-3"), parse_vary("train.weight_decay=uniform:0:0.2"),
+                  parse_vary("finetune.freeze_blocks=0,1,2")])
+    assert space["train.lr"] == ("log", 1e-4, 3e-3) and space["finetune.freeze_blocks"] == ["0", "1", "2"]
+    runs = expand(space, "random", n=40, seed=3)
+    assert len(runs) == 40 and runs == expand(space, "random", n=40, seed=3) and runs != expand(space, "random", n=40, seed=4)
+    lrs = [float(r["train.lr"]) for r in runs]
+    assert all(1e-4 <= x <= 3e-3 for x in lrs) and all(0 <= float(r["train.weight_decay"]) <= 0.2 for r in runs)
+    assert {r["finetune.freeze_blocks"] for r in runs} == {"0", "1", "2"}
+    # log-uniform: about as many draws below the geometric middle as above it
+    mid = math.sqrt(1e-4 * 3e-3)
+    assert 10 <= sum(x < mid for x in lrs) <= 30
+    for bad in ("train.lr=log:0:1", "train.lr=uniform:2:1", "train.lr=log:a:b", "train.lr="):
+        with pytest.raises(ConfigError): parse_vary(bad)
+    with pytest.raises(ConfigError, match="ranges need --random"): expand(space, "grid")

@@ -8,7 +8,7 @@ from conftest import run_cli
 from ft_helpers import make_pets, pretrained  # noqa: F401 (fixture)
 from scaletrain.config import load_config
 from scaletrain.data import DataError
-from scaletrain.tasks import (ClassificationTask, load_units, split_units, stdlib_packages, folder_units, jsonl_units,
+from scaletrain.tasks import (ClassificationTask, load_units, split_units, stdlib_packages, folder_units,
                               build_classification_data, PackageLMTask, SPLITS)
 
 def test_stdlib_packages_split_by_file_every_class_everywhere():

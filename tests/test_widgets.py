@@ -5,11 +5,7 @@ import pytest
 from scaletrain.config import load_config
 from scaletrain.launch import launch, pid_alive
 from scaletrain.widgets import LaunchPanel
-
-def notebook_function(src: str, name: str):
-    ns = {"__name__": "__main__"}
-    exec(src, ns)
-    return ns[name]
+from conftest import notebook_function
 
 def base(corpus, cache_dir):
     return [f"data.source={corpus}", f"data.cache_dir={cache_dir}", "train.device=cpu",
@@ -99,3 +95,14 @@ def test_panel_bad_settings_do_not_launch_and_multinode_prepares(tmp_path, corpu
     log = panel.log_pane.value
     assert log.count("torch.distributed.run") == 3 and "--rdzv-endpoint node0.cluster:29400" in log and "#SBATCH --nodes=2" in log
     assert "#SBATCH --gpus-per-node=4" in (folder / "slurm.sh").read_text() and (folder / "config.yaml").exists()
+
+def test_log_lines_of_a_burst_all_reach_the_pane(tmp_path):
+    # lines closer together than the half-second redraw interval are shown once it is over, not held back
+    import time
+    panel = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
+    panel._on_line(0, "first line")
+    panel._on_line(0, "second line")
+    panel._on_line(0, "third line")
+    assert "third line" not in panel.log_pane.value   # redrawn at most every 0.5 s
+    time.sleep(1.0)
+    assert all(s in panel.log_pane.value for s in ("first line", "second line", "third line"))
