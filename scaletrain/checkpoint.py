@@ -11,9 +11,9 @@ import torch.distributed as dist
 from .config import atomic_write_text
 
 # %% auto #0
-__all__ = ['CheckpointError', 'step_name', 'is_complete', 'latest_checkpoint', 'resolve_checkpoint', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights', 'checkpoint_config',
-           'export_safetensors', 'load_safetensors', 'safetensors_config']
+__all__ = ['CheckpointError', 'step_name', 'is_complete', 'pointed_checkpoint', 'latest_checkpoint', 'resolve_checkpoint',
+           'rng_state', 'set_rng_state', 'write_checkpoint', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint',
+           'load_model_weights', 'checkpoint_config', 'export_safetensors', 'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/07_checkpoint.ipynb #e17527a4
 class CheckpointError(ValueError):
@@ -38,14 +38,18 @@ def step_name(step: int) -> str: return f"step_{step:08d}"
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / "trainer_state.pt").is_file()
 
+def pointed_checkpoint(run_dir, pointer: str = "latest") -> Path | None:
+    "The complete checkpoint that `checkpoints/<pointer>` names, or None."
+    p = Path(run_dir) / "checkpoints" / pointer
+    if not p.is_file(): return None
+    c = p.parent / p.read_text().strip()
+    return c if is_complete(c) else None
+
 def latest_checkpoint(run_dir) -> Path | None:
     "The newest complete checkpoint of a run folder (via `checkpoints/latest`, else by name)."
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir(): return None
-    p = ck / "latest"
-    if p.is_file():
-        cand = ck / p.read_text().strip()
-        if is_complete(cand): return cand
+    if (c := pointed_checkpoint(run_dir)) is not None: return c
     done = sorted(d for d in ck.glob("step_*") if d.is_dir() and is_complete(d))
     return done[-1] if done else None
 
@@ -78,28 +82,35 @@ def _torch_save_atomic(obj, path: Path):
     torch.save(obj, tmp); os.replace(tmp, path)
 
 # %% ../nbs/07_checkpoint.ipynb #009f5aad
-def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:
-    "Collective: every rank calls it. Returns the finished checkpoint folder."
+def write_checkpoint(run_dir, name: str, state: dict, trainer_state: dict, pointer: str = "latest", keep: int = 2,
+                     rng: bool = True) -> Path:
+    """Collective: write `state` (DCP, sharded) and `trainer_state` as `checkpoints/<name>`, through a temporary folder
+    and a rename, then point `checkpoints/<pointer>` at it and keep the newest `keep` folders of that family."""
     import torch.distributed.checkpoint as dcp
     ck = Path(run_dir) / "checkpoints"
-    final, tmp = ck / step_name(step), ck / f".{step_name(step)}.tmp"
+    final, tmp = ck / name, ck / f".{name}.tmp"
     if _rank() == 0:
         if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(engine.state_dict(), checkpoint_id=str(tmp))
-    _torch_save_atomic(rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
-    if _rank() == 0: _torch_save_atomic(dict(trainer_state, engine=engine.extra_state()), tmp / "trainer_state.pt")
+        dcp.save(state, checkpoint_id=str(tmp))
+    if rng: _torch_save_atomic(rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
+    if _rank() == 0: _torch_save_atomic(trainer_state, tmp / "trainer_state.pt")
     _barrier()
     if _rank() == 0:
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write_text(ck / "latest", final.name)
-        for old in sorted(d for d in ck.glob("step_*") if d.is_dir())[:-keep]: shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(ck / pointer, final.name)
+        family = name.rsplit("_", 1)[0] + "_*"  # step_00000100 -> step_*, best_00000040 -> best_*
+        for old in sorted(d for d in ck.glob(family) if d.is_dir())[:-keep]: shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:
+    "Collective: every rank calls it. Returns the finished checkpoint folder."
+    return write_checkpoint(run_dir, step_name(step), engine.state_dict(), dict(trainer_state, engine=engine.extra_state()), keep=keep)
 
 def read_trainer_state(path) -> dict:
     p = Path(path) / "trainer_state.pt"
@@ -128,14 +139,15 @@ def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     if restore_rng and rf.is_file(): set_rng_state(torch.load(rf, weights_only=True))
     return st
 
-def load_model_weights(path, model: torch.nn.Module) -> dict:
-    "Load only the model's weights (any strategy, any world size) into a plain `model`; returns the trainer state."
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+def load_model_weights(path, model: torch.nn.Module, exclude: tuple = ()) -> dict:
+    """Load only the model's weights (any strategy, any world size) into a plain `model`; returns the trainer state.
+    Parameters whose names start with one of `exclude` keep their values (e.g. a new head in place of the LM head)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     path = resolve_checkpoint(path)
     st = read_trainer_state(path)
-    sd = {"model": get_model_state_dict(model)}
+    sd = {"model": {k: v for k, v in get_model_state_dict(model).items() if not k.startswith(exclude)}}
     _dcp_load(sd, path, "does not match this model")
-    set_model_state_dict(model, sd["model"])
+    set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=not exclude))
     return st
 
 # %% ../nbs/07_checkpoint.ipynb #83ca2546

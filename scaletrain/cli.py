@@ -9,8 +9,8 @@ from pathlib import Path
 from .config import ConfigError, load_config, save_config
 
 # %% auto #0
-__all__ = ['COMMANDS', 'user_errors', 'fail', 'add_launch_args', 'train_parser', 'prepare_run', 'train_main', 'rank_main',
-           'export_main', 'main']
+__all__ = ['COMMANDS', 'user_errors', 'fail', 'add_launch_args', 'train_parser', 'check_launch_args', 'resume_folder',
+           'run_folder', 'launch_ranks', 'prepare_run', 'train_main', 'rank_main', 'export_main', 'main']
 
 # %% ../nbs/09_cli.ipynb #cad41745
 def user_errors() -> tuple:
@@ -40,55 +40,69 @@ def train_parser() -> argparse.ArgumentParser:
     add_launch_args(p)
     return p
 
+def check_launch_args(args) -> int:
+    "Validate --nproc/--nnodes/--node-rank; returns the world size."
+    if args.nproc < 1: raise ConfigError(f"--nproc={args.nproc}: must be >= 1")
+    if args.nnodes < 1: raise ConfigError(f"--nnodes={args.nnodes}: must be >= 1")
+    if not 0 <= args.node_rank < args.nnodes: raise ConfigError(f"--node-rank={args.node_rank}: must be in [0, {args.nnodes})")
+    return args.nproc * args.nnodes
+
+def resume_folder(run_dir, config_file) -> Path:
+    "The run folder `--resume` names, checked: it has a config and a complete checkpoint."
+    from scaletrain.checkpoint import resolve_checkpoint
+    run_dir = Path(run_dir)
+    if config_file: raise ConfigError("--config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead")
+    if not (run_dir / "config.yaml").is_file(): raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    resolve_checkpoint(run_dir)
+    return run_dir
+
+def run_folder(cfg, args) -> Path:
+    "A new run folder; on a multi-node job's other nodes, the folder node 0 uses (by `run.name`)."
+    from scaletrain.train import new_run_dir
+    if args.nnodes > 1 and not cfg.run.name:
+        raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
+    if args.node_rank == 0: return new_run_dir(cfg)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists(): save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
+    """Hold the run folder's lock while the job runs: `local_main()` in this process for one process, else torchrun
+    on `python -m <rank_argv>` (a subprocess, never fork)."""
+    from scaletrain.launch import RunLock, torchrun_args, run_foreground
+    try: lock = RunLock(run_dir, args.node_rank)  # refuses a folder that a live job is using
+    except user_errors() as e: fail(str(e))
+    with lock:
+        if args.nproc * args.nnodes == 1: return local_main()
+        cmd = torchrun_args(["-m", *rank_argv], nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id or cfg.run.name, max_restarts=args.max_restarts)
+        print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
+        return run_foreground(cmd)
+
 def prepare_run(args):
     "Validate, prepare data and the run folder in the parent process. Returns (cfg, run_dir, resume)."
     from scaletrain import parallel
     from scaletrain.data import parse_sources, prepare_data
-    from scaletrain.checkpoint import resolve_checkpoint
-    from scaletrain.train import new_run_dir
-    if args.nproc < 1: raise ConfigError(f"--nproc={args.nproc}: must be >= 1")
-    if args.nnodes < 1: raise ConfigError(f"--nnodes={args.nnodes}: must be >= 1")
-    if not 0 <= args.node_rank < args.nnodes: raise ConfigError(f"--node-rank={args.node_rank}: must be in [0, {args.nnodes})")
-    world = args.nproc * args.nnodes
+    world = check_launch_args(args)
     if args.resume:
-        run_dir = Path(args.resume)
-        if args.config: raise ConfigError("--config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead")
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-        resolve_checkpoint(run_dir)
+        run_dir = resume_folder(args.resume, args.config)
         cfg = load_config(run_dir / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
     parallel.check(cfg, world)
     parse_sources(cfg.data.source)
     if args.node_rank == 0: prepare_data(cfg.data)  # build the token cache once, before any rank starts
-    if args.resume: pass  # overrides reach the ranks, which save config.yaml only once the checkpoint has loaded
-    elif args.nnodes > 1 and args.node_rank > 0:
-        if not cfg.run.name: raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
-        run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").exists(): save_config(cfg, run_dir / "config.yaml")
-    else:
-        if args.nnodes > 1 and not cfg.run.name:
-            raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
-        run_dir = new_run_dir(cfg)
+    # a resumed run's overrides reach the ranks, which save config.yaml only once the checkpoint has loaded
+    if not args.resume: run_dir = run_folder(cfg, args)
     return cfg, run_dir, bool(args.resume)
 
 def train_main(argv) -> int:
     args = train_parser().parse_args(argv)
-    from scaletrain.launch import RunLock, torchrun_args, run_foreground
-    try:
-        cfg, run_dir, resume = prepare_run(args)
-        lock = RunLock(run_dir, args.node_rank)  # refuses a folder that a live job is using
+    try: cfg, run_dir, resume = prepare_run(args)
     except user_errors() as e: fail(str(e))
-    with lock:
-        rank_args = ["--run-dir", str(run_dir)] + (["--resume"] + list(args.overrides) if resume else [])
-        if args.nproc * args.nnodes == 1: return rank_main(rank_args)
-        cmd = torchrun_args(["-m", "scaletrain.cli", "_rank"] + rank_args,
-                            nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id or cfg.run.name, max_restarts=args.max_restarts)
-        print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
-        return run_foreground(cmd)
+    rank_args = ["--run-dir", str(run_dir)] + (["--resume"] + list(args.overrides) if resume else [])
+    return launch_ranks(args, cfg, run_dir, ["scaletrain.cli", "_rank"] + rank_args, lambda: rank_main(rank_args))
 
 def rank_main(argv) -> int:
     "What each rank runs: train the config of an already prepared run folder."

@@ -132,7 +132,7 @@ def load_for_inference(path, device="cpu") -> nn.Module:
     "A `GPTClassifier` in eval mode from a file of `export_model`, quantized layers rebuilt; `.labels` names the classes."
     from safetensors.torch import load_file
     from scaletrain.checkpoint import safetensors_config
-    from scaletrain.finetune import GPTClassifier
+    from scaletrain.finetune import GPTClassifier, for_inference
     from scaletrain.tasks import labels_of
     cfg, meta = safetensors_config(path, " (not written by scaletrain compress)")
     labels = labels_of(cfg)
@@ -145,8 +145,8 @@ def load_for_inference(path, device="cpu") -> nn.Module:
         sd, left = unflatten_tensor_state_dict(tensors, meta)
         model.load_state_dict({**left, **sd}, assign=True)
     else: model.load_state_dict(tensors)
-    model.snippet_tokens, model.quant = cfg.finetune.snippet_tokens, meta.get("scaletrain_quant", "")
-    return model.to(device).eval()
+    model.quant = meta.get("scaletrain_quant", "")
+    return for_inference(model, cfg).to(device).eval()
 
 # %% ../nbs/19_compress.ipynb #3fca2bbe
 @torch.inference_mode()

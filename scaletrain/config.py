@@ -6,6 +6,7 @@
 from __future__ import annotations
 import difflib, hashlib, json, os, tempfile, typing
 from dataclasses import dataclass, field, fields, asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Union
 import yaml
@@ -13,7 +14,8 @@ import yaml
 # %% auto #0
 __all__ = ['SECTIONS', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ParallelConfig', 'MemoryConfig', 'RunConfig',
            'FinetuneConfig', 'Config', 'ConfigError', 'all_keys', 'set_value', 'apply_overrides', 'from_dict',
-           'load_config', 'to_dict', 'to_yaml', 'atomic_write_text', 'save_config', 'config_hash', 'validate']
+           'load_config', 'to_dict', 'to_yaml', 'atomic_write_text', 'save_config', 'fresh_folder', 'config_hash',
+           'validate']
 
 # %% ../nbs/00_config.ipynb #fbeafd6d
 def _f(default, help="", choices=None, low=None, high=None):
@@ -246,6 +248,20 @@ def atomic_write_text(path, text: str) -> None:
         raise
 
 def save_config(cfg: Config, path) -> None: atomic_write_text(path, to_yaml(cfg))
+
+def fresh_folder(out_dir, name: str = "", tag: str = "", exist_ok: bool = False) -> Path:
+    """Create and return `out_dir/name` (`FileExistsError` if taken, unless `exist_ok`), or, without a name, a new
+    folder named by the time (plus `-tag`); `mkdir` is the lock, so two launches never share a folder."""
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    if name:
+        d = out / name; d.mkdir(exist_ok=exist_ok)
+        return d
+    base = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
+    for i in range(1000):
+        d = out / (base if i == 0 else f"{base}-{i}")
+        try: d.mkdir(); return d
+        except FileExistsError: continue
+    raise ConfigError(f"run.out_dir={out_dir}: cannot create a fresh run folder (1000 names taken)")
 
 def config_hash(cfg: Config) -> str:
     "Hash of everything that changes the numbers (not the run's name or folder)."

@@ -4,11 +4,12 @@
 
 # %% ../nbs/17_finetune.ipynb #dabd4da1
 from __future__ import annotations
-import argparse, json, os, shutil, sys, warnings
+import argparse, json, os, sys
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, atomic_write_text
+from .metrics import read_metrics
 from .models import GPT
 from .train import Trainer, Callback
 from . import checkpoint as ckpt
@@ -18,8 +19,8 @@ from .plots import save_figure
 # %% auto #0
 __all__ = ['ARCH_KEYS', 'GPTClassifier', 'resolve_config', 'metric_of', 'load_pretrained', 'freeze', 'finetune_param_groups',
            'build_model', 'EarlyStopping', 'best_checkpoint', 'save_best', 'BestCheckpoint', 'plot_confusion',
-           'make_task', 'prepare', 'finetune', 'load_classifier', 'classify', 'finetune_parser', 'finetune_main',
-           'rank_main']
+           'make_task', 'prepare', 'finetune', 'load_classifier', 'for_inference', 'classify', 'finetune_parser',
+           'finetune_main', 'rank_main']
 
 # %% ../nbs/17_finetune.ipynb #18f2e47b
 class GPTClassifier(GPT):
@@ -85,19 +86,9 @@ def metric_of(cfg: Config) -> tuple:
 
 # %% ../nbs/17_finetune.ipynb #cc7909fd
 def load_pretrained(path, model: nn.Module) -> dict:
-    "Copy the body (everything but the output head) of checkpoint `path` into `model`; returns the trainer state."
-    ck = ckpt.resolve_checkpoint(path)
-    c = ckpt.checkpoint_config(ck)
-    src_labels = labels_of(c)
-    src = GPTClassifier(c.model, len(src_labels), c.finetune.pooling) if src_labels else GPT(c.model)
-    st = ckpt.load_model_weights(ck, src)
-    if isinstance(model, GPTClassifier):
-        body = {k: v for k, v in src.state_dict().items() if not k.startswith("lm_head.")}
-        try: missing, unexpected = model.load_state_dict(body, strict=False)
-        except RuntimeError as e: raise ckpt.CheckpointError(f"checkpoint {path}: does not match this model ({str(e).splitlines()[-1].strip()})") from None
-        assert not unexpected and set(missing) <= {"lm_head.weight", "lm_head.bias"}, (missing, unexpected)
-    else: model.load_state_dict(src.state_dict())
-    return st
+    """Load checkpoint `path` into `model`, all but the output head when `model` is a classifier (its head is new);
+    returns the trainer state. The checkpoint is read straight into `model`: no second model is built."""
+    return ckpt.load_model_weights(path, model, exclude=("lm_head.",) if isinstance(model, GPTClassifier) else ())
 
 def freeze(model: nn.Module, k: int) -> list:
     "Freeze the embeddings and blocks `0..k-1` (nothing when `k == 0`); returns the frozen parameter names."
@@ -134,63 +125,58 @@ def build_model(cfg: Config) -> nn.Module:
 def _better(v, best, higher: bool) -> bool:
     return best is None or (v > best if higher else v < best)
 
+def _past_evals(trainer, metric: str) -> list:
+    "[(step, value)] of `metric` in the evaluations before a resume (`metrics.jsonl` was cut back to the checkpoint)."
+    if trainer.step == 0: return []
+    recs = read_metrics(Path(trainer.run_dir) / "metrics.jsonl")
+    return [(r["step"], r[metric]) for r in recs if r.get(metric) is not None and "loss" not in r and r["step"] <= trainer.step]
+
 class EarlyStopping(Callback):
     "Ask the trainer to stop after `patience` evaluations without improvement of `metric`."
     order = 40
     def __init__(self, metric: str = "accuracy", patience: int = 3, higher_is_better: bool = True):
         self.metric, self.patience, self.higher = metric, patience, higher_is_better
         self.best, self.bad, self.stopped_at = None, 0, None
+    def before_fit(self):  # a resumed run replays its past evaluations, so the count goes on where it was
+        for _, v in _past_evals(self.trainer, self.metric): self.see(v)
     def after_eval(self):
-        v = self.trainer.last_eval[self.metric]
+        if self.see(self.trainer.last_eval[self.metric]):
+            self.trainer.stop_requested = True
+            self.trainer.print(f"early stopping: no better {self.metric} than {self.best:.4f} for {self.bad} evaluations")
+    def see(self, v) -> bool:
+        "Count one evaluation; True when it is the one that runs out of patience."
         if _better(v, self.best, self.higher): self.best, self.bad = v, 0
         else:
             self.bad += 1
             if self.patience and self.bad >= self.patience and self.stopped_at is None:
                 self.stopped_at = self.trainer.step
-                self.trainer.stop_requested = True
-                self.trainer.print(f"early stopping: no better {self.metric} than {self.best:.4f} for {self.bad} evaluations")
+                return True
+        return False
 
 def best_checkpoint(run_dir) -> Path | None:
     "The run's best checkpoint (via `checkpoints/best`), or None."
-    p = Path(run_dir) / "checkpoints" / "best"
-    if not p.is_file(): return None
-    c = p.parent / p.read_text().strip()
-    return c if ckpt.is_complete(c) else None
+    return ckpt.pointed_checkpoint(run_dir, "best")
 
 def save_best(trainer, metric: str, value: float) -> Path:
     "Collective: write the model weights as `checkpoints/best_<step>` and point `checkpoints/best` at it."
-    import torch.distributed.checkpoint as dcp
-    ck = Path(trainer.run_dir) / "checkpoints"
-    name = f"best_{trainer.step:08d}"
-    final, tmp = ck / name, ck / f".{name}.tmp"
-    main = ckpt._rank() == 0
-    if main:
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    ckpt._barrier()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save({"model": trainer.engine.state_dict()["model"]}, checkpoint_id=str(tmp))
-    if main:
-        ckpt._torch_save_atomic(dict(step=trainer.step, config=to_dict(trainer.cfg), world_size=trainer.info.world_size,
-                                     strategy=trainer.cfg.parallel.strategy, best_metric=metric, best_value=value,
-                                     eval={k: v for k, v in trainer.last_eval.items() if isinstance(v, (int, float))}),
-                                tmp / "trainer_state.pt")
-    ckpt._barrier()
-    if main:
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(ck / "best", name)
-        for old in ck.glob("best_*"):
-            if old.is_dir() and old.name != name: shutil.rmtree(old, ignore_errors=True)
-    ckpt._barrier()
-    return final
+    st = dict(step=trainer.step, config=to_dict(trainer.cfg), world_size=trainer.info.world_size,
+              strategy=trainer.cfg.parallel.strategy, best_metric=metric, best_value=value,
+              eval={k: v for k, v in trainer.last_eval.items() if isinstance(v, (int, float))})
+    return ckpt.write_checkpoint(trainer.run_dir, f"best_{trainer.step:08d}", {"model": trainer.engine.state_dict()["model"]},
+                                 st, pointer="best", keep=1, rng=False)
 
 class BestCheckpoint(Callback):
     "Keep the weights of the best evaluation so far as `checkpoints/best_<step>`."
     order = 45
     def __init__(self, metric: str = "accuracy", higher_is_better: bool = True):
         self.metric, self.higher, self.best, self.best_step, self.path = metric, higher_is_better, None, None, None
+    def before_fit(self):  # a resumed run knows its best so far, and where its weights are
+        for step, v in _past_evals(self.trainer, self.metric):
+            if _better(v, self.best, self.higher): self.best, self.best_step = v, step
+        if self.best is None: return
+        self.path = best_checkpoint(self.trainer.run_dir)
+        st = ckpt.read_trainer_state(self.path) if self.path else {}
+        if st.get("step") == self.best_step: self.best = st["best_value"]  # exact; the log keeps 6 decimals
     def after_eval(self):
         t = self.trainer
         v = t.last_eval[self.metric]
@@ -229,8 +215,9 @@ def prepare(cfg: Config, explicit=None):
     resolve_config(cfg, explicit)
     return cfg, make_task(cfg)
 
-def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None) -> dict:
-    "Fine-tune as `cfg.finetune` says; returns the summary (also in `summary.json`)."
+def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None, resume: bool = False) -> dict:
+    """Fine-tune as `cfg.finetune` says; returns the summary (also in `summary.json`). `resume=True` continues
+    `run_dir` from its latest checkpoint, with the best checkpoint and early stopping's count as they were."""
     from scaletrain import parallel
     if task is None: cfg, task = prepare(cfg, explicit)
     metric, higher = metric_of(cfg)
@@ -238,7 +225,8 @@ def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None) 
     groups = lambda m: finetune_param_groups(m, cfg.train.weight_decay, f.body_lr_scale)
     engine_fn = lambda m, c, d, i, mesh, **kw: parallel.build_engine(m, c, d, i, mesh, param_groups_fn=groups, **kw)
     best, stopper = BestCheckpoint(metric, higher), EarlyStopping(metric, f.patience, higher)
-    tr = Trainer(cfg, run_dir=run_dir, callbacks=[best, stopper, *callbacks], build_engine=engine_fn, task=task)
+    tr = Trainer(cfg, run_dir=run_dir, callbacks=[best, stopper, *callbacks], build_engine=engine_fn, task=task, resume=resume)
+    tr.resume_command = "scaletrain finetune --resume"
     n_train = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
     s = tr.fit()
     s.update(init=f.init, task=f.task, metric=metric, best_step=best.best_step, best_value=best.best,
@@ -274,13 +262,20 @@ def load_classifier(path, device="cpu") -> tuple:
     if not labels: raise ckpt.CheckpointError(f"checkpoint {path}: not a fine-tuned classifier (its config has no finetune.labels)")
     model = GPTClassifier(cfg.model, len(labels), cfg.finetune.pooling, labels)
     ckpt.load_model_weights(ck, model)
-    return model.to(device).eval(), cfg
+    return for_inference(model, cfg).to(device).eval(), cfg
+
+def for_inference(model: GPTClassifier, cfg: Config) -> GPTClassifier:
+    "Remember how `model` was fine-tuned (snippet length, tokenizer), so `classify` reads text as training did."
+    model.snippet_tokens, model.train_config = cfg.finetune.snippet_tokens, cfg
+    return model
 
 @torch.no_grad()
 def classify(model: GPTClassifier, texts, tokenizer=None, snippet_tokens: int | None = None) -> list:
-    "Label names for raw `texts`: each text is cut into snippets and their class logits averaged."
+    """Label names for raw `texts`: each text is cut into snippets and their class logits averaged. The tokenizer
+    and snippet length default to the fine-tuning run's (a model from `load_classifier` or `load_for_inference`)."""
     from scaletrain.data import ByteTokenizer
-    tok = tokenizer or ByteTokenizer()
+    c = getattr(model, "train_config", None)
+    tok = tokenizer or (task_tokenizer(c) if c is not None else ByteTokenizer())
     T = snippet_tokens or getattr(model, "snippet_tokens", None) or model.config.block_size
     dev = next(model.parameters()).device
     out = []
@@ -301,32 +296,35 @@ def _keys_of(config_path, overrides) -> set:
     return keys
 
 def finetune_parser() -> argparse.ArgumentParser:
+    from scaletrain.cli import add_launch_args
     p = argparse.ArgumentParser(prog="scaletrain finetune", description="Fine-tune a pretrained scaletrain checkpoint for a task "
                                 "(default: which stdlib package a code snippet comes from).")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. finetune.init=runs/x train.steps=300")
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
+    p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run folder RUN from its latest checkpoint")
+    add_launch_args(p)
     return p
 
 def finetune_main(argv) -> int:
-    from scaletrain.cli import fail, user_errors
-    from scaletrain.train import new_run_dir
+    "`scaletrain finetune`: check everything here, then fine-tune in this process or launch torchrun (as `train` does)."
+    from scaletrain.cli import check_launch_args, fail, launch_ranks, resume_folder, run_folder, user_errors
     from scaletrain import parallel
     args = finetune_parser().parse_args(argv)
     try:
-        if args.nproc < 1: raise ConfigError(f"--nproc={args.nproc}: must be >= 1")
-        cfg = load_config(args.config, args.overrides)
-        cfg, task = prepare(cfg, _keys_of(args.config, args.overrides))
-        parallel.check(cfg, args.nproc)
-        run_dir = new_run_dir(cfg)
+        world = check_launch_args(args)
+        if args.resume:
+            run_dir = resume_folder(args.resume, args.config)
+            cfg, task = prepare(load_config(run_dir / "config.yaml", args.overrides), _keys_of(None, args.overrides))
+        else: cfg, task = prepare(load_config(args.config, args.overrides), _keys_of(args.config, args.overrides))
+        parallel.check(cfg, world)
+        if not args.resume: run_dir = run_folder(cfg, args)
     except user_errors() as e: fail(str(e))
-    if args.nproc == 1:
-        try: s = finetune(cfg, run_dir=run_dir, task=task)
+    def local():
+        try: s = finetune(cfg, run_dir=run_dir, task=task, resume=bool(args.resume))
         except user_errors() as e: fail(str(e))
         return _report(s)
-    from scaletrain.launch import torchrun_args, run_foreground
-    print(f"scaletrain: launching {args.nproc} processes into {run_dir}", flush=True)
-    return run_foreground(torchrun_args(["-m", "scaletrain.finetune", "--run-dir", str(run_dir)], nproc=args.nproc))
+    rank_argv = ["--run-dir", str(run_dir)] + (["--resume", *args.overrides] if args.resume else [])
+    return launch_ranks(args, cfg, run_dir, ["scaletrain.finetune", *rank_argv], local)
 
 def _report(s: dict) -> int:
     if s["status"] == "anomaly": return 1
@@ -342,10 +340,12 @@ def rank_main(argv) -> int:
     "What each torchrun rank runs: fine-tune the config of a prepared run folder."
     from scaletrain.cli import fail, user_errors
     from scaletrain.dist import teardown
-    p = argparse.ArgumentParser(prog="python -m scaletrain.finetune"); p.add_argument("--run-dir", required=True)
+    p = argparse.ArgumentParser(prog="python -m scaletrain.finetune")
+    p.add_argument("--run-dir", required=True); p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", help="with --resume: config changes, saved once the checkpoint has loaded")
     a = p.parse_args(argv)
     try:
-        try: s = finetune(load_config(Path(a.run_dir) / "config.yaml"), run_dir=a.run_dir)
+        try: s = finetune(load_config(Path(a.run_dir) / "config.yaml", a.overrides), run_dir=a.run_dir, resume=a.resume)
         except user_errors() as e: fail(str(e))
     finally: teardown()
     return _report(s)

@@ -9,12 +9,12 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from .config import ConfigError, atomic_write_text
+from .config import ConfigError, atomic_write_text, fresh_folder
 
 # %% auto #0
 __all__ = ['LaunchError', 'free_port', 'port_is_free', 'split_endpoint', 'torchrun_args', 'child_env', 'run_foreground',
            'pid_alive', 'RunLock', 'RankContext', 'worker_main', 'config_overrides', 'Target', 'prepare_target', 'Run',
-           'launch', 'resume', 'MultiNode', 'multinode', 'launch_parser', 'launch_main']
+           'launch_spec', 'launch', 'resume', 'MultiNode', 'multinode', 'launch_parser', 'launch_main']
 
 # %% ../nbs/14_launch.ipynb #95318447
 class LaunchError(ConfigError):
@@ -111,13 +111,18 @@ class RunLock:
         try: return json.loads(self.path.read_text())
         except (OSError, ValueError): return None
 
+    @staticmethod
+    def is_live(h: dict | None) -> bool:
+        "A holder on another host counts as live: we cannot look at its processes."
+        return h is not None and (h.get("host") != socket.gethostname() or pid_alive(h["pid"], h.get("start")))
+
     def _acquire(self, pid: int):
         for _ in range(5):
             try: fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 h = self.holder()
                 if h is None: time.sleep(0.05); h = self.holder()  # being written right now
-                if h is not None and (h.get("host") != socket.gethostname() or pid_alive(h["pid"], h.get("start"))):
+                if self.is_live(h):
                     raise LaunchError(f"run folder {self.run_dir} is in use by a running job (pid {h['pid']} on {h.get('host')}, "
                                       f"since {h.get('time')}); stop it first, or launch into another folder") from None
                 try: self.path.unlink()  # stale: its process is gone
@@ -240,19 +245,9 @@ def _ship_function(fn, args) -> bytes:
                           "create such objects inside the function instead of capturing them") from None
 
 def _new_folder(out_dir, name: str, exist_ok: bool = False) -> Path:
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    if name:
-        d = out / name
-        try: d.mkdir(exist_ok=exist_ok)
-        except FileExistsError:
-            raise LaunchError(f"name={name}: {d} already exists; choose another name or resume it") from None
-        return d
-    base = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for i in range(1000):
-        d = out / (base if i == 0 else f"{base}-{i}")
-        try: d.mkdir(); return d
-        except FileExistsError: continue
-    raise LaunchError(f"out_dir={out_dir}: cannot create a fresh run folder")
+    try: return fresh_folder(out_dir, name, exist_ok=exist_ok)
+    except FileExistsError:
+        raise LaunchError(f"name={name}: {Path(out_dir) / name} already exists; choose another name or resume it") from None
 
 @dataclass
 class Target:
@@ -414,22 +409,23 @@ class Run:
                     self._fire("output", r, line)
 
     def _pump_metrics(self):
+        "Read what `metrics.jsonl` gained since the last call (the watcher's loop, and `records`: hence the mutex)."
         p = self.run_dir / "metrics.jsonl"
-        try: st = p.stat()
-        except OSError: return
-        if st.st_ino != self._mino or st.st_size < self._mpos:  # rewritten (a resume truncates it): read again
-            self._mino, self._mpos, self._records = st.st_ino, 0, []
-        if st.st_size == self._mpos and self._records: return
-        with open(p, "rb") as f: f.seek(self._mpos); data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end == 0: return
-        new = []
-        for line in data[:end].decode(errors="replace").splitlines():
-            try: new.append(json.loads(line))
-            except ValueError: pass
-        self._mpos += end
-        if new:
-            with self._mutex:
+        with self._mutex:
+            try: st = p.stat()
+            except OSError: return
+            if st.st_ino != self._mino or st.st_size < self._mpos:  # rewritten (a resume truncates it): read again
+                self._mino, self._mpos, self._records = st.st_ino, 0, []
+            if st.st_size == self._mpos and self._records: return
+            with open(p, "rb") as f: f.seek(self._mpos); data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end == 0: return
+            new = []
+            for line in data[:end].decode(errors="replace").splitlines():
+                try: new.append(json.loads(line))
+                except ValueError: pass
+            self._mpos += end
+            if new:
                 self._records.extend(new)
                 self._fire("metrics", list(self._records))
 
@@ -526,9 +522,10 @@ class Run:
 
     @property
     def records(self) -> list[dict]:
-        "All records of `metrics.jsonl` so far (steps and evaluations)."
-        from scaletrain.metrics import read_metrics
-        return read_metrics(self.run_dir / "metrics.jsonl")
+        "All records of `metrics.jsonl` so far (steps and evaluations); only the file's new lines are read."
+        with self._mutex:
+            self._pump_metrics()
+            return list(self._records)
 
     @property
     def metrics(self):
@@ -587,6 +584,13 @@ def _loopback_ifname() -> str | None:
     try: return next((n for _, n in socket.if_nameindex() if n in ("lo", "lo0")), None)
     except OSError: return None
 
+def launch_spec(nproc: int = 1, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "", rdzv_id: str = "",
+                max_restarts: int = 0, master_port: int | None = None, master_addr: str = "127.0.0.1", ranks="0") -> dict:
+    "How a run is laid out and shown: kept in `launch.json`, so `resume` starts it the same way."
+    return dict(nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
+                max_restarts=max_restarts, master_port=master_port, master_addr=master_addr,
+                ranks=ranks if isinstance(ranks, (str, int)) or ranks is None else sorted(ranks))
+
 def _start(target: Target, spec: dict, ranks, echo, env, resume: bool = False, overrides=()) -> Run:
     env = dict(env or {})
     lo = _loopback_ifname()
@@ -606,9 +610,7 @@ def launch(target=None, *args, nproc: int = 1, nnodes: int = 1, node_rank: int =
     or a function (called as `fn(ctx, *args)` on every rank). `ranks`: whose output to show ('0', 'all', 'none' or a list)."""
     _check_layout(nproc, nnodes, node_rank, master_port, master_addr, rdzv_endpoint, max_restarts)
     target_ = prepare_target(target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=node_rank)
-    spec = dict(nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
-                rdzv_id=rdzv_id or target_.run_dir.name, master_port=master_port, master_addr=master_addr,
-                ranks=ranks if isinstance(ranks, (str, int)) or ranks is None else sorted(ranks))
+    spec = launch_spec(nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id or target_.run_dir.name, max_restarts, master_port, master_addr, ranks)
     return _start(target_, spec, ranks, echo, env)
 
 def resume(run_dir, overrides=(), nproc: int | None = None, master_port: int | None = None, ranks=None,
@@ -617,7 +619,7 @@ def resume(run_dir, overrides=(), nproc: int | None = None, master_port: int | N
     run_dir = Path(run_dir).resolve()
     target = _load_target(run_dir)
     rec = _read_json(run_dir / "launch.json") or {}
-    spec = dict(nproc=1, nnodes=1, node_rank=0, rdzv_endpoint="", rdzv_id=run_dir.name, max_restarts=0, master_addr="127.0.0.1", ranks="0")
+    spec = launch_spec(rdzv_id=run_dir.name)
     spec.update(rec.get("spec", {})); spec.update(spec_changes)
     if nproc is not None: spec["nproc"] = nproc
     spec["master_port"] = master_port
@@ -693,8 +695,7 @@ class MultiNode:
 
     def start(self, node_rank: int, ranks="0", echo: bool = True, env: dict | None = None) -> Run:
         "Run node `node_rank`'s command on this machine and return its `Run`."
-        spec = dict(nproc=self.nproc, nnodes=self.nnodes, node_rank=node_rank, rdzv_endpoint=self.rdzv_endpoint,
-                    rdzv_id=self.rdzv_id, max_restarts=0, master_port=None, master_addr="127.0.0.1", ranks=ranks)
+        spec = launch_spec(self.nproc, self.nnodes, node_rank, self.rdzv_endpoint, self.rdzv_id, ranks=ranks)
         return Run(self.target, self.command(node_rank), spec, child_env(env), ranks=ranks, echo=echo, node_rank=node_rank)
 
 def multinode(target=None, *args, nnodes: int = 2, nproc: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "",
@@ -707,8 +708,7 @@ def multinode(target=None, *args, nnodes: int = 2, nproc: int = 1, rdzv_endpoint
     t = prepare_target(target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=0)
     mn = MultiNode(t, nnodes, nproc, rdzv_endpoint, rdzv_id or t.run_dir.name, python or sys.executable)
     atomic_write_text(t.run_dir / "launch.json", json.dumps(dict(kind=t.kind, label=t.label, args=t.args, launches=[],
-        spec=dict(nproc=nproc, nnodes=nnodes, node_rank=0, rdzv_endpoint=rdzv_endpoint, rdzv_id=mn.rdzv_id, max_restarts=0,
-                  master_addr="127.0.0.1", ranks="0")), indent=1))
+        spec=launch_spec(nproc, nnodes, 0, rdzv_endpoint, mn.rdzv_id)), indent=1))
     return mn
 
 # %% ../nbs/14_launch.ipynb #e91257c3

@@ -5,7 +5,7 @@
 # %% ../nbs/18_sweep.ipynb #c55a6eac
 from __future__ import annotations
 import argparse, csv, io, itertools, json, math, os, shutil, subprocess, sys, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 import numpy as np
@@ -15,8 +15,8 @@ from .metrics import read_metrics
 from .plots import save_figure
 
 # %% auto #0
-__all__ = ['parse_vary', 'expand', 'Run', 'run_all', 'run_metric', 'plot_finetune_runs', 'format_table', 'collect', 'SweepResult',
-           'sweep', 'sweep_parser', 'sweep_main']
+__all__ = ['parse_vary', 'expand', 'Run', 'run_all', 'eval_points', 'plot_finetune_runs', 'format_table', 'collect',
+           'SweepResult', 'sweep', 'sweep_parser', 'sweep_main']
 
 # %% ../nbs/18_sweep.ipynb #77175a09
 def parse_vary(spec: str) -> tuple:
@@ -67,6 +67,7 @@ class Run:
     proc: object = None
     t0: float = 0.0
     seconds: float = 0.0
+    records: list = field(default_factory=list)  # its metrics.jsonl, read once when it ends
 
 def _child_env(parallel: int) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -91,6 +92,7 @@ def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
             time.sleep(0.2)
             for r in [a for a in active if a.proc.poll() is not None]:
                 r.rc, r.seconds = r.proc.returncode, time.time() - r.t0
+                r.records = read_metrics(r.run_dir / "metrics.jsonl")
                 active.remove(r); bar.update(1)
                 if on_done: on_done(r, bar)
     except BaseException:
@@ -105,33 +107,34 @@ def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
     return runs
 
 # %% ../nbs/18_sweep.ipynb #08b4ba41
-def run_metric(run_dir, metric: str) -> list:
+def eval_points(recs: list, metric: str) -> list:
     "[(step, value)] of `metric` from a run's eval records."
-    return [(r["step"], r[metric]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get(metric) is not None and "loss" not in r]
+    return [(r["step"], r[metric]) for r in recs if r.get(metric) is not None and "loss" not in r]
 
-def plot_finetune_runs(run_dirs: dict, metric: str = "accuracy", out=None, ranking: dict | None = None):
-    "Training loss and validation `metric` of `{label: run folder}` in one figure (plus a ranking bar chart when given)."
+def plot_finetune_runs(runs: dict, metric: str = "accuracy", out=None, ranking: dict | None = None):
+    """Training loss and validation `metric` of `{label: run folder or its records}` in one figure (plus a ranking
+    bar chart when given)."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3 if ranking else 2, figsize=(15 if ranking else 10, 3.8))
-    for i, (label, d) in enumerate(run_dirs.items()):
-        recs = read_metrics(Path(d) / "metrics.jsonl")
+    for i, (label, d) in enumerate(runs.items()):
+        recs = d if isinstance(d, list) else read_metrics(Path(d) / "metrics.jsonl")
         tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
         if tr:
             x, y = zip(*tr); k = max(1, len(y) // 50)
             ys = np.convolve(y, np.ones(k) / k, mode="valid")  # a moving average, so curves stay readable
             axes[0].plot(x[k - 1:], ys, color=f"C{i % 10}", lw=1, label=label)
-        ev = run_metric(d, metric)
+        ev = eval_points(recs, metric)
         if ev: axes[1].plot(*zip(*ev), "o-", color=f"C{i % 10}", ms=3, lw=1, label=label)
     axes[0].set(xlabel="step", ylabel="training loss", title="training loss (moving average)")
     axes[1].set(xlabel="step", ylabel=metric, title=f"validation {metric}")
     if ranking:
         names = list(ranking); vals = [ranking[k] for k in names]
-        axes[2].barh(range(len(names)), vals, color=[f"C{list(run_dirs).index(n) % 10}" if n in run_dirs else "grey" for n in names])
+        axes[2].barh(range(len(names)), vals, color=[f"C{list(runs).index(n) % 10}" if n in runs else "grey" for n in names])
         axes[2].set_yticks(range(len(names)), names, fontsize=7); axes[2].invert_yaxis()
         axes[2].set(xlabel=f"best {metric}", title="runs, best first")
     for a in axes[:2]:
         a.grid(alpha=0.3)
-        if len(run_dirs) <= 12: a.legend(fontsize=7)
+        if len(runs) <= 12: a.legend(fontsize=7)
     fig.tight_layout()
     if out is not None: save_figure(fig, out)
     return fig
@@ -149,7 +152,7 @@ def collect(runs: list, metric: str, higher: bool) -> list:
     for r in runs:
         s = {}
         if (r.run_dir / "summary.json").is_file(): s = json.loads((r.run_dir / "summary.json").read_text())
-        ev = run_metric(r.run_dir, metric)
+        ev = eval_points(r.records, metric)
         best = (max if higher else min)(ev, key=lambda t: t[1]) if ev else (None, None)
         rows.append(dict(run=r.name, **r.values, status=s.get("status", "failed" if r.rc else "no summary"), rc=r.rc,
                          **{f"best_{metric}": best[1], "best_step": best[0]},
@@ -210,7 +213,7 @@ def sweep(space: dict, fixed=(), command: str = "finetune", mode: str = "grid", 
                *[f"{k}={v}" for k, v in c.items()], f"run.out_dir={out / 'runs'}", f"run.name={name}"]
         runs.append(Run(name, c, cmd, out / "runs" / name, out / "logs" / f"{name}.log"))
     def done(r, bar):
-        ev = run_metric(r.run_dir, metric)
+        ev = eval_points(r.records, metric)
         b = (max if higher else min)(v for _, v in ev) if ev else None
         bar.write(f"{r.name} {'finished' if r.rc == 0 else f'FAILED (exit {r.rc}, see {r.log})'} in {time.time() - r.t0:.0f}s: "
                   + " ".join(f"{k}={v}" for k, v in r.values.items()) + (f" -> best {metric} {b:.4f}" if b is not None else ""))
@@ -223,7 +226,7 @@ def sweep(space: dict, fixed=(), command: str = "finetune", mode: str = "grid", 
                                                             best=res.best and res.best["run"]), indent=1))
     ranking = {r["run"]: r[f"best_{metric}"] for r in rows if r[f"best_{metric}"] is not None}
     import matplotlib.pyplot as plt
-    plt.close(plot_finetune_runs({r.name: r.run_dir for r in runs}, metric, out / "sweep.png", ranking))
+    plt.close(plot_finetune_runs({r.name: r.records for r in runs}, metric, out / "sweep.png", ranking))
     if res.best is not None: shutil.copyfile(out / "runs" / res.best["run"] / "config.yaml", out / "best.yaml")
     return res
 

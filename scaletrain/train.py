@@ -5,13 +5,12 @@
 # %% ../nbs/08_train.ipynb #c0ae22cf
 from __future__ import annotations
 import gc, json, math, platform, signal, subprocess, sys, threading, time
-from datetime import datetime
 from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 import scaletrain
-from .config import Config, ConfigError, config_hash, save_config, to_dict, atomic_write_text
+from .config import Config, ConfigError, config_hash, fresh_folder, save_config, to_dict, atomic_write_text
 from .data import prepare_data, BatchSampler
 from .models import GPT, num_params, flops_per_token
 from .metrics import MetricsWriter, device_peak, peak_memory_gb, truncate_metrics
@@ -26,19 +25,11 @@ __all__ = ['EVENTS', 'new_run_dir', 'git_commit', 'TrainingAnomaly', 'Callback',
 # %% ../nbs/08_train.ipynb #abd7632c
 def new_run_dir(cfg: Config) -> Path:
     "Create (atomically) and return a fresh run folder; writes `config.yaml`."
-    out = Path(cfg.run.out_dir); out.mkdir(parents=True, exist_ok=True)
-    if cfg.run.name:
-        d = out / cfg.run.name
-        try: d.mkdir()
-        except FileExistsError:
-            raise ConfigError(f"run.name={cfg.run.name}: {d} already exists; choose another run.name or continue it with --resume {d}") from None
-    else:
-        base = datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + config_hash(cfg)[:6]
-        for i in range(1000):
-            d = out / (base if i == 0 else f"{base}-{i}")
-            try: d.mkdir(); break
-            except FileExistsError: continue
-        cfg.run.name = d.name
+    try: d = fresh_folder(cfg.run.out_dir, cfg.run.name, tag=config_hash(cfg)[:6])
+    except FileExistsError:
+        raise ConfigError(f"run.name={cfg.run.name}: {Path(cfg.run.out_dir) / cfg.run.name} already exists; "
+                          f"choose another run.name or continue it with --resume {Path(cfg.run.out_dir) / cfg.run.name}") from None
+    cfg.run.name = d.name
     save_config(cfg, d / "config.yaml")
     return d
 
@@ -170,6 +161,8 @@ class Trainer:
         self.global_batch = self.micro_batch * self.grad_accum * self.engine.dp_size
         self.task.setup(self.global_batch, cfg.train.eval_batch)
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
+        self.eval_owed = False
+        self.resume_command = "scaletrain train --resume"  # what the user types to continue (fine-tuning says its own)
         self.history, self.val_history, self.last, self.last_val, self.last_eval, self.anomaly = [], [], None, None, None, None
         self._pending, self._t_read, self._gc_frozen = [], time.perf_counter(), False
         self.last_checkpoint, self.summary, self.status = None, None, "running"
@@ -199,6 +192,7 @@ class Trainer:
     def _resume(self):
         st = ckpt.load_checkpoint(ckpt.resolve_checkpoint(self.run_dir), self.engine)
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
+        self.eval_owed = not st.get("evaluated", True)  # a stop can come before its step's evaluation: do it first
         # keep a micro-batch found by `auto`, or lowered after running out of memory, when the global batch is the same
         if st.get("micro_batch") and st.get("global_batch") == self.global_batch and (
                 self.cfg.train.micro_batch == "auto" or st["micro_batch"] < self.micro_batch):
@@ -236,7 +230,8 @@ class Trainer:
                      config=to_dict(self.cfg), config_hash=config_hash(self.cfg), world_size=self.info.world_size,
                      strategy=self.cfg.parallel.strategy, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
                      global_batch=self.global_batch, schedule=dict(kind="warmup+cosine", lr=self.cfg.train.lr,
-                     warmup_steps=self.cfg.train.warmup_steps, min_lr_ratio=self.cfg.train.min_lr_ratio))
+                     warmup_steps=self.cfg.train.warmup_steps, min_lr_ratio=self.cfg.train.min_lr_ratio),
+                     evaluated=bool(self.val_history) and self.val_history[-1][0] == self.step)
         self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.engine, state, self.cfg.train.keep_checkpoints)
         self.fire("after_save")
 
@@ -335,14 +330,15 @@ class Trainer:
     def _fit(self) -> dict:
         t = self.cfg.train
         try:
-            if self.step == 0: self.evaluate()
+            due = lambda: (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps
+            if self.step == 0 or (self.eval_owed and due()): self.evaluate()
             while self.step < t.steps:
                 self.train_one_step()
                 if not self._pending and self._agree_stop():
                     self.save(); self.status = "stopped"
                     self.print(f"stopped at step {self.step}; checkpoint {self.last_checkpoint}")
                     break
-                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps: self.evaluate()
+                if due(): self.evaluate()
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps: self.save()
             else: self.status = "finished"
             self.read_steps()
@@ -350,7 +346,7 @@ class Trainer:
             self.status = "anomaly"
             last = ckpt.latest_checkpoint(self.run_dir)
             self.print(f"error: {e}; stopped. Last good checkpoint: {last or 'none'}"
-                       + (f" (continue with: scaletrain train --resume {self.run_dir})" if last else ""), file=sys.stderr)
+                       + (f" (continue with: {self.resume_command} {self.run_dir})" if last else ""), file=sys.stderr)
             self.fire("on_anomaly")
         self.summary = self._summary()
         sb = [self.engine.state_bytes()]

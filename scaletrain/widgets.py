@@ -9,7 +9,7 @@ from collections import deque
 from pathlib import Path
 import ipywidgets as W
 from .config import ConfigError, load_config
-from .launch import launch, multinode, pid_alive
+from .launch import RunLock, launch, multinode
 
 # %% auto #0
 __all__ = ['MODEL_SIZES', 'predict_memory', 'device_capacity', 'run_status', 'list_runs', 'runs_table_html', 'curves_png',
@@ -58,12 +58,9 @@ def _count(n) -> str: return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f}
 
 # %% ../nbs/15_widgets.ipynb #948bee88
 def run_status(d: Path) -> str:
-    lock = d / "launch.lock"
-    if lock.exists():
-        try:
-            h = json.loads(lock.read_text())
-            if pid_alive(h["pid"], h.get("start")): return "running"
-        except (OSError, ValueError, KeyError): pass
+    try: h = json.loads((d / "launch.lock").read_text())
+    except (OSError, ValueError): h = None
+    if isinstance(h, dict) and "pid" in h and RunLock.is_live(h): return "running"
     try: return json.loads((d / "summary.json").read_text())["status"]
     except (OSError, ValueError, KeyError): pass
     try: launches = json.loads((d / "launch.json").read_text())["launches"]

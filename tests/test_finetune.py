@@ -134,3 +134,34 @@ def test_continued_pretraining_on_one_package_family(tmp_path, pretrained, cache
     from scaletrain.config import ConfigError
     with pytest.raises(ConfigError, match="an lm: task measures val_loss only"):
         finetune(load_config(overrides=[f"finetune.init={pretrained}", "finetune.task=lm:json", "finetune.metric=accuracy"]))
+
+def test_finetune_stopped_and_resumed_equals_uninterrupted(tmp_path, pets, pretrained, cache_dir):
+    """A fine-tuning run stopped at step 4 and continued with `scaletrain finetune --resume` ends as the uninterrupted run:
+    same evaluations, same best step and value (its past evaluations are replayed), same weights."""
+    over = lambda name: ft_overrides(tmp_path, pretrained, pets, cache_dir, f"run.name={name}", "train.steps=8",
+                                     "train.eval_every=2", "finetune.patience=0", "train.lr=1e-2",
+                                     "finetune.metric=val_loss")  # its best is before the stop: the replay must keep it
+    class StopAt4(Callback):
+        def after_step(self):
+            if self.trainer.step == 4: self.trainer.stop_requested = True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI's process has (run_cli): the same float reduction order on both sides
+    try: full, part = finetune(load_config(overrides=over("full"))), finetune(load_config(overrides=over("part")), callbacks=[StopAt4()])
+    finally: torch.set_num_threads(threads)
+    assert part["status"] == "stopped" and part["steps"] == 4
+    r = run_cli("finetune", "--resume", tmp_path / "part")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "part" / "summary.json").read_text())
+    evals = lambda run: [x for x in read_metrics(tmp_path / run / "metrics.jsonl") if "val_loss" in x]
+    assert [e["step"] for e in evals("part")] == [e["step"] for e in evals("full")] == [0, 2, 4, 6, 8]
+    for a, b in zip(evals("part"), evals("full")): assert a["accuracy"] == b["accuracy"] and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    assert (s["status"], s["steps"], s["best_step"]) == ("finished", 8, full["best_step"]) and abs(s["best_value"] - full["best_value"]) < 1e-9
+    assert best_checkpoint(tmp_path / "part").name == best_checkpoint(tmp_path / "full").name
+    wp, _ = load_classifier(ckpt.latest_checkpoint(tmp_path / "part"))
+    wf, _ = load_classifier(ckpt.latest_checkpoint(tmp_path / "full"))
+    for (n, p), (_, q) in zip(wp.named_parameters(), wf.named_parameters()): assert torch.equal(p, q), n
+    # resuming needs its run folder's config: --config with --resume is one line, and so is a folder without one
+    for args, want in ((["--resume", tmp_path / "part", "--config", tmp_path / "x.yaml"], "--config with --resume"),
+                       (["--resume", tmp_path], "not a run folder")):
+        r = run_cli("finetune", *args)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and want in r.stderr, r.stderr[-2000:]
