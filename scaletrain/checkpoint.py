@@ -7,8 +7,8 @@ from __future__ import annotations
 import os, random, shutil, warnings
 from pathlib import Path
 import torch
-import torch.distributed as dist
-from .config import atomic_write_text
+from .config import atomic_write, atomic_write_text
+from .dist import barrier, process_rank
 
 # %% auto #0
 __all__ = ['CheckpointError', 'step_name', 'is_complete', 'pointed_checkpoint', 'latest_checkpoint', 'resolve_checkpoint',
@@ -27,11 +27,6 @@ def _load_errors():
 def _first_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return (msg[-1] if msg else type(e).__name__)[:160]
-
-def _dist_on(): return dist.is_available() and dist.is_initialized()
-def _rank(): return dist.get_rank() if _dist_on() else 0
-def _barrier():
-    if _dist_on(): dist.barrier()
 
 def step_name(step: int) -> str: return f"step_{step:08d}"
 
@@ -76,10 +71,8 @@ def set_rng_state(st: dict) -> None:
         try: torch.cuda.set_rng_state_all(st["cuda"])
         except Exception as e: warnings.warn(f"could not restore CUDA RNG state: {e}")
 
-def _torch_save_atomic(obj, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp); os.replace(tmp, path)
+def _save(obj, path: Path):  # inside a checkpoint's temporary folder, which is renamed into place as a whole
+    path.parent.mkdir(parents=True, exist_ok=True); torch.save(obj, path)
 
 # %% ../nbs/07_checkpoint.ipynb #009f5aad
 def write_checkpoint(run_dir, name: str, state: dict, trainer_state: dict, pointer: str = "latest", keep: int = 2,
@@ -89,23 +82,25 @@ def write_checkpoint(run_dir, name: str, state: dict, trainer_state: dict, point
     import torch.distributed.checkpoint as dcp
     ck = Path(run_dir) / "checkpoints"
     final, tmp = ck / name, ck / f".{name}.tmp"
-    if _rank() == 0:
+    if process_rank() == 0:
         if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=str(tmp))
-    if rng: _torch_save_atomic(rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
-    if _rank() == 0: _torch_save_atomic(trainer_state, tmp / "trainer_state.pt")
-    _barrier()
-    if _rank() == 0:
-        if final.exists(): shutil.rmtree(final)
+    if rng: _save(rng_state(), tmp / "rng" / f"rank{process_rank()}.pt")
+    if process_rank() == 0: _save(trainer_state, tmp / "trainer_state.pt")
+    barrier()
+    if process_rank() == 0:
+        old = ck / f".{name}.old"  # the same step saved again: the name always holds a whole checkpoint
+        if final.exists(): os.replace(final, old)
         os.replace(tmp, final)
+        if old.exists(): shutil.rmtree(old)
         atomic_write_text(ck / pointer, final.name)
         family = name.rsplit("_", 1)[0] + "_*"  # step_00000100 -> step_*, best_00000040 -> best_*
         for old in sorted(d for d in ck.glob(family) if d.is_dir())[:-keep]: shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:
@@ -135,7 +130,7 @@ def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     _dcp_load(sd, path, "cannot be loaded into this model")
     engine.load_state_dict(sd)
     engine.load_extra_state(st.get("engine", {}))
-    rf = path / "rng" / f"rank{_rank()}.pt"
+    rf = path / "rng" / f"rank{process_rank()}.pt"
     if restore_rng and rf.is_file(): set_rng_state(torch.load(rf, weights_only=True))
     return st
 
@@ -166,13 +161,13 @@ def export_safetensors(path, out) -> Path:
     from scaletrain.config import to_dict
     ck = resolve_checkpoint(path)
     cfg = checkpoint_config(ck)
+    if cfg.finetune.labels:  # its head is a classifier's: the compress stage exports those, labels and all
+        raise CheckpointError(f"checkpoint {path}: a fine-tuned classifier; export it with: scaletrain compress {path} "
+                              "--prune none --quant none (writes model_float.safetensors for load_for_inference)")
     model = GPT(cfg.model)
     st = load_model_weights(ck, model)
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_model(model, str(tmp), metadata={"scaletrain_config": json.dumps(to_dict(cfg)), "step": str(st.get("step", 0))})
-    os.replace(tmp, out)
-    return out
+    meta = {"scaletrain_config": json.dumps(to_dict(cfg)), "step": str(st.get("step", 0))}
+    return atomic_write(out, lambda tmp: save_model(model, tmp, metadata=meta))
 
 def load_safetensors(path):
     "A `GPT` (eval mode) from a file written by `export_safetensors`."

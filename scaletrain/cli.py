@@ -6,11 +6,11 @@
 from __future__ import annotations
 import argparse, importlib, os, sys
 from pathlib import Path
-from .config import ConfigError, load_config, save_config
+from .config import ConfigError, fresh_folder, load_config, save_config
 
 # %% auto #0
 __all__ = ['COMMANDS', 'user_errors', 'fail', 'add_launch_args', 'train_parser', 'check_launch_args', 'resume_folder',
-           'run_folder', 'launch_ranks', 'prepare_run', 'train_main', 'rank_main', 'export_main', 'main']
+           'run_folder', 'launch_ranks', 'prepare_run', 'train_main', 'run_rank', 'rank_main', 'export_main', 'main']
 
 # %% ../nbs/09_cli.ipynb #cad41745
 def user_errors() -> tuple:
@@ -45,6 +45,8 @@ def check_launch_args(args) -> int:
     if args.nproc < 1: raise ConfigError(f"--nproc={args.nproc}: must be >= 1")
     if args.nnodes < 1: raise ConfigError(f"--nnodes={args.nnodes}: must be >= 1")
     if not 0 <= args.node_rank < args.nnodes: raise ConfigError(f"--node-rank={args.node_rank}: must be in [0, {args.nnodes})")
+    from scaletrain.launch import _check_layout  # the rest as `launch()` checks it: rendezvous endpoint, restarts
+    _check_layout(args.nproc, args.nnodes, args.node_rank, None, "127.0.0.1", args.rdzv_endpoint, args.max_restarts)
     return args.nproc * args.nnodes
 
 def resume_folder(run_dir, config_file) -> Path:
@@ -57,20 +59,21 @@ def resume_folder(run_dir, config_file) -> Path:
     return run_dir
 
 def run_folder(cfg, args) -> Path:
-    "A new run folder; on a multi-node job's other nodes, the folder node 0 uses (by `run.name`)."
+    "A new run folder; for a multi-node job, the folder `run.name` that every node shares."
     from scaletrain.train import new_run_dir
-    if args.nnodes > 1 and not cfg.run.name:
-        raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
-    if args.node_rank == 0: return new_run_dir(cfg)
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists(): save_config(cfg, run_dir / "config.yaml")
-    return run_dir
+    if args.nnodes == 1: return new_run_dir(cfg)
+    if not cfg.run.name: raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
+    # nodes start together on shared storage, any of them first: the folder is shared, a run already in it is not
+    d = fresh_folder(cfg.run.out_dir, cfg.run.name, exist_ok=True)
+    if args.node_rank == 0 and ((d / "checkpoints").exists() or (d / "metrics.jsonl").exists()):
+        raise ConfigError(f"run.name={cfg.run.name}: {d} already holds a run; choose another run.name or continue it with --resume {d}")
+    if args.node_rank == 0 or not (d / "config.yaml").exists(): save_config(cfg, d / "config.yaml")
+    return d
 
 def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
     """Hold the run folder's lock while the job runs: `local_main()` in this process for one process, else torchrun
     on `python -m <rank_argv>` (a subprocess, never fork)."""
-    from scaletrain.launch import RunLock, torchrun_args, run_foreground
+    from scaletrain.launch import RunLock, child_env, torchrun_args, run_foreground
     try: lock = RunLock(run_dir, args.node_rank)  # refuses a folder that a live job is using
     except user_errors() as e: fail(str(e))
     with lock:
@@ -78,7 +81,7 @@ def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
         cmd = torchrun_args(["-m", *rank_argv], nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                             rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id or cfg.run.name, max_restarts=args.max_restarts)
         print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
-        return run_foreground(cmd)
+        return run_foreground(cmd, child_env(loopback=args.nnodes == 1))
 
 def prepare_run(args):
     "Validate, prepare data and the run folder in the parent process. Returns (cfg, run_dir, resume)."
@@ -91,8 +94,8 @@ def prepare_run(args):
     else:
         cfg = load_config(args.config, args.overrides)
     parallel.check(cfg, world)
-    parse_sources(cfg.data.source)
-    if args.node_rank == 0: prepare_data(cfg.data)  # build the token cache once, before any rank starts
+    if args.node_rank == 0: prepare_data(cfg.data)  # checks the sources, and builds the token cache once, before any rank starts
+    else: parse_sources(cfg.data.source)
     # a resumed run's overrides reach the ranks, which save config.yaml only once the checkpoint has loaded
     if not args.resume: run_dir = run_folder(cfg, args)
     return cfg, run_dir, bool(args.resume)
@@ -104,20 +107,24 @@ def train_main(argv) -> int:
     rank_args = ["--run-dir", str(run_dir)] + (["--resume"] + list(args.overrides) if resume else [])
     return launch_ranks(args, cfg, run_dir, ["scaletrain.cli", "_rank"] + rank_args, lambda: rank_main(rank_args))
 
-def rank_main(argv) -> int:
-    "What each rank runs: train the config of an already prepared run folder."
-    p = argparse.ArgumentParser(prog="scaletrain _rank")
+def run_rank(argv, prog: str, fit):
+    """What each rank runs: `fit(cfg, run_dir, resume)` on the config of an already prepared run folder (on resume,
+    plus the overrides, which the ranks save once the checkpoint has loaded). User errors are one line; the process
+    group is torn down either way."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--run-dir", required=True); p.add_argument("--resume", action="store_true")
     p.add_argument("overrides", nargs="*", help="with --resume: config changes, saved once the checkpoint has loaded")
     a = p.parse_args(argv)
-    from scaletrain.train import Trainer
     from scaletrain.dist import teardown
     try:
-        try:
-            cfg = load_config(Path(a.run_dir) / "config.yaml", a.overrides)
-            summary = Trainer(cfg, run_dir=a.run_dir, resume=a.resume).fit()
+        try: return fit(load_config(Path(a.run_dir) / "config.yaml", a.overrides), a.run_dir, a.resume)
         except user_errors() as e: fail(str(e))
     finally: teardown()
+
+def rank_main(argv) -> int:
+    "What each rank of `scaletrain train` runs: train the config of its run folder."
+    from scaletrain.train import Trainer
+    summary = run_rank(argv, "scaletrain _rank", lambda cfg, run_dir, resume: Trainer(cfg, run_dir=run_dir, resume=resume).fit())
     if summary["status"] == "anomaly": return 1
     if int(os.environ.get("RANK", 0)) == 0:
         fv = summary.get("final_val_loss"); v0 = summary.get("first_val_loss")

@@ -4,12 +4,12 @@
 
 # %% ../nbs/19_compress.ipynb #2ce6ebae
 from __future__ import annotations
-import argparse, copy, csv, io, json, logging, os, statistics, time
+import argparse, copy, csv, io, json, logging, statistics, time
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 import torch.nn.utils.prune as prune
-from .config import ConfigError, to_dict, atomic_write_text
+from .config import ConfigError, to_dict, atomic_write, atomic_write_text
 from .checkpoint import CheckpointError
 from .plots import save_figure
 
@@ -123,10 +123,7 @@ def export_model(model: nn.Module, path, cfg, quant: str = "", extra: dict | Non
         sd, meta = flatten_tensor_state_dict(sd)
     sd = {k: v.contiguous() for k, v in sd.items()}
     meta.update(scaletrain_config=json.dumps(to_dict(cfg)), scaletrain_quant=quant, **{k: str(v) for k, v in (extra or {}).items()})
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(sd, str(tmp), metadata=meta); os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 def load_for_inference(path, device="cpu") -> nn.Module:
     "A `GPTClassifier` in eval mode from a file of `export_model`, quantized layers rebuilt; `.labels` names the classes."

@@ -12,10 +12,10 @@ from typing import Any, Union
 import yaml
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ParallelConfig', 'MemoryConfig', 'RunConfig',
+__all__ = ['SECTIONS', 'UMASK', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ParallelConfig', 'MemoryConfig', 'RunConfig',
            'FinetuneConfig', 'Config', 'ConfigError', 'all_keys', 'set_value', 'apply_overrides', 'from_dict',
-           'load_config', 'to_dict', 'to_yaml', 'atomic_write_text', 'save_config', 'fresh_folder', 'config_hash',
-           'validate']
+           'load_config', 'to_dict', 'to_yaml', 'atomic_write', 'atomic_write_text', 'save_config', 'fresh_folder',
+           'config_hash', 'validate']
 
 # %% ../nbs/00_config.ipynb #fbeafd6d
 def _f(default, help="", choices=None, low=None, high=None):
@@ -236,16 +236,28 @@ def to_dict(cfg: Config) -> dict: return asdict(cfg)
 
 def to_yaml(cfg: Config) -> str: return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
-def atomic_write_text(path, text: str) -> None:
-    "Write `text` to `path` through a temporary file and a rename, so readers never see half a file."
+UMASK = os.umask(0); os.umask(UMASK)  # read once, at import: what we create gets the permissions `open` would give
+
+def atomic_write(path, data) -> Path:
+    """Write `path` through a temporary file beside it and a rename, so readers never see half a file and a failed
+    write leaves the old one. `data`: bytes, a str, or a function that writes the file at the path it is given."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        if callable(data): os.close(fd); data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f: f.write(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private to us
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
         raise
+    return path
+
+def atomic_write_text(path, text: str) -> None:
+    "`atomic_write` of a str."
+    atomic_write(path, text)
 
 def save_config(cfg: Config, path) -> None: atomic_write_text(path, to_yaml(cfg))
 

@@ -215,6 +215,7 @@ class BatchSampler:
         self.arrays, self.T, self.B, self.seed = arrays, block_size, global_batch, seed
         self.split_id = {"train": 0, "val": 1}[split]
         w = np.asarray(weights, dtype=np.float64); self.p = w / w.sum()
+        self.lens = np.array([len(a) for a in arrays], dtype=np.int64)
         for a in arrays:
             if len(a) <= block_size + 1:
                 raise DataError(f"data: a {split} split holds {len(a)} tokens, fewer than model.block_size+2={block_size + 2}; "
@@ -224,8 +225,7 @@ class BatchSampler:
         "(source index, start offset) of every row of the global batch at `step`."
         g = np.random.default_rng([self.seed, self.split_id, step])
         src = g.choice(len(self.arrays), size=self.B, p=self.p) if len(self.arrays) > 1 else np.zeros(self.B, dtype=np.int64)
-        lens = np.array([len(a) for a in self.arrays], dtype=np.int64)
-        starts = g.integers(0, lens[src] - self.T - 1)
+        starts = g.integers(0, self.lens[src] - self.T - 1)
         return src, starts
 
     def batch(self, step: int, rank: int = 0, n_ranks: int = 1, device="cpu"):

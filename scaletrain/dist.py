@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['DistInfo', 'pick_device', 'env_int', 'init_distributed', 'teardown', 'barrier', 'mesh_shape', 'build_mesh', 'coords',
-           'RankPrinter', 'all_reduce_mean']
+__all__ = ['DistInfo', 'pick_device', 'env_int', 'init_distributed', 'teardown', 'vote', 'barrier', 'process_rank', 'mesh_shape',
+           'build_mesh', 'coords', 'RankPrinter', 'all_reduce_mean']
 
 # %% ../nbs/05_dist.ipynb #b7e4fc06
 @dataclass
@@ -58,8 +58,20 @@ def teardown() -> None:
         try: dist.destroy_process_group()
         except Exception as e: warnings.warn(f"destroy_process_group failed: {e}")
 
-def barrier(info: DistInfo | None = None) -> None:
+def vote(flag: bool, info: DistInfo, device, any_rank: bool = False) -> bool:
+    "One decision for all ranks: True when every rank's `flag` is (with `any_rank`: when one rank's is)."
+    if not info.distributed: return flag
+    t = torch.tensor([int(flag)], device=device if info.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if any_rank else dist.ReduceOp.MIN)
+    return bool(t.item())
+
+def barrier() -> None:
+    "Wait for every rank (nothing to wait for without a process group)."
     if dist.is_available() and dist.is_initialized(): dist.barrier()
+
+def process_rank() -> int:
+    "This process's global rank (0 without a process group)."
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 # %% ../nbs/05_dist.ipynb #e43aeb5f
 def mesh_shape(world_size: int, tp: int = 1, pp: int = 1) -> dict:

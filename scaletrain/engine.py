@@ -66,16 +66,22 @@ def local_bytes(tensors) -> int:
         n += t.numel() * t.element_size()
     return n
 
+def _scale_now(scaler) -> torch.Tensor:
+    "The loss scale as a device tensor: `get_scale()` would wait for the GPU every step."
+    t = getattr(scaler, "_scale", None)  # None: a disabled scaler (fairscale's turns itself off without CUDA)
+    return t.clone() if t is not None else torch.tensor(scaler.get_scale())
+
 @dataclass
 class StepResult:
     """Loss and gradient norm of one step. The engine returns them as device tensors, so the host need not wait
     for the GPU after every step; `resolve()` reads them (a synchronisation) and makes them floats."""
     loss: float | torch.Tensor
     grad_norm: float | torch.Tensor
-    skipped: bool = False
-    loss_scale: float | None = None
+    skipped: bool | torch.Tensor = False            # fp16: whether the scaler skipped the step (inf/NaN gradients)
+    loss_scale: float | torch.Tensor | None = None  # fp16: the scale the step ran with
     def resolve(self) -> "StepResult":
-        self.loss, self.grad_norm = float(self.loss), float(self.grad_norm)
+        self.loss, self.grad_norm, self.skipped = float(self.loss), float(self.grad_norm), bool(self.skipped)
+        if self.loss_scale is not None: self.loss_scale = float(self.loss_scale)
         return self
 
 class Engine:
@@ -128,11 +134,11 @@ class Engine:
             self.grad_bytes = local_bytes(p.grad for p in self.module.parameters())
         scale = None
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer); scale = self.scaler.get_scale()
+            self.scaler.unscale_(self.optimizer); scale = _scale_now(self.scaler)
         norm = self.clip_grad_norm(self.cfg.train.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer); self.scaler.update()
-            skipped = self.scaler.get_scale() < scale
+            skipped = _scale_now(self.scaler) < scale  # update() lowers the scale only after inf/NaN gradients
         else:
             self.optimizer.step(); skipped = False
         self.zero_grad()
@@ -151,6 +157,11 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
         msd, osd = get_state_dict(self.module, self.optimizer)
         return {"model": msd, "optim": osd}
+
+    def model_state_dict(self) -> dict:
+        "The model's part of `state_dict` alone (no optimizer state is gathered)."
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self.module)
 
     def load_state_dict(self, sd: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict

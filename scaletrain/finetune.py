@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, atomic_write_text
-from .metrics import read_metrics
+from .metrics import eval_points, read_metrics
 from .models import GPT
 from .train import Trainer, Callback
 from . import checkpoint as ckpt
@@ -43,8 +43,9 @@ def _explicit_keys(cfg: Config) -> set:
     d, cur = to_dict(Config()), to_dict(cfg)
     return {f"{s}.{k}" for s in cur for k in cur[s] if cur[s][k] != d[s][k]}
 
-def resolve_config(cfg: Config, explicit=None) -> Config:
-    "Fill in `cfg` from the checkpoint of `finetune.init` and check the fine-tuning settings (in place)."
+def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
+    """Fill in `cfg` from the checkpoint of `finetune.init` and check the fine-tuning settings (in place). A resumed
+    run's config was filled in when it started, so `resume=True` does not need the pretrained run any more."""
     f = cfg.finetune
     explicit = _explicit_keys(cfg) if explicit is None else set(explicit)
     if not f.init:
@@ -53,7 +54,7 @@ def resolve_config(cfg: Config, explicit=None) -> Config:
     if cfg.parallel.pp > 1:
         raise ConfigError(f"config: parallel.pp={cfg.parallel.pp}: fine-tuning evaluates whole-model logits, which pipeline "
                           "stages do not have; use ddp, zero1, zero2, fsdp or tp")
-    if f.init != "scratch":
+    if f.init != "scratch" and not resume:
         ck = ckpt.checkpoint_config(ckpt.resolve_checkpoint(f.init))
         for k in ARCH_KEYS:
             mine, theirs = getattr(cfg.model, k), getattr(ck.model, k)
@@ -110,14 +111,15 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, body_lr_scale: 
                  name=("head" if head else "body") + ("" if decay else "_no_decay"))
             for (head, decay), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))]
 
-def build_model(cfg: Config) -> nn.Module:
-    "The model `cfg` fine-tunes: a `GPTClassifier` (or the GPT for an lm: task), pretrained body loaded, blocks frozen."
+def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
+    """The model `cfg` fine-tunes: a `GPTClassifier` (or the GPT for an lm: task), pretrained body loaded (unless
+    `pretrained=False`: a resume loads its own checkpoint over it), blocks frozen."""
     f = cfg.finetune
     if task_kind(f.task) == "lm": model = GPT(cfg.model)
     else:
         labels = labels_of(cfg)
         model = GPTClassifier(cfg.model, len(labels), f.pooling, labels)
-    if f.init != "scratch": load_pretrained(f.init, model)
+    if pretrained and f.init != "scratch": load_pretrained(f.init, model)
     freeze(model, f.freeze_blocks)
     return model
 
@@ -128,8 +130,7 @@ def _better(v, best, higher: bool) -> bool:
 def _past_evals(trainer, metric: str) -> list:
     "[(step, value)] of `metric` in the evaluations before a resume (`metrics.jsonl` was cut back to the checkpoint)."
     if trainer.step == 0: return []
-    recs = read_metrics(Path(trainer.run_dir) / "metrics.jsonl")
-    return [(r["step"], r[metric]) for r in recs if r.get(metric) is not None and "loss" not in r and r["step"] <= trainer.step]
+    return eval_points(read_metrics(Path(trainer.run_dir) / "metrics.jsonl"), metric, until=trainer.step)
 
 class EarlyStopping(Callback):
     "Ask the trainer to stop after `patience` evaluations without improvement of `metric`."
@@ -140,18 +141,14 @@ class EarlyStopping(Callback):
     def before_fit(self):  # a resumed run replays its past evaluations, so the count goes on where it was
         for _, v in _past_evals(self.trainer, self.metric): self.see(v)
     def after_eval(self):
-        if self.see(self.trainer.last_eval[self.metric]):
-            self.trainer.stop_requested = True
+        if self.see(self.trainer.last_eval[self.metric]) and self.stopped_at is None:
+            self.stopped_at, self.trainer.stop_requested = self.trainer.step, True
             self.trainer.print(f"early stopping: no better {self.metric} than {self.best:.4f} for {self.bad} evaluations")
     def see(self, v) -> bool:
-        "Count one evaluation; True when it is the one that runs out of patience."
+        "Count one evaluation; True when patience has run out."
         if _better(v, self.best, self.higher): self.best, self.bad = v, 0
-        else:
-            self.bad += 1
-            if self.patience and self.bad >= self.patience and self.stopped_at is None:
-                self.stopped_at = self.trainer.step
-                return True
-        return False
+        else: self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
 
 def best_checkpoint(run_dir) -> Path | None:
     "The run's best checkpoint (via `checkpoints/best`), or None."
@@ -162,7 +159,7 @@ def save_best(trainer, metric: str, value: float) -> Path:
     st = dict(step=trainer.step, config=to_dict(trainer.cfg), world_size=trainer.info.world_size,
               strategy=trainer.cfg.parallel.strategy, best_metric=metric, best_value=value,
               eval={k: v for k, v in trainer.last_eval.items() if isinstance(v, (int, float))})
-    return ckpt.write_checkpoint(trainer.run_dir, f"best_{trainer.step:08d}", {"model": trainer.engine.state_dict()["model"]},
+    return ckpt.write_checkpoint(trainer.run_dir, f"best_{trainer.step:08d}", {"model": trainer.engine.model_state_dict()},
                                  st, pointer="best", keep=1, rng=False)
 
 class BestCheckpoint(Callback):
@@ -174,9 +171,10 @@ class BestCheckpoint(Callback):
         for step, v in _past_evals(self.trainer, self.metric):
             if _better(v, self.best, self.higher): self.best, self.best_step = v, step
         if self.best is None: return
-        self.path = best_checkpoint(self.trainer.run_dir)
-        st = ckpt.read_trainer_state(self.path) if self.path else {}
-        if st.get("step") == self.best_step: self.best = st["best_value"]  # exact; the log keeps 6 decimals
+        path = best_checkpoint(self.trainer.run_dir)
+        st = ckpt.read_trainer_state(path) if path else {}
+        # weights saved after the resumed checkpoint belong to discarded steps: the run saves them again when it gets there
+        if st.get("step") == self.best_step: self.path, self.best = path, st["best_value"]  # exact; the log keeps 6 decimals
     def after_eval(self):
         t = self.trainer
         v = t.last_eval[self.metric]
@@ -204,22 +202,22 @@ def plot_confusion(cm, labels, out=None, title: str = "confusion matrix"):
     return fig
 
 # %% ../nbs/17_finetune.ipynb #69784b84
-def make_task(cfg: Config, show_progress: bool = False):
+def make_task(cfg: Config, show_progress: bool = False, pretrained: bool = True):
     "The task of `finetune.task`: a `ClassificationTask`, or a `PackageLMTask` for `lm:`."
-    tok, model_fn = task_tokenizer(cfg), lambda: build_model(cfg)  # the pretrained body (and head), blocks frozen
+    tok, model_fn = task_tokenizer(cfg), lambda: build_model(cfg, pretrained)  # the pretrained body (and head), blocks frozen
     if task_kind(cfg.finetune.task) == "lm": return PackageLMTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
     return ClassificationTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
 
-def prepare(cfg: Config, explicit=None):
+def prepare(cfg: Config, explicit=None, resume: bool = False):
     "Resolve `cfg` against its checkpoint and build its task; returns `(cfg, task)`."
-    resolve_config(cfg, explicit)
-    return cfg, make_task(cfg)
+    resolve_config(cfg, explicit, resume)
+    return cfg, make_task(cfg, pretrained=not resume)
 
 def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None, resume: bool = False) -> dict:
     """Fine-tune as `cfg.finetune` says; returns the summary (also in `summary.json`). `resume=True` continues
     `run_dir` from its latest checkpoint, with the best checkpoint and early stopping's count as they were."""
     from scaletrain import parallel
-    if task is None: cfg, task = prepare(cfg, explicit)
+    if task is None: cfg, task = prepare(cfg, explicit, resume)
     metric, higher = metric_of(cfg)
     f = cfg.finetune
     groups = lambda m: finetune_param_groups(m, cfg.train.weight_decay, f.body_lr_scale)
@@ -274,8 +272,10 @@ def classify(model: GPTClassifier, texts, tokenizer=None, snippet_tokens: int | 
     """Label names for raw `texts`: each text is cut into snippets and their class logits averaged. The tokenizer
     and snippet length default to the fine-tuning run's (a model from `load_classifier` or `load_for_inference`)."""
     from scaletrain.data import ByteTokenizer
-    c = getattr(model, "train_config", None)
-    tok = tokenizer or (task_tokenizer(c) if c is not None else ByteTokenizer())
+    if tokenizer is None and getattr(model, "tokenizer", None) is None:  # found once per model, then kept
+        c = getattr(model, "train_config", None)
+        model.tokenizer = task_tokenizer(c) if c is not None else ByteTokenizer()
+    tok = tokenizer or model.tokenizer
     T = snippet_tokens or getattr(model, "snippet_tokens", None) or model.config.block_size
     dev = next(model.parameters()).device
     out = []
@@ -314,7 +314,7 @@ def finetune_main(argv) -> int:
         world = check_launch_args(args)
         if args.resume:
             run_dir = resume_folder(args.resume, args.config)
-            cfg, task = prepare(load_config(run_dir / "config.yaml", args.overrides), _keys_of(None, args.overrides))
+            cfg, task = prepare(load_config(run_dir / "config.yaml", args.overrides), _keys_of(None, args.overrides), resume=True)
         else: cfg, task = prepare(load_config(args.config, args.overrides), _keys_of(args.config, args.overrides))
         parallel.check(cfg, world)
         if not args.resume: run_dir = run_folder(cfg, args)
@@ -338,17 +338,9 @@ def _report(s: dict) -> int:
 
 def rank_main(argv) -> int:
     "What each torchrun rank runs: fine-tune the config of a prepared run folder."
-    from scaletrain.cli import fail, user_errors
-    from scaletrain.dist import teardown
-    p = argparse.ArgumentParser(prog="python -m scaletrain.finetune")
-    p.add_argument("--run-dir", required=True); p.add_argument("--resume", action="store_true")
-    p.add_argument("overrides", nargs="*", help="with --resume: config changes, saved once the checkpoint has loaded")
-    a = p.parse_args(argv)
-    try:
-        try: s = finetune(load_config(Path(a.run_dir) / "config.yaml", a.overrides), run_dir=a.run_dir, resume=a.resume)
-        except user_errors() as e: fail(str(e))
-    finally: teardown()
-    return _report(s)
+    from scaletrain.cli import run_rank
+    return _report(run_rank(argv, "python -m scaletrain.finetune",
+                            lambda cfg, run_dir, resume: finetune(cfg, run_dir=run_dir, resume=resume)))
 
 # %% ../nbs/17_finetune.ipynb #14ac4500
 #| eval: false

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from .config import ConfigError, atomic_write_text, fresh_folder
+from .config import ConfigError, atomic_write, atomic_write_text, fresh_folder
 
 # %% auto #0
 __all__ = ['LaunchError', 'free_port', 'port_is_free', 'split_endpoint', 'torchrun_args', 'child_env', 'run_foreground',
@@ -58,12 +58,14 @@ def torchrun_args(script_args: list, nproc: int = 1, nnodes: int = 1, node_rank:
 _DIST_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
               "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
 
-def child_env(extra: dict | None = None) -> dict:
-    "Environment for a job: no inherited torchrun variables, unbuffered output, one thread per rank unless set, Agg plots."
+def child_env(extra: dict | None = None, loopback: bool = False) -> dict:
+    """Environment for a job: no inherited torchrun variables, unbuffered output, one thread per rank unless set, Agg
+    plots; `loopback` (a one-machine job on 127.0.0.1): gloo's own sockets on loopback too, whatever the hostname resolves to."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("TORCHELASTIC_")}
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     env["MPLBACKEND"] = "Agg"  # a kernel's inline backend is meaningless in a rank
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_ifname()): env["GLOO_SOCKET_IFNAME"] = lo
     env.update(extra or {})
     return env
 
@@ -107,9 +109,14 @@ class RunLock:
     def _record(pid: int) -> str:
         return json.dumps(dict(pid=pid, start=_proc_start(pid), host=socket.gethostname(), time=datetime.now().isoformat(timespec="seconds")))
 
-    def holder(self) -> dict | None:
-        try: return json.loads(self.path.read_text())
+    def holder(self) -> dict | None: return self.holder_of(self.run_dir, self.path.name)
+
+    @staticmethod
+    def holder_of(run_dir, name: str = "launch.lock") -> dict | None:
+        "The record of whoever holds `run_dir`'s lock `name`, or None."
+        try: h = json.loads((Path(run_dir) / name).read_text())
         except (OSError, ValueError): return None
+        return h if isinstance(h, dict) and "pid" in h else None
 
     @staticmethod
     def is_live(h: dict | None) -> bool:
@@ -183,7 +190,7 @@ def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
         print(f"scaletrain: the return value of rank {rank} cannot be pickled ({type(e).__name__}: {e}); results() gives None", file=sys.stderr)
         data = cloudpickle.dumps(None)
     res = run_dir / "results"; res.mkdir(exist_ok=True)
-    tmp = res / f".rank{rank}.pkl.tmp"; tmp.write_bytes(data); os.replace(tmp, res / f"rank{rank}.pkl")
+    atomic_write(res / f"rank{rank}.pkl", data)
 
 def worker_main(argv=None) -> int:
     "Entry point of every rank (see above)."
@@ -282,7 +289,7 @@ def prepare_target(target=None, *args, overrides=(), out_dir=None, name: str = "
         data = _ship_function(target, args)  # before anything is written
         if nnodes > 1 and not name: raise LaunchError("name='': a multi-node job needs a run name so every node uses the same folder")
         d = _new_folder(out_dir or "runs", name, exist_ok=node_rank > 0).resolve()
-        tmp = d / ".function.pkl.tmp"; tmp.write_bytes(data); os.replace(tmp, d / "function.pkl")
+        atomic_write(d / "function.pkl", data)
         return Target("function", d, ["--function", str(d / "function.pkl")], getattr(target, "__qualname__", "function"))
     if isinstance(target, (str, Path)):
         p = Path(target)
@@ -298,7 +305,11 @@ def _load_target(run_dir: Path) -> Target:
     "The target of an existing run folder, from `launch.json` (a folder made by `scaletrain train` is a train run)."
     rec = _read_json(run_dir / "launch.json")
     if rec: return Target(rec["kind"], run_dir, rec["args"], rec["label"])
-    if (run_dir / "config.yaml").is_file(): return Target("train", run_dir, [], "scaletrain train")
+    if (run_dir / "config.yaml").is_file():
+        from scaletrain.config import load_config
+        if load_config(run_dir / "config.yaml").finetune.init:  # written by `scaletrain finetune`, which resumes its own
+            raise LaunchError(f"resume {run_dir}: a fine-tuning run; continue it with: scaletrain finetune --resume {run_dir}")
+        return Target("train", run_dir, [], "scaletrain train")
     raise LaunchError(f"resume {run_dir}: not a run folder (no launch.json or config.yaml)")
 
 def _read_json(p: Path):
@@ -592,14 +603,11 @@ def launch_spec(nproc: int = 1, nnodes: int = 1, node_rank: int = 0, rdzv_endpoi
                 ranks=ranks if isinstance(ranks, (str, int)) or ranks is None else sorted(ranks))
 
 def _start(target: Target, spec: dict, ranks, echo, env, resume: bool = False, overrides=()) -> Run:
-    env = dict(env or {})
-    lo = _loopback_ifname()
-    if spec["nnodes"] == 1 and spec["master_addr"] in ("127.0.0.1", "localhost") and lo and "GLOO_SOCKET_IFNAME" not in os.environ:
-        env.setdefault("GLOO_SOCKET_IFNAME", lo)  # gloo's own sockets on loopback too, whatever the hostname resolves to
+    env = child_env(env, loopback=spec["nnodes"] == 1 and spec["master_addr"] in ("127.0.0.1", "localhost"))
     cmd = torchrun_args(target.worker_args(resume, overrides), nproc=spec["nproc"], nnodes=spec["nnodes"],
                         node_rank=spec["node_rank"], rdzv_endpoint=spec["rdzv_endpoint"], rdzv_id=spec["rdzv_id"],
                         max_restarts=spec["max_restarts"], master_port=spec["master_port"], master_addr=spec["master_addr"])
-    return Run(target, cmd, spec, child_env(env), ranks=ranks, echo=echo, resume=resume, node_rank=spec["node_rank"])
+    return Run(target, cmd, spec, env, ranks=ranks, echo=echo, resume=resume, node_rank=spec["node_rank"])
 
 def launch(target=None, *args, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "",
            rdzv_id: str = "", max_restarts: int = 0, master_port: int | None = None, master_addr: str = "127.0.0.1",
@@ -737,11 +745,15 @@ def launch_parser() -> argparse.ArgumentParser:
 
 def launch_main(argv) -> int:
     from scaletrain.cli import fail, user_errors
-    a = launch_parser().parse_args(argv)
+    p = launch_parser(); a = p.parse_args(argv)
     try:
         if a.resume:
+            if a.config: fail("launch: --config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead")
             ov = ([a.target] if a.target else []) + a.args
-            run = resume(a.resume, overrides=ov, nproc=a.nproc, master_port=a.master_port, ranks=a.ranks)
+            # the layout is launch.json's, except what this command line changes (node 1 of a multi-node job, say)
+            changed = {k: getattr(a, k) for k in ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts", "master_addr")
+                       if getattr(a, k) != p.get_default(k)}
+            run = resume(a.resume, overrides=ov, nproc=a.nproc, master_port=a.master_port, ranks=a.ranks, **changed)
         else:
             if not a.target: fail("launch: give a target: 'train' or a script.py (see --help)")
             if a.nproc is None: a.nproc = 1

@@ -11,6 +11,7 @@ from .config import Config, ModelConfig, ConfigError
 from .activations import checkpointed_blocks
 from .data import ByteTokenizer
 from .parallel import stage_blocks
+from .dist import vote
 
 # %% auto #0
 __all__ = ['GPT3_FAMILY', 'AC_POLICIES', 'GiB', 'FAIRSCALE_BUCKET', 'AUTO_MAX_MICRO_BATCH', 'GPTShape', 'shape_for_params',
@@ -366,26 +367,25 @@ class TensorMemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.peak = self.now
         return self
 
-    def reset_peak(self): self.peak = self.now
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out): self._add(t)
         return out
 
 def measure_step(engine, micro_batches, lr: float = 1e-3, warm: bool = True) -> dict:
-    "Peak tensor bytes (tracked) and wall time of one `engine.train_step` (after one warm-up step when `warm`)."
+    """Peak tensor bytes (tracked) and wall time of one `engine.train_step` (after one warm-up step when `warm`), with
+    the bytes of parameters, gradients (as held after backward) and optimizer state (`Engine.state_bytes`)."""
     if warm: engine.train_step(micro_batches, lr)
     dev = engine.device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter(); engine.train_step(micro_batches, lr); torch.cuda.synchronize(dev)
-        return dict(peak=torch.cuda.max_memory_allocated(dev), time=time.perf_counter() - t0, **model_state_bytes(engine.module, engine.optimizer))
+        return dict(peak=torch.cuda.max_memory_allocated(dev), time=time.perf_counter() - t0, **engine.state_bytes())
     tr = TensorMemoryTracker(dev).track(engine.module, engine.optimizer, *[t for mb in micro_batches for t in mb])
     t0 = time.perf_counter()
     with tr: engine.train_step(micro_batches, lr)
     dt = time.perf_counter() - t0
-    return dict(peak=tr.peak, time=dt, **model_state_bytes(engine.module, engine.optimizer))
+    return dict(peak=tr.peak, time=dt, **engine.state_bytes())
 
 # %% ../nbs/12_memory.ipynb #572de2ab
 AUTO_MAX_MICRO_BATCH = 64
@@ -413,14 +413,6 @@ def _reset_optimizer(engine):
 def _free(device):
     if device.type == "cuda": gc.collect(); torch.cuda.empty_cache()  # give cached blocks back before the next trial
 
-def _agree(ok: bool, trainer) -> bool:
-    "True only if every rank says so."
-    import torch.distributed as dist
-    if not trainer.info.distributed: return ok
-    t = torch.tensor([int(ok)], device=trainer.device if trainer.info.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
 def find_micro_batch(trainer, max_micro_batch: int | None = None, headroom: float = 0.9) -> int:
     "Largest micro-batch (1, 2, 4, … × pipeline micro-batches) whose training step fits on every rank."
     eng, dev, cfg = trainer.engine, trainer.device, trainer.cfg
@@ -445,7 +437,7 @@ def find_micro_batch(trainer, max_micro_batch: int | None = None, headroom: floa
                 peak = torch.cuda.max_memory_allocated(dev); ok = peak <= budget
         except torch.OutOfMemoryError: ok = False
         eng.optimizer.zero_grad(set_to_none=True); _free(dev)
-        ok = _agree(ok, trainer); tried.append(m)
+        ok = vote(ok, trainer.info, trainer.device); tried.append(m)
         if not ok:
             why = f"micro-batch {m} does not fit" + (f" (peak {peak / GiB:.1f} of {budget / GiB:.1f} GiB allowed)" if peak else ""); break
         best, m = m, m * 2

@@ -11,7 +11,7 @@ from .engine import autocast_dtype
 
 # %% auto #0
 __all__ = ['GPU_PEAK_TFLOPS', 'gpu_peak_tflops', 'measure_peak_tflops', 'device_peak', 'peak_memory_gb', 'MetricsWriter',
-           'read_metrics', 'truncate_metrics']
+           'read_metrics', 'eval_points', 'truncate_metrics']
 
 # %% ../nbs/03_metrics.ipynb #6ed01652
 GPU_PEAK_TFLOPS = {  # dense, 16-bit tensor-core peak, datasheet
@@ -99,6 +99,11 @@ def read_metrics(path) -> list[dict]:
         try: out.append(json.loads(line))
         except json.JSONDecodeError: pass
     return out
+
+def eval_points(recs: list, metric: str, until: int | None = None) -> list:
+    "[(step, value)] of `metric` in the evaluation records of `recs` (up to step `until`)."
+    return [(r["step"], r[metric]) for r in recs
+            if r.get(metric) is not None and "loss" not in r and (until is None or r["step"] <= until)]
 
 def truncate_metrics(path, last_step: int) -> None:
     "Drop records after `last_step` (used on resume, so the log reads as one uninterrupted run)."

@@ -33,6 +33,9 @@ def check(cfg: Config, world_size: int) -> None:
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}")
     dp = world_size // (p.tp * p.pp)
+    if cfg.memory.cpu_offload and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
+        raise ConfigError(f"config: memory.cpu_offload=true with train.device={t.device} on this machine (CPU): offloading moves "
+                          "state from a GPU to CPU memory (and needs pinned memory); drop memory.cpu_offload")
     if p.backend == "fairscale" and p.strategy not in ("zero1", "zero2"):
         raise ConfigError(f"parallel.backend=fairscale with parallel.strategy={p.strategy}: fairscale implements only zero1 (OSS) "
                           "and zero2 (ShardedDataParallel + OSS) here (its FSDP needs CUDA); use parallel.backend=torch")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config, ModelConfig, ConfigError, load_config, save_config, validate
 from .memory import GPTShape, estimate, shape_for_params, GiB, fsdp_like, config_vocab
+from .metrics import gpu_peak_tflops
 
 # %% auto #0
 __all__ = ['GPUS', 'Link', 'GPU', 'all_reduce_time', 'all_gather_time', 'p2p_time', 'Layout', 'step_time', 'Plan', 'plan',
@@ -28,13 +29,12 @@ class GPU:
     intra: Link
     inter: Link
 
-GPUS = {
-    "H100": GPU("H100", 989.0, 80, Link(360e9, 5e-6), Link(40e9, 10e-6)),
-    "H200": GPU("H200", 989.0, 141, Link(360e9, 5e-6), Link(40e9, 10e-6)),
-    "A100": GPU("A100", 312.0, 80, Link(240e9, 5e-6), Link(20e9, 10e-6)),
-    "A100-40GB": GPU("A100-40GB", 312.0, 40, Link(240e9, 5e-6), Link(20e9, 10e-6)),
-    "L40S": GPU("L40S", 362.0, 48, Link(25e9, 10e-6), Link(20e9, 10e-6)),
-}
+GPUS = {name: GPU(name, gpu_peak_tflops(name), mem, intra, inter) for name, mem, intra, inter in (  # peaks: metrics' table
+    ("H100", 80, Link(360e9, 5e-6), Link(40e9, 10e-6)),
+    ("H200", 141, Link(360e9, 5e-6), Link(40e9, 10e-6)),
+    ("A100", 80, Link(240e9, 5e-6), Link(20e9, 10e-6)),
+    ("A100-40GB", 40, Link(240e9, 5e-6), Link(20e9, 10e-6)),
+    ("L40S", 48, Link(25e9, 10e-6), Link(20e9, 10e-6)))}
 
 def all_reduce_time(n: float, p: int, link: Link) -> float:
     return 0.0 if p <= 1 else 2 * (p - 1) * link.latency + 2 * (p - 1) / p * n / link.bandwidth
@@ -277,7 +277,8 @@ def why_nothing_fits(pl: Plan) -> str:
     need_mem = math.ceil(e.total / GiB / (1 - pl.args.get("headroom", 0.1)))
     more, g = None, pl.gpus * 2
     while g <= pl.gpus * 4096 and more is None:  # only the leanest settings: full recomputation, micro-batch 1
-        trial = plan(pl.shape, gpus=g,  # the shape carries --seq-len/--vocab; the base config only matters for to_config nodes=pl.nodes * g // pl.gpus,
+        # the shape carries --seq-len/--vocab; the base config only matters for to_config
+        trial = plan(pl.shape, gpus=g, nodes=pl.nodes * g // pl.gpus,
                      **{**pl.args, "global_batch": max(pl.global_batch, g)}, ac_policies=("full",), max_micro_batch=1)
         if trial.layouts: more = g
         g *= 2

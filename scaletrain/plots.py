@@ -5,6 +5,7 @@
 # %% ../nbs/04_plots.ipynb #bb22a608
 from __future__ import annotations
 from pathlib import Path
+from .config import atomic_write
 from .metrics import read_metrics
 
 # %% auto #0
@@ -35,8 +36,7 @@ def draw_curves(axes, runs: dict, memory: bool = False):
 def save_figure(fig, out) -> None:
     "Write `fig` to the PNG `out` atomically (a reader never sees half a file), then close it."
     import matplotlib.pyplot as plt
-    out = Path(out); tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110); tmp.replace(out); plt.close(fig)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110)); plt.close(fig)
 
 def plot_runs(run_dirs, out=None, memory: bool = False):
     "Plot the curves of run folders side by side; save to `out` (PNG) when given. Returns the figure."

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 from .config import ConfigError, load_config, atomic_write_text
-from .metrics import read_metrics
+from .metrics import eval_points, read_metrics
 from .plots import save_figure
 
 # %% auto #0
-__all__ = ['parse_vary', 'expand', 'Run', 'run_all', 'eval_points', 'plot_finetune_runs', 'format_table', 'collect',
-           'SweepResult', 'sweep', 'sweep_parser', 'sweep_main']
+__all__ = ['parse_vary', 'expand', 'Run', 'run_all', 'plot_finetune_runs', 'format_table', 'collect', 'SweepResult', 'sweep',
+           'sweep_parser', 'sweep_main']
 
 # %% ../nbs/18_sweep.ipynb #77175a09
 def parse_vary(spec: str) -> tuple:
@@ -70,9 +70,10 @@ class Run:
     records: list = field(default_factory=list)  # its metrics.jsonl, read once when it ends
 
 def _child_env(parallel: int) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if "OMP_NUM_THREADS" not in os.environ: env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-    return env
+    "A launched job's environment (no inherited torchrun variables), with the CPU threads shared among the runs."
+    from scaletrain.launch import child_env
+    if "OMP_NUM_THREADS" in os.environ: return child_env()
+    return child_env({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))})
 
 def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
     "Run every `Run`'s command, at most `parallel` at once; fills `rc` and `seconds`."
@@ -107,10 +108,6 @@ def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
     return runs
 
 # %% ../nbs/18_sweep.ipynb #08b4ba41
-def eval_points(recs: list, metric: str) -> list:
-    "[(step, value)] of `metric` from a run's eval records."
-    return [(r["step"], r[metric]) for r in recs if r.get(metric) is not None and "loss" not in r]
-
 def plot_finetune_runs(runs: dict, metric: str = "accuracy", out=None, ranking: dict | None = None):
     """Training loss and validation `metric` of `{label: run folder or its records}` in one figure (plus a ranking
     bar chart when given)."""
@@ -179,7 +176,7 @@ def _metric_for(command: str, cfg) -> tuple:
     return metric_of(cfg)
 
 def sweep(space: dict, fixed=(), command: str = "finetune", mode: str = "grid", n: int | None = None, parallel: int = 1,
-          out=None, seed: int = 0, config=None, check_data: bool = True) -> SweepResult:
+          out=None, seed: int = 0, config=None) -> SweepResult:
     "Run `command` over the search `space` with `fixed` overrides; returns the ranked results (and writes them under `out`)."
     if command not in ("finetune", "train"): raise ConfigError(f"--command {command}: allowed: finetune | train")
     if parallel < 1: raise ConfigError(f"--parallel={parallel}: must be >= 1")
@@ -196,7 +193,7 @@ def sweep(space: dict, fixed=(), command: str = "finetune", mode: str = "grid", 
     if command == "finetune":
         from scaletrain.finetune import resolve_config, make_task, _keys_of
         for c, combo in zip(cfgs, combos): resolve_config(c, _keys_of(config, fixed + [f"{k}={v}" for k, v in combo.items()]))
-        if check_data: make_task(cfgs[0])
+        make_task(cfgs[0])
     else:
         from scaletrain.data import parse_sources
         parse_sources(cfgs[0].data.source)

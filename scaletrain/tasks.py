@@ -4,14 +4,14 @@
 
 # %% ../nbs/16_tasks.ipynb #f897b7d2
 from __future__ import annotations
-import difflib, json, math, zlib
+import difflib, hashlib, json, math, zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
-from .config import Config, ConfigError
+from .config import Config, ConfigError, atomic_write_text
 from .data import DataError, ByteTokenizer, stdlib_root, stdlib_files, folder_files, is_val_file
 from .train import LMTask
 from .models import flops_per_token, num_params
@@ -379,11 +379,14 @@ def pretraining_corpus(f, out) -> Path:
     out, root = Path(out), stdlib_root()
     held = held_out_files(f)
     files = [p for p in stdlib_files() if p not in held]
+    want = {out / p.relative_to(root): p for p in files}
+    key = hashlib.sha256("\n".join(sorted(str(p) for p in want)).encode()).hexdigest()
     done = out / ".complete"
-    if done.is_file() and done.read_text() == str(len(files)): return out
-    for p in files:
-        link = out / p.relative_to(root)
+    if done.is_file() and done.read_text() == key: return out
+    if out.is_dir():  # made for other held-out files: a link to one of this task's would leak it into pretraining
+        for link in [l for l in out.rglob("*") if l.is_symlink() and l not in want]: link.unlink()
+    for link, p in want.items():
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink(): link.symlink_to(p)
-    done.write_text(str(len(files)))
+    atomic_write_text(done, key)
     return out

@@ -13,8 +13,8 @@ import scaletrain
 from .config import Config, ConfigError, config_hash, fresh_folder, save_config, to_dict, atomic_write_text
 from .data import prepare_data, BatchSampler
 from .models import GPT, num_params, flops_per_token
-from .metrics import MetricsWriter, device_peak, peak_memory_gb, truncate_metrics
-from .dist import init_distributed, build_mesh, RankPrinter
+from .metrics import MetricsWriter, device_peak, peak_memory_gb, read_metrics, truncate_metrics
+from .dist import init_distributed, build_mesh, RankPrinter, vote
 from .engine import lr_at, lm_loss
 from . import checkpoint as ckpt
 
@@ -44,7 +44,7 @@ class TrainingAnomaly(RuntimeError):
     "The loss became NaN or infinite."
 
 # %% ../nbs/08_train.ipynb #cb02f2a9
-EVENTS = ("before_fit", "before_step", "after_step", "after_eval", "after_save", "on_anomaly", "after_fit")
+EVENTS = ("before_fit", "before_step", "after_step", "after_eval", "after_save", "on_anomaly", "after_fit", "on_exit")
 
 class Callback:
     "Subclass and define methods named after `EVENTS`; lower `order` runs first."
@@ -68,7 +68,7 @@ class ProgressCallback(Callback):
                                                          if isinstance(v, float))
         if self.bar is not None: self.bar.write(msg) if self.trainer.info.is_main else None
         else: self.trainer.print(msg)
-    def after_fit(self):
+    def on_exit(self):
         if self.bar is not None: self.bar.close(); self.bar = None
 
 class MetricsCallback(Callback):
@@ -83,18 +83,20 @@ class MetricsCallback(Callback):
         if self.w: self.w.write(dict(step=self.trainer.step, **self.trainer.last_eval))
     def on_anomaly(self):
         if self.w: self.w.write(dict(step=self.trainer.step, anomaly=self.trainer.anomaly))
-    def after_fit(self):
+    def on_exit(self):
         if self.w: self.w.close(); self.w = None
 
 class PlotCallback(Callback):
-    "Saves `loss.png` after each validation pass and at the end (rank 0)."
-    order = 30
+    """Saves `loss.png` after a validation pass (at most every `every_s` seconds: the other ranks wait meanwhile)
+    and at the end (rank 0)."""
+    order, every_s, last = 30, 30.0, 0.0
     def _plot(self):
         if self.trainer.info.is_main and (self.trainer.run_dir / "metrics.jsonl").exists():
             from scaletrain.plots import plot_run
-            import matplotlib.pyplot as plt
-            plt.close(plot_run(self.trainer.run_dir))
-    def after_eval(self): self._plot()
+            plot_run(self.trainer.run_dir)  # saved and closed
+            self.last = time.monotonic()
+    def after_eval(self):
+        if time.monotonic() - self.last >= self.every_s: self._plot()
     def after_fit(self): self._plot()
 
 class SignalCallback(Callback):
@@ -105,8 +107,8 @@ class SignalCallback(Callback):
         if threading.current_thread() is threading.main_thread():
             self.old = signal.signal(signal.SIGTERM, self._handler)
     def _handler(self, signum, frame): self.trainer.stop_requested = True
-    def after_fit(self):
-        if self.old is not None: signal.signal(signal.SIGTERM, self.old)
+    def on_exit(self):  # a notebook kernel outlives the run: its own SIGTERM handling comes back
+        if self.old is not None: signal.signal(signal.SIGTERM, self.old); self.old = None
 
 # %% ../nbs/08_train.ipynb #39ba4b8b
 class LMTask:
@@ -192,7 +194,9 @@ class Trainer:
     def _resume(self):
         st = ckpt.load_checkpoint(ckpt.resolve_checkpoint(self.run_dir), self.engine)
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
-        self.eval_owed = not st.get("evaluated", True)  # a stop can come before its step's evaluation: do it first
+        # a stop can come before its step's evaluation: do it first (unless an earlier resume already logged it)
+        self.eval_owed = not st.get("evaluated", True) and not any(
+            r.get("step") == self.step and "val_loss" in r for r in read_metrics(self.run_dir / "metrics.jsonl"))
         # keep a micro-batch found by `auto`, or lowered after running out of memory, when the global batch is the same
         if st.get("micro_batch") and st.get("global_batch") == self.global_batch and (
                 self.cfg.train.micro_batch == "auto" or st["micro_batch"] < self.micro_batch):
@@ -237,10 +241,7 @@ class Trainer:
 
     def _agree_stop(self) -> bool:
         "All ranks stop at the same step, whichever received the signal."
-        if not self.info.distributed: return self.stop_requested
-        t = torch.tensor([int(self.stop_requested)], device=self.device if self.info.backend == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return vote(self.stop_requested, self.info, self.device, any_rank=True)
 
     def _recover_from_oom(self, err) -> None:
         "After an out-of-memory error in forward/backward: free memory, split the micro-batch, same global batch."
@@ -326,6 +327,7 @@ class Trainer:
         try: return self._fit()
         finally:
             if self._gc_frozen: gc.unfreeze(); self._gc_frozen = False
+            self.fire("on_exit")
 
     def _fit(self) -> dict:
         t = self.cfg.train

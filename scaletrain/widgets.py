@@ -57,12 +57,13 @@ def _gib(x) -> str: return f"{x / 2**30:.2f} GiB" if x >= 2**27 else f"{x / 2**2
 def _count(n) -> str: return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
 
 # %% ../nbs/15_widgets.ipynb #948bee88
-def run_status(d: Path) -> str:
-    try: h = json.loads((d / "launch.lock").read_text())
-    except (OSError, ValueError): h = None
-    if isinstance(h, dict) and "pid" in h and RunLock.is_live(h): return "running"
-    try: return json.loads((d / "summary.json").read_text())["status"]
-    except (OSError, ValueError, KeyError): pass
+def run_status(d: Path, summary: dict | None = None) -> str:
+    "running (a live lock), else the summary's status (`summary`: `summary.json`, if already read), else the last launch's."
+    if RunLock.is_live(RunLock.holder_of(d)): return "running"
+    if summary is None:
+        try: summary = json.loads((d / "summary.json").read_text())
+        except (OSError, ValueError): summary = {}
+    if "status" in summary: return summary["status"]
     try: launches = json.loads((d / "launch.json").read_text())["launches"]
     except (OSError, ValueError, KeyError): return "?"
     return launches[-1]["status"] if launches else "prepared"
@@ -80,7 +81,7 @@ def list_runs(out_dir) -> list[dict]:
         vals = [r["val_loss"] for r in recs if "val_loss" in r]
         try: s = json.loads((d / "summary.json").read_text())
         except (OSError, ValueError): s = {}
-        rows.append(dict(run=d.name, status=run_status(d), steps=steps[-1]["step"] if steps else 0,
+        rows.append(dict(run=d.name, status=run_status(d, s), steps=steps[-1]["step"] if steps else 0,
                          loss=steps[-1]["loss"] if steps else None, val_loss=vals[-1] if vals else None,
                          tokens_per_s=s.get("tokens_per_s"), processes=s.get("world_size"), strategy=s.get("strategy"),
                          path=str(d)))

@@ -1,5 +1,5 @@
 "Bad input: one line naming the field, the value and what is allowed; exit code 2; nothing overwritten."
-import pytest
+import pytest, torch
 from conftest import run_cli, tiny
 
 def one_line_error(r):
@@ -87,3 +87,11 @@ def test_bad_parallel_layouts_refused_before_any_process_starts(tmp_path, args, 
     r = run_cli("train", *args, f"run.out_dir={tmp_path}")
     assert expect in one_line_error(r)
     assert "launching" not in r.stdout and not any(tmp_path.iterdir())
+
+def test_cpu_offload_without_a_gpu_is_one_line(tmp_path):
+    "FSDP's CPU offload moves state off a GPU (pinned memory): on a CPU run it is refused before anything is written."
+    for device in ("cpu",) + (() if torch.cuda.is_available() else ("auto",)):
+        err = one_line_error(run_cli("train", f"run.out_dir={tmp_path}", "parallel.strategy=fsdp", "memory.cpu_offload=true",
+                                     f"train.device={device}"))
+        assert f"memory.cpu_offload=true with train.device={device}" in err, err
+    assert not any(tmp_path.iterdir())

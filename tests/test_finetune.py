@@ -31,6 +31,9 @@ def test_cli_finetune_writes_run_folder(tmp_path, pets, pretrained, cache_dir):
     assert best_checkpoint(run).name == f"best_{s['best_step']:08d}"
     assert load_config(run / "config.yaml").finetune.labels == "birds,cats,dogs"
     assert "val accuracy" in r.stdout and "run folder" in r.stdout
+    # `scaletrain export` writes plain GPTs; a classifier's run says which command exports it
+    r = run_cli("export", run, tmp_path / "ft.safetensors")
+    assert r.returncode == 2 and "scaletrain compress" in r.stderr and not (tmp_path / "ft.safetensors").exists(), r.stderr
 
 def test_frozen_blocks_do_not_change_and_body_lr_is_scaled(tmp_path, pets, pretrained, cache_dir):
     seen = []

@@ -103,3 +103,9 @@ def test_pretraining_corpus_leaves_out_held_out_files(tmp_path):
     linked = {p.resolve() for p in folder_files(out)}
     assert held and not (linked & {p.resolve() for p in held})
     assert len(linked) == len(stdlib_files()) - len(held)
+    # the same folder for a task with other held-out files: none of those may stay linked
+    f2 = load_config(overrides=["finetune.n_classes=4", "finetune.val_fraction=0.3"]).finetune
+    held2 = held_out_files(f2)
+    assert held2 != held
+    linked2 = {p.resolve() for p in folder_files(pretraining_corpus(f2, out))}
+    assert not (linked2 & {p.resolve() for p in held2}) and len(linked2) == len(stdlib_files()) - len(held2)
