@@ -45,8 +45,9 @@ def check_launch_args(args) -> int:
     if args.nproc < 1: raise ConfigError(f"--nproc={args.nproc}: must be >= 1")
     if args.nnodes < 1: raise ConfigError(f"--nnodes={args.nnodes}: must be >= 1")
     if not 0 <= args.node_rank < args.nnodes: raise ConfigError(f"--node-rank={args.node_rank}: must be in [0, {args.nnodes})")
-    from scaletrain.launch import _check_layout  # the rest as `launch()` checks it: rendezvous endpoint, restarts
-    _check_layout(args.nproc, args.nnodes, args.node_rank, None, "127.0.0.1", args.rdzv_endpoint, args.max_restarts)
+    if hasattr(args, "rdzv_endpoint"):  # the command line's; `launch()` checks its own layout before it gets here
+        from scaletrain.launch import _check_layout  # the rest as `launch()` checks it: rendezvous endpoint, restarts
+        _check_layout(args.nproc, args.nnodes, args.node_rank, None, "127.0.0.1", args.rdzv_endpoint, args.max_restarts)
     return args.nproc * args.nnodes
 
 def resume_folder(run_dir, config_file) -> Path:

@@ -95,3 +95,7 @@ def test_cpu_offload_without_a_gpu_is_one_line(tmp_path):
                                      f"train.device={device}"))
         assert f"memory.cpu_offload=true with train.device={device}" in err, err
     assert not any(tmp_path.iterdir())
+
+def test_multinode_without_rendezvous_is_one_line_and_writes_nothing(tmp_path):
+    err = one_line_error(run_cli("train", "--nnodes", "2", f"run.out_dir={tmp_path}", "run.name=mn"))
+    assert "rdzv_endpoint" in err and not any(tmp_path.iterdir())
