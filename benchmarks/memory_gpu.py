@@ -29,8 +29,13 @@ and writes one JSON line per configuration. At the end it checks the targets of 
 token ids are random). Its H200 results (2026-11-27) are in benchmarks/RESULTS.md. `--compile` measures the engine
 with `train.compile` (the estimator models eager autograd, so expect it to overestimate there).
 """
+
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse
+import json
+import os
+import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -42,42 +47,55 @@ from scaletrain.memory import estimate_config, measure_step, TensorMemoryTracker
 
 POLICIES = ("none", "selective", "full", "every_k")
 
+
 def build(shape: dict, precision: str, ac: str, device: torch.device, compile_: bool = False):
     "The Trainer's single-process engine: `build_engine` applies checkpointing, then (with compile_) compiles blocks and loss."
-    cfg = Config(); cfg.model = ModelConfig(**shape)
+    cfg = Config()
+    cfg.model = ModelConfig(**shape)
     cfg.memory.precision, cfg.memory.activation_checkpointing, cfg.memory.ac_every = precision, ac, 2
     cfg.train.compile = compile_
     torch.manual_seed(0)
     return cfg, build_engine(GPT(cfg.model), cfg, device, None)
 
+
 def measure(eng, batch, steps: int, warmup: int) -> dict:
     dev = eng.device
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    for _ in range(warmup): eng.train_step([batch], 1e-4)
+    for _ in range(warmup):
+        eng.train_step([batch], 1e-4)
     sync()
     # activation memory: allocated after forward + loss, minus before; and what the blocks alone leave behind
     tracker = None if cuda else TensorMemoryTracker(dev).track(eng.module, eng.optimizer, *batch)
     now = (lambda: (sync(), torch.cuda.memory_allocated(dev))[1]) if cuda else (lambda: tracker.now)
     # around the blocks, on the (never compiled) modules just before and after them
     m, marks = eng.module, {}
-    hooks = [m.drop.register_forward_hook(lambda mod, a, o: marks.__setitem__("in", now())),
-             m.ln_f.register_forward_pre_hook(lambda mod, a: marks.__setitem__("out", now()))]
+    hooks = [
+        m.drop.register_forward_hook(lambda mod, a, o: marks.__setitem__("in", now())),
+        m.ln_f.register_forward_pre_hook(lambda mod, a: marks.__setitem__("out", now())),
+    ]
     try:
         if cuda:
-            base = now(); loss = eng.forward_loss(*batch); act = now() - base
+            base = now()
+            loss = eng.forward_loss(*batch)
+            act = now() - base
         else:
             with tracker:
-                base = now(); loss = eng.forward_loss(*batch); act = now() - base
+                base = now()
+                loss = eng.forward_loss(*batch)
+                act = now() - base
     finally:
-        for h in hooks: h.remove()
+        for h in hooks:
+            h.remove()
     del loss
     eng.optimizer.zero_grad(set_to_none=True)
     peak = measure_step(eng, [batch], 1e-4, warm=False)["peak"]  # of a whole step
     t0 = time.perf_counter()
-    for _ in range(steps): eng.train_step([batch], 1e-4)
+    for _ in range(steps):
+        eng.train_step([batch], 1e-4)
     sync()
     return dict(peak=peak, act=act, blocks_act=marks["out"] - marks["in"], step_time=(time.perf_counter() - t0) / steps)
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -88,7 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 tiny)")
     p.add_argument("--all-precisions", action="store_true", help="also fp16-mixed")
     p.add_argument("--precisions", default="", help="comma-separated precisions to run instead (e.g. bf16-mixed)")
-    p.add_argument("--compile", action="store_true", help="train.compile=true: blocks and loss compiled (as the Trainer does)")
+    p.add_argument(
+        "--compile", action="store_true", help="train.compile=true: blocks and loss compiled (as the Trainer does)"
+    )
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 50304, GPT-2's padded; 512 tiny)")
     p.add_argument("--out", default=None, help="folder for memory_gpu.jsonl (default $OUT, else the current folder)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -99,65 +119,112 @@ def main(argv=None) -> int:
         mb, steps, warmup = a.micro_batch or 4, a.steps or 2, a.warmup if a.warmup is not None else 1
     else:
         if not torch.cuda.is_available():
-            print("memory_gpu: no CUDA device; use --tiny for the CPU smoke check", file=sys.stderr); return 2
+            print("memory_gpu: no CUDA device; use --tiny for the CPU smoke check", file=sys.stderr)
+            return 2
         dev = torch.device("cuda", 0)
-        shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=a.seq_len or 1024, vocab_size=a.vocab or 50304)  # GPT-2 small, 124M
+        shape = dict(
+            n_layer=12, n_head=12, n_embd=768, block_size=a.seq_len or 1024, vocab_size=a.vocab or 50304
+        )  # GPT-2 small, 124M
         mb, steps, warmup = a.micro_batch or 8, a.steps or 10, a.warmup if a.warmup is not None else 3
-    precisions = a.precisions.split(",") if a.precisions else ["fp32", "bf16-mixed", "bf16-true"] + (["fp16-mixed"] if a.all_precisions else [])
-    out_dir = Path(a.out or os.environ.get("OUT") or "."); out_dir.mkdir(parents=True, exist_ok=True)
+    precisions = (
+        a.precisions.split(",")
+        if a.precisions
+        else ["fp32", "bf16-mixed", "bf16-true"] + (["fp16-mixed"] if a.all_precisions else [])
+    )
+    out_dir = Path(a.out or os.environ.get("OUT") or ".")
+    out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / "memory_gpu.jsonl"
     T, V = shape["block_size"], shape["vocab_size"]
     g = torch.Generator().manual_seed(0)
     batch = tuple(torch.randint(0, V, (mb, T), generator=g).to(dev) for _ in range(2))
     n_params = count_params(ModelConfig(**shape), non_embedding=False)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"memory_gpu: GPT {n_params / 1e6:.1f}M params, micro-batch {mb} x {T} tokens, on {dev_name}; "
-          f"peak = {'torch.cuda.max_memory_allocated' if dev.type == 'cuda' else 'tracked tensor storages (CPU)'}")
-    unit = GiB if dev.type == "cuda" else 2 ** 20
+    print(
+        f"memory_gpu: GPT {n_params / 1e6:.1f}M params, micro-batch {mb} x {T} tokens, on {dev_name}; "
+        f"peak = {'torch.cuda.max_memory_allocated' if dev.type == 'cuda' else 'tracked tensor storages (CPU)'}"
+    )
+    unit = GiB if dev.type == "cuda" else 2**20
     uname = "GiB" if dev.type == "cuda" else "MiB"
-    print(f"{'precision':<11} {'AC':<10} {'peak ' + uname:>10} {'est ' + uname:>10} {'err':>7} {'act ' + uname:>10} "
-          f"{'est act':>9} {'blocks act':>10} {'step ms':>9} {'tok/s':>10}")
+    print(
+        f"{'precision':<11} {'AC':<10} {'peak ' + uname:>10} {'est ' + uname:>10} {'err':>7} {'act ' + uname:>10} "
+        f"{'est act':>9} {'blocks act':>10} {'step ms':>9} {'tok/s':>10}"
+    )
     results = []
     with open(out_file, "a") as fh:
         for prec in precisions:
             for ac in POLICIES:
-                if a.compile: torch._dynamo.reset()  # each configuration compiles afresh
+                if a.compile:
+                    torch._dynamo.reset()  # each configuration compiles afresh
                 cfg, eng = build(shape, prec, ac, dev, a.compile)
-                try: r = measure(eng, batch, steps, warmup)
+                try:
+                    r = measure(eng, batch, steps, warmup)
                 except torch.OutOfMemoryError as e:
-                    print(f"{prec:<11} {ac:<10} out of memory ({str(e).splitlines()[0][:60]})"); continue
+                    print(f"{prec:<11} {ac:<10} out of memory ({str(e).splitlines()[0][:60]})")
+                    continue
                 finally:
                     del eng
-                    if dev.type == "cuda": torch.cuda.empty_cache()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                 est = estimate_config(cfg, 1, mb, device=dev.type)  # the engine's own config: precision and policy
-                rec = dict(device=dev_name, torch=torch.__version__, params=n_params, micro_batch=mb, seq_len=T, precision=prec, ac=ac, compile=a.compile,
-                           peak_bytes=r["peak"], estimate_bytes=est.total, error=est.total / r["peak"] - 1,
-                           activation_bytes=r["act"], estimate_activation_bytes=est.activations, block_activation_bytes=r["blocks_act"],
-                           step_time_s=r["step_time"], tokens_per_s=mb * T / r["step_time"], estimate_phase=est.phase,
-                           estimate_parts=est.parts())
-                results.append(rec); fh.write(json.dumps(rec) + "\n"); fh.flush()
-                print(f"{prec:<11} {ac:<10} {r['peak'] / unit:>10.3f} {est.total / unit:>10.3f} {rec['error']:>+7.1%} "
-                      f"{r['act'] / unit:>10.3f} {est.activations / unit:>9.3f} {r['blocks_act'] / unit:>10.3f} "
-                      f"{r['step_time'] * 1e3:>9.1f} {rec['tokens_per_s']:>10.0f}")
+                rec = dict(
+                    device=dev_name,
+                    torch=torch.__version__,
+                    params=n_params,
+                    micro_batch=mb,
+                    seq_len=T,
+                    precision=prec,
+                    ac=ac,
+                    compile=a.compile,
+                    peak_bytes=r["peak"],
+                    estimate_bytes=est.total,
+                    error=est.total / r["peak"] - 1,
+                    activation_bytes=r["act"],
+                    estimate_activation_bytes=est.activations,
+                    block_activation_bytes=r["blocks_act"],
+                    step_time_s=r["step_time"],
+                    tokens_per_s=mb * T / r["step_time"],
+                    estimate_phase=est.phase,
+                    estimate_parts=est.parts(),
+                )
+                results.append(rec)
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                print(
+                    f"{prec:<11} {ac:<10} {r['peak'] / unit:>10.3f} {est.total / unit:>10.3f} {rec['error']:>+7.1%} "
+                    f"{r['act'] / unit:>10.3f} {est.activations / unit:>9.3f} {r['blocks_act'] / unit:>10.3f} "
+                    f"{r['step_time'] * 1e3:>9.1f} {rec['tokens_per_s']:>10.0f}"
+                )
     ok = True
     print("\ntargets:")
     for prec in precisions:
         got = {r["ac"]: r for r in results if r["precision"] == prec}
-        if "none" not in got: continue
+        if "none" not in got:
+            continue
         n = got["none"]
         checks = [(f"estimate within 15% of the peak ({ac})", abs(got[ac]["error"]) <= 0.15) for ac in got]
         if "selective" in got:
             s = got["selective"]
-            checks += [("selective keeps >= 90% of throughput", s["tokens_per_s"] >= 0.9 * n["tokens_per_s"]),
-                       ("selective cuts activation memory >= 40% (whole forward)", s["activation_bytes"] <= 0.6 * n["activation_bytes"]),
-                       ("selective cuts the blocks' activation memory >= 40%", s["block_activation_bytes"] <= 0.6 * n["block_activation_bytes"])]
-        if "full" in got: checks.append(("full cuts peak memory >= 50%", got["full"]["peak_bytes"] <= 0.5 * n["peak_bytes"]))
+            checks += [
+                ("selective keeps >= 90% of throughput", s["tokens_per_s"] >= 0.9 * n["tokens_per_s"]),
+                (
+                    "selective cuts activation memory >= 40% (whole forward)",
+                    s["activation_bytes"] <= 0.6 * n["activation_bytes"],
+                ),
+                (
+                    "selective cuts the blocks' activation memory >= 40%",
+                    s["block_activation_bytes"] <= 0.6 * n["block_activation_bytes"],
+                ),
+            ]
+        if "full" in got:
+            checks.append(("full cuts peak memory >= 50%", got["full"]["peak_bytes"] <= 0.5 * n["peak_bytes"]))
         for what, passed in checks:
             ok &= passed
             print(f"  {prec:<11} {'PASS' if passed else 'MISS'}  {what}")
     print(f"\nwrote {len(results)} records to {out_file}")
-    if a.tiny: print("(--tiny on CPU: a smoke check of the script; the targets are meant for the GPU run)")
+    if a.tiny:
+        print("(--tiny on CPU: a smoke check of the script; the targets are meant for the GPU run)")
     return 1 if (a.strict and not ok) else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,14 @@ Step time = wall time between the starts of consecutive steps (so the Trainer's 
 median over the timed steps; the two loops alternate for `--rounds` rounds and the medians of rounds are compared.
 Prints the ratio trainer/raw (target <= 1.05) and writes one JSON line to OUT/overhead.jsonl.
 """
-import argparse, json, os, statistics, sys, tempfile, time
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
 from pathlib import Path
 import torch
 
@@ -22,9 +29,15 @@ from scaletrain.train import Trainer, Callback, LMTask
 
 class StepClock(Callback):
     "Wall-clock time at the start of every step."
-    def __init__(self): self.t = []
-    def before_step(self): self.t.append(time.perf_counter())
-    def after_fit(self): self.t.append(time.perf_counter())
+
+    def __init__(self):
+        self.t = []
+
+    def before_step(self):
+        self.t.append(time.perf_counter())
+
+    def after_fit(self):
+        self.t.append(time.perf_counter())
 
 
 def step_times(stamps, skip):
@@ -44,9 +57,11 @@ def raw_loop(cfg, sampler, device, steps, skip):
         loss = lm_loss(model(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         loss.item()
-    if device.type == "cuda": torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     stamps.append(time.perf_counter())
     return step_times(stamps, skip)
 
@@ -67,12 +82,20 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    overrides = [f"train.steps={a.steps}", "train.eval_every=0", "train.eval_iters=1", "train.ckpt_every=0",
-                 f"train.device={a.device}", "train.warmup_steps=2"]
+    overrides = [
+        f"train.steps={a.steps}",
+        "train.eval_every=0",
+        "train.eval_iters=1",
+        "train.ckpt_every=0",
+        f"train.device={a.device}",
+        "train.warmup_steps=2",
+    ]
     cfg = load_config(overrides=overrides)
-    task = LMTask(cfg, show_progress=False)          # same data and model shape as the Trainer
+    task = LMTask(cfg, show_progress=False)  # same data and model shape as the Trainer
     device = torch.device(a.device)
-    sampler = BatchSampler(task.data.train, task.data.weights, cfg.model.block_size, int(cfg.train.micro_batch), cfg.train.seed)
+    sampler = BatchSampler(
+        task.data.train, task.data.weights, cfg.model.block_size, int(cfg.train.micro_batch), cfg.train.seed
+    )
     tmp = Path(tempfile.mkdtemp())
     raw, tr = [], []
     for r in range(a.rounds):
@@ -80,14 +103,24 @@ def main():
         tr.append(statistics.median(trainer_loop(overrides, tmp / f"r{r}", a.skip)))
         print(f"round {r}: raw {raw[-1] * 1e3:.1f} ms/step, trainer {tr[-1] * 1e3:.1f} ms/step", flush=True)
     raw_s, tr_s = statistics.median(raw), statistics.median(tr)
-    res = dict(bench="overhead", device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
-               model=dict(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, block_size=cfg.model.block_size),
-               micro_batch=int(cfg.train.micro_batch), steps=a.steps, rounds=a.rounds,
-               raw_ms=round(raw_s * 1e3, 2), trainer_ms=round(tr_s * 1e3, 2), ratio=round(tr_s / raw_s, 4))
+    res = dict(
+        bench="overhead",
+        device=str(device),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        model=dict(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, block_size=cfg.model.block_size),
+        micro_batch=int(cfg.train.micro_batch),
+        steps=a.steps,
+        rounds=a.rounds,
+        raw_ms=round(raw_s * 1e3, 2),
+        trainer_ms=round(tr_s * 1e3, 2),
+        ratio=round(tr_s / raw_s, 4),
+    )
     print(json.dumps(res))
     print(f"trainer / raw step time = {res['ratio']:.3f} (target <= 1.05)")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    with open(Path(a.out) / "overhead.jsonl", "a") as f: f.write(json.dumps(res) + "\n")
+    with open(Path(a.out) / "overhead.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,20 @@ Trainer step time is the mean interval between the starts of steps 6..25 (so its
 Prints one JSON line per variant (also appended to OUT/overhead_gpu.jsonl) and a table with the ratio of each
 variant's tokens/s to `anchor_raw_compiled` (target for `trainer_compiled`: >= 0.98).
 """
+
 from __future__ import annotations
-import argparse, gc, json, os, sys, tempfile, time
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent)); sys.path.insert(0, str(HERE))  # run from a checkout without installing
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # run from a checkout without installing
 import torch
 import gpu_anchors as A
 from scaletrain.config import load_config
@@ -35,128 +43,228 @@ from scaletrain.parallel import _compile_blocks, _compile_loss
 from scaletrain.models import GPT, flops_per_token
 from scaletrain.train import Trainer, Callback
 
+
 def profile_table(prof, dev) -> str:
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
 
+
 class ProfileSteps(Callback):
     "torch.profiler over steps [start, start + n) of a Trainer run; prints the top kernels."
-    def __init__(self, start, n, dev): self.start, self.n, self.dev, self.prof = start, n, dev, None
+
+    def __init__(self, start, n, dev):
+        self.start, self.n, self.dev, self.prof = start, n, dev, None
+
     def before_step(self):
         s = self.trainer.step
         if s == self.start:
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])); self.prof.start()
+            self.prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])
+            )
+            self.prof.start()
         elif s == self.start + self.n and self.prof is not None:
-            if self.dev.type == "cuda": torch.cuda.synchronize()
+            if self.dev.type == "cuda":
+                torch.cuda.synchronize()
             self.prof.stop()
-            print(f"profile of trainer steps {self.start + 1}..{s}:\n" + profile_table(self.prof, self.dev)); self.prof = None
+            print(f"profile of trainer steps {self.start + 1}..{s}:\n" + profile_table(self.prof, self.dev))
+            self.prof = None
+
 
 class StepClock(Callback):
     "Wall-clock time at the start of every step, and once after the last."
-    def __init__(self): self.t = []
-    def before_step(self): self.t.append(time.perf_counter())
+
+    def __init__(self):
+        self.t = []
+
+    def before_step(self):
+        self.t.append(time.perf_counter())
+
     def after_step(self):
-        if self.trainer.step == self.trainer.cfg.train.steps: self.t.append(time.perf_counter())
+        if self.trainer.step == self.trainer.cfg.train.steps:
+            self.t.append(time.perf_counter())
+
 
 def shape_overrides(shape, B):
     L, d, h, T, V = shape
-    return [f"model.n_layer={L}", f"model.n_embd={d}", f"model.n_head={h}", f"model.block_size={T}", f"model.vocab_size={V}",
-            "model.bias=true", "model.tie_weights=true", "model.dropout=0", f"train.micro_batch={B}", f"train.eval_batch={B}"]
+    return [
+        f"model.n_layer={L}",
+        f"model.n_embd={d}",
+        f"model.n_head={h}",
+        f"model.block_size={T}",
+        f"model.vocab_size={V}",
+        "model.bias=true",
+        "model.tie_weights=true",
+        "model.dropout=0",
+        f"train.micro_batch={B}",
+        f"train.eval_batch={B}",
+    ]
+
 
 def run_st_raw(cfg_shape, B, dev, compile_, regional=False):
     "The anchors' loop around scaletrain's GPT and loss; `regional`: compiled as the Trainer does (each block, and the loss)."
     c = load_config(overrides=shape_overrides(cfg_shape, B)).model
     m = GPT(c).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-4, fused=dev.type == "cuda")
+
     class WithLoss(torch.nn.Module):
-        def __init__(s, m, loss): super().__init__(); s.m, s.loss = m, loss
-        def forward(s, x, y): return s.loss(s.m(x), y)
+        def __init__(s, m, loss):
+            super().__init__()
+            s.m, s.loss = m, loss
+
+        def forward(s, x, y):
+            return s.loss(s.m(x), y)
+
     if regional:  # exactly what build_engine does under train.compile
         fwd = WithLoss(_compile_blocks(m), _compile_loss({})["loss_fn"])
     else:
-        fwd = WithLoss(m, lm_loss); fwd = torch.compile(fwd) if compile_ else fwd
+        fwd = WithLoss(m, lm_loss)
+        fwd = torch.compile(fwd) if compile_ else fwd
+
     def step(x, y):
-        with torch.autocast(dev.type, dtype=torch.bfloat16): loss = fwd(x, y)
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     return m, step
+
 
 def run_trainer(cfg_shape, B, dev, compile_, warm, n, work: Path, extra=(), profile=False):
     ov = shape_overrides(cfg_shape, B) + [
-        f"train.steps={warm + n}", "train.warmup_steps=2", "train.eval_every=0", "train.eval_iters=1", "train.ckpt_every=0",
-        f"train.device={dev.type}", "memory.precision=bf16-mixed", f"train.compile={str(compile_).lower()}",
-        f"run.out_dir={work}", f"data.cache_dir={work / 'cache'}", *extra]
+        f"train.steps={warm + n}",
+        "train.warmup_steps=2",
+        "train.eval_every=0",
+        "train.eval_iters=1",
+        "train.ckpt_every=0",
+        f"train.device={dev.type}",
+        "memory.precision=bf16-mixed",
+        f"train.compile={str(compile_).lower()}",
+        f"run.out_dir={work}",
+        f"data.cache_dir={work / 'cache'}",
+        *extra,
+    ]
     clock = StepClock()
     extra_cbs = [ProfileSteps(warm + n, 3, dev)] if profile else []  # after the timed steps, so they are not disturbed
-    if profile: ov = [o for o in ov if not o.startswith("train.steps=")] + [f"train.steps={warm + n + 4}"]
+    if profile:
+        ov = [o for o in ov if not o.startswith("train.steps=")] + [f"train.steps={warm + n + 4}"]
     t = Trainer(load_config(overrides=ov), callbacks=[clock, *extra_cbs])
     s = t.fit()
-    d = [b - a for a, b in zip(clock.t, clock.t[1:])][warm:warm + n]
+    d = [b - a for a, b in zip(clock.t, clock.t[1:])][warm : warm + n]
     return t, sum(d) / len(d), s
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true"); ap.add_argument("--only", default="")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--only", default="")
     ap.add_argument("--profile", default="", help="comma-separated variants to profile for 3 steps after timing them")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
-    if a.tiny: shape, B, warm, n = (2, 64, 4, 128, 512), 4, 2, 3
-    else: shape, B, warm, n = (12, 768, 12, 1024, 50304), 16, 5, 20
-    if dev.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = True  # as the anchors do
+    if a.tiny:
+        shape, B, warm, n = (2, 64, 4, 128, 512), 4, 2, 3
+    else:
+        shape, B, warm, n = (12, 768, 12, 1024, 50304), 16, 5, 20
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the anchors do
     peak = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12
-    info = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", batch=B, seq_len=shape[3])
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    info = dict(
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        batch=B,
+        seq_len=shape[3],
+    )
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="overhead_gpu_"))
     only = set(filter(None, a.only.split(",")))
     data = A.batches(B, shape[3], shape[4], dev)
     fpt = flops_per_token(load_config(overrides=shape_overrides(shape, B)).model)
     res = []
+
     def emit(name, step_s, extra=None):
         tok = B * shape[3] / step_s
-        r = dict(name=name, step_ms=round(step_s * 1e3, 2), tokens_per_s=round(tok), mfu=round(fpt * tok / peak, 4),
-                 peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None, **info, **(extra or {}))
-        res.append(r); print(json.dumps(r), flush=True)
-        with open(out / "overhead_gpu.jsonl", "a") as f: f.write(json.dumps(r) + "\n")
-    plan = [("anchor_raw_eager", lambda: A.run_raw(dict(shape=shape, B=B), dev, False)),
-            ("anchor_raw_compiled", lambda: A.run_raw(dict(shape=shape, B=B), dev, True)),
-            ("st_raw_compiled", lambda: run_st_raw(shape, B, dev, True)),
-            ("st_raw_regional", lambda: run_st_raw(shape, B, dev, True, regional=True)),
-            ("trainer_eager", dict(compile_=False)),
-            ("trainer_eager_log10", dict(compile_=False, extra=["run.log_every=10"])),
-            ("trainer_compiled", dict(compile_=True)),
-            ("trainer_compiled_log10", dict(compile_=True, extra=["run.log_every=10"])),
-            ("trainer_compiled_noclip", dict(compile_=True, extra=["train.grad_clip=0"]))]
+        r = dict(
+            name=name,
+            step_ms=round(step_s * 1e3, 2),
+            tokens_per_s=round(tok),
+            mfu=round(fpt * tok / peak, 4),
+            peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
+            **info,
+            **(extra or {}),
+        )
+        res.append(r)
+        print(json.dumps(r), flush=True)
+        with open(out / "overhead_gpu.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    plan = [
+        ("anchor_raw_eager", lambda: A.run_raw(dict(shape=shape, B=B), dev, False)),
+        ("anchor_raw_compiled", lambda: A.run_raw(dict(shape=shape, B=B), dev, True)),
+        ("st_raw_compiled", lambda: run_st_raw(shape, B, dev, True)),
+        ("st_raw_regional", lambda: run_st_raw(shape, B, dev, True, regional=True)),
+        ("trainer_eager", dict(compile_=False)),
+        ("trainer_eager_log10", dict(compile_=False, extra=["run.log_every=10"])),
+        ("trainer_compiled", dict(compile_=True)),
+        ("trainer_compiled_log10", dict(compile_=True, extra=["run.log_every=10"])),
+        ("trainer_compiled_noclip", dict(compile_=True, extra=["train.grad_clip=0"])),
+    ]
     for name, make in plan:
-        if only and name not in only: continue
-        if dev.type == "cuda": torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        if only and name not in only:
+            continue
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
             prof = name in a.profile.split(",")
             if callable(make):
-                m, step = make(); s = A.timed(step, data, dev, warm, n)
+                m, step = make()
+                s = A.timed(step, data, dev, warm, n)
                 emit(name, s, dict(setup_s=round(time.perf_counter() - t0 - s * n, 1)))
                 if prof:
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                            [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])) as p:
+                    with torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU]
+                        + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+                    ) as p:
                         A.timed(step, data, dev, 0, 3)
                     print(f"profile of {name}, 3 steps:\n" + profile_table(p, dev))
                 del m, step
             else:
                 t, s, summ = run_trainer(shape, B, dev, work=work / name, warm=warm, n=n, profile=prof, **make)
-                emit(name, s, dict(trainer_mfu=round(summ["mfu"], 4), n_params=summ["n_params"], wall_s=round(time.perf_counter() - t0, 1)))
+                emit(
+                    name,
+                    s,
+                    dict(
+                        trainer_mfu=round(summ["mfu"], 4),
+                        n_params=summ["n_params"],
+                        wall_s=round(time.perf_counter() - t0, 1),
+                    ),
+                )
                 del t
         except Exception as e:  # one variant failing must not lose the others
-            import traceback; traceback.print_exc()
-            r = dict(name=name, error=repr(e)[:300], **info); res.append(r); print(json.dumps(r), flush=True)
-        gc.collect(); torch._dynamo.reset()
+            import traceback
+
+            traceback.print_exc()
+            r = dict(name=name, error=repr(e)[:300], **info)
+            res.append(r)
+            print(json.dumps(r), flush=True)
+        gc.collect()
+        torch._dynamo.reset()
     base = next((r for r in res if r["name"] == "anchor_raw_compiled" and "tokens_per_s" in r), None)
     print(f"\n{'variant':<26} {'step ms':>9} {'tokens/s':>11} {'MFU':>7} {'mem GB':>7} {'vs raw compiled':>16}")
     for r in res:
-        if "tokens_per_s" not in r: print(f"{r['name']:<26} error: {r['error']}"); continue
+        if "tokens_per_s" not in r:
+            print(f"{r['name']:<26} error: {r['error']}")
+            continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else "-"
-        print(f"{r['name']:<26} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,} {r['mfu']:>7.3f} {str(r['peak_mem_gb']):>7} {ratio:>16}")
+        print(
+            f"{r['name']:<26} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,} {r['mfu']:>7.3f} {str(r['peak_mem_gb']):>7} {ratio:>16}"
+        )
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,8 +4,10 @@
 
 # %% ../nbs/11_activations.ipynb #23e3f965
 from __future__ import annotations
-import functools, weakref
-import torch, torch.nn as nn
+import functools
+import weakref
+import torch
+import torch.nn as nn
 from .config import MemoryConfig, ConfigError
 
 # %% auto #0
@@ -19,18 +21,30 @@ def _ops(*names):
     for n in names:
         obj = torch.ops
         try:
-            for part in n.split("."): obj = getattr(obj, part)
+            for part in n.split("."):
+                obj = getattr(obj, part)
             out.add(obj)
-        except (AttributeError, RuntimeError): pass
+        except (AttributeError, RuntimeError):
+            pass
     return out
 
-MM_OPS = _ops("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default", "aten._scaled_mm.default")
+
+MM_OPS = _ops(
+    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default", "aten._scaled_mm.default"
+)
 ATTN_OPS = _ops(
-    "aten._scaled_dot_product_flash_attention.default", "aten._scaled_dot_product_efficient_attention.default",
-    "aten._scaled_dot_product_cudnn_attention.default", "aten._scaled_dot_product_flash_attention_for_cpu.default")
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+)
 COLL_OPS = _ops(
-    "_c10d_functional.reduce_scatter_tensor.default", "_c10d_functional.all_reduce.default",
-    "_c10d_functional.all_gather_into_tensor.default", "_c10d_functional.all_to_all_single.default")
+    "_c10d_functional.reduce_scatter_tensor.default",
+    "_c10d_functional.all_reduce.default",
+    "_c10d_functional.all_gather_into_tensor.default",
+    "_c10d_functional.all_to_all_single.default",
+)
+
 
 def selective_policy():
     """A policy for one checkpointed call: keep the outputs of matmuls, attention and collectives, except the first
@@ -38,39 +52,57 @@ def selective_policy():
     only feeds the residual add, so keeping it costs 2 bytes x hidden per token (16-bit) while recomputing it costs
     one h x h matmul, about 3 % of a block's forward + backward FLOPs."""
     from torch.utils.checkpoint import CheckpointPolicy
+
     after_attn = {}  # per pass (forward, recompute): both passes see the same ops, so they decide alike
+
     def policy(ctx, op, *args, **kwargs):
-        if op in ATTN_OPS: after_attn[ctx.is_recompute] = True; return CheckpointPolicy.MUST_SAVE
+        if op in ATTN_OPS:
+            after_attn[ctx.is_recompute] = True
+            return CheckpointPolicy.MUST_SAVE
         if op in MM_OPS:
-            return CheckpointPolicy.PREFER_RECOMPUTE if after_attn.pop(ctx.is_recompute, False) else CheckpointPolicy.MUST_SAVE
+            return (
+                CheckpointPolicy.PREFER_RECOMPUTE
+                if after_attn.pop(ctx.is_recompute, False)
+                else CheckpointPolicy.MUST_SAVE
+            )
         return CheckpointPolicy.MUST_SAVE if op in COLL_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
     return policy
+
 
 def selective_context():
     "A fresh pair of selective-checkpoint contexts (torch asks for one per checkpointed call)."
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
     return create_selective_checkpoint_contexts(selective_policy())
 
 # %% ../nbs/11_activations.ipynb #c7ed9283
 def _autocast_state(device_type: str):
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
+
 def _pin_autocast(original_forward):
     "Wrap `original_forward(module, *args)` so recomputation runs under the forward's autocast state."
     from fairscale.nn.checkpoint.checkpoint_activations import is_recomputing
+
     state = {}
+
     def forward(module, *args, **kwargs):
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         dev = x.device.type if x is not None else "cpu"
-        if not is_recomputing(): state[dev] = _autocast_state(dev)
+        if not is_recomputing():
+            state[dev] = _autocast_state(dev)
         enabled, dtype = state.get(dev, _autocast_state(dev))
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             return original_forward(module, *args, **kwargs)
+
     return forward
+
 
 def _offload_wrap(block: nn.Module) -> nn.Module:
     "fairscale `checkpoint_wrapper(offload_to_cpu=True)`, with the autocast repair; patches in place."
     from fairscale.nn.checkpoint import checkpoint_wrapper as fs_checkpoint_wrapper
+
     fs_checkpoint_wrapper(block, offload_to_cpu=True)
     p = block.forward
     if not (isinstance(p, functools.partial) and len(p.args) == 3 and isinstance(p.args[1], weakref.ref)):
@@ -78,18 +110,26 @@ def _offload_wrap(block: nn.Module) -> nn.Module:
     block.forward = functools.partial(p.func, _pin_autocast(p.args[0]), *p.args[1:])
     return block
 
+
 def is_checkpointed(block: nn.Module) -> bool:
     "True when `block` was already wrapped by `apply_activation_checkpointing`."
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+
     return isinstance(block, ActivationWrapper) or getattr(block, "_scaletrain_ac", None) is not None
+
 
 def wrap_block(block: nn.Module, selective: bool = False, offload: bool = False) -> nn.Module:
     "One block under checkpointing: torch's wrapper (full or selective) or fairscale's offloading wrapper."
     if offload:
-        if selective: raise ConfigError("config: memory.activation_checkpointing=selective cannot be combined with memory.ac_offload=true")
-        block = _offload_wrap(block); block._scaletrain_ac = "offload"
+        if selective:
+            raise ConfigError(
+                "config: memory.activation_checkpointing=selective cannot be combined with memory.ac_offload=true"
+            )
+        block = _offload_wrap(block)
+        block._scaletrain_ac = "offload"
         return block
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     kw = dict(context_fn=selective_context) if selective else {}
     return checkpoint_wrapper(block, preserve_rng_state=True, **kw)
 
@@ -100,36 +140,53 @@ def _dry_run(block: nn.Module, n_embd: int):
     flags = {q: q.requires_grad for q in block.parameters()}
     devices = [p.device] if p.device.type == "cuda" else []
     try:
-        for q in flags: q.requires_grad_(False)       # gradients flow to the input only: no parameter .grad is made
-        with torch.random.fork_rng(devices=devices): block(x).float().sum().backward()
+        for q in flags:
+            q.requires_grad_(False)  # gradients flow to the input only: no parameter .grad is made
+        with torch.random.fork_rng(devices=devices):
+            block(x).float().sum().backward()
     finally:
-        for q, f in flags.items(): q.requires_grad_(f)
+        for q, f in flags.items():
+            q.requires_grad_(f)
+
 
 def check_selective(wrapped: nn.Module, plain: nn.Module, n_embd: int) -> None:
     "Raise a one-line `ConfigError` if `plain` runs but its selective-checkpointed form `wrapped` does not."
-    if any(type(q).__name__ == "DTensor" for q in plain.parameters()): return
-    try: _dry_run(wrapped, n_embd)
+    if any(type(q).__name__ == "DTensor" for q in plain.parameters()):
+        return
+    try:
+        _dry_run(wrapped, n_embd)
     except RuntimeError as e:
-        try: _dry_run(plain, n_embd)
-        except Exception: return  # the block wants other inputs than (batch, tokens, n_embd): nothing to learn here
-        raise ConfigError(f"config: memory.activation_checkpointing=selective: the model's blocks use an operation the "
-                          f"selective policy cannot keep ({str(e).splitlines()[0]}); use full or every_k") from None
+        try:
+            _dry_run(plain, n_embd)
+        except Exception:
+            return  # the block wants other inputs than (batch, tokens, n_embd): nothing to learn here
+        raise ConfigError(
+            f"config: memory.activation_checkpointing=selective: the model's blocks use an operation the "
+            f"selective policy cannot keep ({str(e).splitlines()[0]}); use full or every_k"
+        ) from None
 
 # %% ../nbs/11_activations.ipynb #ad54e317
 def checkpointed_blocks(keys, policy: str, every: int = 2) -> list[str]:
     "Which block keys a policy checkpoints; `every_k` takes blocks k, 2k, … by their global index."
-    if policy == "none": return []
-    if policy in ("full", "selective"): return list(keys)
-    if policy == "every_k": return [k for k in keys if (int(k) + 1) % every == 0]
+    if policy == "none":
+        return []
+    if policy in ("full", "selective"):
+        return list(keys)
+    if policy == "every_k":
+        return [k for k in keys if (int(k) + 1) % every == 0]
     raise ConfigError(f"config: memory.activation_checkpointing={policy!r}: allowed: none | full | selective | every_k")
+
 
 def apply_activation_checkpointing(model: nn.Module, mem: MemoryConfig) -> nn.Module:
     "Wrap `model.blocks` in place according to `mem` (a `MemoryConfig`); returns `model`."
     policy = mem.activation_checkpointing
-    if policy == "none": return model
+    if policy == "none":
+        return model
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleDict):
-        raise ConfigError(f"config: memory.activation_checkpointing={policy}: the model has no `blocks` ModuleDict to checkpoint")
+        raise ConfigError(
+            f"config: memory.activation_checkpointing={policy}: the model has no `blocks` ModuleDict to checkpoint"
+        )
     # keys are global block numbers, so a pipeline stage holding blocks "4".."7" picks the same blocks as a whole model
     checked = set()
     for k in checkpointed_blocks(blocks.keys(), policy, mem.ac_every):
@@ -138,5 +195,6 @@ def apply_activation_checkpointing(model: nn.Module, mem: MemoryConfig) -> nn.Mo
             blocks[k] = wrap_block(plain, selective=policy == "selective", offload=mem.ac_offload)
             n_embd = getattr(getattr(model, "config", None), "n_embd", None)
             if policy == "selective" and n_embd and type(plain) not in checked:
-                check_selective(blocks[k], plain, n_embd); checked.add(type(plain))
+                check_selective(blocks[k], plain, n_embd)
+                checked.add(type(plain))
     return model

@@ -4,7 +4,10 @@
 
 # %% ../nbs/07_checkpoint.ipynb #56f26944
 from __future__ import annotations
-import os, random, shutil, warnings
+import os
+import random
+import shutil
+import warnings
 from pathlib import Path
 import torch
 from .config import atomic_write, atomic_write_text
@@ -19,108 +22,153 @@ __all__ = ['CheckpointError', 'step_name', 'is_complete', 'pointed_checkpoint', 
 class CheckpointError(ValueError):
     "A missing or unreadable checkpoint: one line naming the path and what was expected."
 
+
 def _load_errors():
     "DCP reports failures as CheckpointException, which is a BaseException, not an Exception."
     from torch.distributed.checkpoint.api import CheckpointException
+
     return (Exception, CheckpointException)
+
 
 def _first_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return (msg[-1] if msg else type(e).__name__)[:160]
 
-def step_name(step: int) -> str: return f"step_{step:08d}"
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
 
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / "trainer_state.pt").is_file()
 
+
 def pointed_checkpoint(run_dir, pointer: str = "latest") -> Path | None:
     "The complete checkpoint that `checkpoints/<pointer>` names, or None."
     p = Path(run_dir) / "checkpoints" / pointer
-    if not p.is_file(): return None
+    if not p.is_file():
+        return None
     c = p.parent / p.read_text().strip()
     return c if is_complete(c) else None
+
 
 def latest_checkpoint(run_dir) -> Path | None:
     "The newest complete checkpoint of a run folder (via `checkpoints/latest`, else by name)."
     ck = Path(run_dir) / "checkpoints"
-    if not ck.is_dir(): return None
-    if (c := pointed_checkpoint(run_dir)) is not None: return c
+    if not ck.is_dir():
+        return None
+    if (c := pointed_checkpoint(run_dir)) is not None:
+        return c
     done = sorted(d for d in ck.glob("step_*") if d.is_dir() and is_complete(d))
     return done[-1] if done else None
+
 
 def resolve_checkpoint(path) -> Path:
     "A checkpoint folder from a run folder or a checkpoint folder; `CheckpointError` if there is none."
     p = Path(path)
-    if not p.exists(): raise CheckpointError(f"checkpoint {path}: no such file or folder; give a run folder or one of its checkpoints/step_* folders")
-    if is_complete(p): return p
+    if not p.exists():
+        raise CheckpointError(
+            f"checkpoint {path}: no such file or folder; give a run folder or one of its checkpoints/step_* folders"
+        )
+    if is_complete(p):
+        return p
     if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file():
         c = latest_checkpoint(p)
-        if c is None: raise CheckpointError(f"checkpoint {path}: the run folder holds no complete checkpoint under checkpoints/")
+        if c is None:
+            raise CheckpointError(f"checkpoint {path}: the run folder holds no complete checkpoint under checkpoints/")
         return c
-    raise CheckpointError(f"checkpoint {path}: not a scaletrain checkpoint (expected .metadata and trainer_state.pt, or a run folder)")
+    raise CheckpointError(
+        f"checkpoint {path}: not a scaletrain checkpoint (expected .metadata and trainer_state.pt, or a run folder)"
+    )
 
 # %% ../nbs/07_checkpoint.ipynb #080780e4
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): st["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
+
 def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"]); random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
-        try: torch.cuda.set_rng_state_all(st["cuda"])
-        except Exception as e: warnings.warn(f"could not restore CUDA RNG state: {e}")
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except Exception as e:
+            warnings.warn(f"could not restore CUDA RNG state: {e}")
+
 
 def _save(obj, path: Path):  # inside a checkpoint's temporary folder, which is renamed into place as a whole
-    path.parent.mkdir(parents=True, exist_ok=True); torch.save(obj, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
 
 # %% ../nbs/07_checkpoint.ipynb #009f5aad
-def write_checkpoint(run_dir, name: str, state: dict, trainer_state: dict, pointer: str = "latest", keep: int = 2,
-                     rng: bool = True) -> Path:
+def write_checkpoint(
+    run_dir, name: str, state: dict, trainer_state: dict, pointer: str = "latest", keep: int = 2, rng: bool = True
+) -> Path:
     """Collective: write `state` (DCP, sharded) and `trainer_state` as `checkpoints/<name>`, through a temporary folder
     and a rename, then point `checkpoints/<pointer>` at it and keep the newest `keep` folders of that family."""
     import torch.distributed.checkpoint as dcp
+
     ck = Path(run_dir) / "checkpoints"
     final, tmp = ck / name, ck / f".{name}.tmp"
     if process_rank() == 0:
-        if tmp.exists(): shutil.rmtree(tmp)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=str(tmp))
-    if rng: _save(rng_state(), tmp / "rng" / f"rank{process_rank()}.pt")
-    if process_rank() == 0: _save(trainer_state, tmp / "trainer_state.pt")
+    if rng:
+        _save(rng_state(), tmp / "rng" / f"rank{process_rank()}.pt")
+    if process_rank() == 0:
+        _save(trainer_state, tmp / "trainer_state.pt")
     barrier()
     if process_rank() == 0:
         old = ck / f".{name}.old"  # the same step saved again: the name always holds a whole checkpoint
-        if final.exists(): os.replace(final, old)
+        if final.exists():
+            os.replace(final, old)
         os.replace(tmp, final)
-        if old.exists(): shutil.rmtree(old)
+        if old.exists():
+            shutil.rmtree(old)
         atomic_write_text(ck / pointer, final.name)
         family = name.rsplit("_", 1)[0] + "_*"  # step_00000100 -> step_*, best_00000040 -> best_*
-        for old in sorted(d for d in ck.glob(family) if d.is_dir())[:-keep]: shutil.rmtree(old, ignore_errors=True)
+        for old in sorted(d for d in ck.glob(family) if d.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
+
 def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:
     "Collective: every rank calls it. Returns the finished checkpoint folder."
-    return write_checkpoint(run_dir, step_name(step), engine.state_dict(), dict(trainer_state, engine=engine.extra_state()), keep=keep)
+    return write_checkpoint(
+        run_dir, step_name(step), engine.state_dict(), dict(trainer_state, engine=engine.extra_state()), keep=keep
+    )
+
 
 def read_trainer_state(path) -> dict:
     p = Path(path) / "trainer_state.pt"
-    try: return torch.load(p, weights_only=True)
-    except Exception as e: raise CheckpointError(f"checkpoint {path}: trainer_state.pt is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+    try:
+        return torch.load(p, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path}: trainer_state.pt is unreadable ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
+
 
 def _dcp_load(sd: dict, path: Path, what: str) -> None:
     "Fill `sd` in place from the DCP checkpoint at `path`; a failure becomes one `CheckpointError` line."
     import torch.distributed.checkpoint as dcp
+
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(sd, checkpoint_id=str(path))
     except _load_errors() as e:
         raise CheckpointError(f"checkpoint {path}: {what} ({type(e).__name__}: {_first_line(e)})") from None
+
 
 def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     "Collective: load model, optimizer and extra state into `engine`; returns the trainer state."
@@ -131,13 +179,16 @@ def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     engine.load_state_dict(sd)
     engine.load_extra_state(st.get("engine", {}))
     rf = path / "rng" / f"rank{process_rank()}.pt"
-    if restore_rng and rf.is_file(): set_rng_state(torch.load(rf, weights_only=True))
+    if restore_rng and rf.is_file():
+        set_rng_state(torch.load(rf, weights_only=True))
     return st
+
 
 def load_model_weights(path, model: torch.nn.Module, exclude: tuple = ()) -> dict:
     """Load only the model's weights (any strategy, any world size) into a plain `model`; returns the trainer state.
     Parameters whose names start with one of `exclude` keep their values (e.g. a new head in place of the LM head)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
     path = resolve_checkpoint(path)
     st = read_trainer_state(path)
     sd = {"model": {k: v for k, v in get_model_state_dict(model).items() if not k.startswith(exclude)}}
@@ -149,9 +200,12 @@ def load_model_weights(path, model: torch.nn.Module, exclude: tuple = ()) -> dic
 def checkpoint_config(path):
     "The `Config` a checkpoint was written with."
     from scaletrain.config import from_dict
+
     st = read_trainer_state(resolve_checkpoint(path))
-    if "config" not in st: raise CheckpointError(f"checkpoint {path}: has no recorded config")
+    if "config" not in st:
+        raise CheckpointError(f"checkpoint {path}: has no recorded config")
     return from_dict(st["config"], where=f"checkpoint {path}")
+
 
 def export_safetensors(path, out) -> Path:
     "Write the model weights of checkpoint/run `path` to one safetensors file `out`."
@@ -159,30 +213,42 @@ def export_safetensors(path, out) -> Path:
     from safetensors.torch import save_model
     from scaletrain.models import GPT
     from scaletrain.config import to_dict
+
     ck = resolve_checkpoint(path)
     cfg = checkpoint_config(ck)
     if cfg.finetune.labels:  # its head is a classifier's: the compress stage exports those, labels and all
-        raise CheckpointError(f"checkpoint {path}: a fine-tuned classifier; export it with: scaletrain compress {path} "
-                              "--prune none --quant none (writes model_float.safetensors for load_for_inference)")
+        raise CheckpointError(
+            f"checkpoint {path}: a fine-tuned classifier; export it with: scaletrain compress {path} "
+            "--prune none --quant none (writes model_float.safetensors for load_for_inference)"
+        )
     model = GPT(cfg.model)
     st = load_model_weights(ck, model)
     meta = {"scaletrain_config": json.dumps(to_dict(cfg)), "step": str(st.get("step", 0))}
     return atomic_write(out, lambda tmp: save_model(model, tmp, metadata=meta))
 
+
 def load_safetensors(path):
     "A `GPT` (eval mode) from a file written by `export_safetensors`."
     from safetensors.torch import load_model
     from scaletrain.models import GPT
+
     cfg, _ = safetensors_config(path)
-    model = GPT(cfg.model); load_model(model, str(path)); return model.eval()
+    model = GPT(cfg.model)
+    load_model(model, str(path))
+    return model.eval()
+
 
 def safetensors_config(path, hint: str = ""):
     "(`Config`, metadata) recorded in a safetensors file written by scaletrain; `CheckpointError` otherwise."
     import json
     from safetensors import safe_open
     from scaletrain.config import from_dict
+
     try:
-        with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
-    except Exception as e: raise CheckpointError(f"model file {path}: not a readable safetensors file ({str(e)[:120]})") from None
-    if "scaletrain_config" not in meta: raise CheckpointError(f"model file {path}: no scaletrain_config in its metadata{hint}")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"model file {path}: not a readable safetensors file ({str(e)[:120]})") from None
+    if "scaletrain_config" not in meta:
+        raise CheckpointError(f"model file {path}: no scaletrain_config in its metadata{hint}")
     return from_dict(json.loads(meta["scaletrain_config"]), where=str(path)), meta

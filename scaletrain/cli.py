@@ -4,7 +4,10 @@
 
 # %% ../nbs/09_cli.ipynb #db0896e0
 from __future__ import annotations
-import argparse, importlib, os, sys
+import argparse
+import importlib
+import os
+import sys
 from pathlib import Path
 from .config import ConfigError, fresh_folder, load_config, save_config
 
@@ -16,7 +19,9 @@ __all__ = ['COMMANDS', 'user_errors', 'fail', 'add_launch_args', 'train_parser',
 def user_errors() -> tuple:
     from scaletrain.data import DataError
     from scaletrain.checkpoint import CheckpointError
+
     return (ConfigError, DataError, CheckpointError)
+
 
 def fail(msg: str, code: int = 2):
     print(f"scaletrain: error: {msg}", file=sys.stderr, flush=True)
@@ -28,66 +33,106 @@ def add_launch_args(p: argparse.ArgumentParser):
     g.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
     g.add_argument("--nnodes", type=int, default=1, help="number of nodes")
     g.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
-    g.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous (multi-node); default a free loopback port")
+    g.add_argument(
+        "--rdzv-endpoint",
+        default="",
+        help="HOST:PORT of the c10d rendezvous (multi-node); default a free loopback port",
+    )
     g.add_argument("--rdzv-id", default="", help="rendezvous job id (multi-node); default the run name")
     g.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts on failure")
 
+
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaletrain train", description="Train a GPT (defaults: a ~3M-parameter model on the Python stdlib source).")
+    p = argparse.ArgumentParser(
+        prog="scaletrain train",
+        description="Train a GPT (defaults: a ~3M-parameter model on the Python stdlib source).",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=200 model.n_layer=4")
     p.add_argument("--config", help="YAML config file (defaults are used for anything it leaves out)")
     p.add_argument("--resume", metavar="RUN", help="continue the run folder RUN from its latest checkpoint")
     add_launch_args(p)
     return p
 
+
 def check_launch_args(args) -> int:
     "Validate --nproc/--nnodes/--node-rank; returns the world size."
-    if args.nproc < 1: raise ConfigError(f"--nproc={args.nproc}: must be >= 1")
-    if args.nnodes < 1: raise ConfigError(f"--nnodes={args.nnodes}: must be >= 1")
-    if not 0 <= args.node_rank < args.nnodes: raise ConfigError(f"--node-rank={args.node_rank}: must be in [0, {args.nnodes})")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc={args.nproc}: must be >= 1")
+    if args.nnodes < 1:
+        raise ConfigError(f"--nnodes={args.nnodes}: must be >= 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank={args.node_rank}: must be in [0, {args.nnodes})")
     if hasattr(args, "rdzv_endpoint"):  # the command line's; `launch()` checks its own layout before it gets here
         from scaletrain.launch import _check_layout  # the rest as `launch()` checks it: rendezvous endpoint, restarts
+
         _check_layout(args.nproc, args.nnodes, args.node_rank, None, "127.0.0.1", args.rdzv_endpoint, args.max_restarts)
     return args.nproc * args.nnodes
+
 
 def resume_folder(run_dir, config_file) -> Path:
     "The run folder `--resume` names, checked: it has a config and a complete checkpoint."
     from scaletrain.checkpoint import resolve_checkpoint
+
     run_dir = Path(run_dir)
-    if config_file: raise ConfigError("--config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead")
-    if not (run_dir / "config.yaml").is_file(): raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    if config_file:
+        raise ConfigError(
+            "--config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead"
+        )
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
     resolve_checkpoint(run_dir)
     return run_dir
+
 
 def run_folder(cfg, args) -> Path:
     "A new run folder; for a multi-node job, the folder `run.name` that every node shares."
     from scaletrain.train import new_run_dir
-    if args.nnodes == 1: return new_run_dir(cfg)
-    if not cfg.run.name: raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
+
+    if args.nnodes == 1:
+        return new_run_dir(cfg)
+    if not cfg.run.name:
+        raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
     # nodes start together on shared storage, any of them first: the folder is shared, a run already in it is not
     d = fresh_folder(cfg.run.out_dir, cfg.run.name, exist_ok=True)
     if args.node_rank == 0 and ((d / "checkpoints").exists() or (d / "metrics.jsonl").exists()):
-        raise ConfigError(f"run.name={cfg.run.name}: {d} already holds a run; choose another run.name or continue it with --resume {d}")
-    if args.node_rank == 0 or not (d / "config.yaml").exists(): save_config(cfg, d / "config.yaml")
+        raise ConfigError(
+            f"run.name={cfg.run.name}: {d} already holds a run; choose another run.name or continue it with --resume {d}"
+        )
+    if args.node_rank == 0 or not (d / "config.yaml").exists():
+        save_config(cfg, d / "config.yaml")
     return d
+
 
 def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
     """Hold the run folder's lock while the job runs: `local_main()` in this process for one process, else torchrun
     on `python -m <rank_argv>` (a subprocess, never fork)."""
     from scaletrain.launch import RunLock, child_env, torchrun_args, run_foreground
-    try: lock = RunLock(run_dir, args.node_rank)  # refuses a folder that a live job is using
-    except user_errors() as e: fail(str(e))
+
+    try:
+        lock = RunLock(run_dir, args.node_rank)  # refuses a folder that a live job is using
+    except user_errors() as e:
+        fail(str(e))
     with lock:
-        if args.nproc * args.nnodes == 1: return local_main()
-        cmd = torchrun_args(["-m", *rank_argv], nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id or cfg.run.name, max_restarts=args.max_restarts)
+        if args.nproc * args.nnodes == 1:
+            return local_main()
+        cmd = torchrun_args(
+            ["-m", *rank_argv],
+            nproc=args.nproc,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id or cfg.run.name,
+            max_restarts=args.max_restarts,
+        )
         print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
         return run_foreground(cmd, child_env(loopback=args.nnodes == 1))
+
 
 def prepare_run(args):
     "Validate, prepare data and the run folder in the parent process. Returns (cfg, run_dir, resume)."
     from scaletrain import parallel
     from scaletrain.data import parse_sources, prepare_data
+
     world = check_launch_args(args)
     if args.resume:
         run_dir = resume_folder(args.resume, args.config)
@@ -95,56 +140,83 @@ def prepare_run(args):
     else:
         cfg = load_config(args.config, args.overrides)
     parallel.check(cfg, world)
-    if args.node_rank == 0: prepare_data(cfg.data)  # checks the sources, and builds the token cache once, before any rank starts
-    else: parse_sources(cfg.data.source)
+    if args.node_rank == 0:
+        prepare_data(cfg.data)  # checks the sources, and builds the token cache once, before any rank starts
+    else:
+        parse_sources(cfg.data.source)
     # a resumed run's overrides reach the ranks, which save config.yaml only once the checkpoint has loaded
-    if not args.resume: run_dir = run_folder(cfg, args)
+    if not args.resume:
+        run_dir = run_folder(cfg, args)
     return cfg, run_dir, bool(args.resume)
+
 
 def train_main(argv) -> int:
     args = train_parser().parse_args(argv)
-    try: cfg, run_dir, resume = prepare_run(args)
-    except user_errors() as e: fail(str(e))
+    try:
+        cfg, run_dir, resume = prepare_run(args)
+    except user_errors() as e:
+        fail(str(e))
     rank_args = ["--run-dir", str(run_dir)] + (["--resume"] + list(args.overrides) if resume else [])
     return launch_ranks(args, cfg, run_dir, ["scaletrain.cli", "_rank"] + rank_args, lambda: rank_main(rank_args))
+
 
 def run_rank(argv, prog: str, fit):
     """What each rank runs: `fit(cfg, run_dir, resume)` on the config of an already prepared run folder (on resume,
     plus the overrides, which the ranks save once the checkpoint has loaded). User errors are one line; the process
     group is torn down either way."""
     p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--run-dir", required=True); p.add_argument("--resume", action="store_true")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--resume", action="store_true")
     p.add_argument("overrides", nargs="*", help="with --resume: config changes, saved once the checkpoint has loaded")
     a = p.parse_args(argv)
     from scaletrain.dist import teardown
+
     try:
-        try: return fit(load_config(Path(a.run_dir) / "config.yaml", a.overrides), a.run_dir, a.resume)
-        except user_errors() as e: fail(str(e))
-    finally: teardown()
+        try:
+            return fit(load_config(Path(a.run_dir) / "config.yaml", a.overrides), a.run_dir, a.resume)
+        except user_errors() as e:
+            fail(str(e))
+    finally:
+        teardown()
+
 
 def rank_main(argv) -> int:
     "What each rank of `scaletrain train` runs: train the config of its run folder."
     from scaletrain.train import Trainer
-    summary = run_rank(argv, "scaletrain _rank", lambda cfg, run_dir, resume: Trainer(cfg, run_dir=run_dir, resume=resume).fit())
-    if summary["status"] == "anomaly": return 1
+
+    summary = run_rank(
+        argv, "scaletrain _rank", lambda cfg, run_dir, resume: Trainer(cfg, run_dir=run_dir, resume=resume).fit()
+    )
+    if summary["status"] == "anomaly":
+        return 1
     if int(os.environ.get("RANK", 0)) == 0:
-        fv = summary.get("final_val_loss"); v0 = summary.get("first_val_loss")
-        print(f"scaletrain: {summary['status']} {summary['steps']} steps in {summary['wall_time_s']:.0f}s; "
-              + (f"val loss {v0:.3f} -> {fv:.3f}; " if v0 is not None and fv is not None else "")
-              + f"{summary['tokens_per_s'] or 0:.0f} tokens/s; run folder {summary['run_dir']}", flush=True)
+        fv = summary.get("final_val_loss")
+        v0 = summary.get("first_val_loss")
+        print(
+            f"scaletrain: {summary['status']} {summary['steps']} steps in {summary['wall_time_s']:.0f}s; "
+            + (f"val loss {v0:.3f} -> {fv:.3f}; " if v0 is not None and fv is not None else "")
+            + f"{summary['tokens_per_s'] or 0:.0f} tokens/s; run folder {summary['run_dir']}",
+            flush=True,
+        )
     return 0
 
 # %% ../nbs/09_cli.ipynb #9b5ad6f0
 def export_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="scaletrain export", description="Write a plain single-file model (safetensors) from any checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="scaletrain export", description="Write a plain single-file model (safetensors) from any checkpoint."
+    )
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoints/step_* folder")
     p.add_argument("out", help="output .safetensors file (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
     a = p.parse_args(argv)
     from scaletrain.checkpoint import export_safetensors
-    if Path(a.out).exists() and not a.force: fail(f"export: {a.out} already exists; pass --force to overwrite it")
-    try: out = export_safetensors(a.checkpoint, a.out)
-    except user_errors() as e: fail(str(e))
+
+    if Path(a.out).exists() and not a.force:
+        fail(f"export: {a.out} already exists; pass --force to overwrite it")
+    try:
+        out = export_safetensors(a.checkpoint, a.out)
+    except user_errors() as e:
+        fail(str(e))
     print(f"scaletrain: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -154,30 +226,47 @@ COMMANDS = {
     "export": ("scaletrain.cli:export_main", "checkpoint -> single safetensors file"),
     "plan": ("scaletrain.plan:plan_main", "predict memory and step time; rank feasible layouts"),
     "launch": ("scaletrain.launch:launch_main", "launch, watch and stop a multi-process job (torchrun; per-rank logs)"),
-    "finetune": ("scaletrain.finetune:finetune_main", "fine-tune a pretrained checkpoint for a task (classification head)"),
+    "finetune": (
+        "scaletrain.finetune:finetune_main",
+        "fine-tune a pretrained checkpoint for a task (classification head)",
+    ),
     "sweep": ("scaletrain.sweep:sweep_main", "grid or random hyperparameter search; compares runs, writes best.yaml"),
-    "compress": ("scaletrain.compress:compress_main", "prune and quantize a fine-tuned model; size/latency/accuracy report"),
+    "compress": (
+        "scaletrain.compress:compress_main",
+        "prune and quantize a fine-tuned model; size/latency/accuracy report",
+    ),
     "_rank": ("scaletrain.cli:rank_main", None),
 }
+
 
 def _load(target: str):
     mod, fn = target.split(":")
     return getattr(importlib.import_module(mod), fn)
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: scaletrain COMMAND [options]\n\ncommands:")
         for k, (_, h) in COMMANDS.items():
-            if h: print(f"  {k:10s} {h}")
+            if h:
+                print(f"  {k:10s} {h}")
         print("\n'scaletrain COMMAND --help' for a command's options.")
         return 0 if argv else 2
     if argv[0] == "--version":
-        import scaletrain; print(scaletrain.__version__); return 0
+        import scaletrain
+
+        print(scaletrain.__version__)
+        return 0
     if argv[0] not in COMMANDS:
         import difflib
+
         m = difflib.get_close_matches(argv[0], [k for k, v in COMMANDS.items() if v[1]], n=1)
-        fail(f"unknown command '{argv[0]}'" + (f" (did you mean '{m[0]}'?)" if m else "") + f"; commands: {', '.join(k for k, v in COMMANDS.items() if v[1])}")
+        fail(
+            f"unknown command '{argv[0]}'"
+            + (f" (did you mean '{m[0]}'?)" if m else "")
+            + f"; commands: {', '.join(k for k, v in COMMANDS.items() if v[1])}"
+        )
     rc = _load(COMMANDS[argv[0]][0])(argv[1:])
     return int(rc or 0)
 

@@ -4,10 +4,18 @@
 
 # %% ../nbs/19_compress.ipynb #2ce6ebae
 from __future__ import annotations
-import argparse, copy, csv, io, json, logging, statistics, time
+import argparse
+import copy
+import csv
+import io
+import json
+import logging
+import statistics
+import time
 from pathlib import Path
 import numpy as np
-import torch, torch.nn as nn
+import torch
+import torch.nn as nn
 import torch.nn.utils.prune as prune
 from .config import ConfigError, to_dict, atomic_write, atomic_write_text
 from .checkpoint import CheckpointError
@@ -22,53 +30,73 @@ __all__ = ['PRUNE_METHODS', 'QUANT_MODES', 'REPORT_COLS', 'prunable_layers', 'ch
 # %% ../nbs/19_compress.ipynb #ccb55b83
 PRUNE_METHODS = ("unstructured", "structured", "none")
 
+
 def prunable_layers(model: nn.Module) -> dict:
     "`{name: nn.Linear}` inside the transformer blocks (the bulk of the weights; embeddings and head are left alone)."
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")}
 
+
 def check_sparsity(sparsity) -> float:
     s = float(sparsity)
     if not 0.0 <= s < 1.0:
-        raise ConfigError(f"compress: sparsity={sparsity}: must be in [0, 1) (the share of each pruned layer's weights set to zero)")
+        raise ConfigError(
+            f"compress: sparsity={sparsity}: must be in [0, 1) (the share of each pruned layer's weights set to zero)"
+        )
     return s
+
 
 def prune_model(model: nn.Module, sparsity: float, method: str = "unstructured", permanent: bool = True) -> dict:
     "Magnitude-prune every block `Linear` of `model` in place to `sparsity`; returns `{layer: sparsity reached}`."
     s = check_sparsity(sparsity)
-    if method not in PRUNE_METHODS: raise ConfigError(f"compress: prune={method!r}: allowed: {' | '.join(PRUNE_METHODS)}")
+    if method not in PRUNE_METHODS:
+        raise ConfigError(f"compress: prune={method!r}: allowed: {' | '.join(PRUNE_METHODS)}")
     layers = prunable_layers(model)
-    if method == "none" or s == 0: return {n: weight_sparsity(m.weight) for n, m in layers.items()}
+    if method == "none" or s == 0:
+        return {n: weight_sparsity(m.weight) for n, m in layers.items()}
     for m in layers.values():
-        if method == "unstructured": prune.l1_unstructured(m, "weight", amount=s)
+        if method == "unstructured":
+            prune.l1_unstructured(m, "weight", amount=s)
         else:
             prune.ln_structured(m, "weight", amount=s, n=2, dim=0)  # whole output channels (rows)
             if m.bias is not None:  # a removed channel outputs nothing, not its bias
                 prune.custom_from_mask(m, "bias", mask=m.weight_mask.any(dim=1).to(m.bias.dtype))
-    if permanent: make_permanent(model)
+    if permanent:
+        make_permanent(model)
     return {n: weight_sparsity(m.weight) for n, m in layers.items()}
+
 
 def make_permanent(model: nn.Module) -> nn.Module:
     "Fold pruning masks into the weights (`prune.remove`), leaving plain parameters."
     for m in model.modules():
         for name in ("weight", "bias"):
-            if prune.is_pruned(m) and hasattr(m, f"{name}_orig"): prune.remove(m, name)
+            if prune.is_pruned(m) and hasattr(m, f"{name}_orig"):
+                prune.remove(m, name)
     return model
 
-def weight_sparsity(w: torch.Tensor) -> float: return float((w == 0).sum()) / w.numel()
+
+def weight_sparsity(w: torch.Tensor) -> float:
+    return float((w == 0).sum()) / w.numel()
+
 
 def recover(model: nn.Module, task, steps: int, lr: float = 1e-4, batch: int = 32) -> list:
     "A short fine-tune of a pruned model with its masks in place (pruned weights stay zero); returns the losses."
-    if steps <= 0: return []
+    if steps <= 0:
+        return []
     task.setup(batch, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 5)  # fresh Adam moments take large first steps: warm up
-    model.train(); losses = []
+    model.train()
+    losses = []
     for s in range(steps):
-        for g in opt.param_groups: g["lr"] = lr * min(1.0, (s + 1) / warm)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (s + 1) / warm)
         x, y = task.train_batch(10_000 + s)  # batches the fine-tune did not end on
-        loss = task.loss_fn(model(x), y); loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad(set_to_none=True)
+        loss = task.loss_fn(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     model.eval()
     return losses
@@ -76,31 +104,44 @@ def recover(model: nn.Module, task, steps: int, lr: float = 1e-4, batch: int = 3
 # %% ../nbs/19_compress.ipynb #32128403
 QUANT_MODES = ("int8-weight", "int8-dynamic")
 
+
 def _torchao():
     "Import torchao quietly (its optional CUDA kernels log warnings on a CPU-only machine)."
-    for name in ("torchao", "torch.utils._pytree"): logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import torchao.quantization as q
+
     return q
 
+
 def check_quant(mode: str) -> str:
-    if mode not in QUANT_MODES: raise ConfigError(f"compress: quant={mode!r}: allowed: {' | '.join(QUANT_MODES)} (or none)")
+    if mode not in QUANT_MODES:
+        raise ConfigError(f"compress: quant={mode!r}: allowed: {' | '.join(QUANT_MODES)} (or none)")
     return mode
+
 
 def quant_config(mode: str):
     check_quant(mode)
     q = _torchao()
-    if mode == "int8-weight": return q.Int8WeightOnlyConfig(set_inductor_config=False)
+    if mode == "int8-weight":
+        return q.Int8WeightOnlyConfig(set_inductor_config=False)
     return q.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+
 
 def quant_layers_of(model: nn.Module, mode: str, layers=None) -> list:
     "The module names to quantize (default every `Linear`); a name that is not an `nn.Linear` is refused in one line."
     mods = dict(model.named_modules())
-    if layers is None: return [n for n, m in mods.items() if isinstance(m, nn.Linear)]
+    if layers is None:
+        return [n for n, m in mods.items() if isinstance(m, nn.Linear)]
     for n in layers:
-        if n not in mods: raise ConfigError(f"compress: quantize layer '{n}': no such module in the model")
+        if n not in mods:
+            raise ConfigError(f"compress: quantize layer '{n}': no such module in the model")
         if not isinstance(mods[n], nn.Linear):
-            raise ConfigError(f"compress: cannot quantize layer '{n}' ({type(mods[n]).__name__}): torchao {mode} supports nn.Linear layers only")
+            raise ConfigError(
+                f"compress: cannot quantize layer '{n}' ({type(mods[n]).__name__}): torchao {mode} supports nn.Linear layers only"
+            )
     return list(layers)
+
 
 def quantize(model: nn.Module, mode: str, layers=None) -> list:
     "Quantize `layers` (module names; default every `Linear`) of `model` in place with torchao; returns their names."
@@ -111,19 +152,28 @@ def quantize(model: nn.Module, mode: str, layers=None) -> list:
     return names
 
 # %% ../nbs/19_compress.ipynb #313fe02b
-def _is_plain(t) -> bool: return type(t) in (torch.Tensor, nn.Parameter)
+def _is_plain(t) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
 
 def export_model(model: nn.Module, path, cfg, quant: str = "", extra: dict | None = None) -> Path:
     "Write `model` (float, pruned or torchao-quantized) and its config to one safetensors file."
     from safetensors.torch import save_file
+
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     meta = {}
     if not all(_is_plain(v) for v in sd.values()):
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
         sd, meta = flatten_tensor_state_dict(sd)
     sd = {k: v.contiguous() for k, v in sd.items()}
-    meta.update(scaletrain_config=json.dumps(to_dict(cfg)), scaletrain_quant=quant, **{k: str(v) for k, v in (extra or {}).items()})
+    meta.update(
+        scaletrain_config=json.dumps(to_dict(cfg)),
+        scaletrain_quant=quant,
+        **{k: str(v) for k, v in (extra or {}).items()},
+    )
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
 
 def load_for_inference(path, device="cpu") -> nn.Module:
     "A `GPTClassifier` in eval mode from a file of `export_model`, quantized layers rebuilt; `.labels` names the classes."
@@ -131,34 +181,46 @@ def load_for_inference(path, device="cpu") -> nn.Module:
     from scaletrain.checkpoint import safetensors_config
     from scaletrain.finetune import GPTClassifier, for_inference
     from scaletrain.tasks import labels_of
+
     cfg, meta = safetensors_config(path, " (not written by scaletrain compress)")
     labels = labels_of(cfg)
-    if not labels: raise CheckpointError(f"model file {path}: not a classifier (its config has no finetune.labels)")
+    if not labels:
+        raise CheckpointError(f"model file {path}: not a classifier (its config has no finetune.labels)")
     model = GPTClassifier(cfg.model, len(labels), cfg.finetune.pooling, labels)
     tensors = load_file(str(path))
     if meta.get("scaletrain_quant"):
         _torchao()
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
         sd, left = unflatten_tensor_state_dict(tensors, meta)
         model.load_state_dict({**left, **sd}, assign=True)
-    else: model.load_state_dict(tensors)
+    else:
+        model.load_state_dict(tensors)
     model.quant = meta.get("scaletrain_quant", "")
     return for_inference(model, cfg).to(device).eval()
 
 # %% ../nbs/19_compress.ipynb #3fca2bbe
 @torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3, threads: int | None = None) -> float:
+def latency_ms(
+    model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3, threads: int | None = None
+) -> float:
     "Median wall time of `model(x)` in milliseconds over `repeats` runs, after `warmup` runs, on `threads` CPU threads."
     model.eval()
     old = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        for _ in range(warmup): model(x)
+        for _ in range(warmup):
+            model(x)
         ts = []
         for _ in range(repeats):
-            t0 = time.perf_counter(); model(x); ts.append(time.perf_counter() - t0)
-    finally: torch.set_num_threads(old)
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
     return 1000 * statistics.median(ts)
+
 
 @torch.inference_mode()
 def output_gap(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict:
@@ -166,43 +228,76 @@ def output_gap(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict:
     a, b = model(x).float(), reference(x).float()
     rng = float(b.max() - b.min())
     d = float((a - b).abs().max())
-    return dict(max_abs_diff=d, rel_diff=d / max(rng, 1e-12), agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+    return dict(
+        max_abs_diff=d, rel_diff=d / max(rng, 1e-12), agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    )
+
 
 def _plot_report(rows: list, out):
     import matplotlib.pyplot as plt
+
     names = [r["stage"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, title in zip(axes, ("size_mb", "latency_ms", "accuracy"), ("file size (MiB)", "CPU latency per batch (ms, median)", "accuracy")):
+    for ax, key, title in zip(
+        axes,
+        ("size_mb", "latency_ms", "accuracy"),
+        ("file size (MiB)", "CPU latency per batch (ms, median)", "accuracy"),
+    ):
         v = [r[key] for r in rows]
         ax.barh(range(len(v)), v, color=[f"C{i}" for i in range(len(v))])
-        ax.set_yticks(range(len(v)), names if ax is axes[0] else [""] * len(v), fontsize=8); ax.invert_yaxis()
-        for i, val in enumerate(v): ax.text(val, i, f" {val:.3g}", va="center", fontsize=7)
-        ax.set(title=title); ax.grid(alpha=0.3, axis="x")
-        if key == "accuracy": ax.set_xlim(0, 1)
+        ax.set_yticks(range(len(v)), names if ax is axes[0] else [""] * len(v), fontsize=8)
+        ax.invert_yaxis()
+        for i, val in enumerate(v):
+            ax.text(val, i, f" {val:.3g}", va="center", fontsize=7)
+        ax.set(title=title)
+        ax.grid(alpha=0.3, axis="x")
+        if key == "accuracy":
+            ax.set_xlim(0, 1)
     fig.tight_layout()
     save_figure(fig, out)
 
 # %% ../nbs/19_compress.ipynb #736ccf83
 REPORT_COLS = ["stage", "sparsity", "size_mb", "latency_ms", "accuracy", "macro_f1", "agreement", "rel_diff", "file"]
 
-def compress(path, out=None, sparsity: float = 0.5, prune_method: str = "unstructured", quant=QUANT_MODES,
-             quant_layers=None, recover_steps: int = 0, recover_lr: float = 1e-4, batch: int = 32, repeats: int = 20,
-             split: str = "test", force: bool = False, threads: int | None = None) -> list:
+
+def compress(
+    path,
+    out=None,
+    sparsity: float = 0.5,
+    prune_method: str = "unstructured",
+    quant=QUANT_MODES,
+    quant_layers=None,
+    recover_steps: int = 0,
+    recover_lr: float = 1e-4,
+    batch: int = 32,
+    repeats: int = 20,
+    split: str = "test",
+    force: bool = False,
+    threads: int | None = None,
+) -> list:
     "Prune, recover, quantize and export the fine-tuned run/checkpoint `path`; returns the report rows (also in `out`)."
     from scaletrain.finetune import load_classifier
     from scaletrain.tasks import ClassificationTask
+
     check_sparsity(sparsity)
-    if prune_method not in PRUNE_METHODS: raise ConfigError(f"compress: prune={prune_method!r}: allowed: {' | '.join(PRUNE_METHODS)}")
+    if prune_method not in PRUNE_METHODS:
+        raise ConfigError(f"compress: prune={prune_method!r}: allowed: {' | '.join(PRUNE_METHODS)}")
     quant = [q for q in ([quant] if isinstance(quant, str) else list(quant)) if q and q != "none"]
-    for q in quant: check_quant(q)
-    if split not in ("val", "test"): raise ConfigError(f"compress: split={split!r}: allowed: val | test")
+    for q in quant:
+        check_quant(q)
+    if split not in ("val", "test"):
+        raise ConfigError(f"compress: split={split!r}: allowed: val | test")
     model, cfg = load_classifier(path)
-    for q in quant: quant_layers_of(model, q, quant_layers)  # refuse a bad layer before any work
+    for q in quant:
+        quant_layers_of(model, q, quant_layers)  # refuse a bad layer before any work
     out = Path(out) if out else Path(path) / "compress"
     if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"compress: output folder {out} exists and is not empty; choose another --out or pass --force")
+        raise ConfigError(
+            f"compress: output folder {out} exists and is not empty; choose another --out or pass --force"
+        )
     task = ClassificationTask(cfg)  # the labels of the model: a label it does not know is refused here
-    if split not in task.data.x: split = "val"
+    if split not in task.data.x:
+        split = "val"
     task.setup(batch, batch)
     x = torch.from_numpy(task.data.x[split][:batch].astype(np.int64))
     out.mkdir(parents=True, exist_ok=True)
@@ -211,13 +306,26 @@ def compress(path, out=None, sparsity: float = 0.5, prune_method: str = "unstruc
     def record(stage, m, fname, quant_mode="", reference=None, sp=None):
         f = export_model(m, out / fname, cfg, quant_mode, dict(stage=stage))
         ev = task.evaluate(m, split=split)
-        r = dict(stage=stage, sparsity=sp if sp is not None else float(np.mean([weight_sparsity(l.weight) for l in prunable_layers(m).values()]))
-                 if not quant_mode else rows[-1]["sparsity"],
-                 size_mb=f.stat().st_size / 2 ** 20, latency_ms=latency_ms(m, x, repeats, threads=threads), accuracy=ev["accuracy"],
-                 macro_f1=ev["macro_f1"], file=f.name)
-        if reference is not None: r.update({k: v for k, v in output_gap(m, reference, x).items() if k in ("agreement", "rel_diff")})
+        r = dict(
+            stage=stage,
+            sparsity=sp
+            if sp is not None
+            else float(np.mean([weight_sparsity(l.weight) for l in prunable_layers(m).values()]))
+            if not quant_mode
+            else rows[-1]["sparsity"],
+            size_mb=f.stat().st_size / 2**20,
+            latency_ms=latency_ms(m, x, repeats, threads=threads),
+            accuracy=ev["accuracy"],
+            macro_f1=ev["macro_f1"],
+            file=f.name,
+        )
+        if reference is not None:
+            r.update({k: v for k, v in output_gap(m, reference, x).items() if k in ("agreement", "rel_diff")})
         rows.append(r)
-        print(f"{stage:32s} {r['size_mb']:7.3f} MiB {r['latency_ms']:8.2f} ms/batch  accuracy {r['accuracy']:.4f}", flush=True)
+        print(
+            f"{stage:32s} {r['size_mb']:7.3f} MiB {r['latency_ms']:8.2f} ms/batch  accuracy {r['accuracy']:.4f}",
+            flush=True,
+        )
         return m
 
     record("float", model, "model_float.safetensors", sp=0.0)
@@ -229,7 +337,8 @@ def compress(path, out=None, sparsity: float = 0.5, prune_method: str = "unstruc
         if recover_steps:
             # the accuracy right after pruning, from a second copy pruned the same way (magnitude pruning is deterministic);
             # the masks stay on `pm` while it recovers
-            before = copy.deepcopy(model); prune_model(before, sparsity, prune_method)
+            before = copy.deepcopy(model)
+            prune_model(before, sparsity, prune_method)
             record(name, before, "model_pruned_norecover.safetensors", reference=float_model)
             recover(pm, task, recover_steps, recover_lr, batch)
             name += f" + {recover_steps} recovery steps"
@@ -238,49 +347,104 @@ def compress(path, out=None, sparsity: float = 0.5, prune_method: str = "unstruc
     for q in quant:  # each compared with the model it quantized
         qm = copy.deepcopy(base)
         quantize(qm, q, quant_layers)
-        record(f"{base_name} + {q}" if base_name != "float" else q, qm, f"model_{base_name}_{q}.safetensors", q, reference=base)
-    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=REPORT_COLS, extrasaction="ignore"); w.writeheader(); w.writerows(rows)
+        record(
+            f"{base_name} + {q}" if base_name != "float" else q,
+            qm,
+            f"model_{base_name}_{q}.safetensors",
+            q,
+            reference=base,
+        )
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=REPORT_COLS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
     atomic_write_text(out / "report.csv", buf.getvalue())
-    atomic_write_text(out / "report.json", json.dumps(dict(source=str(path), split=split, batch=batch, repeats=repeats,
-                                                           threads=threads or torch.get_num_threads(), torch=torch.__version__,
-                                                           rows=rows), indent=1))
+    atomic_write_text(
+        out / "report.json",
+        json.dumps(
+            dict(
+                source=str(path),
+                split=split,
+                batch=batch,
+                repeats=repeats,
+                threads=threads or torch.get_num_threads(),
+                torch=torch.__version__,
+                rows=rows,
+            ),
+            indent=1,
+        ),
+    )
     _plot_report(rows, out / "compress.png")
     return rows
+
 
 def format_report(rows: list) -> str:
     "The report as a markdown table."
     head = "| stage | sparsity | size (MiB) | CPU latency / batch (ms) | accuracy | macro-F1 |\n|---|---|---|---|---|---|\n"
-    return head + "\n".join(f"| {r['stage']} | {r['sparsity']:.0%} | {r['size_mb']:.3f} | {r['latency_ms']:.2f} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
-                            for r in rows)
+    return head + "\n".join(
+        f"| {r['stage']} | {r['sparsity']:.0%} | {r['size_mb']:.3f} | {r['latency_ms']:.2f} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
+        for r in rows
+    )
 
 # %% ../nbs/19_compress.ipynb #b121de07
 def compress_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaletrain compress", description="Prune and quantize a fine-tuned classifier; report size, "
-                                "CPU latency and accuracy of each stage; export each to safetensors.")
+    p = argparse.ArgumentParser(
+        prog="scaletrain compress",
+        description="Prune and quantize a fine-tuned classifier; report size, "
+        "CPU latency and accuracy of each stage; export each to safetensors.",
+    )
     p.add_argument("run", help="a fine-tuned run folder (its best checkpoint) or a checkpoint folder")
     p.add_argument("--out", help="output folder (default RUN/compress)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="share of each block Linear's weights to prune, in [0, 1)")
+    p.add_argument(
+        "--sparsity", type=float, default=0.5, help="share of each block Linear's weights to prune, in [0, 1)"
+    )
     p.add_argument("--prune", default="unstructured", help="unstructured | structured (whole output channels) | none")
     p.add_argument("--recover-steps", type=int, default=0, help="fine-tuning steps after pruning, masks kept")
-    p.add_argument("--recover-lr", type=float, default=1e-4, help="peak learning rate of the recovery steps (AdamW, short warm-up)")
-    p.add_argument("--quant", default="int8-weight,int8-dynamic", help="comma list of int8-weight, int8-dynamic, or none")
+    p.add_argument(
+        "--recover-lr", type=float, default=1e-4, help="peak learning rate of the recovery steps (AdamW, short warm-up)"
+    )
+    p.add_argument(
+        "--quant", default="int8-weight,int8-dynamic", help="comma list of int8-weight, int8-dynamic, or none"
+    )
     p.add_argument("--quant-layers", help="comma list of module names to quantize (default: every Linear)")
     p.add_argument("--batch", type=int, default=32, help="snippets per batch for the latency measurement")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per stage (the median is reported)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for the latency measurement; 0 = torch's default")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for the latency measurement; 0 = torch's default"
+    )
     p.add_argument("--split", default="test", help="test (default) or val")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     return p
 
+
 def compress_main(argv) -> int:
     from scaletrain.cli import fail, user_errors
+
     a = compress_parser().parse_args(argv)
     try:
         if a.batch < 1 or a.repeats < 1 or a.threads < 0:
-            raise ConfigError(f"compress: --batch={a.batch} and --repeats={a.repeats} must be >= 1, --threads={a.threads} >= 0")
-        rows = compress(a.run, a.out, a.sparsity, a.prune, a.quant.split(","), a.quant_layers.split(",") if a.quant_layers else None,
-                        a.recover_steps, a.recover_lr, a.batch, a.repeats, a.split, a.force, a.threads or None)
-    except user_errors() as e: fail(str(e))
+            raise ConfigError(
+                f"compress: --batch={a.batch} and --repeats={a.repeats} must be >= 1, --threads={a.threads} >= 0"
+            )
+        rows = compress(
+            a.run,
+            a.out,
+            a.sparsity,
+            a.prune,
+            a.quant.split(","),
+            a.quant_layers.split(",") if a.quant_layers else None,
+            a.recover_steps,
+            a.recover_lr,
+            a.batch,
+            a.repeats,
+            a.split,
+            a.force,
+            a.threads or None,
+        )
+    except user_errors() as e:
+        fail(str(e))
     print(format_report(rows))
-    print(f"scaletrain: compress wrote {Path(a.out) if a.out else Path(a.run) / 'compress'} (report.csv, compress.png, model_*.safetensors)")
+    print(
+        f"scaletrain: compress wrote {Path(a.out) if a.out else Path(a.run) / 'compress'} (report.csv, compress.png, model_*.safetensors)"
+    )
     return 0

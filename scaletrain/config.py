@@ -4,7 +4,12 @@
 
 # %% ../nbs/00_config.ipynb #e28ae386
 from __future__ import annotations
-import difflib, hashlib, json, os, tempfile, typing
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+import typing
 from dataclasses import dataclass, field, fields, asdict
 from datetime import datetime
 from pathlib import Path
@@ -22,9 +27,11 @@ def _f(default, help="", choices=None, low=None, high=None):
     "A dataclass field carrying its validation rule and help text."
     return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high))
 
+
 @dataclass
 class ModelConfig:
     "Shape of the GPT (nanoGPT layout)."
+
     n_layer: int = _f(4, "transformer blocks", low=1)
     n_head: int = _f(4, "attention heads", low=1)
     n_embd: int = _f(256, "hidden size", low=1)
@@ -34,18 +41,22 @@ class ModelConfig:
     bias: bool = _f(True, "biases in Linear and LayerNorm")
     tie_weights: bool = _f(True, "share the embedding and output matrices")
 
+
 @dataclass
 class DataConfig:
     "Where tokens come from."
+
     source: str = _f("stdlib", "'stdlib', a folder of text files, or a weighted mix 'stdlib:0.8,docs/:0.2'")
     tokenizer: str = _f("byte", "byte-level (257 ids) or a BPE trained locally", choices=("byte", "bpe"))
     bpe_vocab_size: int = _f(4096, "vocabulary of the BPE tokenizer", low=260, high=65535)
     val_fraction: float = _f(0.05, "share of files held out for validation", low=0.001, high=0.5)
     cache_dir: str = _f("", "token cache; '' = $SCALETRAIN_CACHE or ~/.cache/scaletrain")
 
+
 @dataclass
 class TrainConfig:
     "The optimisation loop."
+
     steps: int = _f(250, "optimizer steps", low=1)
     micro_batch: Union[int, str] = _f(16, "sequences per forward pass per data-parallel rank, or 'auto'", low=1)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", low=1)
@@ -58,16 +69,20 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global grad norm; 0 = off", low=0.0)
     eval_every: int = _f(100, "steps between validation passes; 0 = only at start and end", low=0)
     eval_iters: int = _f(8, "validation batches per pass", low=1)
-    eval_batch: int = _f(16, "sequences per validation batch, over all data-parallel ranks (the same for any layout)", low=1)
+    eval_batch: int = _f(
+        16, "sequences per validation batch, over all data-parallel ranks (the same for any layout)", low=1
+    )
     ckpt_every: int = _f(100, "steps between checkpoints; 0 = only at the end", low=0)
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", low=1)
     seed: int = _f(1337, "seed for init, data order and dropout", low=0)
     device: str = _f("auto", "auto picks cuda when present", choices=("auto", "cpu", "cuda"))
     compile: bool = _f(False, "torch.compile the model")
 
+
 @dataclass
 class ParallelConfig:
     "How the model and batch are spread over processes (see the parallel module)."
+
     strategy: str = _f("ddp", "data-parallel dimension", choices=("ddp", "zero1", "zero2", "fsdp"))
     tp: int = _f(1, "tensor-parallel degree", low=1)
     pp: int = _f(1, "pipeline-parallel degree", low=1)
@@ -76,50 +91,73 @@ class ParallelConfig:
     backend: str = _f("torch", "implementation of zero1/zero2", choices=("torch", "fairscale"))
     sequence_parallel: bool = _f(False, "shard norms and dropout over the sequence under tp")
 
+
 @dataclass
 class MemoryConfig:
     "Memory-saving tricks."
+
     precision: str = _f("fp32", "numeric precision", choices=("fp32", "bf16-mixed", "fp16-mixed", "bf16-true"))
-    activation_checkpointing: str = _f("none", "recompute activations in backward",
-                                       choices=("none", "full", "selective", "every_k"))
+    activation_checkpointing: str = _f(
+        "none", "recompute activations in backward", choices=("none", "full", "selective", "every_k")
+    )
     ac_every: int = _f(2, "with every_k: checkpoint one block in k", low=1)
     ac_offload: bool = _f(False, "offload checkpointed activations to CPU (fairscale checkpoint_wrapper)")
     cpu_offload: bool = _f(False, "fsdp: keep parameters, gradients and optimizer state on CPU")
 
+
 @dataclass
 class RunConfig:
     "Where and how a run is recorded."
+
     name: str = _f("", "run folder name under out_dir; '' = a fresh timestamped name")
     out_dir: str = _f("runs", "parent folder of run folders")
-    log_every: int = _f(1, "steps between metric records; the host reads loss and grad norm from the device this often", low=1)
+    log_every: int = _f(
+        1, "steps between metric records; the host reads loss and grad norm from the device this often", low=1
+    )
     tensorboard: bool = _f(False, "also write TensorBoard events (when tensorboard is installed)")
     peak_tflops: float = _f(0.0, "device peak for MFU; 0 = look up the GPU, or measure a matmul on CPU", low=0.0)
     log_ranks: str = _f("0", "which ranks print: '0' or 'all'", choices=("0", "all"))
 
+
 @dataclass
 class FinetuneConfig:
     "The second stage, `scaletrain finetune` (see the finetune module); `scaletrain train` ignores it."
+
     init: str = _f("", "pretrained run folder or checkpoint to start from, or 'scratch' for random weights")
-    task: str = _f("stdlib-packages", "'stdlib-packages', 'lm:<stdlib package or folder>' (continued pretraining), "
-                   "a folder of label/*.txt, or a .jsonl of {text, label}")
+    task: str = _f(
+        "stdlib-packages",
+        "'stdlib-packages', 'lm:<stdlib package or folder>' (continued pretraining), "
+        "a folder of label/*.txt, or a .jsonl of {text, label}",
+    )
     n_classes: int = _f(12, "stdlib-packages: classify the N largest packages", low=2, high=64)
     snippet_tokens: int = _f(64, "tokens per snippet (at most model.block_size)", low=2)
     max_per_class: int = _f(0, "training snippets per class; 0 = all", low=0)
     eval_per_class: int = _f(0, "validation and test snippets per class; 0 = all", low=0)
     val_fraction: float = _f(0.15, "share of each class's files held out for validation", low=0.01, high=0.5)
-    test_fraction: float = _f(0.15, "share of each class's files held out for the final test; 0 = none", low=0.0, high=0.5)
+    test_fraction: float = _f(
+        0.15, "share of each class's files held out for the final test; 0 = none", low=0.0, high=0.5
+    )
     pooling: str = _f("mean", "how the snippet's positions become one vector", choices=("mean", "last"))
     freeze_blocks: int = _f(0, "freeze the embeddings and the first k blocks", low=0)
-    body_lr_scale: float = _f(0.5, "learning rate of the pretrained body as a fraction of train.lr (the head gets train.lr)",
-                              low=0.0, high=1.0)
+    body_lr_scale: float = _f(
+        0.5,
+        "learning rate of the pretrained body as a fraction of train.lr (the head gets train.lr)",
+        low=0.0,
+        high=1.0,
+    )
     patience: int = _f(0, "stop after this many evaluations without improvement; 0 = never", low=0)
-    metric: str = _f("auto", "validation metric for early stopping and the best checkpoint; auto = accuracy "
-                     "(val_loss for lm: tasks)", choices=("auto", "accuracy", "macro_f1", "val_loss"))
+    metric: str = _f(
+        "auto",
+        "validation metric for early stopping and the best checkpoint; auto = accuracy (val_loss for lm: tasks)",
+        choices=("auto", "accuracy", "macro_f1", "val_loss"),
+    )
     labels: str = _f("", "class names, comma-separated; filled in from the data and saved with the run")
+
 
 @dataclass
 class Config:
     "A whole run."
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -132,61 +170,92 @@ class Config:
 class ConfigError(ValueError):
     "A bad setting: the message is one line naming the key, the value and what is allowed."
 
+
 SECTIONS = tuple(f.name for f in fields(Config))
 
-def _hints(cls): return typing.get_type_hints(cls)
 
-def _field_map(cls): return {f.name: f for f in fields(cls)}
+def _hints(cls):
+    return typing.get_type_hints(cls)
+
+
+def _field_map(cls):
+    return {f.name: f for f in fields(cls)}
+
 
 def all_keys() -> list[str]:
     "Every dotted key, `section.name`."
     return [f"{s}.{f.name}" for s in SECTIONS for f in fields(_hints(Config)[s])]
 
+
 def _suggest(key: str, options) -> str:
     m = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{m[0]}'?)" if m else ""
 
+
 def _coerce(key: str, value: Any, hint, meta: dict):
     "Turn `value` into the field's type or raise a one-line `ConfigError`."
-    def bad(what): return ConfigError(f"config: {key}={value!r}: {what}")
+
+    def bad(what):
+        return ConfigError(f"config: {key}={value!r}: {what}")
+
     if isinstance(value, str) and hint is not str:
-        try: value = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError: pass
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            pass
     if hint == Union[int, str]:  # an int, or one of the allowed words ('auto')
         if isinstance(value, str):
-            if value != "auto": raise bad("expected a whole number or 'auto'")
+            if value != "auto":
+                raise bad("expected a whole number or 'auto'")
             return value
         hint = int
     if hint is bool:
-        if not isinstance(value, bool): raise bad("expected true or false")
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
     elif hint is int:
-        if isinstance(value, float) and value.is_integer(): value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, str):
-            try: v = float(value); value = int(v) if v.is_integer() else value
-            except ValueError: pass
-        if isinstance(value, bool) or not isinstance(value, int): raise bad("expected a whole number")
+            try:
+                v = float(value)
+                value = int(v) if v.is_integer() else value
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("expected a whole number")
     elif hint is float:
         if isinstance(value, str):
-            try: value = float(value)
-            except ValueError: pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)): raise bad("expected a number")
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("expected a number")
         value = float(value)
     elif hint is str:
-        if value is None: value = ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool): raise bad("expected text")
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad("expected text")
         value = str(value)
     ch, lo, hi = meta.get("choices"), meta.get("low"), meta.get("high")
-    if ch and value not in ch: raise bad(f"allowed: {' | '.join(ch)}{_suggest(str(value), ch)}")
-    if lo is not None and isinstance(value, (int, float)) and value < lo: raise bad(f"must be >= {lo}")
-    if hi is not None and isinstance(value, (int, float)) and value > hi: raise bad(f"must be <= {hi}")
+    if ch and value not in ch:
+        raise bad(f"allowed: {' | '.join(ch)}{_suggest(str(value), ch)}")
+    if lo is not None and isinstance(value, (int, float)) and value < lo:
+        raise bad(f"must be >= {lo}")
+    if hi is not None and isinstance(value, (int, float)) and value > hi:
+        raise bad(f"must be <= {hi}")
     return value
+
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
     "Set dotted `key` (e.g. `train.steps`) on `cfg`, checking name, type and range."
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise ConfigError(f"config: unknown key '{key}'{_suggest(key, all_keys())}; keys look like section.name "
-                          f"with section one of {', '.join(SECTIONS)}")
+        raise ConfigError(
+            f"config: unknown key '{key}'{_suggest(key, all_keys())}; keys look like section.name "
+            f"with section one of {', '.join(SECTIONS)}"
+        )
     sec, name = parts
     section = getattr(cfg, sec)
     fm = _field_map(type(section))
@@ -198,33 +267,46 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     "Apply `key=value` strings in order."
     for o in overrides:
-        if "=" not in o: raise ConfigError(f"config: override {o!r}: expected key=value, e.g. train.steps=200")
+        if "=" not in o:
+            raise ConfigError(f"config: override {o!r}: expected key=value, e.g. train.steps=200")
         k, v = o.split("=", 1)
         set_value(cfg, k.strip(), v)
     return cfg
 
+
 def from_dict(d: dict, where: str = "config") -> Config:
     "Build a `Config` from a nested dict (as read from YAML), checking every key."
     cfg = Config()
-    if not isinstance(d, dict): raise ConfigError(f"{where}: expected a mapping of sections, got {type(d).__name__}")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(d).__name__}")
     for sec, vals in d.items():
         if sec not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section '{sec}'{_suggest(str(sec), SECTIONS)}; allowed: {', '.join(SECTIONS)}")
-        if vals is None: continue
-        if not isinstance(vals, dict): raise ConfigError(f"{where}: section '{sec}' must be a mapping, got {vals!r}")
+            raise ConfigError(
+                f"{where}: unknown section '{sec}'{_suggest(str(sec), SECTIONS)}; allowed: {', '.join(SECTIONS)}"
+            )
+        if vals is None:
+            continue
+        if not isinstance(vals, dict):
+            raise ConfigError(f"{where}: section '{sec}' must be a mapping, got {vals!r}")
         for k, v in vals.items():
-            try: set_value(cfg, f"{sec}.{k}", v)
-            except ConfigError as e: raise ConfigError(str(e).replace("config:", f"{where}:", 1)) from None
+            try:
+                set_value(cfg, f"{sec}.{k}", v)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("config:", f"{where}:", 1)) from None
     return cfg
+
 
 def load_config(path=None, overrides=()) -> Config:
     "Defaults, then the YAML file at `path` (if any), then `overrides`; validated."
     cfg = Config()
     if path is not None:
         p = Path(path)
-        try: text = p.read_text()
-        except OSError as e: raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
-        try: d = yaml.safe_load(text) or {}
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
+        try:
+            d = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         cfg = from_dict(d, where=str(path))
@@ -232,53 +314,78 @@ def load_config(path=None, overrides=()) -> Config:
     validate(cfg)
     return cfg
 
-def to_dict(cfg: Config) -> dict: return asdict(cfg)
 
-def to_yaml(cfg: Config) -> str: return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
 
-UMASK = os.umask(0); os.umask(UMASK)  # read once, at import: what we create gets the permissions `open` would give
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+UMASK = os.umask(0)
+os.umask(UMASK)  # read once, at import: what we create gets the permissions `open` would give
+
 
 def atomic_write(path, data) -> Path:
     """Write `path` through a temporary file beside it and a rename, so readers never see half a file and a failed
     write leaves the old one. `data`: bytes, a str, or a function that writes the file at the path it is given."""
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if callable(data): os.close(fd); data(tmp)
+        if callable(data):
+            os.close(fd)
+            data(tmp)
         else:
-            with os.fdopen(fd, "wb") as f: f.write(data.encode() if isinstance(data, str) else data)
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private to us
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     return path
+
 
 def atomic_write_text(path, text: str) -> None:
     "`atomic_write` of a str."
     atomic_write(path, text)
 
-def save_config(cfg: Config, path) -> None: atomic_write_text(path, to_yaml(cfg))
+
+def save_config(cfg: Config, path) -> None:
+    atomic_write_text(path, to_yaml(cfg))
+
 
 def fresh_folder(out_dir, name: str = "", tag: str = "", exist_ok: bool = False) -> Path:
     """Create and return `out_dir/name` (`FileExistsError` if taken, unless `exist_ok`), or, without a name, a new
     folder named by the time (plus `-tag`); `mkdir` is the lock, so two launches never share a folder."""
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if name:
-        d = out / name; d.mkdir(exist_ok=exist_ok)
+        d = out / name
+        d.mkdir(exist_ok=exist_ok)
         return d
     base = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
     for i in range(1000):
         d = out / (base if i == 0 else f"{base}-{i}")
-        try: d.mkdir(); return d
-        except FileExistsError: continue
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
     raise ConfigError(f"run.out_dir={out_dir}: cannot create a fresh run folder (1000 names taken)")
+
 
 def config_hash(cfg: Config) -> str:
     "Hash of everything that changes the numbers (not the run's name or folder)."
-    d = to_dict(cfg); d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "out_dir", "log_ranks")}
+    d = to_dict(cfg)
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "out_dir", "log_ranks")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def validate(cfg: Config) -> Config:
     "Cross-field checks that no single field can make. Raises `ConfigError`."
@@ -288,22 +395,32 @@ def validate(cfg: Config) -> Config:
     if t.warmup_steps > t.steps:
         raise ConfigError(f"config: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
     if cfg.data.tokenizer == "byte" and m.vocab_size not in (0,) and m.vocab_size < 257:
-        raise ConfigError(f"config: model.vocab_size={m.vocab_size}: the byte tokenizer needs >= 257 (or 0 = automatic)")
+        raise ConfigError(
+            f"config: model.vocab_size={m.vocab_size}: the byte tokenizer needs >= 257 (or 0 = automatic)"
+        )
     if cfg.data.tokenizer == "bpe" and m.vocab_size and m.vocab_size < cfg.data.bpe_vocab_size:
-        raise ConfigError(f"config: model.vocab_size={m.vocab_size} is smaller than data.bpe_vocab_size={cfg.data.bpe_vocab_size}")
+        raise ConfigError(
+            f"config: model.vocab_size={m.vocab_size} is smaller than data.bpe_vocab_size={cfg.data.bpe_vocab_size}"
+        )
     if mem.ac_offload and mem.activation_checkpointing == "none":
         raise ConfigError("config: memory.ac_offload=true needs memory.activation_checkpointing other than none")
     if mem.ac_offload and mem.activation_checkpointing == "selective":
-        raise ConfigError("config: memory.ac_offload=true with memory.activation_checkpointing=selective: offloading recomputes "
-                          "whole blocks (fairscale's wrapper); use full or every_k with ac_offload")
+        raise ConfigError(
+            "config: memory.ac_offload=true with memory.activation_checkpointing=selective: offloading recomputes "
+            "whole blocks (fairscale's wrapper); use full or every_k with ac_offload"
+        )
     if mem.activation_checkpointing == "every_k" and mem.ac_every > m.n_layer:
-        raise ConfigError(f"config: memory.ac_every={mem.ac_every} with activation_checkpointing=every_k checkpoints none of "
-                          f"model.n_layer={m.n_layer} blocks; use ac_every <= {m.n_layer}")
+        raise ConfigError(
+            f"config: memory.ac_every={mem.ac_every} with activation_checkpointing=every_k checkpoints none of "
+            f"model.n_layer={m.n_layer} blocks; use ac_every <= {m.n_layer}"
+        )
     if mem.cpu_offload and p.strategy != "fsdp":
         raise ConfigError(f"config: memory.cpu_offload=true needs parallel.strategy=fsdp (got {p.strategy})")
     if p.pp > 1 and m.tie_weights:
-        raise ConfigError(f"config: model.tie_weights=true with parallel.pp={p.pp}: the embedding and the output head "
-                          "live on different stages; set model.tie_weights=false")
+        raise ConfigError(
+            f"config: model.tie_weights=true with parallel.pp={p.pp}: the embedding and the output head "
+            "live on different stages; set model.tie_weights=false"
+        )
     if m.n_head % p.tp:
         raise ConfigError(f"config: model.n_head={m.n_head} is not divisible by parallel.tp={p.tp}")
     return cfg

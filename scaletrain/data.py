@@ -4,7 +4,15 @@
 
 # %% ../nbs/01_data.ipynb #d74e6895
 from __future__ import annotations
-import fcntl, hashlib, json, os, shutil, sys, sysconfig, tempfile, zlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +30,49 @@ class DataError(ValueError):
     "Bad data input: one line naming the source, the problem and what is allowed."
 
 # %% ../nbs/01_data.ipynb #809bfd01
-TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".csv", ".html", ".xml", ".yaml", ".yml",
-                 ".toml", ".ini", ".cfg", ".c", ".h", ".cpp", ".js", ".ts", ".rs", ".go", ".java", ".sh", ".tex", ""}
+TEXT_SUFFIXES = {
+    ".py",
+    ".txt",
+    ".md",
+    ".rst",
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".html",
+    ".xml",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".ini",
+    ".cfg",
+    ".c",
+    ".h",
+    ".cpp",
+    ".js",
+    ".ts",
+    ".rs",
+    ".go",
+    ".java",
+    ".sh",
+    ".tex",
+    "",
+}
+
 
 def stdlib_root() -> Path:
     "Folder holding the running interpreter's standard library."
     return Path(sysconfig.get_paths()["stdlib"])
 
+
 def stdlib_files() -> list[Path]:
     "Every `.py` file of the standard library (not site-packages), sorted for determinism."
     root = stdlib_root()
-    return sorted(p for p in root.rglob("*.py")
-                  if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file())
+    return sorted(
+        p
+        for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file()
+    )
+
 
 def folder_files(path) -> list[Path]:
     "Text files under a folder (hidden folders skipped), sorted."
@@ -41,41 +80,59 @@ def folder_files(path) -> list[Path]:
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).parts
-        if any(s.startswith(".") for s in rel) or not p.is_file() or p.suffix.lower() not in TEXT_SUFFIXES: continue
+        if any(s.startswith(".") for s in rel) or not p.is_file() or p.suffix.lower() not in TEXT_SUFFIXES:
+            continue
         out.append(p)
     return out
+
 
 @dataclass
 class Source:
     "One corpus in a mixture."
-    spec: str      # 'stdlib' or the folder's absolute path
+
+    spec: str  # 'stdlib' or the folder's absolute path
     weight: float
-    files: list    # list[Path]
+    files: list  # list[Path]
     root: Path = None
+
 
 def parse_sources(spec: str) -> list[Source]:
     "Parse `data.source` ('stdlib', 'path/', or 'stdlib:0.8,docs/:0.2') and list each source's files."
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
-    if not items: raise DataError(f"data.source={spec!r}: empty; use 'stdlib', a folder, or 'a:0.7,b:0.3'")
+    if not items:
+        raise DataError(f"data.source={spec!r}: empty; use 'stdlib', a folder, or 'a:0.7,b:0.3'")
     out = []
     for it in items:
         name, w = it, 1.0
         if ":" in it:
             head, tail = it.rsplit(":", 1)
-            try: w, name = float(tail), head
-            except ValueError: pass
-        if not w > 0: raise DataError(f"data.source={spec!r}: weight {w} of {name!r} must be > 0")
-        if name == "stdlib": files, root = stdlib_files(), stdlib_root()
+            try:
+                w, name = float(tail), head
+            except ValueError:
+                pass
+        if not w > 0:
+            raise DataError(f"data.source={spec!r}: weight {w} of {name!r} must be > 0")
+        if name == "stdlib":
+            files, root = stdlib_files(), stdlib_root()
         else:
             p = Path(name).expanduser()
-            if not p.exists(): raise DataError(f"data.source={name!r}: no such folder; use 'stdlib' or a readable folder of text files")
+            if not p.exists():
+                raise DataError(
+                    f"data.source={name!r}: no such folder; use 'stdlib' or a readable folder of text files"
+                )
             if not p.is_dir() or not os.access(p, os.R_OK | os.X_OK):
-                raise DataError(f"data.source={name!r}: not a readable folder; use 'stdlib' or a readable folder of text files")
+                raise DataError(
+                    f"data.source={name!r}: not a readable folder; use 'stdlib' or a readable folder of text files"
+                )
             files = folder_files(p)
-            if not files: raise DataError(f"data.source={name!r}: contains no text files ({', '.join(sorted(s for s in TEXT_SUFFIXES if s))})")
+            if not files:
+                raise DataError(
+                    f"data.source={name!r}: contains no text files ({', '.join(sorted(s for s in TEXT_SUFFIXES if s))})"
+                )
             root, name = p, str(p.resolve())
         out.append(Source(name, w, files, root))
     return out
+
 
 def is_val_file(relpath, val_fraction: float) -> bool:
     "Deterministic split by file: a stable hash of the file's path inside its source decides."
@@ -85,73 +142,120 @@ def is_val_file(relpath, val_fraction: float) -> bool:
 # %% ../nbs/01_data.ipynb #df95d70f
 class ByteTokenizer:
     "UTF-8 bytes as tokens, plus one end-of-text id."
+
     kind, vocab_size, eot = "byte", 257, 256
-    def encode(self, text: str) -> list[int]: return list(text.encode("utf-8"))
-    def encode_bytes(self, b: bytes) -> np.ndarray: return np.frombuffer(b, dtype=np.uint8).astype(np.uint16)
-    def decode(self, ids) -> str: return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, b: bytes) -> np.ndarray:
+        return np.frombuffer(b, dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
 
 class BPETokenizer:
     "Byte-level BPE (HF tokenizers), trained locally."
+
     kind = "bpe"
-    def __init__(self, tok): self.tok = tok; self.eot = tok.token_to_id("<|endoftext|>"); self.vocab_size = tok.get_vocab_size()
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eot = tok.token_to_id("<|endoftext|>")
+        self.vocab_size = tok.get_vocab_size()
+
     @classmethod
     def train(cls, files, vocab_size: int, path=None):
         from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tr = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator((Path(f).read_text(encoding="utf-8", errors="replace") for f in files), tr)
-        if path is not None: tok.save(str(path))
+        if path is not None:
+            tok.save(str(path))
         return cls(tok)
+
     @classmethod
     def load(cls, path):
         from tokenizers import Tokenizer
+
         return cls(Tokenizer.from_file(str(path)))
-    def encode(self, text: str) -> list[int]: return self.tok.encode(text).ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
     def encode_bytes(self, b: bytes) -> np.ndarray:
         return np.asarray(self.encode(b.decode("utf-8", errors="replace")), dtype=np.uint16)
-    def decode(self, ids) -> str: return self.tok.decode([int(i) for i in ids])
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
 
 # %% ../nbs/01_data.ipynb #40b3d870
 def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("SCALETRAIN_CACHE", "~/.cache/scaletrain")).expanduser()
 
+
 def _cache_key(cfg: DataConfig, sources: list[Source]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.tokenizer, cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else 0,
-                         round(cfg.val_fraction, 6), sys.version, 2]).encode())
+    h.update(
+        json.dumps(
+            [
+                cfg.tokenizer,
+                cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else 0,
+                round(cfg.val_fraction, 6),
+                sys.version,
+                2,
+            ]
+        ).encode()
+    )
     for s in sources:
         h.update(s.spec.encode())
         for f in s.files:
-            st = f.stat(); h.update(f"{f}|{st.st_size}|{int(st.st_mtime)}".encode())
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
+
 
 @contextmanager
 def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(fh, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
 
 @dataclass
 class PreparedData:
     "Memory-mapped token arrays per source and split."
+
     folder: Path
     tokenizer: object
-    train: list      # list[np.memmap]
+    train: list  # list[np.memmap]
     val: list
     weights: list
     meta: dict
+
     @property
-    def vocab_size(self): return self.tokenizer.vocab_size
+    def vocab_size(self):
+        return self.tokenizer.vocab_size
+
 
 def _split_files(src: Source, val_fraction: float):
     val = [f for f in src.files if is_val_file(f.relative_to(src.root), val_fraction)]
     vs = set(val)
     return [f for f in src.files if f not in vs], val
+
 
 def _write_tokens(files, tok, out: Path, desc: str, show: bool) -> int:
     "Stream files through the tokenizer into one uint16 file; returns the token count."
@@ -159,15 +263,22 @@ def _write_tokens(files, tok, out: Path, desc: str, show: bool) -> int:
     eot = np.array([tok.eot], dtype=np.uint16)
     with open(out, "wb") as fh:
         for f in tqdm(files, desc=desc, disable=not show, mininterval=1.0, leave=False):
-            try: b = Path(f).read_bytes()
-            except OSError as e: raise DataError(f"data.source: cannot read {f} ({e.strerror})") from None
-            if b"\0" in b[:8192]: continue  # binary file
+            try:
+                b = Path(f).read_bytes()
+            except OSError as e:
+                raise DataError(f"data.source: cannot read {f} ({e.strerror})") from None
+            if b"\0" in b[:8192]:
+                continue  # binary file
             arr = tok.encode_bytes(b)
-            fh.write(arr.tobytes()); fh.write(eot.tobytes()); n += len(arr) + 1
+            fh.write(arr.tobytes())
+            fh.write(eot.tobytes())
+            n += len(arr) + 1
     return n
+
 
 def _load_tokenizer(kind: str, folder: Path):
     return ByteTokenizer() if kind == "byte" else BPETokenizer.load(folder / "tokenizer.json")
+
 
 def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
     "Tokenize the sources once into the cache (under a lock) and memory-map the result."
@@ -183,24 +294,45 @@ def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
                 if cfg.tokenizer == "bpe":
                     train_files = [f for tr, _ in splits for f in tr]
                     tok = BPETokenizer.train(train_files, cfg.bpe_vocab_size, tmp / "tokenizer.json")
-                else: tok = ByteTokenizer()
+                else:
+                    tok = ByteTokenizer()
                 meta = dict(tokenizer=cfg.tokenizer, vocab_size=tok.vocab_size, eot=tok.eot, sources=[])
                 for i, (s, (tr, va)) in enumerate(zip(sources, splits)):
-                    ntr = _write_tokens(tr, tok, tmp / f"train_{i}.bin", f"tokenizing {Path(s.spec).name} train", show_progress)
-                    nva = _write_tokens(va, tok, tmp / f"val_{i}.bin", f"tokenizing {Path(s.spec).name} val", show_progress)
+                    ntr = _write_tokens(
+                        tr, tok, tmp / f"train_{i}.bin", f"tokenizing {Path(s.spec).name} train", show_progress
+                    )
+                    nva = _write_tokens(
+                        va, tok, tmp / f"val_{i}.bin", f"tokenizing {Path(s.spec).name} val", show_progress
+                    )
                     if nva == 0 or ntr == 0:  # too few files to split by file: split the token stream instead
-                        allt = np.concatenate([np.fromfile(tmp / f"train_{i}.bin", dtype=np.uint16),
-                                               np.fromfile(tmp / f"val_{i}.bin", dtype=np.uint16)])
+                        allt = np.concatenate(
+                            [
+                                np.fromfile(tmp / f"train_{i}.bin", dtype=np.uint16),
+                                np.fromfile(tmp / f"val_{i}.bin", dtype=np.uint16),
+                            ]
+                        )
                         cut = int(len(allt) * (1 - cfg.val_fraction))
-                        allt[:cut].tofile(tmp / f"train_{i}.bin"); allt[cut:].tofile(tmp / f"val_{i}.bin")
+                        allt[:cut].tofile(tmp / f"train_{i}.bin")
+                        allt[cut:].tofile(tmp / f"val_{i}.bin")
                         ntr, nva, split = cut, len(allt) - cut, "by position"
-                    else: split = "by file"
-                    meta["sources"].append(dict(spec=s.spec, weight=s.weight, train_files=len(tr), val_files=len(va),
-                                                train_tokens=ntr, val_tokens=nva, split=split))
+                    else:
+                        split = "by file"
+                    meta["sources"].append(
+                        dict(
+                            spec=s.spec,
+                            weight=s.weight,
+                            train_files=len(tr),
+                            val_files=len(va),
+                            train_tokens=ntr,
+                            val_tokens=nva,
+                            split=split,
+                        )
+                    )
                 atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
                 os.replace(tmp, folder)
             finally:
-                if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
     meta = json.loads((folder / "meta.json").read_text())
     tok = _load_tokenizer(meta["tokenizer"], folder)
     mm = lambda n: np.memmap(folder / n, dtype=np.uint16, mode="r")
@@ -211,30 +343,42 @@ def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
 # %% ../nbs/01_data.ipynb #9e121520
 class BatchSampler:
     "Stateless sampler: the global batch of step `s` depends only on `(seed, split, s)`."
+
     def __init__(self, arrays, weights, block_size: int, global_batch: int, seed: int, split: str = "train"):
         self.arrays, self.T, self.B, self.seed = arrays, block_size, global_batch, seed
         self.split_id = {"train": 0, "val": 1}[split]
-        w = np.asarray(weights, dtype=np.float64); self.p = w / w.sum()
+        w = np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
         self.lens = np.array([len(a) for a in arrays], dtype=np.int64)
         for a in arrays:
             if len(a) <= block_size + 1:
-                raise DataError(f"data: a {split} split holds {len(a)} tokens, fewer than model.block_size+2={block_size + 2}; "
-                                "add text or lower model.block_size")
+                raise DataError(
+                    f"data: a {split} split holds {len(a)} tokens, fewer than model.block_size+2={block_size + 2}; "
+                    "add text or lower model.block_size"
+                )
 
     def rows(self, step: int):
         "(source index, start offset) of every row of the global batch at `step`."
         g = np.random.default_rng([self.seed, self.split_id, step])
-        src = g.choice(len(self.arrays), size=self.B, p=self.p) if len(self.arrays) > 1 else np.zeros(self.B, dtype=np.int64)
+        src = (
+            g.choice(len(self.arrays), size=self.B, p=self.p)
+            if len(self.arrays) > 1
+            else np.zeros(self.B, dtype=np.int64)
+        )
         starts = g.integers(0, self.lens[src] - self.T - 1)
         return src, starts
 
     def batch(self, step: int, rank: int = 0, n_ranks: int = 1, device="cpu"):
         "This rank's contiguous share of the global batch of `step`, as int64 `(x, y)`."
-        if self.B % n_ranks: raise ValueError(f"global batch {self.B} not divisible by {n_ranks} ranks")
+        if self.B % n_ranks:
+            raise ValueError(f"global batch {self.B} not divisible by {n_ranks} ranks")
         per = self.B // n_ranks
         src, starts = self.rows(step)
         sl = slice(rank * per, (rank + 1) * per)
-        buf = np.stack([np.asarray(self.arrays[s][o:o + self.T + 1], dtype=np.int64) for s, o in zip(src[sl], starts[sl])])
+        buf = np.stack(
+            [np.asarray(self.arrays[s][o : o + self.T + 1], dtype=np.int64) for s, o in zip(src[sl], starts[sl])]
+        )
         t = torch.from_numpy(buf)
-        if str(device) != "cpu": t = t.pin_memory().to(device, non_blocking=True)
+        if str(device) != "cpu":
+            t = t.pin_memory().to(device, non_blocking=True)
         return t[:, :-1], t[:, 1:]

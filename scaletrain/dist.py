@@ -4,7 +4,9 @@
 
 # %% ../nbs/05_dist.ipynb #bf4a5bf9
 from __future__ import annotations
-import os, sys, warnings
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 import torch
@@ -18,32 +20,43 @@ __all__ = ['DistInfo', 'pick_device', 'env_int', 'init_distributed', 'teardown',
 @dataclass
 class DistInfo:
     "Where this process sits."
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     backend: str = ""
     device: torch.device = torch.device("cpu")
+
     @property
-    def is_main(self): return self.rank == 0
+    def is_main(self):
+        return self.rank == 0
+
     @property
-    def distributed(self): return self.world_size > 1
+    def distributed(self):
+        return self.world_size > 1
+
 
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     "cuda:<local_rank> when asked or available, else cpu."
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available(): raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
-def env_int(name, default): return int(os.environ.get(name, default))
+
+def env_int(name, default):
+    return int(os.environ.get(name, default))
+
 
 def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> DistInfo:
     "Start the default process group from torchrun's environment (or describe a single process)."
     rank, world = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
     local_rank, local_world = env_int("LOCAL_RANK", 0), env_int("LOCAL_WORLD_SIZE", 1)
     device = pick_device(device_pref, local_rank)
-    if device.type == "cuda": torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     backend = ""
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -52,22 +65,30 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> DistInf
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kw)
     return DistInfo(rank, world, local_rank, local_world, backend, device)
 
+
 def teardown() -> None:
     "Destroy the process group if one was started (safe to call twice)."
     if dist.is_available() and dist.is_initialized():
-        try: dist.destroy_process_group()
-        except Exception as e: warnings.warn(f"destroy_process_group failed: {e}")
+        try:
+            dist.destroy_process_group()
+        except Exception as e:
+            warnings.warn(f"destroy_process_group failed: {e}")
+
 
 def vote(flag: bool, info: DistInfo, device, any_rank: bool = False) -> bool:
     "One decision for all ranks: True when every rank's `flag` is (with `any_rank`: when one rank's is)."
-    if not info.distributed: return flag
+    if not info.distributed:
+        return flag
     t = torch.tensor([int(flag)], device=device if info.backend == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX if any_rank else dist.ReduceOp.MIN)
     return bool(t.item())
 
+
 def barrier() -> None:
     "Wait for every rank (nothing to wait for without a process group)."
-    if dist.is_available() and dist.is_initialized(): dist.barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
 
 def process_rank() -> int:
     "This process's global rank (0 without a process group)."
@@ -80,12 +101,16 @@ def mesh_shape(world_size: int, tp: int = 1, pp: int = 1) -> dict:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {tp} × {pp}")
     return dict(pp=pp, dp=world_size // (tp * pp), tp=tp)
 
+
 def build_mesh(info: DistInfo, tp: int = 1, pp: int = 1):
     "One DeviceMesh with dims ('pp','dp','tp'), or None in a single process."
-    if not info.distributed: return None
+    if not info.distributed:
+        return None
     from torch.distributed.device_mesh import init_device_mesh
+
     s = mesh_shape(info.world_size, tp, pp)
     return init_device_mesh(info.device.type, (s["pp"], s["dp"], s["tp"]), mesh_dim_names=("pp", "dp", "tp"))
+
 
 def coords(rank: int, world_size: int, tp: int = 1, pp: int = 1) -> dict:
     "This rank's position `{pp, dp, tp}` in the mesh (no process group needed)."
@@ -94,14 +119,19 @@ def coords(rank: int, world_size: int, tp: int = 1, pp: int = 1) -> dict:
 
 # %% ../nbs/05_dist.ipynb #4b7731f3
 class RankPrinter:
-    def __init__(self, info: DistInfo, all_ranks: bool = False): self.info, self.all = info, all_ranks
+    def __init__(self, info: DistInfo, all_ranks: bool = False):
+        self.info, self.all = info, all_ranks
+
     def __call__(self, *args, file=None, force: bool = False):
         if self.info.is_main or self.all or force:
             pre = f"[rank {self.info.rank}] " if self.info.distributed else ""
             print(pre + " ".join(str(a) for a in args), file=file or sys.stdout, flush=True)
 
+
 def all_reduce_mean(t: torch.Tensor, group=None) -> torch.Tensor:
     "Mean of `t` over `group` (identity in a single process)."
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        t = t.clone(); dist.all_reduce(t, group=group); t /= dist.get_world_size(group)
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
     return t

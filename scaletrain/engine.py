@@ -4,9 +4,12 @@
 
 # %% ../nbs/06_engine.ipynb #559612f7
 from __future__ import annotations
-import contextlib, math
+import contextlib
+import math
 from dataclasses import dataclass
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from .config import Config, TrainConfig
 
 # %% auto #0
@@ -17,13 +20,16 @@ __all__ = ['autocast_dtype', 'autocast_ctx', 'make_scaler', 'param_groups', 'ada
 def autocast_dtype(precision: str):
     return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision)
 
+
 def autocast_ctx(precision: str, device: torch.device):
     dt = autocast_dtype(precision)
     return torch.autocast(device.type, dtype=dt) if dt is not None else contextlib.nullcontext()
 
+
 def make_scaler(precision: str, device: torch.device):
     "A GradScaler for fp16-mixed (on whatever device), else None."
-    if precision != "fp16-mixed": return None
+    if precision != "fp16-mixed":
+        return None
     return torch.amp.GradScaler(device.type)
 
 # %% ../nbs/06_engine.ipynb #78d2bf7c
@@ -32,24 +38,33 @@ def param_groups(model: nn.Module, weight_decay: float):
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [dict(params=decay, weight_decay=weight_decay, lr_scale=1.0),
-            dict(params=no_decay, weight_decay=0.0, lr_scale=1.0)]
+    return [
+        dict(params=decay, weight_decay=weight_decay, lr_scale=1.0),
+        dict(params=no_decay, weight_decay=0.0, lr_scale=1.0),
+    ]
+
 
 def adamw_kwargs(t: TrainConfig, device: torch.device) -> dict:
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-    if device.type == "cuda": kw["fused"] = True
+    if device.type == "cuda":
+        kw["fused"] = True
     return kw
+
 
 def lr_at(step: int, t: TrainConfig) -> float:
     "Learning rate for the step about to run (0-based)."
-    if t.warmup_steps and step < t.warmup_steps: return t.lr * (step + 1) / t.warmup_steps
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
     decay_steps = max(1, t.steps - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / decay_steps)
     lo = t.lr * t.min_lr_ratio
     return lo + 0.5 * (t.lr - lo) * (1 + math.cos(math.pi * progress))
 
+
 def set_lr(optimizer, lr: float):
-    for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy, computed in fp32."
@@ -60,35 +75,52 @@ def local_bytes(tensors) -> int:
     "Bytes of the tensors as held by this rank: a DTensor counts its local shard; scalars (Adam's step) are ignored."
     n, seen = 0, set()
     for t in tensors:
-        if not torch.is_tensor(t) or t.dim() == 0 or id(t) in seen: continue
+        if not torch.is_tensor(t) or t.dim() == 0 or id(t) in seen:
+            continue
         seen.add(id(t))
         t = t.to_local() if hasattr(t, "to_local") else t
         n += t.numel() * t.element_size()
     return n
+
 
 def _scale_now(scaler) -> torch.Tensor:
     "The loss scale as a device tensor: `get_scale()` would wait for the GPU every step."
     t = getattr(scaler, "_scale", None)  # None: a disabled scaler (fairscale's turns itself off without CUDA)
     return t.clone() if t is not None else torch.tensor(scaler.get_scale())
 
+
 @dataclass
 class StepResult:
     """Loss and gradient norm of one step. The engine returns them as device tensors, so the host need not wait
     for the GPU after every step; `resolve()` reads them (a synchronisation) and makes them floats."""
+
     loss: float | torch.Tensor
     grad_norm: float | torch.Tensor
-    skipped: bool | torch.Tensor = False            # fp16: whether the scaler skipped the step (inf/NaN gradients)
+    skipped: bool | torch.Tensor = False  # fp16: whether the scaler skipped the step (inf/NaN gradients)
     loss_scale: float | torch.Tensor | None = None  # fp16: the scale the step ran with
+
     def resolve(self) -> "StepResult":
         self.loss, self.grad_norm, self.skipped = float(self.loss), float(self.grad_norm), bool(self.skipped)
-        if self.loss_scale is not None: self.loss_scale = float(self.loss_scale)
+        if self.loss_scale is not None:
+            self.loss_scale = float(self.loss_scale)
         return self
+
 
 class Engine:
     "Single-process training step; strategies override the hooks."
+
     name = "single"
-    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, info=None, mesh=None,
-                 param_groups_fn=None, loss_fn=lm_loss):
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        device: torch.device,
+        info=None,
+        mesh=None,
+        param_groups_fn=None,
+        loss_fn=lm_loss,
+    ):
         self.cfg, self.device, self.info, self.mesh, self.loss_fn = cfg, device, info, mesh, loss_fn
         self.precision = cfg.memory.precision
         self.module = model
@@ -99,23 +131,40 @@ class Engine:
         self._params = None  # listed at first use, after wrapping (FSDP2 swaps the parameters for DTensors)
 
     # ---- hooks ----
-    def wrap(self, model): return model
-    def build_optimizer(self, groups): return torch.optim.AdamW(groups, **adamw_kwargs(self.cfg.train, self.device))
-    def build_scaler(self): return make_scaler(self.precision, self.device)
-    def sync(self, last_micro: bool): return contextlib.nullcontext()
-    def reduce(self, t: torch.Tensor) -> torch.Tensor: return t
-    def forward_ctx(self): return autocast_ctx(self.precision, self.device)
-    def zero_grad(self): self.optimizer.zero_grad(set_to_none=True)
+    def wrap(self, model):
+        return model
+
+    def build_optimizer(self, groups):
+        return torch.optim.AdamW(groups, **adamw_kwargs(self.cfg.train, self.device))
+
+    def build_scaler(self):
+        return make_scaler(self.precision, self.device)
+
+    def sync(self, last_micro: bool):
+        return contextlib.nullcontext()
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def forward_ctx(self):
+        return autocast_ctx(self.precision, self.device)
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
     def parameters(self):
         "The trainable parameters as this rank holds them, listed once (walking the module tree every step costs host time)."
-        if getattr(self, "_params", None) is None: self._params = [p for p in self.module.parameters() if p.requires_grad]
+        if getattr(self, "_params", None) is None:
+            self._params = [p for p in self.module.parameters() if p.requires_grad]
         return self._params
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm if max_norm > 0 else float("inf"))
 
     # ---- the step ----
     def forward_loss(self, x, y):
-        with self.forward_ctx(): logits = self.model(x)
+        with self.forward_ctx():
+            logits = self.model(x)
         return self.loss_fn(logits, y)
 
     def train_step(self, micro_batches, lr: float) -> StepResult:
@@ -134,13 +183,16 @@ class Engine:
             self.grad_bytes = local_bytes(p.grad for p in self.module.parameters())
         scale = None
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer); scale = _scale_now(self.scaler)
+            self.scaler.unscale_(self.optimizer)
+            scale = _scale_now(self.scaler)
         norm = self.clip_grad_norm(self.cfg.train.grad_clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer); self.scaler.update()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             skipped = _scale_now(self.scaler) < scale  # update() lowers the scale only after inf/NaN gradients
         else:
-            self.optimizer.step(); skipped = False
+            self.optimizer.step()
+            skipped = False
         self.zero_grad()
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return StepResult(loss.detach(), norm.detach(), skipped, scale)  # read later: `StepResult.resolve`
@@ -148,30 +200,36 @@ class Engine:
     @torch.no_grad()
     def eval_loss(self, x, y) -> torch.Tensor:
         self.model.eval()
-        try: return self.reduce(self.forward_loss(x, y).detach())
-        finally: self.model.train()
+        try:
+            return self.reduce(self.forward_loss(x, y).detach())
+        finally:
+            self.model.train()
 
     # ---- checkpoint state ----
     def state_dict(self) -> dict:
         "Model and optimizer state keyed by parameter names (DCP-ready)."
         from torch.distributed.checkpoint.state_dict import get_state_dict
+
         msd, osd = get_state_dict(self.module, self.optimizer)
         return {"model": msd, "optim": osd}
 
     def model_state_dict(self) -> dict:
         "The model's part of `state_dict` alone (no optimizer state is gathered)."
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
         return get_model_state_dict(self.module)
 
     def load_state_dict(self, sd: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
+
         set_state_dict(self.module, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
     def extra_state(self) -> dict:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_extra_state(self, st: dict) -> None:
-        if self.scaler is not None and st.get("scaler"): self.scaler.load_state_dict(st["scaler"])
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
 
     def local_optimizer(self):
         "The optimizer object that holds this rank's state (sharded optimizers override)."
@@ -180,10 +238,16 @@ class Engine:
     def state_bytes(self) -> dict:
         "Bytes of parameters, gradients (as of the last step) and optimizer state held by this rank."
         opt = self.local_optimizer()
-        return dict(params=local_bytes(self.module.parameters()), grads=getattr(self, "grad_bytes", 0),
-                    optim=local_bytes(t for st in opt.state.values() for t in st.values()))
+        return dict(
+            params=local_bytes(self.module.parameters()),
+            grads=getattr(self, "grad_bytes", 0),
+            optim=local_bytes(t for st in opt.state.values() for t in st.values()),
+        )
 
     @property
-    def dp_rank(self): return 0
+    def dp_rank(self):
+        return 0
+
     @property
-    def dp_size(self): return 1
+    def dp_size(self):
+        return 1

@@ -4,10 +4,14 @@
 
 # %% ../nbs/17_finetune.ipynb #dabd4da1
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse
+import json
+import os
+import sys
 from pathlib import Path
 import numpy as np
-import torch, torch.nn as nn
+import torch
+import torch.nn as nn
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, atomic_write_text
 from .metrics import eval_points, read_metrics
 from .models import GPT
@@ -25,23 +29,28 @@ __all__ = ['ARCH_KEYS', 'GPTClassifier', 'resolve_config', 'metric_of', 'load_pr
 # %% ../nbs/17_finetune.ipynb #18f2e47b
 class GPTClassifier(GPT):
     "The GPT body with a classification head in the LM head's place: ids `(B, T)` in, class logits `(B, n_classes)` out."
+
     def __init__(self, c: ModelConfig, n_classes: int, pooling: str = "mean", labels=None):
         super().__init__(c)
         self.n_classes, self.pooling, self.labels = n_classes, pooling, list(labels or [])
         self.lm_head = nn.Linear(c.n_embd, n_classes, bias=True)  # replaces (and unties) the LM head
-        nn.init.normal_(self.lm_head.weight, 0.0, 0.02); nn.init.zeros_(self.lm_head.bias)
+        nn.init.normal_(self.lm_head.weight, 0.0, 0.02)
+        nn.init.zeros_(self.lm_head.bias)
 
     def forward(self, idx):
         out = super().forward(idx)
-        if self.lm_head is None: return out  # a pipeline stage before the last passes hidden states on
+        if self.lm_head is None:
+            return out  # a pipeline stage before the last passes hidden states on
         return out.mean(1) if self.pooling == "mean" else out[:, -1]
 
 # %% ../nbs/17_finetune.ipynb #8106c6e8
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
+
 def _explicit_keys(cfg: Config) -> set:
     d, cur = to_dict(Config()), to_dict(cfg)
     return {f"{s}.{k}" for s in cur for k in cur[s] if cur[s][k] != d[s][k]}
+
 
 def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
     """Fill in `cfg` from the checkpoint of `finetune.init` and check the fine-tuning settings (in place). A resumed
@@ -49,40 +58,56 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
     f = cfg.finetune
     explicit = _explicit_keys(cfg) if explicit is None else set(explicit)
     if not f.init:
-        raise ConfigError("config: finetune.init is required: a pretrained run folder or checkpoints/step_* folder, or 'scratch'")
+        raise ConfigError(
+            "config: finetune.init is required: a pretrained run folder or checkpoints/step_* folder, or 'scratch'"
+        )
     kind = task_kind(f.task)
     if cfg.parallel.pp > 1:
-        raise ConfigError(f"config: parallel.pp={cfg.parallel.pp}: fine-tuning evaluates whole-model logits, which pipeline "
-                          "stages do not have; use ddp, zero1, zero2, fsdp or tp")
+        raise ConfigError(
+            f"config: parallel.pp={cfg.parallel.pp}: fine-tuning evaluates whole-model logits, which pipeline "
+            "stages do not have; use ddp, zero1, zero2, fsdp or tp"
+        )
     if f.init != "scratch" and not resume:
         ck = ckpt.checkpoint_config(ckpt.resolve_checkpoint(f.init))
         for k in ARCH_KEYS:
             mine, theirs = getattr(cfg.model, k), getattr(ck.model, k)
             if f"model.{k}" in explicit and mine != theirs and not (k == "vocab_size" and mine == 0):
-                raise ConfigError(f"finetune.init={f.init}: the checkpoint has model.{k}={theirs} but the config asks for "
-                                  f"model.{k}={mine} (a checkpoint of a different architecture); drop the model.{k} setting")
+                raise ConfigError(
+                    f"finetune.init={f.init}: the checkpoint has model.{k}={theirs} but the config asks for "
+                    f"model.{k}={mine} (a checkpoint of a different architecture); drop the model.{k} setting"
+                )
             setattr(cfg.model, k, theirs)
         for k in ("tokenizer", "bpe_vocab_size"):
             mine, theirs = getattr(cfg.data, k), getattr(ck.data, k)
             if f"data.{k}" in explicit and mine != theirs and (k == "tokenizer" or ck.data.tokenizer == "bpe"):
-                raise ConfigError(f"finetune.init={f.init}: the checkpoint was trained with data.{k}={theirs} but the config asks "
-                                  f"for data.{k}={mine} (a different vocabulary); drop the data.{k} setting")
+                raise ConfigError(
+                    f"finetune.init={f.init}: the checkpoint was trained with data.{k}={theirs} but the config asks "
+                    f"for data.{k}={mine} (a different vocabulary); drop the data.{k} setting"
+                )
         # the BPE tokenizer lives in the pretraining data's cache: point at the same sources
-        for k in ("source", "tokenizer", "bpe_vocab_size", "val_fraction"): setattr(cfg.data, k, getattr(ck.data, k))
-        if "data.cache_dir" not in explicit: cfg.data.cache_dir = ck.data.cache_dir
+        for k in ("source", "tokenizer", "bpe_vocab_size", "val_fraction"):
+            setattr(cfg.data, k, getattr(ck.data, k))
+        if "data.cache_dir" not in explicit:
+            cfg.data.cache_dir = ck.data.cache_dir
     if f.freeze_blocks > cfg.model.n_layer:
-        raise ConfigError(f"config: finetune.freeze_blocks={f.freeze_blocks} is more than the model's {cfg.model.n_layer} blocks")
+        raise ConfigError(
+            f"config: finetune.freeze_blocks={f.freeze_blocks} is more than the model's {cfg.model.n_layer} blocks"
+        )
     if kind == "lm":
         if f.metric in ("accuracy", "macro_f1"):
             raise ConfigError(f"config: finetune.metric={f.metric}: an lm: task measures val_loss only")
     elif f.snippet_tokens > cfg.model.block_size:
-        raise ConfigError(f"config: finetune.snippet_tokens={f.snippet_tokens} exceeds the model's context model.block_size={cfg.model.block_size}")
+        raise ConfigError(
+            f"config: finetune.snippet_tokens={f.snippet_tokens} exceeds the model's context model.block_size={cfg.model.block_size}"
+        )
     return cfg
+
 
 def metric_of(cfg: Config) -> tuple:
     "(metric name, higher is better) for early stopping and the best checkpoint."
     m = cfg.finetune.metric
-    if m == "auto": m = "val_loss" if task_kind(cfg.finetune.task) == "lm" else "accuracy"
+    if m == "auto":
+        m = "val_loss" if task_kind(cfg.finetune.task) == "lm" else "accuracy"
     return m, m != "val_loss"
 
 # %% ../nbs/17_finetune.ipynb #cc7909fd
@@ -91,35 +116,49 @@ def load_pretrained(path, model: nn.Module) -> dict:
     returns the trainer state. The checkpoint is read straight into `model`: no second model is built."""
     return ckpt.load_model_weights(path, model, exclude=("lm_head.",) if isinstance(model, GPTClassifier) else ())
 
+
 def freeze(model: nn.Module, k: int) -> list:
     "Freeze the embeddings and blocks `0..k-1` (nothing when `k == 0`); returns the frozen parameter names."
-    if k <= 0: return []
+    if k <= 0:
+        return []
     prefixes = ("wte.", "wpe.") + tuple(f"blocks.{i}." for i in range(k))
     names = [n for n, p in model.named_parameters() if n.startswith(prefixes)]
     for n, p in model.named_parameters():
-        if n in names: p.requires_grad_(False)
+        if n in names:
+            p.requires_grad_(False)
     return names
+
 
 def finetune_param_groups(model: nn.Module, weight_decay: float, body_lr_scale: float) -> list:
     "AdamW groups: head (final norm + output head) at the full lr, body at `body_lr_scale`; decay on matrices only."
     groups = {}
     for n, p in model.named_parameters():
-        if not p.requires_grad: continue
+        if not p.requires_grad:
+            continue
         head, decay = n.startswith(("lm_head.", "ln_f.")), p.dim() >= 2
         groups.setdefault((head, decay), []).append(p)
-    return [dict(params=ps, weight_decay=weight_decay if decay else 0.0, lr_scale=1.0 if head else body_lr_scale,
-                 name=("head" if head else "body") + ("" if decay else "_no_decay"))
-            for (head, decay), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))]
+    return [
+        dict(
+            params=ps,
+            weight_decay=weight_decay if decay else 0.0,
+            lr_scale=1.0 if head else body_lr_scale,
+            name=("head" if head else "body") + ("" if decay else "_no_decay"),
+        )
+        for (head, decay), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))
+    ]
+
 
 def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
     """The model `cfg` fine-tunes: a `GPTClassifier` (or the GPT for an lm: task), pretrained body loaded (unless
     `pretrained=False`: a resume loads its own checkpoint over it), blocks frozen."""
     f = cfg.finetune
-    if task_kind(f.task) == "lm": model = GPT(cfg.model)
+    if task_kind(f.task) == "lm":
+        model = GPT(cfg.model)
     else:
         labels = labels_of(cfg)
         model = GPTClassifier(cfg.model, len(labels), f.pooling, labels)
-    if pretrained and f.init != "scratch": load_pretrained(f.init, model)
+    if pretrained and f.init != "scratch":
+        load_pretrained(f.init, model)
     freeze(model, f.freeze_blocks)
     return model
 
@@ -127,54 +166,90 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
 def _better(v, best, higher: bool) -> bool:
     return best is None or (v > best if higher else v < best)
 
+
 def _past_evals(trainer, metric: str) -> list:
     "[(step, value)] of `metric` in the evaluations before a resume (`metrics.jsonl` was cut back to the checkpoint)."
-    if trainer.step == 0: return []
+    if trainer.step == 0:
+        return []
     return eval_points(read_metrics(Path(trainer.run_dir) / "metrics.jsonl"), metric, until=trainer.step)
+
 
 class EarlyStopping(Callback):
     "Ask the trainer to stop after `patience` evaluations without improvement of `metric`."
+
     order = 40
+
     def __init__(self, metric: str = "accuracy", patience: int = 3, higher_is_better: bool = True):
         self.metric, self.patience, self.higher = metric, patience, higher_is_better
         self.best, self.bad, self.stopped_at = None, 0, None
+
     def before_fit(self):  # a resumed run replays its past evaluations, so the count goes on where it was
-        for _, v in _past_evals(self.trainer, self.metric): self.see(v)
+        for _, v in _past_evals(self.trainer, self.metric):
+            self.see(v)
+
     def after_eval(self):
         if self.see(self.trainer.last_eval[self.metric]) and self.stopped_at is None:
             self.stopped_at, self.trainer.stop_requested = self.trainer.step, True
-            self.trainer.print(f"early stopping: no better {self.metric} than {self.best:.4f} for {self.bad} evaluations")
+            self.trainer.print(
+                f"early stopping: no better {self.metric} than {self.best:.4f} for {self.bad} evaluations"
+            )
+
     def see(self, v) -> bool:
         "Count one evaluation; True when patience has run out."
-        if _better(v, self.best, self.higher): self.best, self.bad = v, 0
-        else: self.bad += 1
+        if _better(v, self.best, self.higher):
+            self.best, self.bad = v, 0
+        else:
+            self.bad += 1
         return bool(self.patience) and self.bad >= self.patience
+
 
 def best_checkpoint(run_dir) -> Path | None:
     "The run's best checkpoint (via `checkpoints/best`), or None."
     return ckpt.pointed_checkpoint(run_dir, "best")
 
+
 def save_best(trainer, metric: str, value: float) -> Path:
     "Collective: write the model weights as `checkpoints/best_<step>` and point `checkpoints/best` at it."
-    st = dict(step=trainer.step, config=to_dict(trainer.cfg), world_size=trainer.info.world_size,
-              strategy=trainer.cfg.parallel.strategy, best_metric=metric, best_value=value,
-              eval={k: v for k, v in trainer.last_eval.items() if isinstance(v, (int, float))})
-    return ckpt.write_checkpoint(trainer.run_dir, f"best_{trainer.step:08d}", {"model": trainer.engine.model_state_dict()},
-                                 st, pointer="best", keep=1, rng=False)
+    st = dict(
+        step=trainer.step,
+        config=to_dict(trainer.cfg),
+        world_size=trainer.info.world_size,
+        strategy=trainer.cfg.parallel.strategy,
+        best_metric=metric,
+        best_value=value,
+        eval={k: v for k, v in trainer.last_eval.items() if isinstance(v, (int, float))},
+    )
+    return ckpt.write_checkpoint(
+        trainer.run_dir,
+        f"best_{trainer.step:08d}",
+        {"model": trainer.engine.model_state_dict()},
+        st,
+        pointer="best",
+        keep=1,
+        rng=False,
+    )
+
 
 class BestCheckpoint(Callback):
     "Keep the weights of the best evaluation so far as `checkpoints/best_<step>`."
+
     order = 45
+
     def __init__(self, metric: str = "accuracy", higher_is_better: bool = True):
         self.metric, self.higher, self.best, self.best_step, self.path = metric, higher_is_better, None, None, None
+
     def before_fit(self):  # a resumed run knows its best so far, and where its weights are
         for step, v in _past_evals(self.trainer, self.metric):
-            if _better(v, self.best, self.higher): self.best, self.best_step = v, step
-        if self.best is None: return
+            if _better(v, self.best, self.higher):
+                self.best, self.best_step = v, step
+        if self.best is None:
+            return
         path = best_checkpoint(self.trainer.run_dir)
         st = ckpt.read_trainer_state(path) if path else {}
         # weights saved after the resumed checkpoint belong to discarded steps: the run saves them again when it gets there
-        if st.get("step") == self.best_step: self.path, self.best = path, st["best_value"]  # exact; the log keeps 6 decimals
+        if st.get("step") == self.best_step:
+            self.path, self.best = path, st["best_value"]  # exact; the log keeps 6 decimals
+
     def after_eval(self):
         t = self.trainer
         v = t.last_eval[self.metric]
@@ -186,69 +261,119 @@ class BestCheckpoint(Callback):
 def plot_confusion(cm, labels, out=None, title: str = "confusion matrix"):
     "Rows = true class, columns = predicted; colour = share of the row, numbers = counts. Saved to `out` when given."
     import matplotlib.pyplot as plt
-    cm = np.asarray(cm); C = len(labels)
+
+    cm = np.asarray(cm)
+    C = len(labels)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(2.5 + 0.42 * C, 2.0 + 0.42 * C))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if C <= 24:
         for i in range(C):
             for j in range(C):
-                if cm[i, j]: ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
-                                     color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(C), labels, rotation=60, ha="right", fontsize=8); ax.set_yticks(range(C), labels, fontsize=8)
+                if cm[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        str(int(cm[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
+    ax.set_xticks(range(C), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(C), labels, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    if out is not None: save_figure(fig, out)
+    if out is not None:
+        save_figure(fig, out)
     return fig
 
 # %% ../nbs/17_finetune.ipynb #69784b84
 def make_task(cfg: Config, show_progress: bool = False, pretrained: bool = True):
     "The task of `finetune.task`: a `ClassificationTask`, or a `PackageLMTask` for `lm:`."
-    tok, model_fn = task_tokenizer(cfg), lambda: build_model(cfg, pretrained)  # the pretrained body (and head), blocks frozen
-    if task_kind(cfg.finetune.task) == "lm": return PackageLMTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
+    tok, model_fn = (
+        task_tokenizer(cfg),
+        lambda: build_model(cfg, pretrained),
+    )  # the pretrained body (and head), blocks frozen
+    if task_kind(cfg.finetune.task) == "lm":
+        return PackageLMTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
     return ClassificationTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
+
 
 def prepare(cfg: Config, explicit=None, resume: bool = False):
     "Resolve `cfg` against its checkpoint and build its task; returns `(cfg, task)`."
     resolve_config(cfg, explicit, resume)
     return cfg, make_task(cfg, pretrained=not resume)
 
+
 def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None, resume: bool = False) -> dict:
     """Fine-tune as `cfg.finetune` says; returns the summary (also in `summary.json`). `resume=True` continues
     `run_dir` from its latest checkpoint, with the best checkpoint and early stopping's count as they were."""
     from scaletrain import parallel
-    if task is None: cfg, task = prepare(cfg, explicit, resume)
+
+    if task is None:
+        cfg, task = prepare(cfg, explicit, resume)
     metric, higher = metric_of(cfg)
     f = cfg.finetune
     groups = lambda m: finetune_param_groups(m, cfg.train.weight_decay, f.body_lr_scale)
     engine_fn = lambda m, c, d, i, mesh, **kw: parallel.build_engine(m, c, d, i, mesh, param_groups_fn=groups, **kw)
     best, stopper = BestCheckpoint(metric, higher), EarlyStopping(metric, f.patience, higher)
-    tr = Trainer(cfg, run_dir=run_dir, callbacks=[best, stopper, *callbacks], build_engine=engine_fn, task=task, resume=resume)
+    tr = Trainer(
+        cfg, run_dir=run_dir, callbacks=[best, stopper, *callbacks], build_engine=engine_fn, task=task, resume=resume
+    )
     tr.resume_command = "scaletrain finetune --resume"
     n_train = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
     s = tr.fit()
-    s.update(init=f.init, task=f.task, metric=metric, best_step=best.best_step, best_value=best.best,
-             best_checkpoint=str(best.path) if best.path else None, early_stopped=stopper.stopped_at is not None,
-             trainable_params=n_train, frozen_blocks=f.freeze_blocks)
-    if stopper.stopped_at is not None and s["status"] == "stopped": s["status"] = "early_stopped"
+    s.update(
+        init=f.init,
+        task=f.task,
+        metric=metric,
+        best_step=best.best_step,
+        best_value=best.best,
+        best_checkpoint=str(best.path) if best.path else None,
+        early_stopped=stopper.stopped_at is not None,
+        trainable_params=n_train,
+        frozen_blocks=f.freeze_blocks,
+    )
+    if stopper.stopped_at is not None and s["status"] == "stopped":
+        s["status"] = "early_stopped"
     if isinstance(task, ClassificationTask) and best.path is not None and s["status"] != "anomaly":
         ckpt.load_model_weights(best.path, tr.engine.module)  # collective under torchrun
         s["labels"] = task.labels
         for split in ("val", "test"):
-            if split not in task.data.x: continue
+            if split not in task.data.x:
+                continue
             m = task.evaluate(tr.engine, tr.device, split)
-            s.update({f"{split}_loss": m[f"{split}_loss"], f"{split}_accuracy": m["accuracy"],
-                      f"{split}_macro_f1": m["macro_f1"], f"{split}_n": m["n"], f"{split}_confusion": task.last_confusion.tolist()})
+            s.update(
+                {
+                    f"{split}_loss": m[f"{split}_loss"],
+                    f"{split}_accuracy": m["accuracy"],
+                    f"{split}_macro_f1": m["macro_f1"],
+                    f"{split}_n": m["n"],
+                    f"{split}_confusion": task.last_confusion.tolist(),
+                }
+            )
         if tr.info.is_main:
             split = "test" if "test_confusion" in s else "val"
-            atomic_write_text(tr.run_dir / "confusion.json", json.dumps(dict(labels=task.labels, val=s["val_confusion"],
-                                                                              test=s.get("test_confusion")), indent=1))
+            atomic_write_text(
+                tr.run_dir / "confusion.json",
+                json.dumps(dict(labels=task.labels, val=s["val_confusion"], test=s.get("test_confusion")), indent=1),
+            )
             import matplotlib.pyplot as plt
-            plt.close(plot_confusion(s[f"{split}_confusion"], task.labels, tr.run_dir / "confusion.png",
-                                     f"{split} split, best checkpoint (step {best.best_step}): accuracy {s[f'{split}_accuracy']:.3f}"))
-    if tr.info.is_main: atomic_write_text(tr.run_dir / "summary.json", json.dumps(s, indent=1))
+
+            plt.close(
+                plot_confusion(
+                    s[f"{split}_confusion"],
+                    task.labels,
+                    tr.run_dir / "confusion.png",
+                    f"{split} split, best checkpoint (step {best.best_step}): accuracy {s[f'{split}_accuracy']:.3f}",
+                )
+            )
+    if tr.info.is_main:
+        atomic_write_text(tr.run_dir / "summary.json", json.dumps(s, indent=1))
     tr.summary = s
     return s
+
 
 def load_classifier(path, device="cpu") -> tuple:
     "`(model, cfg)` of a fine-tuned run (its best checkpoint, else its latest) or checkpoint, in eval mode."
@@ -257,21 +382,27 @@ def load_classifier(path, device="cpu") -> tuple:
     ck = ck or ckpt.resolve_checkpoint(p)
     cfg = ckpt.checkpoint_config(ck)
     labels = labels_of(cfg)
-    if not labels: raise ckpt.CheckpointError(f"checkpoint {path}: not a fine-tuned classifier (its config has no finetune.labels)")
+    if not labels:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path}: not a fine-tuned classifier (its config has no finetune.labels)"
+        )
     model = GPTClassifier(cfg.model, len(labels), cfg.finetune.pooling, labels)
     ckpt.load_model_weights(ck, model)
     return for_inference(model, cfg).to(device).eval(), cfg
+
 
 def for_inference(model: GPTClassifier, cfg: Config) -> GPTClassifier:
     "Remember how `model` was fine-tuned (snippet length, tokenizer), so `classify` reads text as training did."
     model.snippet_tokens, model.train_config = cfg.finetune.snippet_tokens, cfg
     return model
 
+
 @torch.no_grad()
 def classify(model: GPTClassifier, texts, tokenizer=None, snippet_tokens: int | None = None) -> list:
     """Label names for raw `texts`: each text is cut into snippets and their class logits averaged. The tokenizer
     and snippet length default to the fine-tuning run's (a model from `load_classifier` or `load_for_inference`)."""
     from scaletrain.data import ByteTokenizer
+
     if tokenizer is None and getattr(model, "tokenizer", None) is None:  # found once per model, then kept
         c = getattr(model, "train_config", None)
         model.tokenizer = task_tokenizer(c) if c is not None else ByteTokenizer()
@@ -280,8 +411,11 @@ def classify(model: GPTClassifier, texts, tokenizer=None, snippet_tokens: int | 
     dev = next(model.parameters()).device
     out = []
     for t in texts:
-        x = torch.from_numpy(snippets(tok.encode_bytes(t.encode("utf-8", errors="replace")), T, tok.eot).astype(np.int64)).to(dev)
-        if len(x) == 0: x = torch.full((1, T), tok.eot, dtype=torch.long, device=dev)
+        x = torch.from_numpy(
+            snippets(tok.encode_bytes(t.encode("utf-8", errors="replace")), T, tok.eot).astype(np.int64)
+        ).to(dev)
+        if len(x) == 0:
+            x = torch.full((1, T), tok.eot, dtype=torch.long, device=dev)
         out.append(model.labels[int(model(x).float().mean(0).argmax())])
     return out
 
@@ -290,57 +424,96 @@ def _keys_of(config_path, overrides) -> set:
     keys = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
     if config_path:
         import yaml
-        try: d = yaml.safe_load(Path(config_path).read_text()) or {}
-        except Exception: d = {}
-        if isinstance(d, dict): keys |= {f"{s}.{k}" for s, v in d.items() if isinstance(v, dict) for k in v}
+
+        try:
+            d = yaml.safe_load(Path(config_path).read_text()) or {}
+        except Exception:
+            d = {}
+        if isinstance(d, dict):
+            keys |= {f"{s}.{k}" for s, v in d.items() if isinstance(v, dict) for k in v}
     return keys
+
 
 def finetune_parser() -> argparse.ArgumentParser:
     from scaletrain.cli import add_launch_args
-    p = argparse.ArgumentParser(prog="scaletrain finetune", description="Fine-tune a pretrained scaletrain checkpoint for a task "
-                                "(default: which stdlib package a code snippet comes from).")
+
+    p = argparse.ArgumentParser(
+        prog="scaletrain finetune",
+        description="Fine-tune a pretrained scaletrain checkpoint for a task "
+        "(default: which stdlib package a code snippet comes from).",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. finetune.init=runs/x train.steps=300")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run folder RUN from its latest checkpoint")
     add_launch_args(p)
     return p
 
+
 def finetune_main(argv) -> int:
     "`scaletrain finetune`: check everything here, then fine-tune in this process or launch torchrun (as `train` does)."
     from scaletrain.cli import check_launch_args, fail, launch_ranks, resume_folder, run_folder, user_errors
     from scaletrain import parallel
+
     args = finetune_parser().parse_args(argv)
     try:
         world = check_launch_args(args)
         if args.resume:
             run_dir = resume_folder(args.resume, args.config)
-            cfg, task = prepare(load_config(run_dir / "config.yaml", args.overrides), _keys_of(None, args.overrides), resume=True)
-        else: cfg, task = prepare(load_config(args.config, args.overrides), _keys_of(args.config, args.overrides))
+            cfg, task = prepare(
+                load_config(run_dir / "config.yaml", args.overrides), _keys_of(None, args.overrides), resume=True
+            )
+        else:
+            cfg, task = prepare(load_config(args.config, args.overrides), _keys_of(args.config, args.overrides))
         parallel.check(cfg, world)
-        if not args.resume: run_dir = run_folder(cfg, args)
-    except user_errors() as e: fail(str(e))
+        if not args.resume:
+            run_dir = run_folder(cfg, args)
+    except user_errors() as e:
+        fail(str(e))
+
     def local():
-        try: s = finetune(cfg, run_dir=run_dir, task=task, resume=bool(args.resume))
-        except user_errors() as e: fail(str(e))
+        try:
+            s = finetune(cfg, run_dir=run_dir, task=task, resume=bool(args.resume))
+        except user_errors() as e:
+            fail(str(e))
         return _report(s)
+
     rank_argv = ["--run-dir", str(run_dir)] + (["--resume", *args.overrides] if args.resume else [])
     return launch_ranks(args, cfg, run_dir, ["scaletrain.finetune", *rank_argv], local)
 
+
 def _report(s: dict) -> int:
-    if s["status"] == "anomaly": return 1
+    if s["status"] == "anomaly":
+        return 1
     if int(os.environ.get("RANK", 0)) == 0:
-        extra = "".join(f"; {sp} accuracy {s[f'{sp}_accuracy']:.3f}, macro-F1 {s[f'{sp}_macro_f1']:.3f}"
-                        for sp in ("val", "test") if f"{sp}_accuracy" in s)
-        best = f"best {s['metric']} {s['best_value']:.4f} at step {s['best_step']}" if s.get("best_value") is not None else ""
-        print(f"scaletrain: finetune {s['status']} after {s['steps']} steps in {s['wall_time_s']:.0f}s; {best}{extra}; "
-              f"run folder {s['run_dir']}", flush=True)
+        extra = "".join(
+            f"; {sp} accuracy {s[f'{sp}_accuracy']:.3f}, macro-F1 {s[f'{sp}_macro_f1']:.3f}"
+            for sp in ("val", "test")
+            if f"{sp}_accuracy" in s
+        )
+        best = (
+            f"best {s['metric']} {s['best_value']:.4f} at step {s['best_step']}"
+            if s.get("best_value") is not None
+            else ""
+        )
+        print(
+            f"scaletrain: finetune {s['status']} after {s['steps']} steps in {s['wall_time_s']:.0f}s; {best}{extra}; "
+            f"run folder {s['run_dir']}",
+            flush=True,
+        )
     return 0
+
 
 def rank_main(argv) -> int:
     "What each torchrun rank runs: fine-tune the config of a prepared run folder."
     from scaletrain.cli import run_rank
-    return _report(run_rank(argv, "python -m scaletrain.finetune",
-                            lambda cfg, run_dir, resume: finetune(cfg, run_dir=run_dir, resume=resume)))
+
+    return _report(
+        run_rank(
+            argv,
+            "python -m scaletrain.finetune",
+            lambda cfg, run_dir, resume: finetune(cfg, run_dir=run_dir, resume=resume),
+        )
+    )
 
 # %% ../nbs/17_finetune.ipynb #14ac4500
 #| eval: false

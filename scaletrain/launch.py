@@ -4,7 +4,19 @@
 
 # %% ../nbs/14_launch.ipynb #445b91f4
 from __future__ import annotations
-import argparse, json, os, re, runpy, shlex, signal, socket, subprocess, sys, threading, time, traceback
+import argparse
+import json
+import os
+import re
+import runpy
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,16 +32,23 @@ __all__ = ['LaunchError', 'free_port', 'port_is_free', 'split_endpoint', 'torchr
 class LaunchError(ConfigError):
     "A job that cannot start as asked: one line naming the option, the value and what is allowed."
 
+
 def free_port(host: str = "127.0.0.1") -> int:
     "A TCP port that is free on `host` right now."
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0)); return s.getsockname()[1]
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     "Can a server bind `host:port` now?"
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try: s.bind((host, port)); return True
-        except OSError: return False
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
 
 def split_endpoint(ep: str, what: str = "rdzv_endpoint") -> tuple[str, int]:
     "`HOST:PORT` -> (host, port), or a one-line `LaunchError`."
@@ -38,25 +57,75 @@ def split_endpoint(ep: str, what: str = "rdzv_endpoint") -> tuple[str, int]:
         raise LaunchError(f"{what}={ep!r}: expected HOST:PORT, e.g. 10.0.0.1:29400")
     return host.strip("[]"), int(port)
 
-def torchrun_args(script_args: list, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "",
-                  rdzv_id: str = "", max_restarts: int = 0, master_port: int | None = None, python: str | None = None,
-                  master_addr: str = "127.0.0.1") -> list:
+
+def torchrun_args(
+    script_args: list,
+    nproc: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str = "",
+    rdzv_id: str = "",
+    max_restarts: int = 0,
+    master_port: int | None = None,
+    python: str | None = None,
+    master_addr: str = "127.0.0.1",
+) -> list:
     """`python -m torch.distributed.run ...` as an argument list.
 
     One node: a static rendezvous on `master_addr` (loopback) and `master_port` (a free one by default).
     Several nodes: a c10d rendezvous at `rdzv_endpoint` (required) with the same `rdzv_id` on every node; c10d
     numbers the nodes as they join, so `node_rank` is not passed to torchrun (it decides who prepares the run)."""
-    cmd = [python or sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts)]
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        str(max_restarts),
+    ]
     if nnodes == 1 and not rdzv_endpoint:
-        cmd += ["--nnodes", "1", "--node-rank", "0", "--master-addr", master_addr, "--master-port", str(master_port or free_port(master_addr))]
+        cmd += [
+            "--nnodes",
+            "1",
+            "--node-rank",
+            "0",
+            "--master-addr",
+            master_addr,
+            "--master-port",
+            str(master_port or free_port(master_addr)),
+        ]
     else:
-        if not rdzv_endpoint: raise LaunchError("rdzv_endpoint='': HOST:PORT of the rendezvous is required with nnodes > 1")
-        cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id or "scaletrain"]
+        if not rdzv_endpoint:
+            raise LaunchError("rdzv_endpoint='': HOST:PORT of the rendezvous is required with nnodes > 1")
+        cmd += [
+            "--nnodes",
+            str(nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rdzv_endpoint,
+            "--rdzv-id",
+            rdzv_id or "scaletrain",
+        ]
     return cmd + list(script_args)
 
+
 # torchrun sets these for its workers; inherited from a kernel or an outer job they would confuse the new one
-_DIST_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-              "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
+_DIST_VARS = {
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
+
 
 def child_env(extra: dict | None = None, loopback: bool = False) -> dict:
     """Environment for a job: no inherited torchrun variables, unbuffered output, one thread per rank unless set, Agg
@@ -65,41 +134,60 @@ def child_env(extra: dict | None = None, loopback: bool = False) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     env["MPLBACKEND"] = "Agg"  # a kernel's inline backend is meaningless in a rank
-    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_ifname()): env["GLOO_SOCKET_IFNAME"] = lo
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_ifname()):
+        env["GLOO_SOCKET_IFNAME"] = lo
     env.update(extra or {})
     return env
+
 
 def run_foreground(cmd: list, env: dict | None = None, stop_timeout: float = 60.0) -> int:
     "Run `cmd` in its own session; SIGINT/SIGTERM here become SIGTERM to its whole group. Returns its exit code."
     proc = subprocess.Popen(cmd, env=env or child_env(), start_new_session=True)
+
     def forward(signum, frame):
-        try: os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError: pass
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return proc.wait()
     finally:
-        for s, h in old.items(): signal.signal(s, h)
+        for s, h in old.items():
+            signal.signal(s, h)
         if proc.poll() is None:
-            try: proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 # %% ../nbs/14_launch.ipynb #0737d526
-def _node_suffix(node_rank: int) -> str: return "" if node_rank == 0 else f"-node{node_rank}"
+def _node_suffix(node_rank: int) -> str:
+    return "" if node_rank == 0 else f"-node{node_rank}"
+
 
 def _proc_start(pid: int) -> str | None:
     "The kernel's start time of `pid` (Linux), to tell a live job from a reused PID."
-    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError): return None
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
 
 def pid_alive(pid: int, start: str | None = None) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
     return start is None or _proc_start(pid) in (None, start)
+
 
 class RunLock:
     "Mark `run_dir` as in use by a live process; raises `LaunchError` (one line) if a live job holds it."
+
     def __init__(self, run_dir, node_rank: int = 0, pid: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / f"launch{_node_suffix(node_rank)}.lock"
@@ -107,15 +195,25 @@ class RunLock:
 
     @staticmethod
     def _record(pid: int) -> str:
-        return json.dumps(dict(pid=pid, start=_proc_start(pid), host=socket.gethostname(), time=datetime.now().isoformat(timespec="seconds")))
+        return json.dumps(
+            dict(
+                pid=pid,
+                start=_proc_start(pid),
+                host=socket.gethostname(),
+                time=datetime.now().isoformat(timespec="seconds"),
+            )
+        )
 
-    def holder(self) -> dict | None: return self.holder_of(self.run_dir, self.path.name)
+    def holder(self) -> dict | None:
+        return self.holder_of(self.run_dir, self.path.name)
 
     @staticmethod
     def holder_of(run_dir, name: str = "launch.lock") -> dict | None:
         "The record of whoever holds `run_dir`'s lock `name`, or None."
-        try: h = json.loads((Path(run_dir) / name).read_text())
-        except (OSError, ValueError): return None
+        try:
+            h = json.loads((Path(run_dir) / name).read_text())
+        except (OSError, ValueError):
+            return None
         return h if isinstance(h, dict) and "pid" in h else None
 
     @staticmethod
@@ -125,17 +223,25 @@ class RunLock:
 
     def _acquire(self, pid: int):
         for _ in range(5):
-            try: fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 h = self.holder()
-                if h is None: time.sleep(0.05); h = self.holder()  # being written right now
+                if h is None:
+                    time.sleep(0.05)
+                    h = self.holder()  # being written right now
                 if self.is_live(h):
-                    raise LaunchError(f"run folder {self.run_dir} is in use by a running job (pid {h['pid']} on {h.get('host')}, "
-                                      f"since {h.get('time')}); stop it first, or launch into another folder") from None
-                try: self.path.unlink()  # stale: its process is gone
-                except FileNotFoundError: pass
+                    raise LaunchError(
+                        f"run folder {self.run_dir} is in use by a running job (pid {h['pid']} on {h.get('host')}, "
+                        f"since {h.get('time')}); stop it first, or launch into another folder"
+                    ) from None
+                try:
+                    self.path.unlink()  # stale: its process is gone
+                except FileNotFoundError:
+                    pass
                 continue
-            with os.fdopen(fd, "w") as f: f.write(self._record(pid))
+            with os.fdopen(fd, "w") as f:
+                f.write(self._record(pid))
             return
         raise LaunchError(f"run folder {self.run_dir}: could not take {self.path.name} (another launch is starting)")
 
@@ -144,16 +250,22 @@ class RunLock:
         atomic_write_text(self.path, self._record(pid))
 
     def release(self):
-        try: self.path.unlink()
-        except FileNotFoundError: pass
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.release()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 # %% ../nbs/14_launch.ipynb #696fffc9
 @dataclass
 class RankContext:
     "What a shipped function learns about its place in the job."
+
     rank: int
     world_size: int
     local_rank: int
@@ -162,75 +274,120 @@ class RankContext:
     run_dir: Path
     resume: bool
     device: object  # torch.device
+
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     def print(self, *args):
         "Print with a flush (the rank's output goes to `logs/rank<r>.log`)."
         print(*args, flush=True)
 
+
 def _redirect_output(path: Path):
-    sys.stdout.flush(); sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1); os.dup2(fd, 2); os.close(fd)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
 
 def _log_tail(path: Path, n: int = 30) -> str:
-    try: return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError: return ""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
 
 def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
-    import pickle, cloudpickle
+    import pickle
+    import cloudpickle
     from scaletrain.dist import init_distributed, env_int
-    with open(pkl, "rb") as f: fn, args = pickle.load(f)
+
+    with open(pkl, "rb") as f:
+        fn, args = pickle.load(f)
     info = init_distributed("auto")  # the process group when world > 1; one process just gets its device
-    ctx = RankContext(rank, info.world_size, info.local_rank, info.local_world_size, env_int("GROUP_RANK", 0),
-                      run_dir, resume, info.device)
+    ctx = RankContext(
+        rank,
+        info.world_size,
+        info.local_rank,
+        info.local_world_size,
+        env_int("GROUP_RANK", 0),
+        run_dir,
+        resume,
+        info.device,
+    )
     out = fn(ctx, *args)  # on an exception the process group stays up until the failure is recorded (see worker_main)
-    try: data = cloudpickle.dumps(out)
+    try:
+        data = cloudpickle.dumps(out)
     except Exception as e:
-        print(f"scaletrain: the return value of rank {rank} cannot be pickled ({type(e).__name__}: {e}); results() gives None", file=sys.stderr)
+        print(
+            f"scaletrain: the return value of rank {rank} cannot be pickled ({type(e).__name__}: {e}); results() gives None",
+            file=sys.stderr,
+        )
         data = cloudpickle.dumps(None)
-    res = run_dir / "results"; res.mkdir(exist_ok=True)
+    res = run_dir / "results"
+    res.mkdir(exist_ok=True)
     atomic_write(res / f"rank{rank}.pkl", data)
+
 
 def worker_main(argv=None) -> int:
     "Entry point of every rank (see above)."
-    p = argparse.ArgumentParser(prog="python -m scaletrain.launch", description="One rank of a scaletrain job (started by torchrun).")
+    p = argparse.ArgumentParser(
+        prog="python -m scaletrain.launch", description="One rank of a scaletrain job (started by torchrun)."
+    )
     p.add_argument("--run-dir", required=True)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--module"); g.add_argument("--script"); g.add_argument("--function")
+    g.add_argument("--module")
+    g.add_argument("--script")
+    g.add_argument("--function")
     p.add_argument("--resume", action="store_true")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     rest = a.args[1:] if a.args[:1] == ["--"] else a.args
     rank, run_dir = int(os.environ.get("RANK", 0)), Path(a.run_dir)
-    logs = run_dir / "logs"; logs.mkdir(parents=True, exist_ok=True)
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"rank{rank}.log"
     _redirect_output(log)
     atomic_write_text(logs / f"rank{rank}.pid", str(os.getpid()))
     os.environ.update(SCALETRAIN_RUN_DIR=str(run_dir), SCALETRAIN_RESUME="1" if a.resume else "0")
     rc, err, t_fail = 0, None, None
     try:
-        if a.function: _call_function(run_dir, Path(a.function), a.resume, rank)
+        if a.function:
+            _call_function(run_dir, Path(a.function), a.resume, rank)
         elif a.script:
-            sys.argv = [a.script, *rest]; sys.path.insert(0, str(Path(a.script).resolve().parent))
+            sys.argv = [a.script, *rest]
+            sys.path.insert(0, str(Path(a.script).resolve().parent))
             runpy.run_path(a.script, run_name="__main__")
         else:
             sys.argv = [a.module, *rest]
             runpy.run_module(a.module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         t_fail = time.time()
-        if e.code is None or isinstance(e.code, int): rc = e.code or 0
-        else: print(e.code, file=sys.stderr); rc = 1
-        if rc: sys.stdout.flush(); sys.stderr.flush(); err = f"exit code {rc}\n" + _log_tail(log)
+        if e.code is None or isinstance(e.code, int):
+            rc = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            rc = 1
+        if rc:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            err = f"exit code {rc}\n" + _log_tail(log)
     except BaseException:
         t_fail = time.time()
         rc, err = 1, traceback.format_exc()
         traceback.print_exc()
-    sys.stdout.flush(); sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     # recorded before the process group goes down: the other ranks fail only once its sockets close
-    atomic_write_text(logs / f"rank{rank}.exit.json", json.dumps(dict(rank=rank, rc=rc, error=err, time=t_fail or time.time())))
+    atomic_write_text(
+        logs / f"rank{rank}.exit.json", json.dumps(dict(rank=rank, rc=rc, error=err, time=t_fail or time.time()))
+    )
     if "torch.distributed" in sys.modules:
         from scaletrain.dist import teardown
+
         teardown()
     return rc
 
@@ -238,27 +395,42 @@ def worker_main(argv=None) -> int:
 def config_overrides(cfg) -> list[str]:
     "Every value of a `Config` as `key=value` overrides (how a `Config` object reaches `scaletrain train`)."
     from scaletrain.config import to_dict
-    return [f"{s}.{k}={json.dumps(v) if isinstance(v, (bool, int, float)) else v}"
-            for s, vals in to_dict(cfg).items() for k, v in vals.items()]
+
+    return [
+        f"{s}.{k}={json.dumps(v) if isinstance(v, (bool, int, float)) else v}"
+        for s, vals in to_dict(cfg).items()
+        for k, v in vals.items()
+    ]
+
 
 def _ship_function(fn, args) -> bytes:
     "The function and its arguments pickled by value, or a one-line `LaunchError`."
     import cloudpickle
+
     name = getattr(fn, "__qualname__", repr(fn))
-    try: return cloudpickle.dumps((fn, tuple(args)))
+    try:
+        return cloudpickle.dumps((fn, tuple(args)))
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LaunchError(f"function {name}: cannot be shipped to the ranks ({type(e).__name__}: {msg}); "
-                          "create such objects inside the function instead of capturing them") from None
+        raise LaunchError(
+            f"function {name}: cannot be shipped to the ranks ({type(e).__name__}: {msg}); "
+            "create such objects inside the function instead of capturing them"
+        ) from None
+
 
 def _new_folder(out_dir, name: str, exist_ok: bool = False) -> Path:
-    try: return fresh_folder(out_dir, name, exist_ok=exist_ok)
+    try:
+        return fresh_folder(out_dir, name, exist_ok=exist_ok)
     except FileExistsError:
-        raise LaunchError(f"name={name}: {Path(out_dir) / name} already exists; choose another name or resume it") from None
+        raise LaunchError(
+            f"name={name}: {Path(out_dir) / name} already exists; choose another name or resume it"
+        ) from None
+
 
 @dataclass
 class Target:
     "What the ranks run: `kind` is train | script | function; `args` go after `--run-dir D`."
+
     kind: str
     run_dir: Path
     args: list
@@ -266,68 +438,127 @@ class Target:
 
     def worker_args(self, resume: bool = False, overrides=()) -> list:
         if self.kind == "train":
-            return (["-m", "scaletrain.launch", "--run-dir", str(self.run_dir), "--module", "scaletrain.cli", "--",
-                     "_rank", "--run-dir", str(self.run_dir)] + (["--resume", *overrides] if resume else []))
-        return ["-m", "scaletrain.launch", "--run-dir", str(self.run_dir), *self.args[:2]] + (["--resume"] if resume else []) + ["--", *self.args[2:]]
+            return [
+                "-m",
+                "scaletrain.launch",
+                "--run-dir",
+                str(self.run_dir),
+                "--module",
+                "scaletrain.cli",
+                "--",
+                "_rank",
+                "--run-dir",
+                str(self.run_dir),
+            ] + (["--resume", *overrides] if resume else [])
+        return (
+            ["-m", "scaletrain.launch", "--run-dir", str(self.run_dir), *self.args[:2]]
+            + (["--resume"] if resume else [])
+            + ["--", *self.args[2:]]
+        )
 
-def prepare_target(target=None, *args, overrides=(), out_dir=None, name: str = "", nproc: int = 1, nnodes: int = 1,
-                   node_rank: int = 0) -> Target:
+
+def prepare_target(
+    target=None, *args, overrides=(), out_dir=None, name: str = "", nproc: int = 1, nnodes: int = 1, node_rank: int = 0
+) -> Target:
     "Check `target` and create its run folder (node 0), or attach to it (other nodes). One-line errors, nothing written on error."
     from argparse import Namespace
     from scaletrain.config import Config
-    if target is None or isinstance(target, Config) or (isinstance(target, (str, Path)) and str(target).endswith((".yaml", ".yml"))):
-        if args: raise LaunchError(f"launch: a config run takes overrides=[...], not positional arguments {args!r}")
+
+    if (
+        target is None
+        or isinstance(target, Config)
+        or (isinstance(target, (str, Path)) and str(target).endswith((".yaml", ".yml")))
+    ):
+        if args:
+            raise LaunchError(f"launch: a config run takes overrides=[...], not positional arguments {args!r}")
         from scaletrain.cli import prepare_run
+
         ov = (config_overrides(target) if isinstance(target, Config) else []) + list(overrides)
-        if out_dir is not None: ov.append(f"run.out_dir={out_dir}")
-        if name: ov.append(f"run.name={name}")
+        if out_dir is not None:
+            ov.append(f"run.out_dir={out_dir}")
+        if name:
+            ov.append(f"run.name={name}")
         cfg_file = None if target is None or isinstance(target, Config) else str(target)
-        cfg, run_dir, _ = prepare_run(Namespace(config=cfg_file, overrides=ov, resume=None, nproc=nproc, nnodes=nnodes, node_rank=node_rank))
+        cfg, run_dir, _ = prepare_run(
+            Namespace(config=cfg_file, overrides=ov, resume=None, nproc=nproc, nnodes=nnodes, node_rank=node_rank)
+        )
         return Target("train", Path(run_dir).resolve(), [], "scaletrain train")
-    if overrides: raise LaunchError("launch: overrides=[...] apply to scaletrain configs only; pass a script's arguments after it")
+    if overrides:
+        raise LaunchError(
+            "launch: overrides=[...] apply to scaletrain configs only; pass a script's arguments after it"
+        )
     if callable(target):
         data = _ship_function(target, args)  # before anything is written
-        if nnodes > 1 and not name: raise LaunchError("name='': a multi-node job needs a run name so every node uses the same folder")
+        if nnodes > 1 and not name:
+            raise LaunchError("name='': a multi-node job needs a run name so every node uses the same folder")
         d = _new_folder(out_dir or "runs", name, exist_ok=node_rank > 0).resolve()
         atomic_write(d / "function.pkl", data)
-        return Target("function", d, ["--function", str(d / "function.pkl")], getattr(target, "__qualname__", "function"))
+        return Target(
+            "function", d, ["--function", str(d / "function.pkl")], getattr(target, "__qualname__", "function")
+        )
     if isinstance(target, (str, Path)):
         p = Path(target)
         if p.suffix != ".py":
-            raise LaunchError(f"launch: target {str(target)!r}: expected a Python function, a script.py, a Config, a config .yaml or None")
-        if not p.is_file(): raise LaunchError(f"script {str(target)!r}: no such file")
-        if nnodes > 1 and not name: raise LaunchError("name='': a multi-node job needs a run name so every node uses the same folder")
+            raise LaunchError(
+                f"launch: target {str(target)!r}: expected a Python function, a script.py, a Config, a config .yaml or None"
+            )
+        if not p.is_file():
+            raise LaunchError(f"script {str(target)!r}: no such file")
+        if nnodes > 1 and not name:
+            raise LaunchError("name='': a multi-node job needs a run name so every node uses the same folder")
         d = _new_folder(out_dir or "runs", name, exist_ok=node_rank > 0).resolve()
         return Target("script", d, ["--script", str(p.resolve()), *map(str, args)], p.name)
-    raise LaunchError(f"launch: target {target!r}: expected a Python function, a script.py, a Config, a config .yaml or None")
+    raise LaunchError(
+        f"launch: target {target!r}: expected a Python function, a script.py, a Config, a config .yaml or None"
+    )
+
 
 def _load_target(run_dir: Path) -> Target:
     "The target of an existing run folder, from `launch.json` (a folder made by `scaletrain train` is a train run)."
     rec = _read_json(run_dir / "launch.json")
-    if rec: return Target(rec["kind"], run_dir, rec["args"], rec["label"])
+    if rec:
+        return Target(rec["kind"], run_dir, rec["args"], rec["label"])
     if (run_dir / "config.yaml").is_file():
         from scaletrain.config import load_config
-        if load_config(run_dir / "config.yaml").finetune.init:  # written by `scaletrain finetune`, which resumes its own
-            raise LaunchError(f"resume {run_dir}: a fine-tuning run; continue it with: scaletrain finetune --resume {run_dir}")
+
+        if load_config(
+            run_dir / "config.yaml"
+        ).finetune.init:  # written by `scaletrain finetune`, which resumes its own
+            raise LaunchError(
+                f"resume {run_dir}: a fine-tuning run; continue it with: scaletrain finetune --resume {run_dir}"
+            )
         return Target("train", run_dir, [], "scaletrain train")
     raise LaunchError(f"resume {run_dir}: not a run folder (no launch.json or config.yaml)")
 
+
 def _read_json(p: Path):
-    try: return json.loads(p.read_text())
-    except (OSError, ValueError): return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
 
 # %% ../nbs/14_launch.ipynb #fd87983d
 def _parse_ranks(ranks) -> set | str:
-    if ranks in ("all", "*"): return "all"
-    if ranks in (None, "none", ""): return set()
-    if isinstance(ranks, int): return {ranks}
-    if isinstance(ranks, str): ranks = ranks.split(",")
-    try: return {int(r) for r in ranks}
-    except (TypeError, ValueError): raise LaunchError(f"ranks={ranks!r}: expected 'all', 'none', a rank or a list of ranks") from None
+    if ranks in ("all", "*"):
+        return "all"
+    if ranks in (None, "none", ""):
+        return set()
+    if isinstance(ranks, int):
+        return {ranks}
+    if isinstance(ranks, str):
+        ranks = ranks.split(",")
+    try:
+        return {int(r) for r in ranks}
+    except (TypeError, ValueError):
+        raise LaunchError(f"ranks={ranks!r}: expected 'all', 'none', a rank or a list of ranks") from None
+
 
 # how a rank fails when another rank died first (gloo, NCCL, the TCP store)
-_PEER_ERROR = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crash|Broken pipe|"
-                         r"NCCL communicator was aborted|ProcessGroupNCCL.*(watchdog|abort)|recvBytes|sendBytes")
+_PEER_ERROR = re.compile(
+    r"Connection closed by peer|Connection reset by peer|remote worker crash|Broken pipe|"
+    r"NCCL communicator was aborted|ProcessGroupNCCL.*(watchdog|abort)|recvBytes|sendBytes"
+)
+
 
 def _split_glued(raw: str, rank: int) -> list[str]:
     "A log line as shown: a progress bar's last state; a line printed right after an unfinished bar split from it."
@@ -335,30 +566,57 @@ def _split_glued(raw: str, rank: int) -> list[str]:
     parts = re.split(f"(?=\\[rank {rank}\\] )", raw) if f"[rank {rank}] " in raw[1:] else [raw]
     return [p.rstrip() for p in parts if p.strip()]
 
+
 class Run:
     "A launched job: watch it, wait for it, stop it, resume it."
-    def __init__(self, target: Target, cmd: list, spec: dict, env: dict | None = None, ranks="0", echo: bool = True,
-                 resume: bool = False, node_rank: int = 0):
+
+    def __init__(
+        self,
+        target: Target,
+        cmd: list,
+        spec: dict,
+        env: dict | None = None,
+        ranks="0",
+        echo: bool = True,
+        resume: bool = False,
+        node_rank: int = 0,
+    ):
         self.target, self.run_dir, self.cmd, self.spec = target, target.run_dir, cmd, spec
         self.kind, self.node_rank, self.resumed = target.kind, node_rank, resume
         self.ranks, self.echo = _parse_ranks(ranks), echo
         self.status, self.error, self.returncode = "starting", None, None
-        self.lines = deque(maxlen=5000)       # (rank, line) of the shown ranks
+        self.lines = deque(maxlen=5000)  # (rank, line) of the shown ranks
         self._records, self._mpos, self._mino = [], 0, None
         self._listeners = {"output": [], "metrics": [], "exit": []}
-        self._mutex, self._done, self._stop_requested, self._finished = threading.RLock(), threading.Event(), False, False
-        self.logs_dir = self.run_dir / "logs"; self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._mutex, self._done, self._stop_requested, self._finished = (
+            threading.RLock(),
+            threading.Event(),
+            False,
+            False,
+        )
+        self.logs_dir = self.run_dir / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.run_dir, node_rank)
         try:
-            self._pos = {int(p.stem[4:]): p.stat().st_size for p in self.logs_dir.glob("rank*.log") if p.stem[4:].isdigit()}
+            self._pos = {
+                int(p.stem[4:]): p.stat().st_size for p in self.logs_dir.glob("rank*.log") if p.stem[4:].isdigit()
+            }
             self._partial = {}
             self.t_start = time.time()
             self._agent_log = open(self.logs_dir / f"torchrun{_node_suffix(node_rank)}.log", "ab")
-            self._agent_log.write(f"=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode()); self._agent_log.flush()
-            self.proc = subprocess.Popen(cmd, env=env or child_env(), stdout=self._agent_log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self._agent_log.write(f"=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
+            self._agent_log.flush()
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env or child_env(),
+                stdout=self._agent_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except BaseException:
-            self.lock.release(); raise
+            self.lock.release()
+            raise
         self.lock.hand_to(self.proc.pid)
         self.status = "running"
         self._record_launch()
@@ -366,35 +624,47 @@ class Run:
         self._thread.start()
 
     # ---- bookkeeping in launch.json ----
-    def _launch_file(self) -> Path: return self.run_dir / f"launch{_node_suffix(self.node_rank)}.json"
+    def _launch_file(self) -> Path:
+        return self.run_dir / f"launch{_node_suffix(self.node_rank)}.json"
 
     def _record_launch(self, **end):
         with self._mutex:
-            rec = _read_json(self._launch_file()) or dict(kind=self.kind, label=self.target.label, args=self.target.args, launches=[])
+            rec = _read_json(self._launch_file()) or dict(
+                kind=self.kind, label=self.target.label, args=self.target.args, launches=[]
+            )
             rec["spec"] = self.spec
             entry = dict(start=self.t_start, cmd=self.cmd, resume=self.resumed, pid=self.proc.pid, status=self.status)
-            if rec["launches"] and rec["launches"][-1].get("start") == self.t_start: rec["launches"][-1].update(entry, **end)
-            else: rec["launches"].append(dict(entry, **end))
+            if rec["launches"] and rec["launches"][-1].get("start") == self.t_start:
+                rec["launches"][-1].update(entry, **end)
+            else:
+                rec["launches"].append(dict(entry, **end))
             atomic_write_text(self._launch_file(), json.dumps(rec, indent=1))
 
     # ---- following the job ----
     def on(self, event: str, fn):
         "Call `fn` on `output` (rank, line), `metrics` (all records so far) or `exit` (this run); replays what happened already."
-        if event not in self._listeners: raise ValueError(f"event {event!r}: one of {', '.join(self._listeners)}")
+        if event not in self._listeners:
+            raise ValueError(f"event {event!r}: one of {', '.join(self._listeners)}")
         with self._mutex:
             self._listeners[event].append(fn)
             if event == "output":
-                for r, l in list(self.lines): self._safe(fn, r, l)
-            elif event == "metrics" and self._records: self._safe(fn, list(self._records))
-            elif event == "exit" and self._finished: self._safe(fn, self)
+                for r, l in list(self.lines):
+                    self._safe(fn, r, l)
+            elif event == "metrics" and self._records:
+                self._safe(fn, list(self._records))
+            elif event == "exit" and self._finished:
+                self._safe(fn, self)
         return fn
 
     def _safe(self, fn, *a):
-        try: fn(*a)
-        except Exception as e: print(f"scaletrain: a run listener failed: {type(e).__name__}: {e}", file=sys.stderr)
+        try:
+            fn(*a)
+        except Exception as e:
+            print(f"scaletrain: a run listener failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     def _fire(self, event, *a):
-        for fn in list(self._listeners[event]): self._safe(fn, *a)
+        for fn in list(self._listeners[event]):
+            self._safe(fn, *a)
 
     def _shown(self) -> list:
         if self.ranks == "all":
@@ -406,35 +676,48 @@ class Run:
             p = self.logs_dir / f"rank{r}.log"
             try:
                 with open(p, "rb") as f:
-                    f.seek(self._pos.get(r, 0)); data = f.read()
-            except OSError: continue
-            if not data: continue
+                    f.seek(self._pos.get(r, 0))
+                    data = f.read()
+            except OSError:
+                continue
+            if not data:
+                continue
             self._pos[r] = self._pos.get(r, 0) + len(data)
             text = self._partial.pop(r, "") + data.decode(errors="replace")
             *lines, rest = text.split("\n")
-            if rest: self._partial[r] = rest
+            if rest:
+                self._partial[r] = rest
             for line in (l for raw in lines for l in _split_glued(raw, r)):
                 with self._mutex:
                     self.lines.append((r, line))
-                    if self.echo: print(line if line.startswith(f"[rank {r}] ") else f"[rank {r}] {line}", flush=True)
+                    if self.echo:
+                        print(line if line.startswith(f"[rank {r}] ") else f"[rank {r}] {line}", flush=True)
                     self._fire("output", r, line)
 
     def _pump_metrics(self):
         "Read what `metrics.jsonl` gained since the last call (the watcher's loop, and `records`: hence the mutex)."
         p = self.run_dir / "metrics.jsonl"
         with self._mutex:
-            try: st = p.stat()
-            except OSError: return
+            try:
+                st = p.stat()
+            except OSError:
+                return
             if st.st_ino != self._mino or st.st_size < self._mpos:  # rewritten (a resume truncates it): read again
                 self._mino, self._mpos, self._records = st.st_ino, 0, []
-            if st.st_size == self._mpos and self._records: return
-            with open(p, "rb") as f: f.seek(self._mpos); data = f.read()
+            if st.st_size == self._mpos and self._records:
+                return
+            with open(p, "rb") as f:
+                f.seek(self._mpos)
+                data = f.read()
             end = data.rfind(b"\n") + 1
-            if end == 0: return
+            if end == 0:
+                return
             new = []
             for line in data[:end].decode(errors="replace").splitlines():
-                try: new.append(json.loads(line))
-                except ValueError: pass
+                try:
+                    new.append(json.loads(line))
+                except ValueError:
+                    pass
             self._mpos += end
             if new:
                 self._records.extend(new)
@@ -443,8 +726,10 @@ class Run:
     def _watch(self):
         while True:
             exited = self.proc.poll() is not None
-            self._pump_logs(); self._pump_metrics()
-            if exited: break
+            self._pump_logs()
+            self._pump_metrics()
+            if exited:
+                break
             time.sleep(0.1)
         self._finish()
 
@@ -454,35 +739,53 @@ class Run:
 
     def _summary_status(self) -> str | None:
         s = _read_json(self.run_dir / "summary.json")
-        try: fresh = (self.run_dir / "summary.json").stat().st_mtime >= self.t_start
-        except OSError: fresh = False
+        try:
+            fresh = (self.run_dir / "summary.json").stat().st_mtime >= self.t_start
+        except OSError:
+            fresh = False
         return s.get("status") if s and fresh else None
 
     def _finish(self):
         self.returncode = self.proc.returncode
         exits = self._rank_exits()
         # the root cause first: a rank whose error is not just "a peer went away", then the earliest
-        failed = sorted((e for e in exits if e.get("rc")), key=lambda e: (bool(_PEER_ERROR.search(e.get("error") or "")), e["time"]))
+        failed = sorted(
+            (e for e in exits if e.get("rc")), key=lambda e: (bool(_PEER_ERROR.search(e.get("error") or "")), e["time"])
+        )
         summary = self._summary_status() if self.kind == "train" else None
-        if self._stop_requested: status, error = ("finished" if summary == "finished" else "stopped"), None
+        if self._stop_requested:
+            status, error = ("finished" if summary == "finished" else "stopped"), None
         elif failed:
             first = failed[0]
             others = sorted({e["rank"] for e in exits if e is not first}) or []
             status = "failed"
-            error = (f"rank {first['rank']} failed (exit code {first['rc']})"
-                     + (f"; {'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))} ended after it" if others
-                        else "; torchrun stopped the other ranks")
-                     + ":\n" + (first.get("error") or "").rstrip())
+            error = (
+                f"rank {first['rank']} failed (exit code {first['rc']})"
+                + (
+                    f"; {'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))} ended after it"
+                    if others
+                    else "; torchrun stopped the other ranks"
+                )
+                + ":\n"
+                + (first.get("error") or "").rstrip()
+            )
         elif self.returncode == 0:
-            status, error = ("failed", f"training ended with status {summary}") if summary == "anomaly" else ("finished", None)
+            status, error = (
+                ("failed", f"training ended with status {summary}") if summary == "anomaly" else ("finished", None)
+            )
         else:
             status = "failed"
-            error = f"torchrun exited with code {self.returncode}:\n" + _log_tail(self.logs_dir / f"torchrun{_node_suffix(self.node_rank)}.log", 25)
-        if error and self.echo: print(f"scaletrain: run {self.run_dir.name} failed: {error}", file=sys.stderr, flush=True)
+            error = f"torchrun exited with code {self.returncode}:\n" + _log_tail(
+                self.logs_dir / f"torchrun{_node_suffix(self.node_rank)}.log", 25
+            )
+        if error and self.echo:
+            print(f"scaletrain: run {self.run_dir.name} failed: {error}", file=sys.stderr, flush=True)
         with self._mutex:
             self.status, self.error = status, error
-            try: self._record_launch(end=time.time(), returncode=self.returncode, error=error)
-            except OSError: pass
+            try:
+                self._record_launch(end=time.time(), returncode=self.returncode, error=error)
+            except OSError:
+                pass
             self._agent_log.close()
             self.lock.release()
             self._finished = True
@@ -491,7 +794,8 @@ class Run:
 
     # ---- the user's API ----
     @property
-    def done(self) -> bool: return self._done.is_set()
+    def done(self) -> bool:
+        return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> str:
         "Block until the job ends (or `timeout` seconds); returns the status. Interrupting the wait does not stop the job."
@@ -501,33 +805,46 @@ class Run:
     def _worker_pids(self) -> list:
         pids = []
         for p in self.logs_dir.glob("rank*.pid"):
-            try: pid = int(p.read_text()) if p.stat().st_mtime >= self.t_start else None
-            except (OSError, ValueError): continue
-            if pid is None: continue
-            try: cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError: cmdline = b"scaletrain.launch"
-            if pid_alive(pid) and b"scaletrain.launch" in cmdline: pids.append(pid)
+            try:
+                pid = int(p.read_text()) if p.stat().st_mtime >= self.t_start else None
+            except (OSError, ValueError):
+                continue
+            if pid is None:
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                cmdline = b"scaletrain.launch"
+            if pid_alive(pid) and b"scaletrain.launch" in cmdline:
+                pids.append(pid)
         return pids
 
     def stop(self, timeout: float = 60.0) -> str:
         """Graceful stop: SIGTERM to the job's process group (torchrun forwards it to the ranks; the Trainer
         checkpoints and exits 0); after `timeout` seconds SIGKILL to torchrun and to every rank. Returns the status."""
-        if self.done: return self.status
+        if self.done:
+            return self.status
         with self._mutex:
             self._stop_requested = True
-            if self.status == "running": self.status = "stopping"
-        try: os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError: pass
+            if self.status == "running":
+                self.status = "stopping"
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         if not self._done.wait(timeout):
             for pid in [self.proc.pid] + self._worker_pids():
-                try: os.killpg(pid, signal.SIGKILL)  # ranks lead their own sessions (torchrun starts them so)
-                except (ProcessLookupError, PermissionError): pass
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # ranks lead their own sessions (torchrun starts them so)
+                except (ProcessLookupError, PermissionError):
+                    pass
             self._done.wait(30)
         return self.status
 
     def resume(self, overrides=(), **kw) -> "Run":
         "Relaunch this run folder from its last checkpoint (same processes unless `nproc=` etc. are given)."
-        if not self.done: raise LaunchError(f"run {self.run_dir} is still {self.status}; stop() it or wait() for it before resuming")
+        if not self.done:
+            raise LaunchError(f"run {self.run_dir} is still {self.status}; stop() it or wait() for it before resuming")
         kw = {**dict(ranks=self.spec.get("ranks", "0"), echo=self.echo), **kw}
         return resume(self.run_dir, overrides=overrides, **kw)
 
@@ -542,22 +859,27 @@ class Run:
     def metrics(self):
         "The metrics as a pandas DataFrame when pandas is installed, else a list of records."
         recs = self.records
-        try: import pandas as pd
-        except ImportError: return recs
+        try:
+            import pandas as pd
+        except ImportError:
+            return recs
         return pd.DataFrame.from_records(recs)
 
     @property
-    def summary(self) -> dict | None: return _read_json(self.run_dir / "summary.json")
+    def summary(self) -> dict | None:
+        return _read_json(self.run_dir / "summary.json")
 
     def logs(self, rank: int = 0, tail: int | None = None) -> str:
         "The whole log of `rank` (every launch of this folder), or its last `tail` lines."
         p = self.logs_dir / f"rank{rank}.log"
-        if not p.exists(): return ""
+        if not p.exists():
+            return ""
         return _log_tail(p, tail) if tail else p.read_text(errors="replace")
 
     def results(self) -> list:
         "The return value of a shipped function on every rank (None where a rank returned nothing yet)."
         import pickle
+
         n = self.spec["nproc"] * self.spec["nnodes"]
         out = []
         for r in range(n):
@@ -575,77 +897,166 @@ class Run:
 # %% ../nbs/14_launch.ipynb #4f6eed3c
 def _check_layout(nproc, nnodes, node_rank, master_port, master_addr, rdzv_endpoint, max_restarts):
     for k, v, lo in (("nproc", nproc, 1), ("nnodes", nnodes, 1), ("max_restarts", max_restarts, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo: raise LaunchError(f"{k}={v!r}: must be a whole number >= {lo}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise LaunchError(f"{k}={v!r}: must be a whole number >= {lo}")
     if not isinstance(node_rank, int) or not 0 <= node_rank < nnodes:
         raise LaunchError(f"node_rank={node_rank!r}: must be in [0, {nnodes})")
     if nnodes > 1 and not rdzv_endpoint:
-        raise LaunchError("rdzv_endpoint='': a multi-node job needs HOST:PORT of the rendezvous on node 0, reachable from every node")
+        raise LaunchError(
+            "rdzv_endpoint='': a multi-node job needs HOST:PORT of the rendezvous on node 0, reachable from every node"
+        )
     if rdzv_endpoint:
         host, port = split_endpoint(rdzv_endpoint)
         local = host in ("127.0.0.1", "localhost", socket.gethostname())
         if node_rank == 0 and local and not port_is_free(port, "127.0.0.1" if host == "localhost" else host):
-            raise LaunchError(f"rdzv_endpoint={rdzv_endpoint}: port {port} is already in use on this machine; choose another port")
+            raise LaunchError(
+                f"rdzv_endpoint={rdzv_endpoint}: port {port} is already in use on this machine; choose another port"
+            )
     if master_port is not None:
-        if not isinstance(master_port, int) or not 0 < master_port < 65536: raise LaunchError(f"master_port={master_port!r}: must be in 1..65535")
+        if not isinstance(master_port, int) or not 0 < master_port < 65536:
+            raise LaunchError(f"master_port={master_port!r}: must be in 1..65535")
         if not port_is_free(master_port, master_addr):
-            raise LaunchError(f"master_port={master_port}: port {master_port} on {master_addr} is already in use; "
-                              "choose another port or leave master_port=None for a free one")
+            raise LaunchError(
+                f"master_port={master_port}: port {master_port} on {master_addr} is already in use; "
+                "choose another port or leave master_port=None for a free one"
+            )
+
 
 def _loopback_ifname() -> str | None:
-    try: return next((n for _, n in socket.if_nameindex() if n in ("lo", "lo0")), None)
-    except OSError: return None
+    try:
+        return next((n for _, n in socket.if_nameindex() if n in ("lo", "lo0")), None)
+    except OSError:
+        return None
 
-def launch_spec(nproc: int = 1, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "", rdzv_id: str = "",
-                max_restarts: int = 0, master_port: int | None = None, master_addr: str = "127.0.0.1", ranks="0") -> dict:
+
+def launch_spec(
+    nproc: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str = "",
+    rdzv_id: str = "",
+    max_restarts: int = 0,
+    master_port: int | None = None,
+    master_addr: str = "127.0.0.1",
+    ranks="0",
+) -> dict:
     "How a run is laid out and shown: kept in `launch.json`, so `resume` starts it the same way."
-    return dict(nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
-                max_restarts=max_restarts, master_port=master_port, master_addr=master_addr,
-                ranks=ranks if isinstance(ranks, (str, int)) or ranks is None else sorted(ranks))
+    return dict(
+        nproc=nproc,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_id=rdzv_id,
+        max_restarts=max_restarts,
+        master_port=master_port,
+        master_addr=master_addr,
+        ranks=ranks if isinstance(ranks, (str, int)) or ranks is None else sorted(ranks),
+    )
+
 
 def _start(target: Target, spec: dict, ranks, echo, env, resume: bool = False, overrides=()) -> Run:
     env = child_env(env, loopback=spec["nnodes"] == 1 and spec["master_addr"] in ("127.0.0.1", "localhost"))
-    cmd = torchrun_args(target.worker_args(resume, overrides), nproc=spec["nproc"], nnodes=spec["nnodes"],
-                        node_rank=spec["node_rank"], rdzv_endpoint=spec["rdzv_endpoint"], rdzv_id=spec["rdzv_id"],
-                        max_restarts=spec["max_restarts"], master_port=spec["master_port"], master_addr=spec["master_addr"])
+    cmd = torchrun_args(
+        target.worker_args(resume, overrides),
+        nproc=spec["nproc"],
+        nnodes=spec["nnodes"],
+        node_rank=spec["node_rank"],
+        rdzv_endpoint=spec["rdzv_endpoint"],
+        rdzv_id=spec["rdzv_id"],
+        max_restarts=spec["max_restarts"],
+        master_port=spec["master_port"],
+        master_addr=spec["master_addr"],
+    )
     return Run(target, cmd, spec, env, ranks=ranks, echo=echo, resume=resume, node_rank=spec["node_rank"])
 
-def launch(target=None, *args, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "",
-           rdzv_id: str = "", max_restarts: int = 0, master_port: int | None = None, master_addr: str = "127.0.0.1",
-           overrides=(), out_dir=None, name: str = "", ranks="0", echo: bool = True, env: dict | None = None) -> Run:
+
+def launch(
+    target=None,
+    *args,
+    nproc: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str = "",
+    rdzv_id: str = "",
+    max_restarts: int = 0,
+    master_port: int | None = None,
+    master_addr: str = "127.0.0.1",
+    overrides=(),
+    out_dir=None,
+    name: str = "",
+    ranks="0",
+    echo: bool = True,
+    env: dict | None = None,
+) -> Run:
     """Start `target` on `nproc` processes (per node) with torchrun and return its `Run`.
 
     `target`: None (the default config), a `Config` or a config .yaml (+ `overrides`), a `script.py` (+ `args`),
     or a function (called as `fn(ctx, *args)` on every rank). `ranks`: whose output to show ('0', 'all', 'none' or a list)."""
     _check_layout(nproc, nnodes, node_rank, master_port, master_addr, rdzv_endpoint, max_restarts)
-    target_ = prepare_target(target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=node_rank)
-    spec = launch_spec(nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id or target_.run_dir.name, max_restarts, master_port, master_addr, ranks)
+    target_ = prepare_target(
+        target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=node_rank
+    )
+    spec = launch_spec(
+        nproc,
+        nnodes,
+        node_rank,
+        rdzv_endpoint,
+        rdzv_id or target_.run_dir.name,
+        max_restarts,
+        master_port,
+        master_addr,
+        ranks,
+    )
     return _start(target_, spec, ranks, echo, env)
 
-def resume(run_dir, overrides=(), nproc: int | None = None, master_port: int | None = None, ranks=None,
-           echo: bool = True, env: dict | None = None, **spec_changes) -> Run:
+
+def resume(
+    run_dir,
+    overrides=(),
+    nproc: int | None = None,
+    master_port: int | None = None,
+    ranks=None,
+    echo: bool = True,
+    env: dict | None = None,
+    **spec_changes,
+) -> Run:
     "Relaunch run folder `run_dir` from its last checkpoint (config runs; a function or script is started again with `ctx.resume=True`)."
     run_dir = Path(run_dir).resolve()
     target = _load_target(run_dir)
     rec = _read_json(run_dir / "launch.json") or {}
     spec = launch_spec(rdzv_id=run_dir.name)
-    spec.update(rec.get("spec", {})); spec.update(spec_changes)
-    if nproc is not None: spec["nproc"] = nproc
+    spec.update(rec.get("spec", {}))
+    spec.update(spec_changes)
+    if nproc is not None:
+        spec["nproc"] = nproc
     spec["master_port"] = master_port
-    if ranks is not None: spec["ranks"] = ranks
-    _check_layout(spec["nproc"], spec["nnodes"], spec["node_rank"], master_port, spec["master_addr"], spec["rdzv_endpoint"], spec["max_restarts"])
+    if ranks is not None:
+        spec["ranks"] = ranks
+    _check_layout(
+        spec["nproc"],
+        spec["nnodes"],
+        spec["node_rank"],
+        master_port,
+        spec["master_addr"],
+        spec["rdzv_endpoint"],
+        spec["max_restarts"],
+    )
     if target.kind == "train":
         from scaletrain.checkpoint import resolve_checkpoint
         from scaletrain.config import load_config
         from scaletrain import parallel
+
         resolve_checkpoint(run_dir)
         parallel.check(load_config(run_dir / "config.yaml", overrides), spec["nproc"] * spec["nnodes"])
-    elif overrides: raise LaunchError("resume: overrides apply to scaletrain config runs only")
+    elif overrides:
+        raise LaunchError("resume: overrides apply to scaletrain config runs only")
     return _start(target, spec, spec["ranks"], echo, env, resume=True, overrides=overrides)
 
 # %% ../nbs/14_launch.ipynb #d89f879b
 @dataclass
 class MultiNode:
     "A job for several nodes: the command for each node and a SLURM batch script."
+
     target: Target
     nnodes: int
     nproc: int
@@ -654,79 +1065,151 @@ class MultiNode:
     python: str
 
     @property
-    def run_dir(self) -> Path: return self.target.run_dir
+    def run_dir(self) -> Path:
+        return self.target.run_dir
 
     def command(self, node_rank: int = 0) -> list:
         "The exact argument list node `node_rank` runs (the same on every node with c10d)."
-        return torchrun_args(self.target.worker_args(), nproc=self.nproc, nnodes=self.nnodes, node_rank=node_rank,
-                             rdzv_endpoint=self.rdzv_endpoint, rdzv_id=self.rdzv_id, python=self.python)
+        return torchrun_args(
+            self.target.worker_args(),
+            nproc=self.nproc,
+            nnodes=self.nnodes,
+            node_rank=node_rank,
+            rdzv_endpoint=self.rdzv_endpoint,
+            rdzv_id=self.rdzv_id,
+            python=self.python,
+        )
 
     @property
-    def commands(self) -> list[list]: return [self.command(r) for r in range(self.nnodes)]
+    def commands(self) -> list[list]:
+        return [self.command(r) for r in range(self.nnodes)]
 
     def __str__(self):
         host = split_endpoint(self.rdzv_endpoint)[0]
-        lines = [f"# {self.nnodes} nodes x {self.nproc} processes, run folder {self.run_dir} (must be on storage every node sees)"]
+        lines = [
+            f"# {self.nnodes} nodes x {self.nproc} processes, run folder {self.run_dir} (must be on storage every node sees)"
+        ]
         for r, c in enumerate(self.commands):
             lines.append(f"# node {r}" + (f" (on {host}, hosts the rendezvous)" if r == 0 else "") + ":")
             lines.append(shlex.join(c))
         return "\n".join(lines)
 
-    def show(self): print(self)
+    def show(self):
+        print(self)
 
-    def slurm_script(self, gpus_per_node: int | None = None, partition: str = "", time_limit: str = "",
-                     cpus_per_task: int | None = None, port: int | None = None) -> str:
+    def slurm_script(
+        self,
+        gpus_per_node: int | None = None,
+        partition: str = "",
+        time_limit: str = "",
+        cpus_per_task: int | None = None,
+        port: int | None = None,
+    ) -> str:
         "A `sbatch` script for the same job: `#SBATCH` nodes and GPUs per node, `srun` one torchrun per node."
         port = port or split_endpoint(self.rdzv_endpoint)[1]
         worker = " ".join(shlex.quote(a) for a in self.target.worker_args())
-        sb = [f"#SBATCH --job-name={shlex.quote(self.run_dir.name)}", f"#SBATCH --nodes={self.nnodes}", "#SBATCH --ntasks-per-node=1",
-              f"#SBATCH --gpus-per-node={gpus_per_node if gpus_per_node is not None else self.nproc}",
-              f"#SBATCH --cpus-per-task={cpus_per_task or max(1, 4 * self.nproc)}",
-              f"#SBATCH --output={self.run_dir}/logs/slurm-%j.out"]
-        if partition: sb.append(f"#SBATCH --partition={partition}")
-        if time_limit: sb.append(f"#SBATCH --time={time_limit}")
-        return "\n".join(["#!/bin/bash", *sb,
-            f"# scaletrain job {self.run_dir.name}: one torchrun per node, c10d rendezvous on the first node of the allocation.",
-            "set -euo pipefail",
-            f"mkdir -p {shlex.quote(str(self.run_dir / 'logs'))}",
-            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1',
-            f"srun --kill-on-bad-exit=1 {shlex.quote(self.python)} -m torch.distributed.run --nnodes {self.nnodes} "
-            f"--nproc-per-node {self.nproc} --max-restarts 0 --rdzv-backend c10d --rdzv-endpoint \"$head_node:{port}\" "
-            f"--rdzv-id \"$SLURM_JOB_ID\" {worker}", ""])
+        sb = [
+            f"#SBATCH --job-name={shlex.quote(self.run_dir.name)}",
+            f"#SBATCH --nodes={self.nnodes}",
+            "#SBATCH --ntasks-per-node=1",
+            f"#SBATCH --gpus-per-node={gpus_per_node if gpus_per_node is not None else self.nproc}",
+            f"#SBATCH --cpus-per-task={cpus_per_task or max(1, 4 * self.nproc)}",
+            f"#SBATCH --output={self.run_dir}/logs/slurm-%j.out",
+        ]
+        if partition:
+            sb.append(f"#SBATCH --partition={partition}")
+        if time_limit:
+            sb.append(f"#SBATCH --time={time_limit}")
+        return "\n".join(
+            [
+                "#!/bin/bash",
+                *sb,
+                f"# scaletrain job {self.run_dir.name}: one torchrun per node, c10d rendezvous on the first node of the allocation.",
+                "set -euo pipefail",
+                f"mkdir -p {shlex.quote(str(self.run_dir / 'logs'))}",
+                'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1',
+                f"srun --kill-on-bad-exit=1 {shlex.quote(self.python)} -m torch.distributed.run --nnodes {self.nnodes} "
+                f"--nproc-per-node {self.nproc} --max-restarts 0 --rdzv-backend c10d --rdzv-endpoint \"$head_node:{port}\" "
+                f"--rdzv-id \"$SLURM_JOB_ID\" {worker}",
+                "",
+            ]
+        )
 
     def write_slurm(self, path=None, **kw) -> Path:
         "Write `slurm_script(**kw)` (default `run_dir/slurm.sh`); submit it with `sbatch`."
         p = Path(path) if path else self.run_dir / "slurm.sh"
-        atomic_write_text(p, self.slurm_script(**kw)); p.chmod(0o755)
+        atomic_write_text(p, self.slurm_script(**kw))
+        p.chmod(0o755)
         return p
 
     def start(self, node_rank: int, ranks="0", echo: bool = True, env: dict | None = None) -> Run:
         "Run node `node_rank`'s command on this machine and return its `Run`."
         spec = launch_spec(self.nproc, self.nnodes, node_rank, self.rdzv_endpoint, self.rdzv_id, ranks=ranks)
-        return Run(self.target, self.command(node_rank), spec, child_env(env), ranks=ranks, echo=echo, node_rank=node_rank)
+        return Run(
+            self.target, self.command(node_rank), spec, child_env(env), ranks=ranks, echo=echo, node_rank=node_rank
+        )
 
-def multinode(target=None, *args, nnodes: int = 2, nproc: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "",
-              overrides=(), out_dir=None, name: str = "", python: str | None = None) -> MultiNode:
+
+def multinode(
+    target=None,
+    *args,
+    nnodes: int = 2,
+    nproc: int = 1,
+    rdzv_endpoint: str = "",
+    rdzv_id: str = "",
+    overrides=(),
+    out_dir=None,
+    name: str = "",
+    python: str | None = None,
+) -> MultiNode:
     "Prepare `target` (as in `launch`) for `nnodes` nodes; print the result for each node's command."
-    if not isinstance(nnodes, int) or nnodes < 2: raise LaunchError(f"nnodes={nnodes!r}: a multi-node job has >= 2 nodes")
+    if not isinstance(nnodes, int) or nnodes < 2:
+        raise LaunchError(f"nnodes={nnodes!r}: a multi-node job has >= 2 nodes")
     _check_layout(nproc, nnodes, 0, None, "127.0.0.1", rdzv_endpoint, 0)
-    if not name and not (isinstance(target, str) and target.endswith((".yaml", ".yml"))) and not any(o.startswith("run.name=") for o in overrides):
+    if (
+        not name
+        and not (isinstance(target, str) and target.endswith((".yaml", ".yml")))
+        and not any(o.startswith("run.name=") for o in overrides)
+    ):
         name = datetime.now().strftime("%Y%m%d-%H%M%S") + "-mn"
-    t = prepare_target(target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=0)
+    t = prepare_target(
+        target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=0
+    )
     mn = MultiNode(t, nnodes, nproc, rdzv_endpoint, rdzv_id or t.run_dir.name, python or sys.executable)
-    atomic_write_text(t.run_dir / "launch.json", json.dumps(dict(kind=t.kind, label=t.label, args=t.args, launches=[],
-        spec=launch_spec(nproc, nnodes, 0, rdzv_endpoint, mn.rdzv_id)), indent=1))
+    atomic_write_text(
+        t.run_dir / "launch.json",
+        json.dumps(
+            dict(
+                kind=t.kind,
+                label=t.label,
+                args=t.args,
+                launches=[],
+                spec=launch_spec(nproc, nnodes, 0, rdzv_endpoint, mn.rdzv_id),
+            ),
+            indent=1,
+        ),
+    )
     return mn
 
 # %% ../nbs/14_launch.ipynb #e91257c3
 def launch_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaletrain launch", description="Launch, watch and stop a multi-process job (torchrun).")
-    p.add_argument("target", nargs="?", help="'train' (a scaletrain config; ARGS are key=value overrides) or a script.py (ARGS are its arguments)")
+    p = argparse.ArgumentParser(
+        prog="scaletrain launch", description="Launch, watch and stop a multi-process job (torchrun)."
+    )
+    p.add_argument(
+        "target",
+        nargs="?",
+        help="'train' (a scaletrain config; ARGS are key=value overrides) or a script.py (ARGS are its arguments)",
+    )
     p.add_argument("args", nargs=argparse.REMAINDER, help="overrides or script arguments")
     p.add_argument("--config", help="YAML config file for 'train'")
-    p.add_argument("--resume", metavar="RUN", help="continue run folder RUN from its last checkpoint (ARGS: key=value overrides)")
-    p.add_argument("--nproc", type=int, default=None, help="processes (GPUs) per node (default 1; with --resume: as before)")
+    p.add_argument(
+        "--resume", metavar="RUN", help="continue run folder RUN from its last checkpoint (ARGS: key=value overrides)"
+    )
+    p.add_argument(
+        "--nproc", type=int, default=None, help="processes (GPUs) per node (default 1; with --resume: as before)"
+    )
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (node 0 prepares the run folder)")
     p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous on node 0 (multi-node)")
@@ -737,53 +1220,97 @@ def launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="parent folder of run folders (scripts; configs use run.out_dir)")
     p.add_argument("--name", default="", help="run folder name")
     p.add_argument("--ranks", default="0", help="whose output to stream: 0, all, none or a list like 0,1")
-    p.add_argument("--print-commands", action="store_true", help="multi-node: prepare the run and print every node's command")
+    p.add_argument(
+        "--print-commands", action="store_true", help="multi-node: prepare the run and print every node's command"
+    )
     p.add_argument("--slurm", metavar="FILE", help="multi-node: prepare the run and write a SLURM batch script")
     p.add_argument("--gpus-per-node", type=int, default=None, help="for --slurm (default --nproc)")
-    p.add_argument("--partition", default="", help="for --slurm"); p.add_argument("--time", default="", help="for --slurm, e.g. 24:00:00")
+    p.add_argument("--partition", default="", help="for --slurm")
+    p.add_argument("--time", default="", help="for --slurm, e.g. 24:00:00")
     return p
+
 
 def launch_main(argv) -> int:
     from scaletrain.cli import fail, user_errors
-    p = launch_parser(); a = p.parse_args(argv)
+
+    p = launch_parser()
+    a = p.parse_args(argv)
     try:
         if a.resume:
-            if a.config: fail("launch: --config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead")
+            if a.config:
+                fail(
+                    "launch: --config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead"
+                )
             ov = ([a.target] if a.target else []) + a.args
             # the layout is launch.json's, except what this command line changes (node 1 of a multi-node job, say)
-            changed = {k: getattr(a, k) for k in ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts", "master_addr")
-                       if getattr(a, k) != p.get_default(k)}
+            changed = {
+                k: getattr(a, k)
+                for k in ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts", "master_addr")
+                if getattr(a, k) != p.get_default(k)
+            }
             run = resume(a.resume, overrides=ov, nproc=a.nproc, master_port=a.master_port, ranks=a.ranks, **changed)
         else:
-            if not a.target: fail("launch: give a target: 'train' or a script.py (see --help)")
-            if a.nproc is None: a.nproc = 1
+            if not a.target:
+                fail("launch: give a target: 'train' or a script.py (see --help)")
+            if a.nproc is None:
+                a.nproc = 1
             tgt = a.config if a.target == "train" and a.config else (None if a.target == "train" else a.target)
-            if a.config and a.target != "train": fail("launch: --config goes with the 'train' target")
+            if a.config and a.target != "train":
+                fail("launch: --config goes with the 'train' target")
             kw = dict(overrides=a.args) if a.target == "train" else {}
             pos = [] if a.target == "train" else a.args
             if a.print_commands or a.slurm:
-                mn = multinode(tgt, *pos, nnodes=a.nnodes, nproc=a.nproc, rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id,
-                               out_dir=a.out_dir, name=a.name, **kw)
-                if a.print_commands: mn.show()
+                mn = multinode(
+                    tgt,
+                    *pos,
+                    nnodes=a.nnodes,
+                    nproc=a.nproc,
+                    rdzv_endpoint=a.rdzv_endpoint,
+                    rdzv_id=a.rdzv_id,
+                    out_dir=a.out_dir,
+                    name=a.name,
+                    **kw,
+                )
+                if a.print_commands:
+                    mn.show()
                 if a.slurm:
                     p = mn.write_slurm(a.slurm, gpus_per_node=a.gpus_per_node, partition=a.partition, time_limit=a.time)
                     print(f"scaletrain: wrote {p}; submit it with: sbatch {p}")
                 return 0
-            run = launch(tgt, *pos, nproc=a.nproc, nnodes=a.nnodes, node_rank=a.node_rank, rdzv_endpoint=a.rdzv_endpoint,
-                         rdzv_id=a.rdzv_id, max_restarts=a.max_restarts, master_port=a.master_port, master_addr=a.master_addr,
-                         out_dir=a.out_dir, name=a.name, ranks=a.ranks, **kw)
-    except user_errors() as e: fail(str(e))
-    print(f"scaletrain: launched {run.spec['nproc'] * run.spec['nnodes']} processes into {run.run_dir} (logs in {run.logs_dir})", flush=True)
+            run = launch(
+                tgt,
+                *pos,
+                nproc=a.nproc,
+                nnodes=a.nnodes,
+                node_rank=a.node_rank,
+                rdzv_endpoint=a.rdzv_endpoint,
+                rdzv_id=a.rdzv_id,
+                max_restarts=a.max_restarts,
+                master_port=a.master_port,
+                master_addr=a.master_addr,
+                out_dir=a.out_dir,
+                name=a.name,
+                ranks=a.ranks,
+                **kw,
+            )
+    except user_errors() as e:
+        fail(str(e))
+    print(
+        f"scaletrain: launched {run.spec['nproc'] * run.spec['nnodes']} processes into {run.run_dir} (logs in {run.logs_dir})",
+        flush=True,
+    )
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not run.done:
             if stop.is_set():
                 print("scaletrain: stopping (checkpoint, then exit)...", file=sys.stderr, flush=True)
-                run.stop(); break
+                run.stop()
+                break
             run.wait(0.5)
     finally:
-        for s, h in old.items(): signal.signal(s, h)
+        for s, h in old.items():
+            signal.signal(s, h)
     print(f"scaletrain: run {run.run_dir} {run.status}", flush=True)
     return 0 if run.status in ("finished", "stopped") else 1
 
@@ -791,4 +1318,5 @@ def launch_main(argv) -> int:
 #| eval: false
 if __name__ == "__main__":  # every rank: python -m scaletrain.launch --run-dir D ...
     from scaletrain.launch import worker_main as _worker_main  # the package's module, not a second copy as __main__
+
     sys.exit(_worker_main())

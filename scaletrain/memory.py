@@ -4,7 +4,10 @@
 
 # %% ../nbs/12_memory.ipynb #74d3ed8b
 from __future__ import annotations
-import gc, math, os, time
+import gc
+import math
+import os
+import time
 from dataclasses import dataclass, field, replace
 import torch
 from .config import Config, ModelConfig, ConfigError
@@ -23,12 +26,13 @@ __all__ = ['GPT3_FAMILY', 'AC_POLICIES', 'GiB', 'FAIRSCALE_BUCKET', 'AUTO_MAX_MI
 @dataclass(frozen=True)
 class GPTShape:
     "What the estimator needs to know about a GPT (scaletrain's layout: learned positions, GELU MLP of 4h)."
+
     n_layer: int
     n_embd: int
     n_head: int
     vocab_size: int
     seq_len: int
-    block_size: int = 0        # rows of the position embedding; 0 = seq_len
+    block_size: int = 0  # rows of the position embedding; 0 = seq_len
     tie_weights: bool = True
     bias: bool = True
     dropout: float = 0.0
@@ -36,10 +40,13 @@ class GPTShape:
     @classmethod
     def from_config(cls, c: ModelConfig, seq_len: int | None = None, vocab_size: int | None = None) -> "GPTShape":
         V = vocab_size or c.vocab_size or 257
-        return cls(c.n_layer, c.n_embd, c.n_head, V, seq_len or c.block_size, c.block_size, c.tie_weights, c.bias, c.dropout)
+        return cls(
+            c.n_layer, c.n_embd, c.n_head, V, seq_len or c.block_size, c.block_size, c.tie_weights, c.bias, c.dropout
+        )
 
     @property
-    def positions(self): return self.block_size or self.seq_len
+    def positions(self):
+        return self.block_size or self.seq_len
 
     def block_params(self, tp: int = 1) -> int:
         "Parameters of one block on one tensor-parallel rank (q,k,v,fc column-split; o,proj row-split; norms whole)."
@@ -51,7 +58,8 @@ class GPTShape:
         "Embeddings (first stage) and final norm + head (last stage); replicated under tensor parallelism."
         h, V = self.n_embd, self.vocab_size
         n = (V * h + self.positions * h) if first else 0
-        if last: n += h * (1 + int(self.bias)) + (0 if (self.tie_weights and first) else V * h)
+        if last:
+            n += h * (1 + int(self.bias)) + (0 if (self.tie_weights and first) else V * h)
         return n
 
     def n_params(self) -> int:
@@ -61,17 +69,31 @@ class GPTShape:
     def n_tensors(self, blocks: int, first: bool = True, last: bool = True) -> int:
         b = int(self.bias)
         n = blocks * 8 * (1 + b)
-        if first: n += 2
-        if last: n += (1 + b) + (0 if (self.tie_weights and first) else 1)
+        if first:
+            n += 2
+        if last:
+            n += (1 + b) + (0 if (self.tie_weights and first) else 1)
         return n
 
+
 GPT3_FAMILY = [  # (layers, hidden, heads): Brown et al. 2020, Table 2.1 (125M ... 175B); (48, 7168, 56) ~30B; Llama 2 70B
-    (12, 768, 12), (24, 1024, 16), (24, 1536, 16), (24, 2048, 16), (32, 2560, 32), (32, 4096, 32), (40, 5120, 40),
-    (48, 7168, 56), (80, 8192, 64), (96, 12288, 96)]
+    (12, 768, 12),
+    (24, 1024, 16),
+    (24, 1536, 16),
+    (24, 2048, 16),
+    (32, 2560, 32),
+    (32, 4096, 32),
+    (40, 5120, 40),
+    (48, 7168, 56),
+    (80, 8192, 64),
+    (96, 12288, 96),
+]
+
 
 def shape_for_params(n_params: float, vocab_size: int = 50304, seq_len: int = 2048) -> GPTShape:
     "A plausible GPT shape with about `n_params` parameters: the nearest family member's width, layers to match."
-    if not n_params > 0: raise ConfigError(f"params={n_params}: must be > 0")
+    if not n_params > 0:
+        raise ConfigError(f"params={n_params}: must be > 0")
     size = lambda L, h: L * (12 * h * h + 13 * h) + (vocab_size + seq_len) * h
     L0, h, a = min(GPT3_FAMILY, key=lambda f: abs(math.log(size(f[0], f[1]) / n_params)))
     L = max(1, round((n_params - (vocab_size + seq_len) * h) / (12 * h * h + 13 * h)))
@@ -80,88 +102,119 @@ def shape_for_params(n_params: float, vocab_size: int = 50304, seq_len: int = 20
 # %% ../nbs/12_memory.ipynb #91f0c5f0
 @dataclass(frozen=True)
 class Precision:
-    param: int        # bytes per parameter as stored
+    param: int  # bytes per parameter as stored
     grad: int
-    optim: int        # Adam state (two moments), bytes per parameter
-    compute: int      # matmul inputs/outputs
-    residual: int     # residual stream and layer-norm inputs
-    autocast: bool    # 16-bit weight copies made by autocast
-    gathered: int     # bytes per parameter of FSDP's gathered (unsharded) copy
+    optim: int  # Adam state (two moments), bytes per parameter
+    compute: int  # matmul inputs/outputs
+    residual: int  # residual stream and layer-norm inputs
+    autocast: bool  # 16-bit weight copies made by autocast
+    gathered: int  # bytes per parameter of FSDP's gathered (unsharded) copy
+
 
 def fsdp_like(strategy: str, backend: str = "torch") -> bool:
     "Strategies implemented with FSDP2 (sharded parameters gathered per block)."
     return strategy == "fsdp" or (strategy == "zero2" and backend == "torch")
 
-def precision_bytes(precision: str, strategy: str = "ddp", backend: str = "torch", accounting: str = "scaletrain") -> Precision:
+
+def precision_bytes(
+    precision: str, strategy: str = "ddp", backend: str = "torch", accounting: str = "scaletrain"
+) -> Precision:
     "Bytes per parameter and activation dtypes for a precision (see the table above)."
-    if precision == "fp32": p = Precision(4, 4, 8, 4, 4, False, 4)
-    elif precision == "bf16-true": p = Precision(2, 2, 4, 2, 2, False, 2)
+    if precision == "fp32":
+        p = Precision(4, 4, 8, 4, 4, False, 4)
+    elif precision == "bf16-true":
+        p = Precision(2, 2, 4, 2, 2, False, 2)
     elif precision in ("bf16-mixed", "fp16-mixed"):
         p = Precision(4, 4, 8, 2, 2, False, 2) if fsdp_like(strategy, backend) else Precision(4, 4, 8, 2, 4, True, 2)
-    else: raise ConfigError(f"precision={precision!r}: allowed: fp32 | bf16-mixed | fp16-mixed | bf16-true")
-    if accounting == "zero-paper" and precision != "fp32": p = replace(p, param=2, grad=2, optim=12)
-    elif accounting not in ("scaletrain", "zero-paper"): raise ConfigError(f"accounting={accounting!r}: allowed: scaletrain | zero-paper")
+    else:
+        raise ConfigError(f"precision={precision!r}: allowed: fp32 | bf16-mixed | fp16-mixed | bf16-true")
+    if accounting == "zero-paper" and precision != "fp32":
+        p = replace(p, param=2, grad=2, optim=12)
+    elif accounting not in ("scaletrain", "zero-paper"):
+        raise ConfigError(f"accounting={accounting!r}: allowed: scaletrain | zero-paper")
     return p
 
 # %% ../nbs/12_memory.ipynb #e689a577
 AC_POLICIES = ("none", "full", "selective", "every_k")
 
-def layer_bytes_per_token(shape: GPTShape, prec: Precision, policy: str = "none", tp: int = 1, sp: bool = False,
-                          model: str = "scaletrain") -> float:
+
+def layer_bytes_per_token(
+    shape: GPTShape, prec: Precision, policy: str = "none", tp: int = 1, sp: bool = False, model: str = "scaletrain"
+) -> float:
     "Bytes saved for backward by one transformer layer, per token of a micro-batch, on one rank."
     h, a, c, r, t = shape.n_embd, shape.n_head, prec.compute, prec.residual, tp
     spd = t if sp else 1
     if model == "korthikanti":  # 16-bit activations, dropout masks, explicit s x s attention scores (Table 2)
         s = shape.seq_len
-        if policy == "full": return 2 * h / spd
+        if policy == "full":
+            return 2 * h / spd
         attn_scores = 0 if policy == "selective" else 5 * a * s / t
-        if sp: return 34 * h / t + attn_scores
+        if sp:
+            return 34 * h / t + attn_scores
         return h * (10 + 24 / t) + attn_scores
-    if model != "scaletrain": raise ConfigError(f"activations={model!r}: allowed: scaletrain | korthikanti")
-    if policy == "full": return r * h / spd
+    if model != "scaletrain":
+        raise ConfigError(f"activations={model!r}: allowed: scaletrain | korthikanti")
+    if policy == "full":
+        return r * h / spd
     if policy == "selective":
         coll = 0 if t == 1 else (2 * c * h / t + 2 * c * h if sp else 2 * c * h)
         return r * h / spd + c * h * (8 / t + 1) + 4 * a / t + coll  # q, k, v, attention, fc (sharded); MLP out
-    if policy != "none": raise ConfigError(f"activation_checkpointing={policy!r}: allowed: {' | '.join(AC_POLICIES)}")
+    if policy != "none":
+        raise ConfigError(f"activation_checkpointing={policy!r}: allowed: {' | '.join(AC_POLICIES)}")
     lin_inputs = (4 if prec.autocast else 2) * c * h
     masks = 2 * h / spd if shape.dropout > 0 else 0
     return (2 * r * h + 16) / spd + lin_inputs + (12 * c * h + 4 * a) / t + masks
 
-def end_bytes_per_token(shape: GPTShape, prec: Precision, first: bool, last: bool, tp: int = 1, sp: bool = False,
-                        model: str = "scaletrain") -> float:
+
+def end_bytes_per_token(
+    shape: GPTShape, prec: Precision, first: bool, last: bool, tp: int = 1, sp: bool = False, model: str = "scaletrain"
+) -> float:
     "Bytes saved outside the blocks per token: token ids (first stage); final norm, head input, log-softmax (last)."
     h, V, c, r = shape.n_embd, shape.vocab_size, prec.compute, prec.residual
     n = 0.0
     if model == "korthikanti":  # §4.3: embedding dropout mask; output layer 4sbh/t + 4sbv/t
-        if first: n += h / (tp if sp else 1)
-        if last: n += 4 * h / tp + 4 * V / tp
+        if first:
+            n += h / (tp if sp else 1)
+        if last:
+            n += 4 * h / tp + 4 * V / tp
         return n
-    if first: n += 8 + (h if shape.dropout > 0 else 0)          # int64 ids kept by the embedding
-    if last: n += r * h + 8 + c * h + 4 * V + 8                 # ln_f input+stats, head input, fp32 log-softmax, targets
+    if first:
+        n += 8 + (h if shape.dropout > 0 else 0)  # int64 ids kept by the embedding
+    if last:
+        n += r * h + 8 + c * h + 4 * V + 8  # ln_f input+stats, head input, fp32 log-softmax, targets
     return n
 
 # %% ../nbs/12_memory.ipynb #ea0e45f6
-GiB = 2 ** 30
+GiB = 2**30
+
 
 @dataclass
 class MemoryEstimate:
     "Predicted bytes per rank (the worst rank). `total` is the predicted peak; see `estimate`."
+
     params: float
     grads: float
     optimizer: float
     activations: float
     temporary: float
     total: float
-    phase: str = ""            # where the peak falls: 'backward' or 'optimizer step'
-    cpu: float = 0.0           # bytes kept in CPU memory instead (cpu_offload, ac_offload)
-    rank: str = ""             # which pipeline rank is the worst
+    phase: str = ""  # where the peak falls: 'backward' or 'optimizer step'
+    cpu: float = 0.0  # bytes kept in CPU memory instead (cpu_offload, ac_offload)
+    rank: str = ""  # which pipeline rank is the worst
     inputs: dict = field(default_factory=dict)
 
     @property
-    def model_states(self): return self.params + self.grads + self.optimizer
+    def model_states(self):
+        return self.params + self.grads + self.optimizer
 
     def parts(self) -> dict:
-        return dict(params=self.params, grads=self.grads, optimizer=self.optimizer, activations=self.activations, temporary=self.temporary)
+        return dict(
+            params=self.params,
+            grads=self.grads,
+            optimizer=self.optimizer,
+            activations=self.activations,
+            temporary=self.temporary,
+        )
 
     def largest(self) -> tuple[str, float]:
         "Name and bytes of the largest component."
@@ -169,38 +222,71 @@ class MemoryEstimate:
 
     def table(self, unit: str = "GiB") -> str:
         "A readable table of the components."
-        div = {"GiB": GiB, "MiB": 2 ** 20, "KiB": 2 ** 10, "B": 1}[unit]
+        div = {"GiB": GiB, "MiB": 2**20, "KiB": 2**10, "B": 1}[unit]
         i = self.inputs
-        notes = dict(params=f"{i.get('accounting', 'scaletrain')} accounting, {i.get('precision')}",
-                     grads="", optimizer="AdamW, 2 moments",
-                     activations=f"{i.get('activations', 'scaletrain')} model, AC {i.get('ac')}",
-                     temporary="logits/loss, weight copies, buffers")
+        notes = dict(
+            params=f"{i.get('accounting', 'scaletrain')} accounting, {i.get('precision')}",
+            grads="",
+            optimizer="AdamW, 2 moments",
+            activations=f"{i.get('activations', 'scaletrain')} model, AC {i.get('ac')}",
+            temporary="logits/loss, weight copies, buffers",
+        )
         rows = [f"{'component':<12} {unit:>10}  note"]
-        for k, v in self.parts().items(): rows.append(f"{k:<12} {v / div:>10.3f}  {notes[k]}")
-        rows.append(f"{'peak total':<12} {self.total / div:>10.3f}  at the {self.phase}{' (' + self.rank + ')' if self.rank else ''}")
-        if self.cpu: rows.append(f"{'(cpu)':<12} {self.cpu / div:>10.3f}  held in host memory")
+        for k, v in self.parts().items():
+            rows.append(f"{k:<12} {v / div:>10.3f}  {notes[k]}")
+        rows.append(
+            f"{'peak total':<12} {self.total / div:>10.3f}  at the {self.phase}{' (' + self.rank + ')' if self.rank else ''}"
+        )
+        if self.cpu:
+            rows.append(f"{'(cpu)':<12} {self.cpu / div:>10.3f}  held in host memory")
         return "\n".join(rows)
 
     def __repr__(self):
-        return (f"MemoryEstimate(total={self.total / GiB:.3f} GiB: params {self.params / GiB:.3f}, grads {self.grads / GiB:.3f}, "
-                f"optimizer {self.optimizer / GiB:.3f}, activations {self.activations / GiB:.3f}, temporary {self.temporary / GiB:.3f})")
+        return (
+            f"MemoryEstimate(total={self.total / GiB:.3f} GiB: params {self.params / GiB:.3f}, grads {self.grads / GiB:.3f}, "
+            f"optimizer {self.optimizer / GiB:.3f}, activations {self.activations / GiB:.3f}, temporary {self.temporary / GiB:.3f})"
+        )
 
 # %% ../nbs/12_memory.ipynb #a2e2bb27
-FAIRSCALE_BUCKET = 2 ** 23   # elements: ShardedDDP's reduce_buffer_size; grads that fit stay on every rank
+FAIRSCALE_BUCKET = 2**23  # elements: ShardedDDP's reduce_buffer_size; grads that fit stay on every rank
+
 
 def _inflight(schedule: str, pp: int, rank: int, n_mb: int) -> float:
     "Pipeline micro-batches whose activations a rank holds at once (stage-micro-batches for interleaved)."
-    if pp == 1: return 1
-    if schedule == "gpipe": return n_mb
-    if schedule == "interleaved1f1b": return min(2 * n_mb, pp + 2 * (pp - 1 - rank) + 1) / 2  # two stages per rank
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return n_mb
+    if schedule == "interleaved1f1b":
+        return min(2 * n_mb, pp + 2 * (pp - 1 - rank) + 1) / 2  # two stages per rank
     return min(pp - rank, n_mb)
 
-def estimate(model=None, *, params: float | None = None, seq_len: int | None = None, vocab_size: int | None = None,
-             precision: str = "bf16-mixed", strategy: str = "ddp", backend: str = "torch", dp: int = 1, tp: int = 1,
-             pp: int = 1, micro_batch: int = 1, grad_accum: int = 1, ac: str = "none", ac_every: int = 2,
-             ac_offload: bool = False, sequence_parallel: bool = False, pp_schedule: str = "1f1b", pp_microbatches: int = 0,
-             cpu_offload: bool = False, device: str = "cuda", accounting: str = "scaletrain",
-             activations: str = "scaletrain") -> MemoryEstimate:
+
+def estimate(
+    model=None,
+    *,
+    params: float | None = None,
+    seq_len: int | None = None,
+    vocab_size: int | None = None,
+    precision: str = "bf16-mixed",
+    strategy: str = "ddp",
+    backend: str = "torch",
+    dp: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    micro_batch: int = 1,
+    grad_accum: int = 1,
+    ac: str = "none",
+    ac_every: int = 2,
+    ac_offload: bool = False,
+    sequence_parallel: bool = False,
+    pp_schedule: str = "1f1b",
+    pp_microbatches: int = 0,
+    cpu_offload: bool = False,
+    device: str = "cuda",
+    accounting: str = "scaletrain",
+    activations: str = "scaletrain",
+) -> MemoryEstimate:
     """Bytes per rank for training `model` (a `GPTShape`, `ModelConfig` or `Config`) or a GPT of `params` parameters.
 
     A `Config` gives the shape and vocabulary only; the layout comes from the arguments (`estimate_config` takes it
@@ -208,26 +294,37 @@ def estimate(model=None, *, params: float | None = None, seq_len: int | None = N
 
     `micro_batch` is sequences per forward pass per data-parallel rank (with pp > 1 it is split into
     `pp_microbatches` pipeline micro-batches, default 2·pp); `device='cpu'` models the non-fused AdamW."""
-    if isinstance(model, Config): model, vocab_size = model.model, vocab_size or config_vocab(model)
-    if isinstance(model, ModelConfig): shape = GPTShape.from_config(model, seq_len, vocab_size)
-    elif isinstance(model, GPTShape): shape = replace(model, seq_len=seq_len or model.seq_len)
-    elif model is None and params is not None: shape = shape_for_params(params, vocab_size or 50304, seq_len or 2048)
-    else: raise ConfigError("estimate: give a model shape (GPTShape, ModelConfig, Config) or params=")
+    if isinstance(model, Config):
+        model, vocab_size = model.model, vocab_size or config_vocab(model)
+    if isinstance(model, ModelConfig):
+        shape = GPTShape.from_config(model, seq_len, vocab_size)
+    elif isinstance(model, GPTShape):
+        shape = replace(model, seq_len=seq_len or model.seq_len)
+    elif model is None and params is not None:
+        shape = shape_for_params(params, vocab_size or 50304, seq_len or 2048)
+    else:
+        raise ConfigError("estimate: give a model shape (GPTShape, ModelConfig, Config) or params=")
     for name, v in dict(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch, grad_accum=grad_accum, ac_every=ac_every).items():
-        if not (isinstance(v, int) and v >= 1): raise ConfigError(f"estimate: {name}={v!r}: must be a whole number >= 1")
-    if strategy not in ("ddp", "zero1", "zero2", "fsdp"): raise ConfigError(f"estimate: strategy={strategy!r}: allowed: ddp | zero1 | zero2 | fsdp")
+        if not (isinstance(v, int) and v >= 1):
+            raise ConfigError(f"estimate: {name}={v!r}: must be a whole number >= 1")
+    if strategy not in ("ddp", "zero1", "zero2", "fsdp"):
+        raise ConfigError(f"estimate: strategy={strategy!r}: allowed: ddp | zero1 | zero2 | fsdp")
     prec = precision_bytes(precision, strategy, backend, accounting)
-    scale = params / shape.n_params() if (model is None and params is not None) else 1.0  # model state of exactly `params`
+    scale = (
+        params / shape.n_params() if (model is None and params is not None) else 1.0
+    )  # model state of exactly `params`
     L, h, V, s = shape.n_layer, shape.n_embd, shape.vocab_size, shape.seq_len
     sp = sequence_parallel and tp > 1
     sharded = fsdp_like(strategy, backend) and dp > 1
-    shard_p = (strategy == "fsdp" or (sharded and accounting == "scaletrain")) and dp > 1  # FSDP2's zero2 shards params at rest
+    shard_p = (
+        strategy == "fsdp" or (sharded and accounting == "scaletrain")
+    ) and dp > 1  # FSDP2's zero2 shards params at rest
     shard_g = strategy in ("zero2", "fsdp") and dp > 1
     shard_o = strategy in ("zero1", "zero2", "fsdp") and dp > 1
     n_stages = pp * (2 if pp_schedule == "interleaved1f1b" and pp > 1 else 1)
     n_mb = (pp_microbatches or 2 * pp) if pp > 1 else 1
-    b = micro_batch / n_mb                                   # sequences per pipeline micro-batch
-    blocks = stage_blocks(L, n_stages)                       # the engine's own split
+    b = micro_batch / n_mb  # sequences per pipeline micro-batch
+    blocks = stage_blocks(L, n_stages)  # the engine's own split
     worst = None
     for rank in sorted({0, pp - 1}):
         stages = [st for st in range(n_stages) if st % pp == rank]
@@ -237,28 +334,36 @@ def estimate(model=None, *, params: float | None = None, seq_len: int | None = N
         n_t = shape.n_tensors(nblk, first, last) if accounting == "scaletrain" else 0
         P = psi * prec.param / (dp if shard_p else 1)
         G = psi * prec.grad / (dp if shard_g else 1)
-        if shard_g and strategy == "zero2" and backend == "fairscale" and accounting == "scaletrain":  # ShardedDDP keeps small grads in per-rank buckets
+        if (
+            shard_g and strategy == "zero2" and backend == "fairscale" and accounting == "scaletrain"
+        ):  # ShardedDDP keeps small grads in per-rank buckets
             G += (dp - 1) * min(psi / dp, FAIRSCALE_BUCKET) * prec.grad
-        O = (psi * prec.optim + 4 * n_t) / (dp if shard_o else 1)   # + AdamW's fp32 step counter per tensor
+        O = (psi * prec.optim + 4 * n_t) / (dp if shard_o else 1)  # + AdamW's fp32 step counter per tensor
         cpu = 0.0
-        if cpu_offload and sharded: cpu, P, G, O = P + G + O, 0.0, 0.0, 0.0
+        if cpu_offload and sharded:
+            cpu, P, G, O = P + G + O, 0.0, 0.0, 0.0
         # activations of the blocks on this rank, for the micro-batches in flight
         tok = b * s
         blk_keys = [k for st in stages for k in blocks[st]]
         ck = set(checkpointed_blocks(blk_keys, ac, ac_every))
         pol = "selective" if ac == "selective" else "full"
-        per_tok_blocks = sum(layer_bytes_per_token(shape, prec, pol if k in ck else "none", tp, sp, activations) for k in blk_keys)
+        per_tok_blocks = sum(
+            layer_bytes_per_token(shape, prec, pol if k in ck else "none", tp, sp, activations) for k in blk_keys
+        )
         inflight = _inflight(pp_schedule, pp, rank, n_mb)
-        if ac_offload and ac in ("full", "every_k") and device != "cpu":  # fairscale moves checkpointed inputs to host memory
+        if (
+            ac_offload and ac in ("full", "every_k") and device != "cpu"
+        ):  # fairscale moves checkpointed inputs to host memory
             off = sum(layer_bytes_per_token(shape, prec, "full", tp, sp, activations) for k in blk_keys if k in ck)
-            cpu += off * tok * inflight; per_tok_blocks -= off
+            cpu += off * tok * inflight
+            per_tok_blocks -= off
         last_inflight = 1 if pp_schedule != "gpipe" else n_mb
         A = per_tok_blocks * tok * inflight
         A += end_bytes_per_token(shape, prec, first, False, tp, sp, activations) * tok * inflight
         A += end_bytes_per_token(shape, prec, False, last, tp, sp, activations) * tok * last_inflight if last else 0
         # temporaries
         c = prec.compute
-        lin_w = 12 * h * h / tp                              # matmul weights of one block on this rank
+        lin_w = 12 * h * h / tp  # matmul weights of one block on this rank
         head_w = V * h if last else 0
         cast_all = cast_saved = 0.0
         if prec.autocast:  # 16-bit copies of weights: all cached at the end of forward; kept by non-recomputed blocks
@@ -266,58 +371,112 @@ def estimate(model=None, *, params: float | None = None, seq_len: int | None = N
             cast_saved = 2 * ((nblk - len(ck)) * lin_w + head_w)
         logits = c * V * tok if last else 0
         loss_fwd = logits + (4 * V * tok if (last and c != 4) else 0)
-        loss_bwd = 8 * V * tok if last else 0                 # two fp32 V-wide gradients at the start of backward
-        blk_bwd = (4 * c * h / tp + 2 * prec.residual * h) * tok   # a block's backward scratch (GELU-wide grads, residual grads)
+        loss_bwd = 8 * V * tok if last else 0  # two fp32 V-wide gradients at the start of backward
+        blk_bwd = (
+            4 * c * h / tp + 2 * prec.residual * h
+        ) * tok  # a block's backward scratch (GELU-wide grads, residual grads)
         if ck:  # a checkpointed block regenerates what `none` would have kept, for that one block
             full_layer = layer_bytes_per_token(shape, prec, "none", tp, sp)
-            blk_bwd = max(blk_bwd, (full_layer - (layer_bytes_per_token(shape, prec, "selective", tp, sp) if ac == "selective" else 0)) * tok)
+            blk_bwd = max(
+                blk_bwd,
+                (full_layer - (layer_bytes_per_token(shape, prec, "selective", tp, sp) if ac == "selective" else 0))
+                * tok,
+            )
         T = max(cast_all + logits, cast_saved + loss_fwd, cast_saved + loss_bwd, cast_saved + blk_bwd)
         gathered_blocks = 0.0
         if shard_p:
             per_block_full = shape.block_params(tp)
             live = nblk if (strategy == "zero2") else min(nblk, 2)
             gathered_blocks = live * per_block_full * prec.gathered + shape.end_params(first, last) * prec.gathered
-            gathered_blocks += per_block_full * (prec.gathered + 4)   # one block's unsharded grads (+ fp32 for the reduce)
-            if grad_accum > 1: gathered_blocks += nblk * per_block_full * prec.gathered  # accumulated unsharded grads
+            gathered_blocks += per_block_full * (
+                prec.gathered + 4
+            )  # one block's unsharded grads (+ fp32 for the reduce)
+            if grad_accum > 1:
+                gathered_blocks += nblk * per_block_full * prec.gathered  # accumulated unsharded grads
         buckets = psi * prec.grad if (strategy in ("ddp", "zero1") and dp > 1 and pp == 1) else 0.0
         T += gathered_blocks + buckets
         g_live = G if (grad_accum > 1 or shard_g) else min(G, (V * h * prec.grad if last else 0))
         # fused AdamW on CUDA needs no scratch; the per-tensor CPU AdamW needs ~3 buffers of the largest tensor
         biggest = max(4 * h * h / tp, V * h if (first or last) else 0) / (dp if shard_o else 1)
         step_tmp = 0.0 if device == "cuda" else 3 * biggest * prec.optim / 2
-        if pp > 1 and dp > 1: step_tmp += psi * prec.grad        # flat buffer of the dp gradient average
+        if pp > 1 and dp > 1:
+            step_tmp += psi * prec.grad  # flat buffer of the dp gradient average
         fb, st = P + O + g_live + A + T, P + G + O + step_tmp + buckets
-        if fb >= st: est = MemoryEstimate(P, G, O, A, T, fb, "backward", cpu)
-        else: est = MemoryEstimate(P, G, O, A, step_tmp + buckets, st, "optimizer step", cpu)
+        if fb >= st:
+            est = MemoryEstimate(P, G, O, A, T, fb, "backward", cpu)
+        else:
+            est = MemoryEstimate(P, G, O, A, step_tmp + buckets, st, "optimizer step", cpu)
         est.rank = f"pipeline rank {rank}" if pp > 1 else ""
-        if worst is None or est.total > worst.total: worst = est
-    worst.inputs = dict(shape=shape, params=params or shape.n_params(), precision=precision, strategy=strategy, backend=backend, dp=dp, tp=tp,
-                        pp=pp, micro_batch=micro_batch, grad_accum=grad_accum, ac=ac, ac_every=ac_every, ac_offload=ac_offload,
-                        sequence_parallel=sp, pp_schedule=pp_schedule, pp_microbatches=n_mb, cpu_offload=cpu_offload,
-                        device=device, accounting=accounting, activations=activations)
+        if worst is None or est.total > worst.total:
+            worst = est
+    worst.inputs = dict(
+        shape=shape,
+        params=params or shape.n_params(),
+        precision=precision,
+        strategy=strategy,
+        backend=backend,
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        ac=ac,
+        ac_every=ac_every,
+        ac_offload=ac_offload,
+        sequence_parallel=sp,
+        pp_schedule=pp_schedule,
+        pp_microbatches=n_mb,
+        cpu_offload=cpu_offload,
+        device=device,
+        accounting=accounting,
+        activations=activations,
+    )
     return worst
+
 
 def config_vocab(cfg: Config) -> int:
     "The vocabulary a run of `cfg` ends up with: `model.vocab_size`, else what its tokenizer sets (as `LMTask` does)."
-    return cfg.model.vocab_size or (ByteTokenizer.vocab_size if cfg.data.tokenizer == "byte" else cfg.data.bpe_vocab_size)
+    return cfg.model.vocab_size or (
+        ByteTokenizer.vocab_size if cfg.data.tokenizer == "byte" else cfg.data.bpe_vocab_size
+    )
 
-def estimate_config(cfg: Config, world_size: int = 1, micro_batch: int | None = None, device: str = "cuda") -> MemoryEstimate:
+
+def estimate_config(
+    cfg: Config, world_size: int = 1, micro_batch: int | None = None, device: str = "cuda"
+) -> MemoryEstimate:
     "The estimate for a run's config on `world_size` ranks (micro-batch from the config unless given)."
     p, mem = cfg.parallel, cfg.memory
     mb = micro_batch or (cfg.train.micro_batch if cfg.train.micro_batch != "auto" else 1)
     dp = max(1, world_size // (p.tp * p.pp))
-    return estimate(cfg, precision=mem.precision, strategy=p.strategy, backend=p.backend, dp=dp, tp=p.tp, pp=p.pp,
-                    micro_batch=int(mb), grad_accum=cfg.train.grad_accum, ac=mem.activation_checkpointing, ac_every=mem.ac_every,
-                    ac_offload=mem.ac_offload, sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
-                    pp_microbatches=p.microbatches, cpu_offload=mem.cpu_offload, device=device)
+    return estimate(
+        cfg,
+        precision=mem.precision,
+        strategy=p.strategy,
+        backend=p.backend,
+        dp=dp,
+        tp=p.tp,
+        pp=p.pp,
+        micro_batch=int(mb),
+        grad_accum=cfg.train.grad_accum,
+        ac=mem.activation_checkpointing,
+        ac_every=mem.ac_every,
+        ac_offload=mem.ac_offload,
+        sequence_parallel=p.sequence_parallel,
+        pp_schedule=p.pp_schedule,
+        pp_microbatches=p.microbatches,
+        cpu_offload=mem.cpu_offload,
+        device=device,
+    )
 
 # %% ../nbs/12_memory.ipynb #7518ecf5
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
+
 def _nbytes(t) -> int:
     t = _local(t)
     return t.numel() * t.element_size()
+
 
 def model_state_bytes(module: torch.nn.Module, optimizer=None) -> dict:
     "Bytes this rank holds in parameters, gradients and optimizer state (local shards; each tensor once)."
@@ -325,33 +484,45 @@ def model_state_bytes(module: torch.nn.Module, optimizer=None) -> dict:
     out = dict(params=sum(_nbytes(p) for p in params), grads=sum(_nbytes(p.grad) for p in params if p.grad is not None))
     opt = 0
     if optimizer is not None:
-        inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer / fairscale OSS keep the local optimizer here
+        inner = getattr(
+            optimizer, "optim", optimizer
+        )  # ZeroRedundancyOptimizer / fairscale OSS keep the local optimizer here
         for st in inner.state.values():
             for v in st.values():
-                if torch.is_tensor(v): opt += _nbytes(v)
+                if torch.is_tensor(v):
+                    opt += _nbytes(v)
     out["optimizer"] = opt
     return out
 
+
 class TensorMemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
     "Live and peak bytes of tensor storages on `device` created inside the context (plus `track(...)`-ed ones)."
+
     def __init__(self, device="cpu"):
         super().__init__()
         self.device = torch.device(device).type
         self.live, self.now, self.peak = {}, 0, 0
 
     def _add(self, t):
-        if not isinstance(t, torch.Tensor) or t.device.type != self.device: return
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device:
+            return
         t = _local(t)
-        try: st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError): return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
         key, n = st.data_ptr(), st.nbytes()
-        if n == 0 or key in self.live: return
+        if n == 0 or key in self.live:
+            return
         import weakref
+
         self.live[key] = (n, weakref.ref(st, lambda _, k=key: self._free(k)))
-        self.now += n; self.peak = max(self.peak, self.now)
+        self.now += n
+        self.peak = max(self.peak, self.now)
 
     def _free(self, key):
-        n, _ = self.live.pop(key, (0, None)); self.now -= n
+        n, _ = self.live.pop(key, (0, None))
+        self.now -= n
 
     def track(self, *objs):
         "Count already existing tensors: modules (params, grads, buffers), optimizers (state), tensors."
@@ -359,64 +530,87 @@ class TensorMemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
             if isinstance(o, torch.nn.Module):
                 for t in list(o.parameters()) + list(o.buffers()):
                     self._add(t)
-                    if getattr(t, "grad", None) is not None: self._add(t.grad)
+                    if getattr(t, "grad", None) is not None:
+                        self._add(t.grad)
             elif hasattr(o, "state") and hasattr(o, "param_groups"):
                 for st in getattr(o, "optim", o).state.values():
-                    for v in st.values(): self._add(v)
-            else: self._add(o)
+                    for v in st.values():
+                        self._add(v)
+            else:
+                self._add(o)
         self.peak = self.now
         return self
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out): self._add(t)
+        for t in torch.utils._pytree.tree_leaves(out):
+            self._add(t)
         return out
+
 
 def measure_step(engine, micro_batches, lr: float = 1e-3, warm: bool = True) -> dict:
     """Peak tensor bytes (tracked) and wall time of one `engine.train_step` (after one warm-up step when `warm`), with
     the bytes of parameters, gradients (as held after backward) and optimizer state (`Engine.state_bytes`)."""
-    if warm: engine.train_step(micro_batches, lr)
+    if warm:
+        engine.train_step(micro_batches, lr)
     dev = engine.device
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter(); engine.train_step(micro_batches, lr); torch.cuda.synchronize(dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        engine.train_step(micro_batches, lr)
+        torch.cuda.synchronize(dev)
         return dict(peak=torch.cuda.max_memory_allocated(dev), time=time.perf_counter() - t0, **engine.state_bytes())
     tr = TensorMemoryTracker(dev).track(engine.module, engine.optimizer, *[t for mb in micro_batches for t in mb])
     t0 = time.perf_counter()
-    with tr: engine.train_step(micro_batches, lr)
+    with tr:
+        engine.train_step(micro_batches, lr)
     dt = time.perf_counter() - t0
     return dict(peak=tr.peak, time=dt, **engine.state_bytes())
 
 # %% ../nbs/12_memory.ipynb #572de2ab
 AUTO_MAX_MICRO_BATCH = 64
 
+
 def available_memory(device, local_world: int = 1) -> int:
     "Bytes this rank may use: the GPU's total memory, or on CPU this rank's share of the available RAM."
-    if device.type == "cuda": return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
     avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"): avail = int(line.split()[1]) * 1024
-    except OSError: pass
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
     if avail is None:
-        try: avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError): avail = 8 * GiB
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 * GiB
     return avail // max(1, local_world)
 
+
 def _reset_optimizer(engine):
-    for opt in {id(o): o for o in (engine.optimizer, getattr(engine.optimizer, "optim", None)) if o is not None}.values():
+    for opt in {
+        id(o): o for o in (engine.optimizer, getattr(engine.optimizer, "optim", None)) if o is not None
+    }.values():
         opt.state.clear()
     engine.optimizer.zero_grad(set_to_none=True)
     engine.scaler = engine.build_scaler()
 
+
 def _free(device):
-    if device.type == "cuda": gc.collect(); torch.cuda.empty_cache()  # give cached blocks back before the next trial
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # give cached blocks back before the next trial
+
 
 def find_micro_batch(trainer, max_micro_batch: int | None = None, headroom: float = 0.9) -> int:
     "Largest micro-batch (1, 2, 4, … × pipeline micro-batches) whose training step fits on every rank."
     eng, dev, cfg = trainer.engine, trainer.device, trainer.cfg
-    unit = getattr(eng, "n_mb", 1)                       # pipeline engines split a micro-batch into n_mb pieces
+    unit = getattr(eng, "n_mb", 1)  # pipeline engines split a micro-batch into n_mb pieces
     cap = max_micro_batch or max(AUTO_MAX_MICRO_BATCH, unit)
     budget = available_memory(dev, trainer.info.local_world_size) * (headroom if dev.type == "cuda" else 0.5)
     n_ranks, rank = eng.dp_size, eng.dp_rank
@@ -428,26 +622,38 @@ def find_micro_batch(trainer, max_micro_batch: int | None = None, headroom: floa
         if dev.type != "cuda":
             need = estimate_config(cfg, trainer.info.world_size, m, device="cpu").total
             if need > budget:
-                why = f"micro-batch {m} would need ~{need / GiB:.1f} GiB (estimate) of the {budget / GiB:.1f} GiB allowed on CPU"; break
+                why = f"micro-batch {m} would need ~{need / GiB:.1f} GiB (estimate) of the {budget / GiB:.1f} GiB allowed on CPU"
+                break
         ok, peak = True, 0
-        if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         try:
             eng.train_step([(x_all[:m], y_all[:m])], 0.0)
             if dev.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(dev); ok = peak <= budget
-        except torch.OutOfMemoryError: ok = False
-        eng.optimizer.zero_grad(set_to_none=True); _free(dev)
-        ok = vote(ok, trainer.info, trainer.device); tried.append(m)
+                peak = torch.cuda.max_memory_allocated(dev)
+                ok = peak <= budget
+        except torch.OutOfMemoryError:
+            ok = False
+        eng.optimizer.zero_grad(set_to_none=True)
+        _free(dev)
+        ok = vote(ok, trainer.info, trainer.device)
+        tried.append(m)
         if not ok:
-            why = f"micro-batch {m} does not fit" + (f" (peak {peak / GiB:.1f} of {budget / GiB:.1f} GiB allowed)" if peak else ""); break
+            why = f"micro-batch {m} does not fit" + (
+                f" (peak {peak / GiB:.1f} of {budget / GiB:.1f} GiB allowed)" if peak else ""
+            )
+            break
         best, m = m, m * 2
     del x_all, y_all
-    _reset_optimizer(eng); _free(dev)
+    _reset_optimizer(eng)
+    _free(dev)
     if best is None:
         e = estimate_config(cfg, trainer.info.world_size, unit, device=dev.type)
         part, nbytes = e.largest()
-        raise ConfigError(f"train.micro_batch=auto: even a micro-batch of {unit} does not fit ({why}); the largest part is "
-                          f"{part} (~{nbytes / GiB:.1f} GiB per rank): try memory.activation_checkpointing=full or parallel.strategy=fsdp")
+        raise ConfigError(
+            f"train.micro_batch=auto: even a micro-batch of {unit} does not fit ({why}); the largest part is "
+            f"{part} (~{nbytes / GiB:.1f} GiB per rank): try memory.activation_checkpointing=full or parallel.strategy=fsdp"
+        )
     trainer.print(f"auto micro-batch: tried {', '.join(map(str, tried))} -> {best} ({why})")
     trainer.auto_micro_batch_info = dict(tried=tried, chosen=best, reason=why)
     return best

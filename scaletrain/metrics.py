@@ -4,7 +4,11 @@
 
 # %% ../nbs/03_metrics.ipynb #41f8a910
 from __future__ import annotations
-import functools, json, resource, sys, time
+import functools
+import json
+import resource
+import sys
+import time
 from pathlib import Path
 import torch
 from .engine import autocast_dtype
@@ -15,16 +19,31 @@ __all__ = ['GPU_PEAK_TFLOPS', 'gpu_peak_tflops', 'measure_peak_tflops', 'device_
 
 # %% ../nbs/03_metrics.ipynb #6ed01652
 GPU_PEAK_TFLOPS = {  # dense, 16-bit tensor-core peak, datasheet
-    "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0,
-    "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0,
-    "RTX 3090": 71.0, "T4": 65.0,
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "T4": 65.0,
 }
+
 
 def gpu_peak_tflops(name: str) -> float | None:
     "Datasheet peak for a CUDA device name, or None when unknown."
     for k in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
-        if k in name: return GPU_PEAK_TFLOPS[k]
+        if k in name:
+            return GPU_PEAK_TFLOPS[k]
     return None
+
 
 @functools.lru_cache(maxsize=None)  # a device's matmul rate does not change within a process
 def measure_peak_tflops(device="cpu", dtype=torch.float32, seconds: float = 0.3, n: int = 1024) -> float:
@@ -35,21 +54,29 @@ def measure_peak_tflops(device="cpu", dtype=torch.float32, seconds: float = 0.3,
     m = 128
     while True:
         a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
-        t = time.perf_counter(); a @ b; sync()
-        if m >= n or (time.perf_counter() - t) * 8 > seconds: break
+        t = time.perf_counter()
+        a @ b
+        sync()
+        if m >= n or (time.perf_counter() - t) * 8 > seconds:
+            break
         m *= 2
     k, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds: a @ b; k += 1
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
     sync()
-    return 2 * m ** 3 * k / (time.perf_counter() - t0) / 1e12
+    return 2 * m**3 * k / (time.perf_counter() - t0) / 1e12
+
 
 def device_peak(device: torch.device, precision: str, override: float = 0.0) -> tuple[float, str]:
     "(peak TFLOP/s, where it came from) for MFU."
-    if override: return override, "run.peak_tflops"
+    if override:
+        return override, "run.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         p = gpu_peak_tflops(name)
-        if p: return p, f"datasheet ({name}, dense 16-bit)"
+        if p:
+            return p, f"datasheet ({name}, dense 16-bit)"
     # No datasheet: the best matmul rate we can measure, in fp32 or the run's 16-bit type (CPUs without native
     # bf16 run it slower than fp32, and a "peak" below what the model achieves would make MFU exceed 1).
     rates = {"fp32": measure_peak_tflops(device, torch.float32)}
@@ -62,53 +89,72 @@ def device_peak(device: torch.device, precision: str, override: float = 0.0) -> 
 # %% ../nbs/03_metrics.ipynb #5097c4ea
 def peak_memory_gb(device: torch.device) -> float:
     "Peak allocated CUDA memory, or this process's peak resident set on CPU, in GiB."
-    if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return kb / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+    return kb / (2**30 if sys.platform == "darwin" else 2**20)
 
 # %% ../nbs/03_metrics.ipynb #6b14f9c0
 class MetricsWriter:
     "Append-only JSONL, flushed per record; optional TensorBoard mirror."
+
     def __init__(self, path, tensorboard: bool = False):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "a", buffering=1)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
-            except ImportError: print("run.tensorboard=true but tensorboard is not installed; skipping it", file=sys.stderr)
+            except ImportError:
+                print("run.tensorboard=true but tensorboard is not installed; skipping it", file=sys.stderr)
 
     def write(self, rec: dict):
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
-        self.fh.write(json.dumps(rec) + "\n"); self.fh.flush()
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
         if self.tb is not None:
             for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool): self.tb.add_scalar(k, v, rec.get("step", 0))
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, rec.get("step", 0))
 
     def close(self):
         self.fh.close()
-        if self.tb is not None: self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
+
 
 def read_metrics(path) -> list[dict]:
     "Records of a `metrics.jsonl` (a partly written last line is ignored)."
     out = []
     p = Path(path)
-    if not p.exists(): return out
+    if not p.exists():
+        return out
     for line in p.read_text().splitlines():
-        try: out.append(json.loads(line))
-        except json.JSONDecodeError: pass
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
     return out
+
 
 def eval_points(recs: list, metric: str, until: int | None = None) -> list:
     "[(step, value)] of `metric` in the evaluation records of `recs` (up to step `until`)."
-    return [(r["step"], r[metric]) for r in recs
-            if r.get(metric) is not None and "loss" not in r and (until is None or r["step"] <= until)]
+    return [
+        (r["step"], r[metric])
+        for r in recs
+        if r.get(metric) is not None and "loss" not in r and (until is None or r["step"] <= until)
+    ]
+
 
 def truncate_metrics(path, last_step: int) -> None:
     "Drop records after `last_step` (used on resume, so the log reads as one uninterrupted run)."
     p = Path(path)
-    if not p.exists(): return
+    if not p.exists():
+        return
     keep = [json.dumps(r) for r in read_metrics(p) if r.get("step", 0) <= last_step]
     from scaletrain.config import atomic_write_text
+
     atomic_write_text(p, "".join(k + "\n" for k in keep))

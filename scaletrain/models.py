@@ -5,7 +5,9 @@
 # %% ../nbs/02_models.ipynb #2c13fb7d
 from __future__ import annotations
 import math
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from .config import ModelConfig
 
 # %% auto #0
@@ -28,20 +30,26 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
+
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
         self.proj = nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
         self.drop = nn.Dropout(c.dropout)
-    def forward(self, x): return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
 
 class Block(nn.Module):
     "Pre-LN transformer block."
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(c.n_embd, bias=c.bias), CausalSelfAttention(c)
         self.ln_2, self.mlp = nn.LayerNorm(c.n_embd, bias=c.bias), MLP(c)
+
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
@@ -49,6 +57,7 @@ class Block(nn.Module):
 # %% ../nbs/02_models.ipynb #5212a5fe
 class GPT(nn.Module):
     "GPT language model: token ids `(B, T)` in, logits `(B, T, vocab)` out."
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         assert c.vocab_size > 0, "set model.vocab_size (the Trainer takes it from the tokenizer)"
@@ -59,7 +68,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleDict({str(i): Block(c) for i in range(c.n_layer)})
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        if c.tie_weights: self.lm_head.weight = self.wte.weight
+        if c.tie_weights:
+            self.lm_head.weight = self.wte.weight
         self.init_weights()
 
     @torch.no_grad()
@@ -69,34 +79,45 @@ class GPT(nn.Module):
             if isinstance(m, nn.Linear):
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "mlp.proj")) else 0.02
                 nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None: nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding): nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 0.02)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
-                if m.bias is not None: nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, idx):
         if self.wte is not None:  # first (or only) stage: ids -> embeddings
             T = idx.shape[1]
             assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
             x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
-        else: x = idx
-        for blk in self.blocks.values(): x = blk(x)
-        if self.ln_f is not None: x = self.ln_f(x)
-        if self.lm_head is not None: x = self.lm_head(x)
+        else:
+            x = idx
+        for blk in self.blocks.values():
+            x = blk(x)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
         return x
 
 # %% ../nbs/02_models.ipynb #06605404
 def num_params(model: nn.Module, non_embedding: bool = True) -> int:
     "Unique parameters, without the position embedding when `non_embedding`."
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    if non_embedding and getattr(model, "wpe", None) is not None: n -= model.wpe.weight.numel()
+    if non_embedding and getattr(model, "wpe", None) is not None:
+        n -= model.wpe.weight.numel()
     return n
+
 
 def flops_per_token(c: ModelConfig, n_params: int | None = None) -> float:
     "Training FLOPs per token: 6N + 12·L·H·Q·T."
-    if n_params is None: n_params = count_params(c)
+    if n_params is None:
+        n_params = count_params(c)
     return 6 * n_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
 
 def count_params(c: ModelConfig, non_embedding: bool = True) -> int:
     "Parameter count from the shape alone (no model built)."
@@ -108,17 +129,26 @@ def count_params(c: ModelConfig, non_embedding: bool = True) -> int:
 
 # %% ../nbs/02_models.ipynb #3ea245f8
 @torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     "Extend `idx` `(B, T)` by `max_new_tokens` sampled tokens."
-    was_training = model.training; model.eval()
+    was_training = model.training
+    model.eval()
     T = model.config.block_size
     for _ in range(max_new_tokens):
         logits = model(idx[:, -T:])[:, -1, :].float()
-        if temperature <= 0: nxt = logits.argmax(-1, keepdim=True)
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
         else:
             logits = logits / temperature
-            if top_k: logits[logits < torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]] = -float("inf")
+            if top_k:
+                logits[logits < torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]] = -float("inf")
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
         idx = torch.cat([idx, nxt], dim=1)
     model.train(was_training)

@@ -4,9 +4,11 @@
 
 # %% ../nbs/10_parallel.ipynb #ce2e7fa0
 from __future__ import annotations
-import contextlib, copy
+import contextlib
+import copy
 from collections import defaultdict
-import torch, torch.nn as nn
+import torch
+import torch.nn as nn
 import torch.distributed as dist
 from .config import Config, ConfigError
 from .engine import Engine, adamw_kwargs, autocast_dtype, lm_loss, set_lr
@@ -23,66 +25,95 @@ def n_microbatches(cfg: Config) -> int:
     "Pipeline micro-batches per schedule step (default 2 × pp)."
     return cfg.parallel.microbatches or 2 * cfg.parallel.pp
 
+
 def pp_stages(cfg: Config) -> int:
     "Pipeline stages in total: pp, or 2 × pp for the interleaved schedule."
     return cfg.parallel.pp * (2 if cfg.parallel.pp_schedule == "interleaved1f1b" else 1)
+
 
 def check(cfg: Config, world_size: int) -> None:
     "Refuse a layout that cannot run on `world_size` processes: one line naming the fields."
     p, m, t = cfg.parallel, cfg.model, cfg.train
     if world_size % (p.tp * p.pp):
-        raise ConfigError(f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}")
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}"
+        )
     dp = world_size // (p.tp * p.pp)
     if cfg.memory.cpu_offload and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
-        raise ConfigError(f"config: memory.cpu_offload=true with train.device={t.device} on this machine (CPU): offloading moves "
-                          "state from a GPU to CPU memory (and needs pinned memory); drop memory.cpu_offload")
+        raise ConfigError(
+            f"config: memory.cpu_offload=true with train.device={t.device} on this machine (CPU): offloading moves "
+            "state from a GPU to CPU memory (and needs pinned memory); drop memory.cpu_offload"
+        )
     if p.backend == "fairscale" and p.strategy not in ("zero1", "zero2"):
-        raise ConfigError(f"parallel.backend=fairscale with parallel.strategy={p.strategy}: fairscale implements only zero1 (OSS) "
-                          "and zero2 (ShardedDataParallel + OSS) here (its FSDP needs CUDA); use parallel.backend=torch")
+        raise ConfigError(
+            f"parallel.backend=fairscale with parallel.strategy={p.strategy}: fairscale implements only zero1 (OSS) "
+            "and zero2 (ShardedDataParallel + OSS) here (its FSDP needs CUDA); use parallel.backend=torch"
+        )
     if p.backend == "fairscale" and (p.tp > 1 or p.pp > 1):
         raise ConfigError("parallel.backend=fairscale works with data parallelism only (parallel.tp=1, parallel.pp=1)")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and m.block_size % p.tp:
-        raise ConfigError(f"parallel.sequence_parallel=true: model.block_size={m.block_size} is not divisible by parallel.tp={p.tp}")
+        raise ConfigError(
+            f"parallel.sequence_parallel=true: model.block_size={m.block_size} is not divisible by parallel.tp={p.tp}"
+        )
     if p.tp > 1 and dp > 1 and p.strategy != "fsdp":
-        raise ConfigError(f"parallel.tp={p.tp} with a data-parallel degree of {dp} needs parallel.strategy=fsdp (fsdp x tp); "
-                          f"{p.strategy} does not handle tensor-parallel (DTensor) parameters")
+        raise ConfigError(
+            f"parallel.tp={p.tp} with a data-parallel degree of {dp} needs parallel.strategy=fsdp (fsdp x tp); "
+            f"{p.strategy} does not handle tensor-parallel (DTensor) parameters"
+        )
     if t.eval_batch % dp:
         raise ConfigError(f"train.eval_batch={t.eval_batch} is not divisible by the data-parallel degree {dp}")
     if p.pp > 1:
-        if p.tp > 1: raise ConfigError("parallel.pp > 1 with parallel.tp > 1 (3-D) is not supported; use pp or tp")
+        if p.tp > 1:
+            raise ConfigError("parallel.pp > 1 with parallel.tp > 1 (3-D) is not supported; use pp or tp")
         if dp > 1 and p.strategy != "ddp":
-            raise ConfigError(f"parallel.pp={p.pp} with a data-parallel degree of {dp} needs parallel.strategy=ddp (ddp x pp), got {p.strategy}")
+            raise ConfigError(
+                f"parallel.pp={p.pp} with a data-parallel degree of {dp} needs parallel.strategy=ddp (ddp x pp), got {p.strategy}"
+            )
         if pp_stages(cfg) > m.n_layer:
-            raise ConfigError(f"parallel.pp={p.pp} with {p.pp_schedule} needs {pp_stages(cfg)} pipeline stages, "
-                              f"more than model.n_layer={m.n_layer} blocks")
+            raise ConfigError(
+                f"parallel.pp={p.pp} with {p.pp_schedule} needs {pp_stages(cfg)} pipeline stages, "
+                f"more than model.n_layer={m.n_layer} blocks"
+            )
         mb = n_microbatches(cfg)
         if p.pp_schedule in ("1f1b", "interleaved1f1b") and mb < p.pp:
-            raise ConfigError(f"parallel.microbatches={mb} is fewer than parallel.pp={p.pp} stages: {p.pp_schedule} needs at least one per stage")
+            raise ConfigError(
+                f"parallel.microbatches={mb} is fewer than parallel.pp={p.pp} stages: {p.pp_schedule} needs at least one per stage"
+            )
         if p.pp_schedule == "interleaved1f1b" and mb % max(1, mb // p.pp):
             raise ConfigError(f"parallel.microbatches={mb}: interleaved1f1b needs a multiple of {max(1, mb // p.pp)}")
         if t.micro_batch != "auto" and int(t.micro_batch) % mb:
-            raise ConfigError(f"train.micro_batch={t.micro_batch} is not divisible by parallel.microbatches={mb} (pipeline micro-batches)")
+            raise ConfigError(
+                f"train.micro_batch={t.micro_batch} is not divisible by parallel.microbatches={mb} (pipeline micro-batches)"
+            )
         if (t.eval_batch // dp) % mb:
-            raise ConfigError(f"train.eval_batch={t.eval_batch}: {t.eval_batch // dp} sequences per data-parallel rank are not "
-                              f"divisible by parallel.microbatches={mb}")
+            raise ConfigError(
+                f"train.eval_batch={t.eval_batch}: {t.eval_batch // dp} sequences per data-parallel rank are not "
+                f"divisible by parallel.microbatches={mb}"
+            )
         if cfg.memory.precision == "fp16-mixed":
-            raise ConfigError("memory.precision=fp16-mixed with parallel.pp > 1: loss scaling across pipeline stages is not "
-                              "supported; use bf16-mixed or bf16-true")
+            raise ConfigError(
+                "memory.precision=fp16-mixed with parallel.pp > 1: loss scaling across pipeline stages is not "
+                "supported; use bf16-mixed or bf16-true"
+            )
 
 # %% ../nbs/10_parallel.ipynb #082e1f86
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
+
     return isinstance(t, DTensor)
+
 
 def _groups(params):
     g = defaultdict(list)
     for p in params:
-        if p.grad is None: continue
+        if p.grad is None:
+            continue
         key = (id(p.grad.device_mesh), tuple(p.grad.placements)) if _is_dtensor(p.grad) else "plain"
         g[key].append(p)
     return g
+
 
 def clip_grad_norm_mixed(params, max_norm: float, sum_group=None) -> torch.Tensor:
     "Global grad norm of plain and DTensor grads (summed over `sum_group`, e.g. pipeline stages); clips in place."
@@ -92,41 +123,65 @@ def clip_grad_norm_mixed(params, max_norm: float, sum_group=None) -> torch.Tenso
     sq = torch.zeros((), device=dev, dtype=torch.float32)
     for key, ps in groups.items():
         n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
-        if _is_dtensor(n): n = n.full_tensor()
+        if _is_dtensor(n):
+            n = n.full_tensor()
         sq = sq + n.float().to(dev) ** 2
-    if sum_group is not None and dist.get_world_size(sum_group) > 1: dist.all_reduce(sq, group=sum_group)
+    if sum_group is not None and dist.get_world_size(sum_group) > 1:
+        dist.all_reduce(sq, group=sum_group)
     total = sq.sqrt()
     if max_norm > 0:
-        for ps in groups.values(): torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total, foreach=True)
+        for ps in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total, foreach=True)
     return total
 
 # %% ../nbs/10_parallel.ipynb #e3f9bbb7
 class ParallelEngine(Engine):
     "Common pieces of the multi-process engines: the dp group, loss reduction, mixed-shard clipping."
+
     def __init__(self, model, cfg, device, info, mesh, **kw):
         self.dp_mesh = mesh["dp"] if mesh is not None else None
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
         super().__init__(model, cfg, device, info, mesh, **kw)
+
     @property
-    def dp_rank(self): return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+    def dp_rank(self):
+        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+
     @property
-    def dp_size(self): return self.dp_mesh.size() if self.dp_mesh is not None else 1
-    def reduce(self, t): return all_reduce_mean(t, self.dp_group)
-    def clip_grad_norm(self, max_norm): return clip_grad_norm_mixed(self.parameters(), max_norm)
+    def dp_size(self):
+        return self.dp_mesh.size() if self.dp_mesh is not None else 1
+
+    def reduce(self, t):
+        return all_reduce_mean(t, self.dp_group)
+
+    def clip_grad_norm(self, max_norm):
+        return clip_grad_norm_mixed(self.parameters(), max_norm)
+
 
 class TPEngine(ParallelEngine):
     "Tensor (and sequence) parallel only: every rank of the tp group sees the same batch; nothing to average."
+
     name = "tp"
-    def reduce(self, t): return t
+
+    def reduce(self, t):
+        return t
+
 
 class DDPEngine(ParallelEngine):
     "torch DistributedDataParallel; no gradient sync until the last micro-batch."
+
     name = "ddp"
+
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         return DDP(model, process_group=self.dp_group, device_ids=[self.device] if self.device.type == "cuda" else None)
-    def sync(self, last_micro): return contextlib.nullcontext() if last_micro else self.model.no_sync()
-    def clip_grad_norm(self, max_norm): return Engine.clip_grad_norm(self, max_norm)
+
+    def sync(self, last_micro):
+        return contextlib.nullcontext() if last_micro else self.model.no_sync()
+
+    def clip_grad_norm(self, max_norm):
+        return Engine.clip_grad_norm(self, max_norm)
 
 # %% ../nbs/10_parallel.ipynb #e63665a4
 def _local_opt_state_dict(local_opt, names: dict) -> dict:
@@ -136,87 +191,149 @@ def _local_opt_state_dict(local_opt, names: dict) -> dict:
         for p in g["params"]:
             st = local_opt.state.get(p)
             if not st:
-                st = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                st = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
             out[names[p]] = {k: v for k, v in st.items()}
     return {"state": out}
+
 
 def _load_local_opt_state(local_opt, names: dict, sd: dict) -> None:
     for g in local_opt.param_groups:
         for p in g["params"]:
             st = sd["state"].get(names[p])
-            if st is not None: local_opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v) for k, v in st.items()}
+            if st is not None:
+                local_opt.state[p] = {
+                    k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v) for k, v in st.items()
+                }
+
 
 class ShardedOptimizerMixin:
     "State-dict pair for optimizers that hold only a shard of the state (ZeroRedundancyOptimizer, fairscale OSS)."
-    def _names(self): return {p: n for n, p in self.module.named_parameters()}
-    def local_optimizer(self): return self.optimizer.optim  # both wrap a per-rank torch optimizer as `.optim`
+
+    def _names(self):
+        return {p: n for n, p in self.module.named_parameters()}
+
+    def local_optimizer(self):
+        return self.optimizer.optim  # both wrap a per-rank torch optimizer as `.optim`
+
     def _oss(self, groups):
         from fairscale.optim import OSS
+
         return OSS(groups, optim=torch.optim.AdamW, group=self.dp_group, **adamw_kwargs(self.cfg.train, self.device))
+
     def state_dict(self):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        return {"model": get_model_state_dict(self.module), "optim": _local_opt_state_dict(self.local_optimizer(), self._names())}
+
+        return {
+            "model": get_model_state_dict(self.module),
+            "optim": _local_opt_state_dict(self.local_optimizer(), self._names()),
+        }
+
     def load_state_dict(self, sd):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
         set_model_state_dict(self.module, sd["model"])
         _load_local_opt_state(self.local_optimizer(), self._names(), sd["optim"])
 
+
 class ZeRO1Engine(ShardedOptimizerMixin, DDPEngine):
     "DDP + torch ZeroRedundancyOptimizer."
+
     name = "zero1"
+
     def build_optimizer(self, groups):
         from torch.distributed.optim import ZeroRedundancyOptimizer
+
         groups = [g for g in groups if g["params"]]
-        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, process_group=self.dp_group,
-                                      weight_decay=groups[0]["weight_decay"], **adamw_kwargs(self.cfg.train, self.device))
+        opt = ZeroRedundancyOptimizer(
+            groups[0]["params"],
+            optimizer_class=torch.optim.AdamW,
+            process_group=self.dp_group,
+            weight_decay=groups[0]["weight_decay"],
+            **adamw_kwargs(self.cfg.train, self.device),
+        )
         opt.param_groups[0]["lr_scale"] = groups[0].get("lr_scale", 1.0)
-        for g in groups[1:]: opt.add_param_group(dict(g))
+        for g in groups[1:]:
+            opt.add_param_group(dict(g))
         return opt
+
 
 class OSSEngine(ShardedOptimizerMixin, DDPEngine):
     "DDP + fairscale OSS (ZeRO-1)."
+
     name = "zero1-fairscale"
-    def build_optimizer(self, groups): return self._oss(groups)
+
+    def build_optimizer(self, groups):
+        return self._oss(groups)
+
 
 class ShardedDDPEngine(ShardedOptimizerMixin, ParallelEngine):
     "fairscale ShardedDataParallel + OSS (ZeRO-2): gradients reduced to the rank that owns them."
+
     name = "zero2-fairscale"
-    def wrap(self, model): return model  # ShardedDDP needs the optimizer: wrapped in build_optimizer
+
+    def wrap(self, model):
+        return model  # ShardedDDP needs the optimizer: wrapped in build_optimizer
+
     def build_optimizer(self, groups):
         from fairscale.nn.data_parallel import ShardedDataParallel
+
         opt = self._oss(groups)
         self.model = ShardedDataParallel(self.module, opt, process_group=self.dp_group)
         return opt
+
     def build_scaler(self):
-        if self.precision != "fp16-mixed": return None
+        if self.precision != "fp16-mixed":
+            return None
         from fairscale.optim.grad_scaler import ShardedGradScaler
+
         return ShardedGradScaler()
-    def sync(self, last_micro): return contextlib.nullcontext() if last_micro else self.model.no_sync()
-    def zero_grad(self): self.model.zero_grad(set_to_none=True)  # ShardedDDP's own: its grad buckets must be zeroed too
+
+    def sync(self, last_micro):
+        return contextlib.nullcontext() if last_micro else self.model.no_sync()
+
+    def zero_grad(self):
+        self.model.zero_grad(set_to_none=True)  # ShardedDDP's own: its grad buckets must be zeroed too
+
     def clip_grad_norm(self, max_norm):
         return self.optimizer.clip_grad_norm(max_norm if max_norm > 0 else float("inf"))
 
 # %% ../nbs/10_parallel.ipynb #8e84fd3b
 class FSDPEngine(ParallelEngine):
     name = "fsdp"
+
     def __init__(self, model, cfg, device, info, mesh, reshard_after_forward: bool = True, **kw):
         self.reshard_after_forward = reshard_after_forward
         super().__init__(model, cfg, device, info, mesh, **kw)
+
     def wrap(self, model):
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
+
         dt = autocast_dtype(self.precision)
         kw = dict(mesh=self.dp_mesh, reshard_after_forward=self.reshard_after_forward)
-        if dt is not None: kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
-        if self.cfg.memory.cpu_offload: kw["offload_policy"] = CPUOffloadPolicy()
-        for blk in model.blocks.values(): fully_shard(blk, **kw)
+        if dt is not None:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
+        if self.cfg.memory.cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        for blk in model.blocks.values():
+            fully_shard(blk, **kw)
         # the root (embeddings, final norm, head) is needed first in backward: keep it gathered in between
         fully_shard(model, **dict(kw, reshard_after_forward=False))
         return model
-    def forward_ctx(self): return contextlib.nullcontext()  # precision handled by the MixedPrecisionPolicy
+
+    def forward_ctx(self):
+        return contextlib.nullcontext()  # precision handled by the MixedPrecisionPolicy
+
     def build_scaler(self):
-        if self.precision != "fp16-mixed": return None
+        if self.precision != "fp16-mixed":
+            return None
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
         return ShardedGradScaler(device=self.device.type, process_group=self.dp_group)
+
     def sync(self, last_micro):
         self.model.set_requires_gradient_sync(last_micro)
         return contextlib.nullcontext()
@@ -225,31 +342,55 @@ class FSDPEngine(ParallelEngine):
 def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False):
     "Shard every block's attention and MLP over `tp_mesh` (in place)."
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (parallelize_module, ColwiseParallel, RowwiseParallel,
-                                                   SequenceParallel, PrepareModuleInput)
+    from torch.distributed.tensor.parallel import (
+        parallelize_module,
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        PrepareModuleInput,
+    )
+
     for i, blk in model.blocks.items():
         if sequence_parallel:
             plan = {
-                "ln_1": SequenceParallel(), "ln_2": SequenceParallel(),
+                "ln_1": SequenceParallel(),
+                "ln_2": SequenceParallel(),
                 "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-                "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+                "attn.q_proj": ColwiseParallel(),
+                "attn.k_proj": ColwiseParallel(),
+                "attn.v_proj": ColwiseParallel(),
                 "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-                "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
+                "mlp.fc": ColwiseParallel(),
+                "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
             }
             if i == next(iter(model.blocks)):  # the residual stream enters the first block sharded over the sequence
-                parallelize_module(blk, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                                                    use_local_output=True))
+                parallelize_module(
+                    blk,
+                    tp_mesh,
+                    PrepareModuleInput(
+                        input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+                    ),
+                )
         else:
             # one replicated DTensor feeds q, k and v, so their input gradients add up before a single all-reduce
             # (Megatron's 2 all-reduces per block in backward, not one per projection)
-            plan = {"attn": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
-                    "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
-                    "attn.o_proj": RowwiseParallel(), "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()}
+            plan = {
+                "attn": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
+                "attn.q_proj": ColwiseParallel(),
+                "attn.k_proj": ColwiseParallel(),
+                "attn.v_proj": ColwiseParallel(),
+                "attn.o_proj": RowwiseParallel(),
+                "mlp.fc": ColwiseParallel(),
+                "mlp.proj": RowwiseParallel(),
+            }
         parallelize_module(blk, tp_mesh, plan)
     if sequence_parallel and model.ln_f is not None:  # gather the sequence back before the final norm and head
-        parallelize_module(model.ln_f, tp_mesh, PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                                                    use_local_output=True))
+        parallelize_module(
+            model.ln_f,
+            tp_mesh,
+            PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),
+        )
     return model
 
 # %% ../nbs/10_parallel.ipynb #8df088bc
@@ -258,23 +399,31 @@ def stage_blocks(n_layer: int, n_stages: int) -> list[list[int]]:
     q, r = divmod(n_layer, n_stages)
     out, i = [], 0
     for s in range(n_stages):
-        k = q + (1 if s < r else 0); out.append(list(range(i, i + k))); i += k
+        k = q + (1 if s < r else 0)
+        out.append(list(range(i, i + k)))
+        i += k
     return out
+
 
 def _pruned(model, keep: list[int], first: bool, last: bool):
     "A shallow copy of `model` with only `keep` blocks and the ends that belong to the stage."
     m = copy.copy(model)
     m._modules = dict(model._modules)
     m.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in keep})
-    if not first: m.wte = m.wpe = None
-    if not last: m.ln_f = m.lm_head = None
+    if not first:
+        m.wte = m.wpe = None
+    if not last:
+        m.ln_f = m.lm_head = None
     return m
+
 
 class PipelineEngine(ParallelEngine):
     "One or two pipeline stages on this rank, optionally data-parallel over the dp group."
+
     def __init__(self, model, cfg, device, info, mesh, **kw):
         p = cfg.parallel
-        self.pp_mesh = mesh["pp"]; self.pp_group = self.pp_mesh.get_group()
+        self.pp_mesh = mesh["pp"]
+        self.pp_group = self.pp_mesh.get_group()
         self.pp_rank, self.pp_size = self.pp_mesh.get_local_rank(), p.pp
         self.n_stages, self.n_mb = pp_stages(cfg), n_microbatches(cfg)
         self.name = f"pp-{p.pp_schedule}" + ("+ddp" if mesh["dp"].size() > 1 else "")
@@ -283,21 +432,31 @@ class PipelineEngine(ParallelEngine):
         mine = [i for s in self.stage_ids for i in splits[s]]
         holder = _pruned(model, mine, first=0 in self.stage_ids, last=self.n_stages - 1 in self.stage_ids)
         holder.to(device)
-        self.stage_modules = [_pruned(holder, splits[s], first=s == 0, last=s == self.n_stages - 1) for s in self.stage_ids]
+        self.stage_modules = [
+            _pruned(holder, splits[s], first=s == 0, last=s == self.n_stages - 1) for s in self.stage_ids
+        ]
         self._accum_scale = 1.0
         super().__init__(holder, cfg, device, info, mesh, **kw)
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B
-        self.stages = [PipelineStage(m, s, self.n_stages, device, group=self.pp_group) for m, s in zip(self.stage_modules, self.stage_ids)]
+
+        self.stages = [
+            PipelineStage(m, s, self.n_stages, device, group=self.pp_group)
+            for m, s in zip(self.stage_modules, self.stage_ids)
+        ]
         loss = lambda out, tgt: self.loss_fn(out, tgt) * self._accum_scale
         if p.pp_schedule == "interleaved1f1b":
             self.schedule = ScheduleInterleaved1F1B(self.stages, self.n_mb, loss_fn=loss, scale_grads=False)
         else:
             cls = ScheduleGPipe if p.pp_schedule == "gpipe" else Schedule1F1B
             self.schedule = cls(self.stages[0], self.n_mb, loss_fn=loss, scale_grads=False)
+
     @property
-    def is_first(self): return 0 in self.stage_ids
+    def is_first(self):
+        return 0 in self.stage_ids
+
     @property
-    def is_last(self): return self.n_stages - 1 in self.stage_ids
+    def is_last(self):
+        return self.n_stages - 1 in self.stage_ids
 
     def _run(self, x, y, train: bool):
         losses = [] if self.is_last else None
@@ -317,38 +476,47 @@ class PipelineEngine(ParallelEngine):
         # scale_grads=False and a loss of mean/(microbatches*accum): gradients add up to the batch mean
         self._accum_scale = 1.0 / (self.n_mb * n)
         total = self._pp_sum(sum(self._run(x, y, train=True) for x, y in micro_batches))  # one collective per step
-        if self.dp_size > 1: self._average_grads()
+        if self.dp_size > 1:
+            self._average_grads()
         return self.optimizer_step(self.reduce(total))
 
     def _average_grads(self):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.dp_group); flat /= self.dp_size
-        for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)): g.copy_(f)
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.dp_size
+        for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
 
-    def clip_grad_norm(self, max_norm): return clip_grad_norm_mixed(self.parameters(), max_norm, sum_group=self.pp_group)
+    def clip_grad_norm(self, max_norm):
+        return clip_grad_norm_mixed(self.parameters(), max_norm, sum_group=self.pp_group)
 
     @torch.no_grad()
     def eval_loss(self, x, y):
-        for m in self.stage_modules: m.eval()
+        for m in self.stage_modules:
+            m.eval()
         try:
             self._accum_scale = 1.0 / self.n_mb
             return self.reduce(self._pp_sum(self._run(x, y, train=False)))
         finally:
-            for m in self.stage_modules: m.train()
+            for m in self.stage_modules:
+                m.train()
 
 # %% ../nbs/10_parallel.ipynb #97f51aac
 def _compile_blocks(model):
     """Compile block by block, in place (`Module.compile`), so parameter names and checkpoints stay the same and FSDP,
     DDP and pipeline stages see the same modules. (Compiling the whole model instead measured slower inside the
     Trainer on an H200: see benchmarks/RESULTS.md.)"""
-    for blk in model.blocks.values(): blk.compile()
+    for blk in model.blocks.values():
+        blk.compile()
     return model
+
 
 def _compile_loss(kw: dict) -> dict:
     "Compile the loss too: inductor fuses the fp32 up-cast, log-softmax and NLL, so no full fp32 logits are kept."
     kw["loss_fn"] = torch.compile(kw.get("loss_fn", lm_loss))
     return kw
+
 
 def build_engine(model, cfg: Config, device, info, mesh=None, **kw) -> Engine:
     "This rank's engine: TP -> activation checkpointing -> compile -> data parallel (or pipeline stages)."
@@ -356,19 +524,29 @@ def build_engine(model, cfg: Config, device, info, mesh=None, **kw) -> Engine:
     world = info.world_size if info is not None else 1
     check(cfg, world)
     dims = mesh_shape(world, p.tp, p.pp)
-    if cfg.train.compile: kw = _compile_loss(dict(kw))
-    if cfg.memory.precision == "bf16-true": model = model.to(torch.bfloat16)
+    if cfg.train.compile:
+        kw = _compile_loss(dict(kw))
+    if cfg.memory.precision == "bf16-true":
+        model = model.to(torch.bfloat16)
     if p.pp == 1:  # pipeline stages are cut from the whole model and moved to their devices by PipelineEngine
-        if not (cfg.memory.cpu_offload and p.strategy == "fsdp"): model = model.to(device)
-        if p.tp > 1: apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
+        if not (cfg.memory.cpu_offload and p.strategy == "fsdp"):
+            model = model.to(device)
+        if p.tp > 1:
+            apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
     apply_activation_checkpointing(model, cfg.memory)
-    if cfg.train.compile: _compile_blocks(model)
-    if p.pp > 1: return PipelineEngine(model, cfg, device, info, mesh, **kw)
-    if dims["dp"] == 1: return (TPEngine if p.tp > 1 else Engine)(model, cfg, device, info, mesh, **kw)
+    if cfg.train.compile:
+        _compile_blocks(model)
+    if p.pp > 1:
+        return PipelineEngine(model, cfg, device, info, mesh, **kw)
+    if dims["dp"] == 1:
+        return (TPEngine if p.tp > 1 else Engine)(model, cfg, device, info, mesh, **kw)
     s, b = p.strategy, p.backend
-    if s == "ddp": return DDPEngine(model, cfg, device, info, mesh, **kw)
-    if s == "zero1": return (OSSEngine if b == "fairscale" else ZeRO1Engine)(model, cfg, device, info, mesh, **kw)
+    if s == "ddp":
+        return DDPEngine(model, cfg, device, info, mesh, **kw)
+    if s == "zero1":
+        return (OSSEngine if b == "fairscale" else ZeRO1Engine)(model, cfg, device, info, mesh, **kw)
     if s == "zero2":
-        if b == "fairscale": return ShardedDDPEngine(model, cfg, device, info, mesh, **kw)
+        if b == "fairscale":
+            return ShardedDDPEngine(model, cfg, device, info, mesh, **kw)
         return FSDPEngine(model, cfg, device, info, mesh, reshard_after_forward=False, **kw)
     return FSDPEngine(model, cfg, device, info, mesh, **kw)

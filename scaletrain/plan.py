@@ -4,7 +4,9 @@
 
 # %% ../nbs/13_plan.ipynb #559fe523
 from __future__ import annotations
-import argparse, math, time
+import argparse
+import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config, ModelConfig, ConfigError, load_config, save_config, validate
@@ -18,8 +20,9 @@ __all__ = ['GPUS', 'Link', 'GPU', 'all_reduce_time', 'all_gather_time', 'p2p_tim
 # %% ../nbs/13_plan.ipynb #9605a095
 @dataclass(frozen=True)
 class Link:
-    bandwidth: float   # bytes/s per GPU per direction, as achieved by collectives
-    latency: float     # seconds per ring hop
+    bandwidth: float  # bytes/s per GPU per direction, as achieved by collectives
+    latency: float  # seconds per ring hop
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -29,61 +32,94 @@ class GPU:
     intra: Link
     inter: Link
 
-GPUS = {name: GPU(name, gpu_peak_tflops(name), mem, intra, inter) for name, mem, intra, inter in (  # peaks: metrics' table
-    ("H100", 80, Link(360e9, 5e-6), Link(40e9, 10e-6)),
-    ("H200", 141, Link(360e9, 5e-6), Link(40e9, 10e-6)),
-    ("A100", 80, Link(240e9, 5e-6), Link(20e9, 10e-6)),
-    ("A100-40GB", 40, Link(240e9, 5e-6), Link(20e9, 10e-6)),
-    ("L40S", 48, Link(25e9, 10e-6), Link(20e9, 10e-6)))}
+
+GPUS = {
+    name: GPU(name, gpu_peak_tflops(name), mem, intra, inter)
+    for name, mem, intra, inter in (  # peaks: metrics' table
+        ("H100", 80, Link(360e9, 5e-6), Link(40e9, 10e-6)),
+        ("H200", 141, Link(360e9, 5e-6), Link(40e9, 10e-6)),
+        ("A100", 80, Link(240e9, 5e-6), Link(20e9, 10e-6)),
+        ("A100-40GB", 40, Link(240e9, 5e-6), Link(20e9, 10e-6)),
+        ("L40S", 48, Link(25e9, 10e-6), Link(20e9, 10e-6)),
+    )
+}
+
 
 def all_reduce_time(n: float, p: int, link: Link) -> float:
     return 0.0 if p <= 1 else 2 * (p - 1) * link.latency + 2 * (p - 1) / p * n / link.bandwidth
+
 
 def all_gather_time(n: float, p: int, link: Link) -> float:
     "Also reduce-scatter; `n` is the size of the full (gathered) tensor."
     return 0.0 if p <= 1 else (p - 1) * link.latency + (p - 1) / p * n / link.bandwidth
 
-def p2p_time(n: float, link: Link) -> float: return link.latency + n / link.bandwidth
+
+def p2p_time(n: float, link: Link) -> float:
+    return link.latency + n / link.bandwidth
 
 # %% ../nbs/13_plan.ipynb #ebab9363
 @dataclass
 class Layout:
     "One way to run the model, with its predicted memory and time."
+
     strategy: str
     dp: int
     tp: int
     pp: int
     sp: bool
     schedule: str
-    microbatches: int        # pipeline micro-batches per micro-batch (pp > 1)
+    microbatches: int  # pipeline micro-batches per micro-batch (pp > 1)
     ac: str
     micro_batch: int
     grad_accum: int
-    memory: float = 0.0      # bytes per GPU (worst rank)
+    memory: float = 0.0  # bytes per GPU (worst rank)
     step_time: float = 0.0
     compute_time: float = 0.0
-    comm_time: float = 0.0   # exposed communication + pipeline bubble
+    comm_time: float = 0.0  # exposed communication + pipeline bubble
     mfu: float = 0.0
     tokens_per_s: float = 0.0
     estimate: object = None
 
     def describe(self) -> str:
         parts = [f"{self.strategy} dp={self.dp}"] if self.dp > 1 else []
-        if self.tp > 1: parts.append(f"tp={self.tp}" + (" +sp" if self.sp else ""))
-        if self.pp > 1: parts.append(f"pp={self.pp} {self.schedule} x{self.microbatches}")
-        return (" ".join(parts) or "1 GPU") + f", AC {self.ac}, micro-batch {self.micro_batch} x accum {self.grad_accum}"
+        if self.tp > 1:
+            parts.append(f"tp={self.tp}" + (" +sp" if self.sp else ""))
+        if self.pp > 1:
+            parts.append(f"pp={self.pp} {self.schedule} x{self.microbatches}")
+        return (
+            " ".join(parts) or "1 GPU"
+        ) + f", AC {self.ac}, micro-batch {self.micro_batch} x accum {self.grad_accum}"
 
-def step_time(shape: GPTShape, lay: Layout, gpu: GPU, gpus: int, gpus_per_node: int, global_batch: int, mfu: float,
-              precision: str = "bf16-mixed", overlap: float = 0.8, backend: str = "torch") -> dict:
+
+def step_time(
+    shape: GPTShape,
+    lay: Layout,
+    gpu: GPU,
+    gpus: int,
+    gpus_per_node: int,
+    global_batch: int,
+    mfu: float,
+    precision: str = "bf16-mixed",
+    overlap: float = 0.8,
+    backend: str = "torch",
+) -> dict:
     "Predicted seconds per optimizer step and their parts."
     from scaletrain.models import flops_per_token
     from scaletrain.memory import precision_bytes
-    mc = ModelConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.seq_len,
-                     vocab_size=shape.vocab_size, bias=shape.bias, tie_weights=shape.tie_weights)
+
+    mc = ModelConfig(
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        n_embd=shape.n_embd,
+        block_size=shape.seq_len,
+        vocab_size=shape.vocab_size,
+        bias=shape.bias,
+        tie_weights=shape.tie_weights,
+    )
     s, h, L = shape.seq_len, shape.n_embd, shape.n_layer
     tokens = global_batch * s
     f_tok = flops_per_token(mc, shape.n_params() - shape.positions * h)
-    block_fwd = (2 * L * shape.block_params() + 4 * L * h * s)         # forward FLOPs per token in the blocks
+    block_fwd = 2 * L * shape.block_params() + 4 * L * h * s  # forward FLOPs per token in the blocks
     recompute = {"none": 0.0, "full": block_fwd, "selective": 0.02 * 3 * block_fwd}.get(lay.ac, 0.0)
     compute = tokens * (f_tok + recompute) / (gpus * gpu.peak_tflops * 1e12 * mfu)
     prec = precision_bytes(precision, lay.strategy, backend)
@@ -91,24 +127,34 @@ def step_time(shape: GPTShape, lay: Layout, gpu: GPU, gpus: int, gpus_per_node: 
     tp_link = gpu.intra if lay.tp <= gpus_per_node else gpu.inter
     dp_link = gpu.intra if lay.dp * lay.tp <= gpus_per_node else gpu.inter
     pp_link = gpu.intra if gpus <= gpus_per_node else gpu.inter
-    psi = (shape.n_layer / lay.pp * shape.block_params(lay.tp) + shape.end_params(True, lay.pp == 1))  # params per rank (first stage)
-    n_micro = lay.grad_accum                                      # forward/backward passes per step per rank
+    psi = shape.n_layer / lay.pp * shape.block_params(lay.tp) + shape.end_params(
+        True, lay.pp == 1
+    )  # params per rank (first stage)
+    n_micro = lay.grad_accum  # forward/backward passes per step per rank
     # data parallel
-    dp_comm, window = 0.0, compute * 2 / 3                        # grads are reduced behind the backward pass
+    dp_comm, window = 0.0, compute * 2 / 3  # grads are reduced behind the backward pass
     if lay.dp > 1:
-        if lay.strategy == "ddp": dp_comm = all_reduce_time(psi * prec.grad, lay.dp, dp_link)
-        elif lay.strategy == "zero1": dp_comm = all_reduce_time(psi * prec.grad, lay.dp, dp_link) + all_gather_time(psi * prec.param, lay.dp, dp_link)
+        if lay.strategy == "ddp":
+            dp_comm = all_reduce_time(psi * prec.grad, lay.dp, dp_link)
+        elif lay.strategy == "zero1":
+            dp_comm = all_reduce_time(psi * prec.grad, lay.dp, dp_link) + all_gather_time(
+                psi * prec.param, lay.dp, dp_link
+            )
         elif lay.strategy == "zero2" and not fsdp_like("zero2", backend):
             dp_comm = 2 * all_gather_time(psi * prec.grad, lay.dp, dp_link)
         else:
-            gathers = 1 if lay.strategy == "zero2" else 2          # zero2 (FSDP2) keeps gathered params through backward
-            dp_comm = n_micro * gathers * all_gather_time(psi * prec.gathered, lay.dp, dp_link) + all_gather_time(psi * 4, lay.dp, dp_link)
+            gathers = 1 if lay.strategy == "zero2" else 2  # zero2 (FSDP2) keeps gathered params through backward
+            dp_comm = n_micro * gathers * all_gather_time(psi * prec.gathered, lay.dp, dp_link) + all_gather_time(
+                psi * 4, lay.dp, dp_link
+            )
             window = compute
     exposed_dp = max(0.0, dp_comm - overlap * window)
     # tensor parallel: 4 all-reduces per layer and micro-batch (+2 recomputed)
     tp_comm = 0.0
     if lay.tp > 1:
-        per = all_reduce_time(lay.micro_batch / max(1, lay.microbatches if lay.pp > 1 else 1) * s * h * prec.compute, lay.tp, tp_link)
+        per = all_reduce_time(
+            lay.micro_batch / max(1, lay.microbatches if lay.pp > 1 else 1) * s * h * prec.compute, lay.tp, tp_link
+        )
         n_ops = 4 + (2 if lay.ac == "full" else 0)
         tp_comm = n_micro * (lay.microbatches if lay.pp > 1 else 1) * (L / lay.pp) * n_ops * per
     # pipeline: bubble per flush, and stage-to-stage traffic
@@ -119,65 +165,86 @@ def step_time(shape: GPTShape, lay: Layout, gpu: GPU, gpus: int, gpus_per_node: 
         mb_bytes = lay.micro_batch / lay.microbatches * s * h * prec.compute
         pp_comm = n_micro * lay.microbatches * 2 * v * p2p_time(mb_bytes, pp_link)
     total = compute + exposed_dp + tp_comm + bubble + pp_comm
-    return dict(step_time=total, compute_time=compute, comm_time=total - compute, tokens_per_s=tokens / total,
-                mfu=tokens * f_tok / (total * gpus * gpu.peak_tflops * 1e12))
+    return dict(
+        step_time=total,
+        compute_time=compute,
+        comm_time=total - compute,
+        tokens_per_s=tokens / total,
+        mfu=tokens * f_tok / (total * gpus * gpu.peak_tflops * 1e12),
+    )
 
 # %% ../nbs/13_plan.ipynb #5e5cea2e
 def _pow2_upto(n: int) -> list[int]:
     out, k = [], 1
-    while k <= n: out.append(k); k *= 2
+    while k <= n:
+        out.append(k)
+        k *= 2
     return out
 
-def _divisors(n: int) -> list[int]: return [d for d in range(1, n + 1) if n % d == 0]
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
 
 @dataclass
 class Plan:
     "Feasible layouts, fastest first, and what was asked."
+
     shape: GPTShape
     gpu: GPU
     gpus: int
     nodes: int
-    usable: float                 # bytes per GPU the planner lets a layout use
+    usable: float  # bytes per GPU the planner lets a layout use
     global_batch: int
     precision: str
     mfu: float
     layouts: list = field(default_factory=list)
     considered: int = 0
-    args: dict = field(default_factory=dict)      # the options `plan` was called with (to re-plan)
-    smallest: Layout | None = None   # the least memory-hungry layout, feasible or not
+    args: dict = field(default_factory=dict)  # the options `plan` was called with (to re-plan)
+    smallest: Layout | None = None  # the least memory-hungry layout, feasible or not
     base: Config | None = None
 
     @property
-    def best(self) -> Layout | None: return self.layouts[0] if self.layouts else None
+    def best(self) -> Layout | None:
+        return self.layouts[0] if self.layouts else None
 
     def header(self) -> str:
         sh = self.shape
         n = sh.n_params()
-        return (f"GPT {n / 1e9:.2f}B" if n >= 1e9 else f"GPT {n / 1e6:.1f}M") + (f" params (layers {sh.n_layer}, hidden {sh.n_embd}, heads {sh.n_head}, vocab "
-                f"{sh.vocab_size}), seq {sh.seq_len}, global batch {self.global_batch} x {sh.seq_len} tokens, {self.precision}\n"
-                f"{self.gpus} x {self.gpu.name} ({self.usable / GiB:.1f} GiB usable each) on {self.nodes} node(s); "
-                f"{self.gpu.peak_tflops:.0f} TFLOP/s peak at a stated MFU of {self.mfu:.2f}; links {self.gpu.intra.bandwidth / 1e9:.0f} GB/s "
-                f"in a node, {self.gpu.inter.bandwidth / 1e9:.0f} GB/s between nodes")
+        return (f"GPT {n / 1e9:.2f}B" if n >= 1e9 else f"GPT {n / 1e6:.1f}M") + (
+            f" params (layers {sh.n_layer}, hidden {sh.n_embd}, heads {sh.n_head}, vocab "
+            f"{sh.vocab_size}), seq {sh.seq_len}, global batch {self.global_batch} x {sh.seq_len} tokens, {self.precision}\n"
+            f"{self.gpus} x {self.gpu.name} ({self.usable / GiB:.1f} GiB usable each) on {self.nodes} node(s); "
+            f"{self.gpu.peak_tflops:.0f} TFLOP/s peak at a stated MFU of {self.mfu:.2f}; links {self.gpu.intra.bandwidth / 1e9:.0f} GB/s "
+            f"in a node, {self.gpu.inter.bandwidth / 1e9:.0f} GB/s between nodes"
+        )
 
     def table(self, top: int = 10) -> str:
-        rows = [f"{'#':>3} {'strategy':<8} {'dp':>5} {'tp':>3} {'sp':>3} {'pp':>3} {'schedule':<15} {'AC':<9} {'micro':>5} {'accum':>5} "
-                f"{'GiB/GPU':>8} {'step s':>9} {'comm s':>8} {'tok/s/GPU':>10} {'MFU':>5}"]
+        rows = [
+            f"{'#':>3} {'strategy':<8} {'dp':>5} {'tp':>3} {'sp':>3} {'pp':>3} {'schedule':<15} {'AC':<9} {'micro':>5} {'accum':>5} "
+            f"{'GiB/GPU':>8} {'step s':>9} {'comm s':>8} {'tok/s/GPU':>10} {'MFU':>5}"
+        ]
         for i, l in enumerate(self.layouts[:top], 1):
             sched = f"{l.schedule} x{l.microbatches}" if l.pp > 1 else "-"
-            rows.append(f"{i:>3} {l.strategy:<8} {l.dp:>5} {l.tp:>3} {'y' if l.sp else '-':>3} {l.pp:>3} {sched:<15} {l.ac:<9} "
-                        f"{l.micro_batch:>5} {l.grad_accum:>5} {l.memory / GiB:>8.1f} {l.step_time:>9.3f} {l.comm_time:>8.3f} "
-                        f"{l.tokens_per_s / self.gpus:>10.0f} {l.mfu:>5.2f}")
+            rows.append(
+                f"{i:>3} {l.strategy:<8} {l.dp:>5} {l.tp:>3} {'y' if l.sp else '-':>3} {l.pp:>3} {sched:<15} {l.ac:<9} "
+                f"{l.micro_batch:>5} {l.grad_accum:>5} {l.memory / GiB:>8.1f} {l.step_time:>9.3f} {l.comm_time:>8.3f} "
+                f"{l.tokens_per_s / self.gpus:>10.0f} {l.mfu:>5.2f}"
+            )
         return "\n".join(rows)
 
     def to_config(self, layout: Layout | None = None) -> Config:
         "A validated run config for `layout` (default: the best)."
         l = layout or self.best
-        if l is None: raise ConfigError("plan: no feasible layout to write")
+        if l is None:
+            raise ConfigError("plan: no feasible layout to write")
         import copy
+
         cfg = Config() if self.base is None else copy.deepcopy(self.base)
         m, sh = cfg.model, self.shape
         m.n_layer, m.n_embd, m.n_head, m.block_size = sh.n_layer, sh.n_embd, sh.n_head, sh.seq_len
-        if self.base is None: m.vocab_size, m.bias = sh.vocab_size, sh.bias
+        if self.base is None:
+            m.vocab_size, m.bias = sh.vocab_size, sh.bias
         m.tie_weights = sh.tie_weights and l.pp == 1
         p = cfg.parallel
         p.strategy, p.tp, p.pp, p.sequence_parallel = l.strategy, l.tp, l.pp, l.sp
@@ -187,82 +254,180 @@ class Plan:
         cfg.train.eval_batch = _eval_batch(cfg.train.eval_batch, l.dp, l.microbatches)
         return validate(cfg)
 
+
 def _eval_batch(eval_batch: int, dp: int, n_mb: int) -> int:
     "The smallest validation batch >= `eval_batch` that every rank, and every pipeline micro-batch, gets an equal share of."
     unit = dp * max(1, n_mb)
     return unit * math.ceil(eval_batch / unit)
 
+
 def _shape_and_base(model, params, seq_len, vocab_size):
     if isinstance(model, Config):
         c = model.model
         V = vocab_size or config_vocab(model)
-        return GPTShape(c.n_layer, c.n_embd, c.n_head, V, seq_len or c.block_size, seq_len or c.block_size,
-                        c.tie_weights, c.bias, c.dropout), model
-    if isinstance(model, ModelConfig): return _shape_and_base(replace(Config(), model=model), params, seq_len, vocab_size)
-    if isinstance(model, GPTShape): return replace(model, seq_len=seq_len or model.seq_len, block_size=seq_len or model.seq_len), None
-    if params is None: raise ConfigError("plan: give --params N or --config FILE")
+        return GPTShape(
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            V,
+            seq_len or c.block_size,
+            seq_len or c.block_size,
+            c.tie_weights,
+            c.bias,
+            c.dropout,
+        ), model
+    if isinstance(model, ModelConfig):
+        return _shape_and_base(replace(Config(), model=model), params, seq_len, vocab_size)
+    if isinstance(model, GPTShape):
+        return replace(model, seq_len=seq_len or model.seq_len, block_size=seq_len or model.seq_len), None
+    if params is None:
+        raise ConfigError("plan: give --params N or --config FILE")
     return shape_for_params(params, vocab_size or 50304, seq_len or 2048), None
 
-def plan(model=None, *, params: float | None = None, gpus: int = 8, gpu_mem: float | None = None, nodes: int | None = None,
-         gpu: str = "H100", mfu: float = 0.4, seq_len: int | None = None, global_batch: int = 1024, vocab_size: int | None = None,
-         precision: str = "bf16-mixed", headroom: float = 0.1, overlap: float = 0.8, max_micro_batch: int = 64,
-         links: dict | None = None, strategies=("ddp", "zero1", "zero2", "fsdp"), ac_policies=("none", "selective", "full")) -> Plan:
+
+def plan(
+    model=None,
+    *,
+    params: float | None = None,
+    gpus: int = 8,
+    gpu_mem: float | None = None,
+    nodes: int | None = None,
+    gpu: str = "H100",
+    mfu: float = 0.4,
+    seq_len: int | None = None,
+    global_batch: int = 1024,
+    vocab_size: int | None = None,
+    precision: str = "bf16-mixed",
+    headroom: float = 0.1,
+    overlap: float = 0.8,
+    max_micro_batch: int = 64,
+    links: dict | None = None,
+    strategies=("ddp", "zero1", "zero2", "fsdp"),
+    ac_policies=("none", "selective", "full"),
+) -> Plan:
     "Rank every runnable layout of `model` (Config / ModelConfig / GPTShape) or a GPT of `params` on `gpus` GPUs."
     from scaletrain.parallel import check
-    if not isinstance(gpus, int) or gpus < 1: raise ConfigError(f"plan: --gpus={gpus}: must be a whole number >= 1")
+
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"plan: --gpus={gpus}: must be a whole number >= 1")
     nodes = nodes or max(1, math.ceil(gpus / 8))
-    if nodes < 1 or gpus % nodes: raise ConfigError(f"plan: --nodes={nodes}: must divide --gpus={gpus}")
-    if gpu not in GPUS: raise ConfigError(f"plan: --gpu={gpu}: known: {', '.join(GPUS)} (or give --peak-tflops and --gpu-mem)")
+    if nodes < 1 or gpus % nodes:
+        raise ConfigError(f"plan: --nodes={nodes}: must divide --gpus={gpus}")
+    if gpu not in GPUS:
+        raise ConfigError(f"plan: --gpu={gpu}: known: {', '.join(GPUS)} (or give --peak-tflops and --gpu-mem)")
     dev = GPUS[gpu]
-    if links: dev = replace(dev, **links)
+    if links:
+        dev = replace(dev, **links)
     mem = dev.memory_gib if gpu_mem is None else gpu_mem
-    if not mem > 0: raise ConfigError(f"plan: --gpu-mem={gpu_mem}: must be > 0 (GiB per GPU)")
-    if not 0 < mfu <= 1: raise ConfigError(f"plan: --mfu={mfu}: must be in (0, 1]")
-    if not (isinstance(global_batch, int) and global_batch >= 1): raise ConfigError(f"plan: --global-batch={global_batch}: must be >= 1")
-    if not 0 <= headroom < 1: raise ConfigError(f"plan: --headroom={headroom}: must be in [0, 1)")
-    if not 0 <= overlap <= 1: raise ConfigError(f"plan: --overlap={overlap}: must be in [0, 1]")
+    if not mem > 0:
+        raise ConfigError(f"plan: --gpu-mem={gpu_mem}: must be > 0 (GiB per GPU)")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"plan: --mfu={mfu}: must be in (0, 1]")
+    if not (isinstance(global_batch, int) and global_batch >= 1):
+        raise ConfigError(f"plan: --global-batch={global_batch}: must be >= 1")
+    if not 0 <= headroom < 1:
+        raise ConfigError(f"plan: --headroom={headroom}: must be in [0, 1)")
+    if not 0 <= overlap <= 1:
+        raise ConfigError(f"plan: --overlap={overlap}: must be in [0, 1]")
     if precision not in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true"):
         raise ConfigError(f"plan: --precision={precision}: allowed: fp32 | bf16-mixed | fp16-mixed | bf16-true")
     shape, base = _shape_and_base(model, params, seq_len, vocab_size)
     gpn = gpus // nodes
     usable = mem * GiB * (1 - headroom)
-    out = Plan(shape, dev, gpus, nodes, usable, global_batch, precision, mfu, base=base,
-               args=dict(gpu=gpu, gpu_mem=mem, mfu=mfu, global_batch=global_batch, precision=precision, headroom=headroom,
-                         overlap=overlap, links=links, strategies=strategies))
+    out = Plan(
+        shape,
+        dev,
+        gpus,
+        nodes,
+        usable,
+        global_batch,
+        precision,
+        mfu,
+        base=base,
+        args=dict(
+            gpu=gpu,
+            gpu_mem=mem,
+            mfu=mfu,
+            global_batch=global_batch,
+            precision=precision,
+            headroom=headroom,
+            overlap=overlap,
+            links=links,
+            strategies=strategies,
+        ),
+    )
     eval_batch = base.train.eval_batch if base is not None else Config().train.eval_batch
-    probe = Config(); probe.model = ModelConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-                                                block_size=shape.seq_len, vocab_size=shape.vocab_size, tie_weights=False)
+    probe = Config()
+    probe.model = ModelConfig(
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        n_embd=shape.n_embd,
+        block_size=shape.seq_len,
+        vocab_size=shape.vocab_size,
+        tie_weights=False,
+    )
     probe.memory.precision = precision
     for tp in [t for t in _pow2_upto(min(gpn, shape.n_head)) if shape.n_head % t == 0 and gpus % t == 0]:
         for pp in [p for p in _divisors(gpus // tp) if p <= shape.n_layer]:
             dp = gpus // (tp * pp)
-            if global_batch % dp: continue
-            per_rank = global_batch // dp                       # sequences per step per data-parallel rank
-            for strategy in (strategies if dp > 1 else ("ddp",)):
-                for sp in ((False, True) if tp > 1 else (False,)):
-                    for sched in (("1f1b", "interleaved1f1b") if pp > 1 else ("1f1b",)):
+            if global_batch % dp:
+                continue
+            per_rank = global_batch // dp  # sequences per step per data-parallel rank
+            for strategy in strategies if dp > 1 else ("ddp",):
+                for sp in (False, True) if tp > 1 else (False,):
+                    for sched in ("1f1b", "interleaved1f1b") if pp > 1 else ("1f1b",):
                         for ac in ac_policies:
                             best = None
                             for micro in reversed(_pow2_upto(min(per_rank, max_micro_batch))):
-                                n_mb = micro if pp > 1 else 0      # one sequence per pipeline micro-batch: smallest bubble and memory
-                                if pp > 1 and n_mb < pp: continue
+                                n_mb = (
+                                    micro if pp > 1 else 0
+                                )  # one sequence per pipeline micro-batch: smallest bubble and memory
+                                if pp > 1 and n_mb < pp:
+                                    continue
                                 p = probe.parallel
-                                p.strategy, p.tp, p.pp, p.sequence_parallel, p.pp_schedule, p.microbatches = strategy, tp, pp, sp, sched, n_mb
+                                p.strategy, p.tp, p.pp, p.sequence_parallel, p.pp_schedule, p.microbatches = (
+                                    strategy,
+                                    tp,
+                                    pp,
+                                    sp,
+                                    sched,
+                                    n_mb,
+                                )
                                 probe.train.micro_batch = micro
                                 probe.train.eval_batch = _eval_batch(eval_batch, dp, n_mb)
-                                try: check(probe, gpus)
-                                except ConfigError: continue
+                                try:
+                                    check(probe, gpus)
+                                except ConfigError:
+                                    continue
                                 accum = per_rank // micro
                                 out.considered += 1
-                                e = estimate(shape, precision=precision, strategy=strategy, dp=dp, tp=tp, pp=pp, micro_batch=micro,
-                                             grad_accum=accum, ac=ac, sequence_parallel=sp, pp_schedule=sched, pp_microbatches=n_mb)
-                                lay = Layout(strategy, dp, tp, pp, sp, sched, n_mb, ac, micro, accum, e.total, estimate=e)
-                                if out.smallest is None or e.total < out.smallest.memory: out.smallest = lay
+                                e = estimate(
+                                    shape,
+                                    precision=precision,
+                                    strategy=strategy,
+                                    dp=dp,
+                                    tp=tp,
+                                    pp=pp,
+                                    micro_batch=micro,
+                                    grad_accum=accum,
+                                    ac=ac,
+                                    sequence_parallel=sp,
+                                    pp_schedule=sched,
+                                    pp_microbatches=n_mb,
+                                )
+                                lay = Layout(
+                                    strategy, dp, tp, pp, sp, sched, n_mb, ac, micro, accum, e.total, estimate=e
+                                )
+                                if out.smallest is None or e.total < out.smallest.memory:
+                                    out.smallest = lay
                                 if e.total <= usable:
-                                    lay.__dict__.update(step_time(shape, lay, dev, gpus, gpn, global_batch, mfu, precision, overlap))
+                                    lay.__dict__.update(
+                                        step_time(shape, lay, dev, gpus, gpn, global_batch, mfu, precision, overlap)
+                                    )
                                     # equal predicted time: keep the larger micro-batch (real kernels run better on it)
                                     best = lay if best is None or lay.step_time < best.step_time * (1 - 1e-9) else best
-                            if best is not None: out.layouts.append(best)
+                            if best is not None:
+                                out.layouts.append(best)
     out.layouts.sort(key=lambda l: (round(l.step_time, 6), l.memory))
     return out
 
@@ -270,21 +435,34 @@ def plan(model=None, *, params: float | None = None, gpus: int = 8, gpu_mem: flo
 def why_nothing_fits(pl: Plan) -> str:
     "One line: what is too big, and what would make it fit."
     if pl.smallest is None:
-        return (f"plan: no layout of {pl.gpus} GPUs divides the global batch of {pl.global_batch} sequences evenly "
-                f"(data-parallel degree must divide it); change --global-batch or --gpus")
+        return (
+            f"plan: no layout of {pl.gpus} GPUs divides the global batch of {pl.global_batch} sequences evenly "
+            f"(data-parallel degree must divide it); change --global-batch or --gpus"
+        )
     e, s = pl.smallest.estimate, pl.smallest
     part, nbytes = e.largest()
     need_mem = math.ceil(e.total / GiB / (1 - pl.args.get("headroom", 0.1)))
     more, g = None, pl.gpus * 2
     while g <= pl.gpus * 4096 and more is None:  # only the leanest settings: full recomputation, micro-batch 1
         # the shape carries --seq-len/--vocab; the base config only matters for to_config
-        trial = plan(pl.shape, gpus=g, nodes=pl.nodes * g // pl.gpus,
-                     **{**pl.args, "global_batch": max(pl.global_batch, g)}, ac_policies=("full",), max_micro_batch=1)
-        if trial.layouts: more = g
+        trial = plan(
+            pl.shape,
+            gpus=g,
+            nodes=pl.nodes * g // pl.gpus,
+            **{**pl.args, "global_batch": max(pl.global_batch, g)},
+            ac_policies=("full",),
+            max_micro_batch=1,
+        )
+        if trial.layouts:
+            more = g
         g *= 2
-    fix = (f"it would fit on {more} GPUs" if more else f"not even {pl.gpus * 4096} GPUs would do") + f", or with --gpu-mem >= {need_mem}"
-    return (f"plan: nothing fits in {pl.usable / GiB:.1f} GiB per GPU on {pl.gpus} GPUs: the smallest layout ({s.describe()}) needs "
-            f"{e.total / GiB:.1f} GiB; its largest part is {part} ({nbytes / GiB:.1f} GiB); {fix}")
+    fix = (
+        f"it would fit on {more} GPUs" if more else f"not even {pl.gpus * 4096} GPUs would do"
+    ) + f", or with --gpu-mem >= {need_mem}"
+    return (
+        f"plan: nothing fits in {pl.usable / GiB:.1f} GiB per GPU on {pl.gpus} GPUs: the smallest layout ({s.describe()}) needs "
+        f"{e.total / GiB:.1f} GiB; its largest part is {part} ({nbytes / GiB:.1f} GiB); {fix}"
+    )
 
 # %% ../nbs/13_plan.ipynb #cdc2c8d9
 def best_layouts(params_list=(1e9, 7e9, 13e9, 70e9), gpus_list=(8, 64, 512, 4096), **kw) -> list[dict]:
@@ -294,47 +472,75 @@ def best_layouts(params_list=(1e9, 7e9, 13e9, 70e9), gpus_list=(8, 64, 512, 4096
         for g in gpus_list:
             pl = plan(params=n, gpus=g, nodes=max(1, g // 8), **kw)
             b = pl.best
-            rows.append(dict(params=n, gpus=g, layout=b.describe() if b else "nothing fits",
-                             gib=b.memory / GiB if b else None, step_s=b.step_time if b else None, mfu=b.mfu if b else None,
-                             tokens_per_s=b.tokens_per_s if b else None))
+            rows.append(
+                dict(
+                    params=n,
+                    gpus=g,
+                    layout=b.describe() if b else "nothing fits",
+                    gib=b.memory / GiB if b else None,
+                    step_s=b.step_time if b else None,
+                    mfu=b.mfu if b else None,
+                    tokens_per_s=b.tokens_per_s if b else None,
+                )
+            )
     return rows
 
 # %% ../nbs/13_plan.ipynb #6824e804
 class _OneLineParser(argparse.ArgumentParser):
     "argparse, but a usage mistake is one line and exit code 2 (like every scaletrain error)."
+
     def error(self, message):
         from scaletrain.cli import fail
+
         fail(f"{self.prog.split()[-1]}: {message} (see --help)")
 
+
 def plan_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="scaletrain plan", description="Predict memory per GPU and step time of every layout that "
-                       "fits, fastest first. Give the model as --params N or --config FILE [key=value ...].")
-    p.add_argument("overrides", nargs="*", help="with --config: config overrides key=value (model shape, precision, ...)")
+    p = _OneLineParser(
+        prog="scaletrain plan",
+        description="Predict memory per GPU and step time of every layout that "
+        "fits, fastest first. Give the model as --params N or --config FILE [key=value ...].",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="with --config: config overrides key=value (model shape, precision, ...)"
+    )
     p.add_argument("--params", type=float, help="parameter count, e.g. 7e9 (a GPT-3-family shape is derived)")
     p.add_argument("--config", help="YAML config whose model section gives the shape")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in total (default 8)")
     p.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU (default: the --gpu's)")
     p.add_argument("--nodes", type=int, help="nodes (default: 8 GPUs a node)")
-    p.add_argument("--gpu", default="H100", help=f"GPU model for peak FLOP/s and links: {', '.join(GPUS)} (default H100)")
+    p.add_argument(
+        "--gpu", default="H100", help=f"GPU model for peak FLOP/s and links: {', '.join(GPUS)} (default H100)"
+    )
     p.add_argument("--peak-tflops", type=float, help="override the GPU's dense 16-bit peak")
     p.add_argument("--mfu", type=float, default=0.4, help="stated fraction of peak the compute reaches (default 0.4)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: the config's block_size, or 2048)")
     p.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step (default 1024)")
     p.add_argument("--vocab", type=int, help="vocabulary size with --params (default 50304)")
-    p.add_argument("--precision", default=None, help="fp32 | bf16-mixed | fp16-mixed | bf16-true (default: the config's, else bf16-mixed)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="fp32 | bf16-mixed | fp16-mixed | bf16-true (default: the config's, else bf16-mixed)",
+    )
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
-    p.add_argument("--overlap", type=float, default=0.8, help="fraction of compute that hides data-parallel traffic (default 0.8)")
+    p.add_argument(
+        "--overlap", type=float, default=0.8, help="fraction of compute that hides data-parallel traffic (default 0.8)"
+    )
     p.add_argument("--intra-bw", type=float, help="GB/s per GPU inside a node (default: NVLink of the --gpu)")
     p.add_argument("--inter-bw", type=float, help="GB/s per GPU between nodes (default: InfiniBand NDR 40)")
     p.add_argument("--intra-lat", type=float, help="microseconds per hop inside a node (default 5)")
     p.add_argument("--inter-lat", type=float, help="microseconds per hop between nodes (default 10)")
     p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
-    p.add_argument("--write-config", metavar="FILE", help="write the best layout as a config for scaletrain train --config")
+    p.add_argument(
+        "--write-config", metavar="FILE", help="write the best layout as a config for scaletrain train --config"
+    )
     p.add_argument("--force", action="store_true", help="overwrite --write-config FILE")
     return p
 
+
 def plan_main(argv) -> int:
     from scaletrain.cli import fail, user_errors
+
     a = plan_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -344,33 +550,60 @@ def plan_main(argv) -> int:
             raise ConfigError("plan: --params and --config/key=value describe the model twice; give one")
         if a.write_config and Path(a.write_config).exists() and not a.force:
             raise ConfigError(f"plan: --write-config {a.write_config} already exists; pass --force to overwrite it")
-        if a.top < 1: raise ConfigError(f"plan: --top={a.top}: must be >= 1")
-        if a.seq_len is not None and a.seq_len < 2: raise ConfigError(f"plan: --seq-len={a.seq_len}: must be >= 2")
+        if a.top < 1:
+            raise ConfigError(f"plan: --top={a.top}: must be >= 1")
+        if a.seq_len is not None and a.seq_len < 2:
+            raise ConfigError(f"plan: --seq-len={a.seq_len}: must be >= 2")
         model = load_config(a.config, a.overrides) if a.params is None else None
-        precision = a.precision or (model.memory.precision if model is not None and model.memory.precision != "fp32" else "bf16-mixed")
+        precision = a.precision or (
+            model.memory.precision if model is not None and model.memory.precision != "fp32" else "bf16-mixed"
+        )
         gpu = GPUS.get(a.gpu)
-        if gpu is None: raise ConfigError(f"plan: --gpu={a.gpu}: known: {', '.join(GPUS)}")
+        if gpu is None:
+            raise ConfigError(f"plan: --gpu={a.gpu}: known: {', '.join(GPUS)}")
         links = {}
         for name, bw, lat in (("intra", a.intra_bw, a.intra_lat), ("inter", a.inter_bw, a.inter_lat)):
             for flag, v in ((f"--{name}-bw", bw), (f"--{name}-lat", lat)):
-                if v is not None and not v > 0: raise ConfigError(f"plan: {flag}={v}: must be > 0")
+                if v is not None and not v > 0:
+                    raise ConfigError(f"plan: {flag}={v}: must be > 0")
             if bw is not None or lat is not None:
                 cur = getattr(gpu, name)
                 links[name] = Link(bw * 1e9 if bw else cur.bandwidth, lat * 1e-6 if lat else cur.latency)
         if a.peak_tflops is not None:
-            if not a.peak_tflops > 0: raise ConfigError(f"plan: --peak-tflops={a.peak_tflops}: must be > 0")
+            if not a.peak_tflops > 0:
+                raise ConfigError(f"plan: --peak-tflops={a.peak_tflops}: must be > 0")
             links["peak_tflops"] = a.peak_tflops
-        pl = plan(model, params=a.params, gpus=a.gpus, gpu_mem=a.gpu_mem, nodes=a.nodes, gpu=a.gpu, mfu=a.mfu, seq_len=a.seq_len,
-                  global_batch=a.global_batch, vocab_size=a.vocab, precision=precision, headroom=a.headroom, overlap=a.overlap,
-                  links=links or None)
-        if not pl.layouts: raise ConfigError(why_nothing_fits(pl))
-        print(pl.header()); print(pl.table(a.top))
+        pl = plan(
+            model,
+            params=a.params,
+            gpus=a.gpus,
+            gpu_mem=a.gpu_mem,
+            nodes=a.nodes,
+            gpu=a.gpu,
+            mfu=a.mfu,
+            seq_len=a.seq_len,
+            global_batch=a.global_batch,
+            vocab_size=a.vocab,
+            precision=precision,
+            headroom=a.headroom,
+            overlap=a.overlap,
+            links=links or None,
+        )
+        if not pl.layouts:
+            raise ConfigError(why_nothing_fits(pl))
+        print(pl.header())
+        print(pl.table(a.top))
         b = pl.best
-        print(f"{len(pl.layouts)} layouts fit (best micro-batch of each) out of {pl.considered} considered, in "
-              f"{time.perf_counter() - t0:.1f}s. Best: {b.describe()}: {b.memory / GiB:.1f} GiB per GPU, {b.step_time:.2f} s per step.")
+        print(
+            f"{len(pl.layouts)} layouts fit (best micro-batch of each) out of {pl.considered} considered, in "
+            f"{time.perf_counter() - t0:.1f}s. Best: {b.describe()}: {b.memory / GiB:.1f} GiB per GPU, {b.step_time:.2f} s per step."
+        )
         if a.write_config:
             save_config(pl.to_config(b), a.write_config)
-            print(f"wrote {a.write_config}; run it with: scaletrain train --config {a.write_config} --nproc {pl.gpus // pl.nodes}"
-                  + (f" --nnodes {pl.nodes} --node-rank R --rdzv-endpoint HOST:PORT" if pl.nodes > 1 else ""))
-    except user_errors() as e: fail(str(e))
+            print(
+                f"wrote {a.write_config}; run it with: scaletrain train --config {a.write_config} --nproc {pl.gpus // pl.nodes}"
+                + (f" --nnodes {pl.nodes} --node-rank R --rdzv-endpoint HOST:PORT" if pl.nodes > 1 else "")
+            )
+    except user_errors() as e:
+        fail(str(e))
     return 0

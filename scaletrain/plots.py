@@ -16,37 +16,52 @@ def _series(recs, key):
     pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
+
 def draw_curves(axes, runs: dict, memory: bool = False):
     "Draw loss (train and val), tokens/s and optionally memory of `{label: records}` onto `axes`."
     ax_loss, ax_tps = axes[0], axes[1]
     for i, (label, recs) in enumerate(runs.items()):
         color = f"C{i}"
-        x, y = _series(recs, "loss"); ax_loss.plot(x, y, color=color, alpha=0.8, lw=1, label=f"{label} train")
+        x, y = _series(recs, "loss")
+        ax_loss.plot(x, y, color=color, alpha=0.8, lw=1, label=f"{label} train")
         x, y = _series(recs, "val_loss")
-        if x: ax_loss.plot(x, y, "o--", color=color, ms=4, label=f"{label} val")
-        x, y = _series(recs, "tokens_per_s"); ax_tps.plot(x, y, color=color, lw=1, label=label)
+        if x:
+            ax_loss.plot(x, y, "o--", color=color, ms=4, label=f"{label} val")
+        x, y = _series(recs, "tokens_per_s")
+        ax_tps.plot(x, y, color=color, lw=1, label=label)
         if memory and len(axes) > 2:
-            x, y = _series(recs, "peak_mem_gb"); axes[2].plot(x, y, color=color, lw=1, label=label)
-    ax_loss.set(xlabel="step", ylabel="loss", title="loss"); ax_tps.set(xlabel="step", ylabel="tokens/s", title="throughput")
-    if memory and len(axes) > 2: axes[2].set(xlabel="step", ylabel="GiB", title="peak memory")
+            x, y = _series(recs, "peak_mem_gb")
+            axes[2].plot(x, y, color=color, lw=1, label=label)
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_tps.set(xlabel="step", ylabel="tokens/s", title="throughput")
+    if memory and len(axes) > 2:
+        axes[2].set(xlabel="step", ylabel="GiB", title="peak memory")
     for a in axes:
-        if a.get_legend_handles_labels()[0]: a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
         a.grid(alpha=0.3)
+
 
 def save_figure(fig, out) -> None:
     "Write `fig` to the PNG `out` atomically (a reader never sees half a file), then close it."
     import matplotlib.pyplot as plt
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110)); plt.close(fig)
+
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
 
 def plot_runs(run_dirs, out=None, memory: bool = False):
     "Plot the curves of run folders side by side; save to `out` (PNG) when given. Returns the figure."
     import matplotlib.pyplot as plt
+
     runs = {Path(d).name: read_metrics(Path(d) / "metrics.jsonl") for d in run_dirs}
     fig, axes = plt.subplots(1, 3 if memory else 2, figsize=(12 if memory else 9, 3.4))
     draw_curves(axes, runs, memory)
     fig.tight_layout()
-    if out is not None: save_figure(fig, out)
+    if out is not None:
+        save_figure(fig, out)
     return fig
+
 
 def plot_run(run_dir, out=None):
     "Loss and throughput of one run, saved as `loss.png` in the run folder by default."

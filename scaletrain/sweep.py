@@ -4,7 +4,17 @@
 
 # %% ../nbs/18_sweep.ipynb #c55a6eac
 from __future__ import annotations
-import argparse, csv, io, itertools, json, math, os, shutil, subprocess, sys, time
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,28 +31,38 @@ __all__ = ['parse_vary', 'expand', 'Run', 'run_all', 'plot_finetune_runs', 'form
 # %% ../nbs/18_sweep.ipynb #77175a09
 def parse_vary(spec: str) -> tuple:
     "`KEY=V1,V2` -> (key, [values]); `KEY=log:LO:HI` / `KEY=uniform:LO:HI` -> (key, (kind, lo, hi))."
-    if "=" not in spec: raise ConfigError(f"--vary {spec!r}: expected KEY=V1,V2,... or KEY=log:LO:HI")
+    if "=" not in spec:
+        raise ConfigError(f"--vary {spec!r}: expected KEY=V1,V2,... or KEY=log:LO:HI")
     k, v = (s.strip() for s in spec.split("=", 1))
     if v.startswith(("log:", "uniform:")):
         kind, *rest = v.split(":")
-        try: lo, hi = (float(x) for x in rest)
-        except ValueError: raise ConfigError(f"--vary {spec!r}: expected {kind}:LO:HI with two numbers") from None
-        if not lo < hi or (kind == "log" and lo <= 0): raise ConfigError(f"--vary {spec!r}: need 0 < LO < HI for log, LO < HI for uniform")
+        try:
+            lo, hi = (float(x) for x in rest)
+        except ValueError:
+            raise ConfigError(f"--vary {spec!r}: expected {kind}:LO:HI with two numbers") from None
+        if not lo < hi or (kind == "log" and lo <= 0):
+            raise ConfigError(f"--vary {spec!r}: need 0 < LO < HI for log, LO < HI for uniform")
         return k, (kind, lo, hi)
     vals = [x.strip() for x in v.split(",") if x.strip()]
-    if not vals: raise ConfigError(f"--vary {spec!r}: no values")
+    if not vals:
+        raise ConfigError(f"--vary {spec!r}: no values")
     return k, vals
 
-def _fmt(x) -> str: return x if isinstance(x, str) else f"{x:.3g}"
+
+def _fmt(x) -> str:
+    return x if isinstance(x, str) else f"{x:.3g}"
+
 
 def expand(space: dict, mode: str = "grid", n: int | None = None, seed: int = 0) -> list:
     "The runs of a search space `{key: [values] or (kind, lo, hi)}` as a list of `{key: value-string}`."
     if mode == "grid":
         for k, v in space.items():
-            if isinstance(v, tuple): raise ConfigError(f"--vary {k}={v[0]}:...: ranges need --random N (a grid needs listed values)")
+            if isinstance(v, tuple):
+                raise ConfigError(f"--vary {k}={v[0]}:...: ranges need --random N (a grid needs listed values)")
         keys = list(space)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
-    if not n or n < 1: raise ConfigError(f"--random {n}: must be >= 1")
+    if not n or n < 1:
+        raise ConfigError(f"--random {n}: must be >= 1")
     g = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -50,8 +70,13 @@ def expand(space: dict, mode: str = "grid", n: int | None = None, seed: int = 0)
         for k, v in space.items():
             if isinstance(v, tuple):
                 kind, lo, hi = v
-                r[k] = _fmt(float(math.exp(g.uniform(math.log(lo), math.log(hi)))) if kind == "log" else float(g.uniform(lo, hi)))
-            else: r[k] = v[int(g.integers(len(v)))]
+                r[k] = _fmt(
+                    float(math.exp(g.uniform(math.log(lo), math.log(hi))))
+                    if kind == "log"
+                    else float(g.uniform(lo, hi))
+                )
+            else:
+                r[k] = v[int(g.integers(len(v)))]
         out.append(r)
     return out
 
@@ -69,15 +94,20 @@ class Run:
     seconds: float = 0.0
     records: list = field(default_factory=list)  # its metrics.jsonl, read once when it ends
 
+
 def _child_env(parallel: int) -> dict:
     "A launched job's environment (no inherited torchrun variables), with the CPU threads shared among the runs."
     from scaletrain.launch import child_env
-    if "OMP_NUM_THREADS" in os.environ: return child_env()
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return child_env()
     return child_env({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))})
+
 
 def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
     "Run every `Run`'s command, at most `parallel` at once; fills `rc` and `seconds`."
     import signal
+
     pending, active = list(runs), []
     env = _child_env(parallel)
     bar = tqdm(total=len(runs), desc="sweep", file=sys.stderr, mininterval=1.0)
@@ -87,24 +117,34 @@ def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
                 r = pending.pop(0)
                 r.log.parent.mkdir(parents=True, exist_ok=True)
                 fh = open(r.log, "w")
-                r.proc, r.t0 = subprocess.Popen(r.cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True), time.time()
+                r.proc, r.t0 = (
+                    subprocess.Popen(r.cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True),
+                    time.time(),
+                )
                 fh.close()
                 active.append(r)
             time.sleep(0.2)
             for r in [a for a in active if a.proc.poll() is not None]:
                 r.rc, r.seconds = r.proc.returncode, time.time() - r.t0
                 r.records = read_metrics(r.run_dir / "metrics.jsonl")
-                active.remove(r); bar.update(1)
-                if on_done: on_done(r, bar)
+                active.remove(r)
+                bar.update(1)
+                if on_done:
+                    on_done(r, bar)
     except BaseException:
         for r in active:
-            try: os.killpg(r.proc.pid, signal.SIGTERM)
-            except ProcessLookupError: pass
+            try:
+                os.killpg(r.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for r in active:
-            try: r.proc.wait(60)
-            except subprocess.TimeoutExpired: os.killpg(r.proc.pid, signal.SIGKILL)
+            try:
+                r.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(r.proc.pid, signal.SIGKILL)
         raise
-    finally: bar.close()
+    finally:
+        bar.close()
     return runs
 
 # %% ../nbs/18_sweep.ipynb #08b4ba41
@@ -112,29 +152,39 @@ def plot_finetune_runs(runs: dict, metric: str = "accuracy", out=None, ranking: 
     """Training loss and validation `metric` of `{label: run folder or its records}` in one figure (plus a ranking
     bar chart when given)."""
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3 if ranking else 2, figsize=(15 if ranking else 10, 3.8))
     for i, (label, d) in enumerate(runs.items()):
         recs = d if isinstance(d, list) else read_metrics(Path(d) / "metrics.jsonl")
         tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
         if tr:
-            x, y = zip(*tr); k = max(1, len(y) // 50)
+            x, y = zip(*tr)
+            k = max(1, len(y) // 50)
             ys = np.convolve(y, np.ones(k) / k, mode="valid")  # a moving average, so curves stay readable
-            axes[0].plot(x[k - 1:], ys, color=f"C{i % 10}", lw=1, label=label)
+            axes[0].plot(x[k - 1 :], ys, color=f"C{i % 10}", lw=1, label=label)
         ev = eval_points(recs, metric)
-        if ev: axes[1].plot(*zip(*ev), "o-", color=f"C{i % 10}", ms=3, lw=1, label=label)
+        if ev:
+            axes[1].plot(*zip(*ev), "o-", color=f"C{i % 10}", ms=3, lw=1, label=label)
     axes[0].set(xlabel="step", ylabel="training loss", title="training loss (moving average)")
     axes[1].set(xlabel="step", ylabel=metric, title=f"validation {metric}")
     if ranking:
-        names = list(ranking); vals = [ranking[k] for k in names]
-        axes[2].barh(range(len(names)), vals, color=[f"C{list(runs).index(n) % 10}" if n in runs else "grey" for n in names])
-        axes[2].set_yticks(range(len(names)), names, fontsize=7); axes[2].invert_yaxis()
+        names = list(ranking)
+        vals = [ranking[k] for k in names]
+        axes[2].barh(
+            range(len(names)), vals, color=[f"C{list(runs).index(n) % 10}" if n in runs else "grey" for n in names]
+        )
+        axes[2].set_yticks(range(len(names)), names, fontsize=7)
+        axes[2].invert_yaxis()
         axes[2].set(xlabel=f"best {metric}", title="runs, best first")
     for a in axes[:2]:
         a.grid(alpha=0.3)
-        if len(runs) <= 12: a.legend(fontsize=7)
+        if len(runs) <= 12:
+            a.legend(fontsize=7)
     fig.tight_layout()
-    if out is not None: save_figure(fig, out)
+    if out is not None:
+        save_figure(fig, out)
     return fig
+
 
 def format_table(rows: list, cols: list) -> str:
     "Rows of dicts as a fixed-width text table."
@@ -143,18 +193,31 @@ def format_table(rows: list, cols: list) -> str:
     lines = ["  ".join(c.ljust(w[c]) for c in cols), "  ".join("-" * w[c] for c in cols)]
     return "\n".join(lines + ["  ".join(cell(r.get(c)).ljust(w[c]) for c in cols) for r in rows])
 
+
 def collect(runs: list, metric: str, higher: bool) -> list:
     "One result row per run, best first (failed runs last)."
     rows = []
     for r in runs:
         s = {}
-        if (r.run_dir / "summary.json").is_file(): s = json.loads((r.run_dir / "summary.json").read_text())
+        if (r.run_dir / "summary.json").is_file():
+            s = json.loads((r.run_dir / "summary.json").read_text())
         ev = eval_points(r.records, metric)
         best = (max if higher else min)(ev, key=lambda t: t[1]) if ev else (None, None)
-        rows.append(dict(run=r.name, **r.values, status=s.get("status", "failed" if r.rc else "no summary"), rc=r.rc,
-                         **{f"best_{metric}": best[1], "best_step": best[0]},
-                         val_accuracy=s.get("val_accuracy"), val_macro_f1=s.get("val_macro_f1"), test_accuracy=s.get("test_accuracy"),
-                         final_val_loss=s.get("final_val_loss"), steps=s.get("steps"), seconds=round(r.seconds, 1)))
+        rows.append(
+            dict(
+                run=r.name,
+                **r.values,
+                status=s.get("status", "failed" if r.rc else "no summary"),
+                rc=r.rc,
+                **{f"best_{metric}": best[1], "best_step": best[0]},
+                val_accuracy=s.get("val_accuracy"),
+                val_macro_f1=s.get("val_macro_f1"),
+                test_accuracy=s.get("test_accuracy"),
+                final_val_loss=s.get("final_val_loss"),
+                steps=s.get("steps"),
+                seconds=round(r.seconds, 1),
+            )
+        )
     ok = [x for x in rows if x[f"best_{metric}"] is not None and x["rc"] == 0]
     ok.sort(key=lambda x: x[f"best_{metric}"], reverse=higher)
     return ok + [x for x in rows if x not in ok]
@@ -166,73 +229,138 @@ class SweepResult:
     rows: list
     best: dict | None
     metric: str
+
     def table(self, cols=None) -> str:
         cols = cols or [c for c in self.rows[0] if c not in ("rc",)] if self.rows else []
         return format_table(self.rows, cols)
 
+
 def _metric_for(command: str, cfg) -> tuple:
-    if command == "train": return "val_loss", False
+    if command == "train":
+        return "val_loss", False
     from scaletrain.finetune import metric_of
+
     return metric_of(cfg)
 
-def sweep(space: dict, fixed=(), command: str = "finetune", mode: str = "grid", n: int | None = None, parallel: int = 1,
-          out=None, seed: int = 0, config=None) -> SweepResult:
+
+def sweep(
+    space: dict,
+    fixed=(),
+    command: str = "finetune",
+    mode: str = "grid",
+    n: int | None = None,
+    parallel: int = 1,
+    out=None,
+    seed: int = 0,
+    config=None,
+) -> SweepResult:
     "Run `command` over the search `space` with `fixed` overrides; returns the ranked results (and writes them under `out`)."
-    if command not in ("finetune", "train"): raise ConfigError(f"--command {command}: allowed: finetune | train")
-    if parallel < 1: raise ConfigError(f"--parallel={parallel}: must be >= 1")
+    if command not in ("finetune", "train"):
+        raise ConfigError(f"--command {command}: allowed: finetune | train")
+    if parallel < 1:
+        raise ConfigError(f"--parallel={parallel}: must be >= 1")
     fixed = list(fixed)
     fixed_keys = {o.split("=", 1)[0].strip() for o in fixed if "=" in o}
     for k in ("run.name", "run.out_dir"):  # a fixed run.out_dir only places the default sweep folder
         if (k in fixed_keys and k == "run.name") or k in space:
             raise ConfigError(f"{k}: set by the sweep (each run is SWEEP/runs/run_NN); use --out for the sweep folder")
     for k in space:
-        if k in fixed_keys: raise ConfigError(f"{k}: both varied (--vary) and fixed ({k}=...); give it once")
+        if k in fixed_keys:
+            raise ConfigError(f"{k}: both varied (--vary) and fixed ({k}=...); give it once")
     combos = expand(space, mode, n, seed)
     # every run's config is checked before the first one starts
     cfgs = [load_config(config, fixed + [f"{k}={v}" for k, v in c.items()]) for c in combos]
     if command == "finetune":
         from scaletrain.finetune import resolve_config, make_task, _keys_of
-        for c, combo in zip(cfgs, combos): resolve_config(c, _keys_of(config, fixed + [f"{k}={v}" for k, v in combo.items()]))
+
+        for c, combo in zip(cfgs, combos):
+            resolve_config(c, _keys_of(config, fixed + [f"{k}={v}" for k, v in combo.items()]))
         make_task(cfgs[0])
     else:
         from scaletrain.data import parse_sources
+
         parse_sources(cfgs[0].data.source)
     metric, higher = _metric_for(command, cfgs[0])
     out = Path(out) if out else Path(cfgs[0].run.out_dir) / ("sweep-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and any(out.iterdir()): raise ConfigError(f"--out {out}: exists and is not empty; choose a new sweep folder")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new sweep folder")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sweep.json", json.dumps(dict(command=command, mode=mode, n=n, seed=seed, parallel=parallel,
-        space={k: list(v) for k, v in space.items()}, fixed=fixed, config=str(config) if config else None, runs=combos), indent=1))
+    atomic_write_text(
+        out / "sweep.json",
+        json.dumps(
+            dict(
+                command=command,
+                mode=mode,
+                n=n,
+                seed=seed,
+                parallel=parallel,
+                space={k: list(v) for k, v in space.items()},
+                fixed=fixed,
+                config=str(config) if config else None,
+                runs=combos,
+            ),
+            indent=1,
+        ),
+    )
     runs = []
     for i, c in enumerate(combos):
         name = f"run_{i:02d}"
-        cmd = [sys.executable, "-m", "scaletrain.cli", command, *(["--config", str(config)] if config else []), *fixed,
-               *[f"{k}={v}" for k, v in c.items()], f"run.out_dir={out / 'runs'}", f"run.name={name}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "scaletrain.cli",
+            command,
+            *(["--config", str(config)] if config else []),
+            *fixed,
+            *[f"{k}={v}" for k, v in c.items()],
+            f"run.out_dir={out / 'runs'}",
+            f"run.name={name}",
+        ]
         runs.append(Run(name, c, cmd, out / "runs" / name, out / "logs" / f"{name}.log"))
+
     def done(r, bar):
         ev = eval_points(r.records, metric)
         b = (max if higher else min)(v for _, v in ev) if ev else None
-        bar.write(f"{r.name} {'finished' if r.rc == 0 else f'FAILED (exit {r.rc}, see {r.log})'} in {time.time() - r.t0:.0f}s: "
-                  + " ".join(f"{k}={v}" for k, v in r.values.items()) + (f" -> best {metric} {b:.4f}" if b is not None else ""))
+        bar.write(
+            f"{r.name} {'finished' if r.rc == 0 else f'FAILED (exit {r.rc}, see {r.log})'} in {time.time() - r.t0:.0f}s: "
+            + " ".join(f"{k}={v}" for k, v in r.values.items())
+            + (f" -> best {metric} {b:.4f}" if b is not None else "")
+        )
+
     run_all(runs, parallel, done)
     rows = collect(runs, metric, higher)
-    res = SweepResult(out, rows, rows[0] if rows and rows[0]["rc"] == 0 and rows[0][f"best_{metric}"] is not None else None, metric)
-    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    res = SweepResult(
+        out, rows, rows[0] if rows and rows[0]["rc"] == 0 and rows[0][f"best_{metric}"] is not None else None, metric
+    )
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
     atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_text(out / "results.json", json.dumps(dict(metric=metric, higher_is_better=higher, rows=rows,
-                                                            best=res.best and res.best["run"]), indent=1))
+    atomic_write_text(
+        out / "results.json",
+        json.dumps(
+            dict(metric=metric, higher_is_better=higher, rows=rows, best=res.best and res.best["run"]), indent=1
+        ),
+    )
     ranking = {r["run"]: r[f"best_{metric}"] for r in rows if r[f"best_{metric}"] is not None}
     import matplotlib.pyplot as plt
+
     plt.close(plot_finetune_runs({r.name: r.records for r in runs}, metric, out / "sweep.png", ranking))
-    if res.best is not None: shutil.copyfile(out / "runs" / res.best["run"] / "config.yaml", out / "best.yaml")
+    if res.best is not None:
+        shutil.copyfile(out / "runs" / res.best["run"] / "config.yaml", out / "best.yaml")
     return res
 
 # %% ../nbs/18_sweep.ipynb #8c4a9a4f
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaletrain sweep", description="Grid or random search over config keys; compares the runs "
-                                "and writes the best config.")
+    p = argparse.ArgumentParser(
+        prog="scaletrain sweep",
+        description="Grid or random search over config keys; compares the runs and writes the best config.",
+    )
     p.add_argument("overrides", nargs="*", help="fixed key=value overrides for every run (e.g. finetune.init=runs/x)")
-    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2|KEY=log:LO:HI", help="a swept key (repeatable)")
+    p.add_argument(
+        "--vary", action="append", default=[], metavar="KEY=V1,V2|KEY=log:LO:HI", help="a swept key (repeatable)"
+    )
     p.add_argument("--random", type=int, metavar="N", help="N random draws instead of the full grid")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (processes)")
@@ -241,18 +369,34 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", default="finetune", help="finetune (default) or train")
     return p
 
+
 def sweep_main(argv) -> int:
     from scaletrain.cli import fail, user_errors
+
     a = sweep_parser().parse_args(argv)
     try:
-        if not a.vary: raise ConfigError("sweep: nothing to vary; give at least one --vary KEY=V1,V2,...")
+        if not a.vary:
+            raise ConfigError("sweep: nothing to vary; give at least one --vary KEY=V1,V2,...")
         space = dict(parse_vary(v) for v in a.vary)
-        res = sweep(space, a.overrides, a.command, "random" if a.random is not None else "grid", a.random, a.parallel,
-                    a.out, a.seed, a.config)
-    except user_errors() as e: fail(str(e))
+        res = sweep(
+            space,
+            a.overrides,
+            a.command,
+            "random" if a.random is not None else "grid",
+            a.random,
+            a.parallel,
+            a.out,
+            a.seed,
+            a.config,
+        )
+    except user_errors() as e:
+        fail(str(e))
     cols = ["run", *space, "status", f"best_{res.metric}", "best_step", "val_accuracy", "test_accuracy", "seconds"]
     print(res.table([c for c in cols if any(r.get(c) is not None for r in res.rows)]))
-    if res.best: print(f"best: {res.best['run']} ({', '.join(f'{k}={res.best[k]}' for k in space)}): "
-                       f"{res.metric} {res.best[f'best_{res.metric}']:.4f} -> {res.out / 'best.yaml'}")
+    if res.best:
+        print(
+            f"best: {res.best['run']} ({', '.join(f'{k}={res.best[k]}' for k in space)}): "
+            f"{res.metric} {res.best[f'best_{res.metric}']:.4f} -> {res.out / 'best.yaml'}"
+        )
     print(f"scaletrain: sweep of {len(res.rows)} runs in {res.out} (results.csv, sweep.png)")
     return 0 if all(r["rc"] == 0 for r in res.rows) else 1

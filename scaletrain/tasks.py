@@ -4,12 +4,18 @@
 
 # %% ../nbs/16_tasks.ipynb #f897b7d2
 from __future__ import annotations
-import difflib, hashlib, json, math, zlib
+import difflib
+import hashlib
+import json
+import math
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import Config, ConfigError, atomic_write_text
 from .data import DataError, ByteTokenizer, stdlib_root, stdlib_files, folder_files, is_val_file
@@ -26,34 +32,43 @@ __all__ = ['TEST_DIRS', 'SPLITS', 'Unit', 'stdlib_packages', 'stdlib_units', 'fo
 TEST_DIRS = {"test", "tests", "idle_test"}
 SPLITS = ("train", "val", "test")
 
+
 @dataclass
 class Unit:
     "One file or JSONL record with its label (and its split, when the data gives one)."
+
     uid: str
     label: str
     text: str | None = None
     path: Path | None = None
     split: str | None = None
+
     def read(self) -> str:
         return self.text if self.text is not None else Path(self.path).read_text(encoding="utf-8", errors="replace")
+
 
 def stdlib_packages(min_files: int = 5) -> dict:
     "`{package: [library files]}` of the top-level stdlib packages with >= `min_files` files (tests left out), largest first."
     root, out = stdlib_root(), {}
     for f in stdlib_files():
         rel = f.relative_to(root).parts
-        if len(rel) < 2 or rel[0] == "test" or any(p in TEST_DIRS for p in rel[1:-1]): continue
+        if len(rel) < 2 or rel[0] == "test" or any(p in TEST_DIRS for p in rel[1:-1]):
+            continue
         out.setdefault(rel[0], []).append(f)
     size = {k: sum(f.stat().st_size for f in v) for k, v in out.items()}
     return {k: out[k] for k in sorted(out, key=lambda k: (-size[k], k)) if len(out[k]) >= min_files}
+
 
 def stdlib_units(n_classes: int) -> list:
     "Units of the `n_classes` largest stdlib packages."
     pk = stdlib_packages()
     if n_classes > len(pk):
-        raise ConfigError(f"config: finetune.n_classes={n_classes}: this Python's stdlib has only {len(pk)} packages with >= 5 library files")
+        raise ConfigError(
+            f"config: finetune.n_classes={n_classes}: this Python's stdlib has only {len(pk)} packages with >= 5 library files"
+        )
     root = stdlib_root()
     return [Unit(f.relative_to(root).as_posix(), name, path=f) for name in list(pk)[:n_classes] for f in pk[name]]
+
 
 def _check_label(label, where: str) -> str:
     if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -62,6 +77,7 @@ def _check_label(label, where: str) -> str:
     if not label or "," in label or "\n" in label:
         raise DataError(f"{where}: label {label!r} must be non-empty and contain no comma or newline")
     return label
+
 
 def folder_units(path) -> list:
     "Units of `path/<label>/*` or of `path/{train,val,test}/<label>/*`."
@@ -75,54 +91,78 @@ def folder_units(path) -> list:
             label = _check_label(d.name, f"finetune.task={path}: folder {d}")
             units += [Unit(f.relative_to(root).as_posix(), label, path=f, split=split) for f in folder_files(d)]
     if not units:
-        raise DataError(f"finetune.task={path}: no labelled text files; expected {path}/<label>/*.txt "
-                        f"(or {path}/train/<label>/*.txt and {path}/val/<label>/*.txt)")
+        raise DataError(
+            f"finetune.task={path}: no labelled text files; expected {path}/<label>/*.txt "
+            f"(or {path}/train/<label>/*.txt and {path}/val/<label>/*.txt)"
+        )
     return units
+
 
 def jsonl_units(path) -> list:
     "Units of a JSONL file of `{\"text\", \"label\"[, \"split\"]}` records."
     units = []
-    try: lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e: raise DataError(f"finetune.task={path}: cannot read ({e})") from None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"finetune.task={path}: cannot read ({e})") from None
     for i, line in enumerate(lines, 1):
-        if not line.strip(): continue
+        if not line.strip():
+            continue
         where = f"finetune.task={path} line {i}"
-        try: r = json.loads(line)
-        except json.JSONDecodeError as e: raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "label" not in r:
             raise DataError(f"{where}: expected an object with a string 'text' and a 'label'")
         split = r.get("split")
-        if split is not None and split not in SPLITS: raise DataError(f"{where}: split {split!r}: allowed: train | val | test")
+        if split is not None and split not in SPLITS:
+            raise DataError(f"{where}: split {split!r}: allowed: train | val | test")
         units.append(Unit(f"line {i}", _check_label(r["label"], where), text=r["text"], split=split))
-    if not units: raise DataError(f"finetune.task={path}: holds no records")
+    if not units:
+        raise DataError(f"finetune.task={path}: holds no records")
     return units
+
 
 def task_kind(task: str) -> str:
     "'stdlib', 'lm', 'folder' or 'jsonl' for a `finetune.task` value (`DataError` if it is none of them)."
-    if task == "stdlib-packages": return "stdlib"
-    if task.startswith("lm:"): return "lm"
+    if task == "stdlib-packages":
+        return "stdlib"
+    if task.startswith("lm:"):
+        return "lm"
     p = Path(task).expanduser()
-    if p.is_dir(): return "folder"
-    if p.is_file() and p.suffix == ".jsonl": return "jsonl"
-    raise DataError(f"finetune.task={task!r}: not found; use 'stdlib-packages', 'lm:<stdlib package or folder>', "
-                    "a folder of <label>/*.txt, or a .jsonl file of {\"text\": ..., \"label\": ...}")
+    if p.is_dir():
+        return "folder"
+    if p.is_file() and p.suffix == ".jsonl":
+        return "jsonl"
+    raise DataError(
+        f"finetune.task={task!r}: not found; use 'stdlib-packages', 'lm:<stdlib package or folder>', "
+        "a folder of <label>/*.txt, or a .jsonl file of {\"text\": ..., \"label\": ...}"
+    )
+
 
 def load_units(f) -> list:
     "The units of `finetune.task` (a `FinetuneConfig`)."
     k = task_kind(f.task)
-    if k == "stdlib": return stdlib_units(f.n_classes)
-    if k == "folder": return folder_units(Path(f.task).expanduser())
-    if k == "jsonl": return jsonl_units(Path(f.task).expanduser())
+    if k == "stdlib":
+        return stdlib_units(f.n_classes)
+    if k == "folder":
+        return folder_units(Path(f.task).expanduser())
+    if k == "jsonl":
+        return jsonl_units(Path(f.task).expanduser())
     raise ConfigError(f"config: finetune.task={f.task}: an lm: task has no labels")
 
 # %% ../nbs/16_tasks.ipynb #9bea8a0b
-def _hash(uid: str) -> int: return zlib.crc32(uid.encode())
+def _hash(uid: str) -> int:
+    return zlib.crc32(uid.encode())
+
 
 def split_units(units, val_fraction: float, test_fraction: float, where: str = "finetune.task") -> dict:
     "`{split: [units]}`: the data's own split if it has one, else by file, stratified by label."
     given = [u.split is not None for u in units]
     if any(given):
-        if not all(given): raise DataError(f"{where}: some records have a 'split' and some do not; give it for all or none")
+        if not all(given):
+            raise DataError(f"{where}: some records have a 'split' and some do not; give it for all or none")
         out = {s: [u for u in units if u.split == s] for s in SPLITS}
     else:
         out = {s: [] for s in SPLITS}
@@ -133,35 +173,51 @@ def split_units(units, val_fraction: float, test_fraction: float, where: str = "
             nt = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
             if n < nv + nt + 1:
                 need = "train, val and test" if nt else "train and val"
-                raise DataError(f"{where}: label '{label}' has {n} file(s)/record(s); it needs at least {nv + nt + 1} "
-                                f"so that {need} each get one (splits are by file)")
-            out["val"] += us[:nv]; out["test"] += us[nv:nv + nt]; out["train"] += us[nv + nt:]
+                raise DataError(
+                    f"{where}: label '{label}' has {n} file(s)/record(s); it needs at least {nv + nt + 1} "
+                    f"so that {need} each get one (splits are by file)"
+                )
+            out["val"] += us[:nv]
+            out["test"] += us[nv : nv + nt]
+            out["train"] += us[nv + nt :]
     train_labels = {u.label for u in out["train"]}
-    if not out["train"]: raise DataError(f"{where}: the train split is empty")
-    if not out["val"]: raise DataError(f"{where}: the val split is empty; hold out some files (finetune.val_fraction) or give val records")
+    if not out["train"]:
+        raise DataError(f"{where}: the train split is empty")
+    if not out["val"]:
+        raise DataError(
+            f"{where}: the val split is empty; hold out some files (finetune.val_fraction) or give val records"
+        )
     if len(train_labels) < 2:
-        raise DataError(f"{where}: the training data has one class ({', '.join(sorted(train_labels))}); classification needs at least 2")
+        raise DataError(
+            f"{where}: the training data has one class ({', '.join(sorted(train_labels))}); classification needs at least 2"
+        )
     for s in ("val", "test"):
         unseen = sorted({u.label for u in out[s]} - train_labels)
-        if unseen: raise DataError(f"{where}: label '{unseen[0]}' is in the {s} split but was not seen in training")
+        if unseen:
+            raise DataError(f"{where}: label '{unseen[0]}' is in the {s} split but was not seen in training")
     return out
 
 # %% ../nbs/16_tasks.ipynb #57f9138e
 def snippets(ids: np.ndarray, T: int, pad: int) -> np.ndarray:
     "`(n, T)` windows of `ids` (one left-padded window when shorter than `T`)."
     ids = np.asarray(ids, dtype=np.int32)
-    if len(ids) == 0: return np.zeros((0, T), dtype=np.int32)
-    if len(ids) < T: return np.concatenate([np.full(T - len(ids), pad, dtype=np.int32), ids])[None]
+    if len(ids) == 0:
+        return np.zeros((0, T), dtype=np.int32)
+    if len(ids) < T:
+        return np.concatenate([np.full(T - len(ids), pad, dtype=np.int32), ids])[None]
     n = len(ids) // T
-    return ids[:n * T].reshape(n, T)
+    return ids[: n * T].reshape(n, T)
+
 
 @dataclass
 class ClassificationData:
     "Token snippets `x` `(N, T)` and label ids `y` `(N,)` per split, with the label names."
+
     labels: list
     x: dict
     y: dict
-    counts: dict   # {split: {label: [units, snippets]}}
+    counts: dict  # {split: {label: [units, snippets]}}
+
     def table(self) -> str:
         "Units/snippets per label and split, as text."
         ss = [s for s in SPLITS if s in self.x]
@@ -170,8 +226,10 @@ class ClassificationData:
             rows.append(f"{l:16s}" + "".join(f"{'%d / %d' % tuple(self.counts[s].get(l, (0, 0))):>22s}" for s in ss))
         return "\n".join(rows)
 
+
 def _encode(tok, text: str) -> np.ndarray:
     return tok.encode_bytes(text.encode("utf-8", errors="replace"))
+
 
 def build_classification_data(f, tokenizer, labels=None, show_progress: bool = False) -> ClassificationData:
     "Snippets of `finetune.task` per split. `labels` = the label set of an existing model (its order is kept)."
@@ -182,28 +240,40 @@ def build_classification_data(f, tokenizer, labels=None, show_progress: bool = F
         known = set(labels)
         for s in SPLITS:
             new = sorted({u.label for u in parts[s]} - known)
-            if new: raise DataError(f"finetune.task={f.task}: label '{new[0]}' ({s} split) was not seen in training; "
-                                    f"the model knows: {', '.join(labels)}")
-    else: labels = data_labels
+            if new:
+                raise DataError(
+                    f"finetune.task={f.task}: label '{new[0]}' ({s} split) was not seen in training; "
+                    f"the model knows: {', '.join(labels)}"
+                )
+    else:
+        labels = data_labels
     index = {l: i for i, l in enumerate(labels)}
     T, pad = f.snippet_tokens, tokenizer.eot
     x, y, counts = {}, {}, {}
     for s in SPLITS:
-        if not parts[s]: continue
+        if not parts[s]:
+            continue
         cap = f.max_per_class if s == "train" else f.eval_per_class
         xs, ys, counts[s] = [], [], {}
         for label in labels:
             us = [u for u in parts[s] if u.label == label]
-            if not us: continue
-            w = [snippets(_encode(tokenizer, u.read()), T, pad)
-                 for u in tqdm(us, desc=f"tokenizing {label} {s}", disable=not show_progress, leave=False)]
+            if not us:
+                continue
+            w = [
+                snippets(_encode(tokenizer, u.read()), T, pad)
+                for u in tqdm(us, desc=f"tokenizing {label} {s}", disable=not show_progress, leave=False)
+            ]
             w = np.concatenate(w) if w else np.zeros((0, T), dtype=np.int32)
             if cap and len(w) > cap:  # a fixed subset, the same in every run
-                w = w[np.sort(np.random.default_rng([_hash(label), SPLITS.index(s)]).choice(len(w), cap, replace=False))]
+                w = w[
+                    np.sort(np.random.default_rng([_hash(label), SPLITS.index(s)]).choice(len(w), cap, replace=False))
+                ]
             counts[s][label] = (len(us), len(w))
-            xs.append(w); ys.append(np.full(len(w), index[label], dtype=np.int64))
+            xs.append(w)
+            ys.append(np.full(len(w), index[label], dtype=np.int64))
         x[s], y[s] = np.concatenate(xs), np.concatenate(ys)
-        if len(y[s]) == 0: raise DataError(f"finetune.task={f.task}: the {s} split holds no text")
+        if len(y[s]) == 0:
+            raise DataError(f"finetune.task={f.task}: the {s} split holds no text")
     return ClassificationData(list(labels), x, y, counts)
 
 # %% ../nbs/16_tasks.ipynb #67a484c2
@@ -215,8 +285,12 @@ def confusion_metrics(cm) -> dict:
     rec = np.divide(tp, true_n, out=np.zeros_like(tp), where=true_n > 0)
     f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
     present = (true_n + pred_n) > 0
-    return dict(accuracy=float(tp.sum() / max(cm.sum(), 1)), macro_f1=float(f1[present].mean()) if present.any() else 0.0,
-                f1=f1.tolist())
+    return dict(
+        accuracy=float(tp.sum() / max(cm.sum(), 1)),
+        macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+        f1=f1.tolist(),
+    )
+
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy of pooled class logits `(B, C)` against label ids `(B,)`, in fp32."
@@ -225,39 +299,60 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/16_tasks.ipynb #090ec693
 class _Local:
     "A plain model dressed as a single-process engine, so `evaluate` takes either."
+
     dp_rank, dp_size = 0, 1
-    def __init__(self, model): self.model = self.module = model
-    def reduce(self, t): return t
+
+    def __init__(self, model):
+        self.model = self.module = model
+
+    def reduce(self, t):
+        return t
+
     def forward_ctx(self):
         import contextlib
+
         return contextlib.nullcontext()
 
+
 def _forward_logits(engine, x):
-    with engine.forward_ctx(): out = engine.model(x)
-    if hasattr(out, "full_tensor"): out = out.full_tensor()  # a DTensor under tensor parallelism
+    with engine.forward_ctx():
+        out = engine.model(x)
+    if hasattr(out, "full_tensor"):
+        out = out.full_tensor()  # a DTensor under tensor parallelism
     return out
+
 
 def task_tokenizer(cfg: Config):
     "The tokenizer of the pretrained model: bytes, or the BPE in the pretraining data's cache."
-    if cfg.data.tokenizer == "byte": return ByteTokenizer()
+    if cfg.data.tokenizer == "byte":
+        return ByteTokenizer()
     from scaletrain.data import prepare_data
+
     return prepare_data(cfg.data).tokenizer
+
 
 def labels_of(cfg: Config) -> list:
     return [l for l in cfg.finetune.labels.split(",") if l] if cfg.finetune.labels else []
 
+
 class ClassificationTask:
     "Snippet classification for the `Trainer`; `cfg.finetune.labels` is filled in from the data."
+
     def __init__(self, cfg: Config, tokenizer=None, model_fn=None, show_progress: bool = False):
         self.cfg, self.model_fn = cfg, model_fn
         self.tokenizer = tokenizer or task_tokenizer(cfg)
-        if cfg.model.vocab_size == 0: cfg.model.vocab_size = self.tokenizer.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
-                              "(a checkpoint of a different vocabulary?)")
+            raise ConfigError(
+                f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
+                "(a checkpoint of a different vocabulary?)"
+            )
         if cfg.finetune.snippet_tokens > cfg.model.block_size:
-            raise ConfigError(f"config: finetune.snippet_tokens={cfg.finetune.snippet_tokens} exceeds the model's context "
-                              f"model.block_size={cfg.model.block_size}")
+            raise ConfigError(
+                f"config: finetune.snippet_tokens={cfg.finetune.snippet_tokens} exceeds the model's context "
+                f"model.block_size={cfg.model.block_size}"
+            )
         self.data = build_classification_data(cfg.finetune, self.tokenizer, labels_of(cfg), show_progress)
         self.labels = self.data.labels
         cfg.finetune.labels = ",".join(self.labels)
@@ -267,21 +362,32 @@ class ClassificationTask:
         self.last_confusion = None
 
     @property
-    def seq_len(self) -> int: return self.cfg.finetune.snippet_tokens
+    def seq_len(self) -> int:
+        return self.cfg.finetune.snippet_tokens
+
     @property
-    def n_classes(self) -> int: return len(self.labels)
+    def n_classes(self) -> int:
+        return len(self.labels)
+
     def build_model(self):
-        if self.model_fn is not None: return self.model_fn()
+        if self.model_fn is not None:
+            return self.model_fn()
         from scaletrain.finetune import GPTClassifier
+
         return GPTClassifier(self.cfg.model, self.n_classes, self.cfg.finetune.pooling)
+
     def flops_per_token(self, model):
         return flops_per_token(replace(self.cfg.model, block_size=self.seq_len), num_params(model))
+
     def setup(self, global_batch: int, eval_batch: int):
         self.global_batch, self.eval_batch = global_batch, eval_batch
 
     def _epoch_perm(self, epoch: int):
         if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.cfg.train.seed, 7, epoch]).permutation(len(self.data.y["train"])))
+            self._perm = (
+                epoch,
+                np.random.default_rng([self.cfg.train.seed, 7, epoch]).permutation(len(self.data.y["train"])),
+            )
         return self._perm[1]
 
     def train_indices(self, step: int) -> np.ndarray:
@@ -296,16 +402,19 @@ class ClassificationTask:
 
     def train_batch(self, step: int, rank: int = 0, n_ranks: int = 1, device="cpu"):
         "This rank's contiguous share of the global batch of `step`, as `(x (b, T) int64, y (b,) int64)`."
-        if self.global_batch % n_ranks: raise ValueError(f"global batch {self.global_batch} not divisible by {n_ranks} ranks")
+        if self.global_batch % n_ranks:
+            raise ValueError(f"global batch {self.global_batch} not divisible by {n_ranks} ranks")
         per = self.global_batch // n_ranks
-        idx = self.train_indices(step)[rank * per:(rank + 1) * per]
-        x = torch.from_numpy(self.data.x["train"][idx].astype(np.int64)); y = torch.from_numpy(self.data.y["train"][idx])
+        idx = self.train_indices(step)[rank * per : (rank + 1) * per]
+        x = torch.from_numpy(self.data.x["train"][idx].astype(np.int64))
+        y = torch.from_numpy(self.data.y["train"][idx])
         return x.to(device), y.to(device)
 
     @torch.no_grad()
     def evaluate(self, engine, device="cpu", split: str = "val") -> dict:
         "Loss, accuracy and macro-F1 on a split (summed over data-parallel ranks); `last_confusion` keeps the matrix."
-        if isinstance(engine, nn.Module): engine = _Local(engine)
+        if isinstance(engine, nn.Module):
+            engine = _Local(engine)
         X, Y = self.data.x[split], self.data.y[split]
         N, C = len(Y), self.n_classes
         dp, r = engine.dp_size, engine.dp_rank
@@ -319,13 +428,16 @@ class ClassificationTask:
                 idx = b * E + r * per + np.arange(per)
                 valid = torch.from_numpy(idx < N).to(device)
                 idx = np.where(idx < N, idx, 0)
-                x = torch.from_numpy(X[idx].astype(np.int64)).to(device); y = torch.from_numpy(Y[idx]).to(device)
+                x = torch.from_numpy(X[idx].astype(np.int64)).to(device)
+                y = torch.from_numpy(Y[idx]).to(device)
                 logits = _forward_logits(engine, x).float()
                 loss = F.cross_entropy(logits, y, reduction="none")
                 pred = logits.argmax(-1)
-                stats[0] += loss[valid].double().sum(); stats[1] += valid.sum()
+                stats[0] += loss[valid].double().sum()
+                stats[1] += valid.sum()
                 stats[2:] += torch.bincount((y * C + pred)[valid], minlength=C * C).double()
-        finally: engine.model.train(was_training)
+        finally:
+            engine.model.train(was_training)
         stats = engine.reduce(stats) * dp  # the engine averages over the data-parallel group; we want sums
         n = int(round(float(stats[1])))
         cm = stats[2:].round().long().view(C, C).cpu().numpy()
@@ -339,40 +451,64 @@ def lm_source(spec: str) -> Path:
     "The folder of an `lm:` task: a stdlib package (`lm:email`) or a folder (`lm:notes/`)."
     name = spec[3:] if spec.startswith("lm:") else spec
     p = Path(name).expanduser()
-    if p.is_dir(): return p
+    if p.is_dir():
+        return p
     root = stdlib_root()
     pk = sorted(d.name for d in root.iterdir() if (d / "__init__.py").is_file())
-    if name in pk: return root / name
+    if name in pk:
+        return root / name
     m = difflib.get_close_matches(name, pk, n=1)
-    raise DataError(f"finetune.task={spec}: no folder and no stdlib package '{name}'" + (f" (did you mean 'lm:{m[0]}'?)" if m else "")
-                    + "; use lm:<stdlib package> or lm:<folder of text files>")
+    raise DataError(
+        f"finetune.task={spec}: no folder and no stdlib package '{name}'"
+        + (f" (did you mean 'lm:{m[0]}'?)" if m else "")
+        + "; use lm:<stdlib package> or lm:<folder of text files>"
+    )
+
 
 class PackageLMTask(LMTask):
     "Next-token prediction on one package family (or folder), with the pretrained model's tokenizer."
+
     def __init__(self, cfg: Config, tokenizer=None, model_fn=None, show_progress: bool = False):
         self.cfg, self.model_fn = cfg, model_fn
         tok = tokenizer or task_tokenizer(cfg)
-        if cfg.model.vocab_size == 0: cfg.model.vocab_size = tok.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = tok.vocab_size
         root = lm_source(cfg.finetune.task)
         files = folder_files(root)
-        if not files: raise DataError(f"finetune.task={cfg.finetune.task}: {root} holds no text files")
+        if not files:
+            raise DataError(f"finetune.task={cfg.finetune.task}: {root} holds no text files")
         val = [f for f in files if is_val_file(f.relative_to(root), cfg.finetune.val_fraction)] or files[-1:]
         held = set(val)
         train = [f for f in files if f not in held]
-        if not train: raise DataError(f"finetune.task={cfg.finetune.task}: {root} has too few files to split by file")
+        if not train:
+            raise DataError(f"finetune.task={cfg.finetune.task}: {root} has too few files to split by file")
         eot = np.array([tok.eot], dtype=np.uint16)
-        cat = lambda fs: np.concatenate([np.concatenate([_encode(tok, Path(f).read_text(encoding="utf-8", errors="replace")).astype(np.uint16), eot])
-                                         for f in fs])
-        self.data = SimpleNamespace(train=[cat(train)], val=[cat(val)], weights=[1.0], vocab_size=tok.vocab_size,
-                                    tokenizer=tok, files=dict(train=len(train), val=len(val)))
+        cat = lambda fs: np.concatenate(
+            [
+                np.concatenate(
+                    [_encode(tok, Path(f).read_text(encoding="utf-8", errors="replace")).astype(np.uint16), eot]
+                )
+                for f in fs
+            ]
+        )
+        self.data = SimpleNamespace(
+            train=[cat(train)],
+            val=[cat(val)],
+            weights=[1.0],
+            vocab_size=tok.vocab_size,
+            tokenizer=tok,
+            files=dict(train=len(train), val=len(val)),
+        )
 
-    def build_model(self): return self.model_fn() if self.model_fn is not None else super().build_model()
+    def build_model(self):
+        return self.model_fn() if self.model_fn is not None else super().build_model()
 
 # %% ../nbs/16_tasks.ipynb #5a2ebf93
 def held_out_files(f) -> set:
     "The stdlib files of the `stdlib-packages` task's val and test splits (a `FinetuneConfig`)."
     parts = split_units(stdlib_units(f.n_classes), f.val_fraction, f.test_fraction)
     return {u.path for s in ("val", "test") for u in parts[s]}
+
 
 def pretraining_corpus(f, out) -> Path:
     "A folder of symlinks to every stdlib `.py` file except the task's held-out ones; returns it (reused if complete)."
@@ -382,11 +518,14 @@ def pretraining_corpus(f, out) -> Path:
     want = {out / p.relative_to(root): p for p in files}
     key = hashlib.sha256("\n".join(sorted(str(p) for p in want)).encode()).hexdigest()
     done = out / ".complete"
-    if done.is_file() and done.read_text() == key: return out
+    if done.is_file() and done.read_text() == key:
+        return out
     if out.is_dir():  # made for other held-out files: a link to one of this task's would leak it into pretraining
-        for link in [l for l in out.rglob("*") if l.is_symlink() and l not in want]: link.unlink()
+        for link in [l for l in out.rglob("*") if l.is_symlink() and l not in want]:
+            link.unlink()
     for link, p in want.items():
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink(): link.symlink_to(p)
+        if not link.is_symlink():
+            link.symlink_to(p)
     atomic_write_text(done, key)
     return out

@@ -4,7 +4,15 @@
 
 # %% ../nbs/08_train.ipynb #c0ae22cf
 from __future__ import annotations
-import gc, json, math, platform, signal, subprocess, sys, threading, time
+import gc
+import json
+import math
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -25,20 +33,26 @@ __all__ = ['EVENTS', 'new_run_dir', 'git_commit', 'TrainingAnomaly', 'Callback',
 # %% ../nbs/08_train.ipynb #abd7632c
 def new_run_dir(cfg: Config) -> Path:
     "Create (atomically) and return a fresh run folder; writes `config.yaml`."
-    try: d = fresh_folder(cfg.run.out_dir, cfg.run.name, tag=config_hash(cfg)[:6])
+    try:
+        d = fresh_folder(cfg.run.out_dir, cfg.run.name, tag=config_hash(cfg)[:6])
     except FileExistsError:
-        raise ConfigError(f"run.name={cfg.run.name}: {Path(cfg.run.out_dir) / cfg.run.name} already exists; "
-                          f"choose another run.name or continue it with --resume {Path(cfg.run.out_dir) / cfg.run.name}") from None
+        raise ConfigError(
+            f"run.name={cfg.run.name}: {Path(cfg.run.out_dir) / cfg.run.name} already exists; "
+            f"choose another run.name or continue it with --resume {Path(cfg.run.out_dir) / cfg.run.name}"
+        ) from None
     cfg.run.name = d.name
     save_config(cfg, d / "config.yaml")
     return d
+
 
 def git_commit(path=".") -> str | None:
     "HEAD commit of the repository holding `path`, if any."
     try:
         r = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired): return None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
 
 class TrainingAnomaly(RuntimeError):
     "The loss became NaN or infinite."
@@ -46,90 +60,158 @@ class TrainingAnomaly(RuntimeError):
 # %% ../nbs/08_train.ipynb #cb02f2a9
 EVENTS = ("before_fit", "before_step", "after_step", "after_eval", "after_save", "on_anomaly", "after_fit", "on_exit")
 
+
 class Callback:
     "Subclass and define methods named after `EVENTS`; lower `order` runs first."
+
     order = 0
     trainer = None
 
+
 class ProgressCallback(Callback):
     "tqdm bar on the printing rank."
+
     order, bar = 10, None
+
     def before_fit(self):
         t = self.trainer
         tty = sys.stderr.isatty()  # in a log file, a line every 15 s rather than a stream of \r updates
-        self.bar = tqdm(total=t.cfg.train.steps, initial=t.step, desc="train", disable=not t.info.is_main,
-                        mininterval=2.0 if tty else 15.0, dynamic_ncols=tty, file=sys.stderr)
+        self.bar = tqdm(
+            total=t.cfg.train.steps,
+            initial=t.step,
+            desc="train",
+            disable=not t.info.is_main,
+            mininterval=2.0 if tty else 15.0,
+            dynamic_ncols=tty,
+            file=sys.stderr,
+        )
+
     def after_step(self):
         r = self.trainer.last
-        if self.bar is None: return
-        self.bar.update(1); self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
+
     def after_eval(self):
-        msg = f"step {self.trainer.step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.trainer.last_eval.items()
-                                                         if isinstance(v, float))
-        if self.bar is not None: self.bar.write(msg) if self.trainer.info.is_main else None
-        else: self.trainer.print(msg)
+        msg = f"step {self.trainer.step}: " + ", ".join(
+            f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.trainer.last_eval.items() if isinstance(v, float)
+        )
+        if self.bar is not None:
+            self.bar.write(msg) if self.trainer.info.is_main else None
+        else:
+            self.trainer.print(msg)
+
     def on_exit(self):
-        if self.bar is not None: self.bar.close(); self.bar = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
 
 class MetricsCallback(Callback):
     "Writes step and eval records to `metrics.jsonl` (rank 0) while fitting."
+
     order, w = 20, None
+
     def before_fit(self):
         t = self.trainer
         self.w = MetricsWriter(t.run_dir / "metrics.jsonl", t.cfg.run.tensorboard) if t.info.is_main else None
+
     def after_step(self):
-        if self.w and self.trainer.step % self.trainer.cfg.run.log_every == 0: self.w.write(self.trainer.last)
+        if self.w and self.trainer.step % self.trainer.cfg.run.log_every == 0:
+            self.w.write(self.trainer.last)
+
     def after_eval(self):
-        if self.w: self.w.write(dict(step=self.trainer.step, **self.trainer.last_eval))
+        if self.w:
+            self.w.write(dict(step=self.trainer.step, **self.trainer.last_eval))
+
     def on_anomaly(self):
-        if self.w: self.w.write(dict(step=self.trainer.step, anomaly=self.trainer.anomaly))
+        if self.w:
+            self.w.write(dict(step=self.trainer.step, anomaly=self.trainer.anomaly))
+
     def on_exit(self):
-        if self.w: self.w.close(); self.w = None
+        if self.w:
+            self.w.close()
+            self.w = None
+
 
 class PlotCallback(Callback):
     """Saves `loss.png` after a validation pass (at most every `every_s` seconds: the other ranks wait meanwhile)
     and at the end (rank 0)."""
+
     order, every_s, last = 30, 30.0, 0.0
+
     def _plot(self):
         if self.trainer.info.is_main and (self.trainer.run_dir / "metrics.jsonl").exists():
             from scaletrain.plots import plot_run
+
             plot_run(self.trainer.run_dir)  # saved and closed
             self.last = time.monotonic()
+
     def after_eval(self):
-        if time.monotonic() - self.last >= self.every_s: self._plot()
-    def after_fit(self): self._plot()
+        if time.monotonic() - self.last >= self.every_s:
+            self._plot()
+
+    def after_fit(self):
+        self._plot()
+
 
 class SignalCallback(Callback):
     "SIGTERM asks for a graceful stop: finish the step, checkpoint, exit 0."
+
     order = 0
+
     def before_fit(self):
         self.old = None
         if threading.current_thread() is threading.main_thread():
             self.old = signal.signal(signal.SIGTERM, self._handler)
-    def _handler(self, signum, frame): self.trainer.stop_requested = True
+
+    def _handler(self, signum, frame):
+        self.trainer.stop_requested = True
+
     def on_exit(self):  # a notebook kernel outlives the run: its own SIGTERM handling comes back
-        if self.old is not None: signal.signal(signal.SIGTERM, self.old); self.old = None
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+            self.old = None
 
 # %% ../nbs/08_train.ipynb #39ba4b8b
 class LMTask:
     "Next-token prediction on `cfg.data` (the stdlib corpus by default)."
+
     loss_fn = staticmethod(lm_loss)
+
     def __init__(self, cfg: Config, show_progress: bool = True):
         self.cfg = cfg
         self.data = prepare_data(cfg.data, show_progress=show_progress)
-        if cfg.model.vocab_size == 0: cfg.model.vocab_size = self.data.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.data.vocab_size
         elif cfg.model.vocab_size < self.data.vocab_size:
-            raise ConfigError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}")
+            raise ConfigError(
+                f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}"
+            )
+
     @property
-    def seq_len(self) -> int: return self.cfg.model.block_size
-    def build_model(self): return GPT(self.cfg.model)
-    def flops_per_token(self, model): return flops_per_token(self.cfg.model, num_params(model))
+    def seq_len(self) -> int:
+        return self.cfg.model.block_size
+
+    def build_model(self):
+        return GPT(self.cfg.model)
+
+    def flops_per_token(self, model):
+        return flops_per_token(self.cfg.model, num_params(model))
+
     def setup(self, global_batch: int, eval_batch: int):
         c = self.cfg
-        self.train_sampler = BatchSampler(self.data.train, self.data.weights, c.model.block_size, global_batch, c.train.seed, "train")
-        self.val_sampler = BatchSampler(self.data.val, self.data.weights, c.model.block_size, eval_batch, c.train.seed, "val")
+        self.train_sampler = BatchSampler(
+            self.data.train, self.data.weights, c.model.block_size, global_batch, c.train.seed, "train"
+        )
+        self.val_sampler = BatchSampler(
+            self.data.val, self.data.weights, c.model.block_size, eval_batch, c.train.seed, "val"
+        )
+
     def train_batch(self, step: int, rank: int, n_ranks: int, device):
         return self.train_sampler.batch(step, rank, n_ranks, device)
+
     def evaluate(self, engine, device) -> dict:
         "Mean validation loss over `train.eval_iters` fixed batches: `{'val_loss': ...}`."
         tot = 0.0
@@ -141,13 +223,24 @@ class LMTask:
 # %% ../nbs/08_train.ipynb #2db45847
 class Trainer:
     "Train `cfg` into `run_dir` (a new folder unless given); `resume=True` continues its latest checkpoint."
-    def __init__(self, cfg: Config, run_dir=None, callbacks=(), resume: bool = False, model=None,
-                 build_engine=None, default_callbacks: bool = True, task=None):
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir=None,
+        callbacks=(),
+        resume: bool = False,
+        model=None,
+        build_engine=None,
+        default_callbacks: bool = True,
+        task=None,
+    ):
         self.cfg, self.t0 = cfg, time.time()
         self.info = init_distributed(cfg.train.device)
         self.device = self.info.device
         self.print = RankPrinter(self.info, cfg.run.log_ranks == "all")
         from scaletrain import parallel
+
         parallel.check(cfg, self.info.world_size)
         self.mesh = build_mesh(self.info, cfg.parallel.tp, cfg.parallel.pp)
         self.task = task if task is not None else LMTask(cfg, show_progress=self.info.is_main)
@@ -155,8 +248,9 @@ class Trainer:
         self.model = model if model is not None else self.task.build_model()
         self.n_params = num_params(self.model)
         self.flops_per_token = self.task.flops_per_token(self.model)
-        self.engine = (build_engine or parallel.build_engine)(self.model, cfg, self.device, self.info, self.mesh,
-                                                              loss_fn=self.task.loss_fn)
+        self.engine = (build_engine or parallel.build_engine)(
+            self.model, cfg, self.device, self.info, self.mesh, loss_fn=self.task.loss_fn
+        )
         self.run_dir = self._run_dir(run_dir, resume)
         self.micro_batch = int(cfg.train.micro_batch) if cfg.train.micro_batch != "auto" else self._auto_micro_batch()
         self.grad_accum = cfg.train.grad_accum
@@ -165,30 +259,46 @@ class Trainer:
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
         self.eval_owed = False
         self.resume_command = "scaletrain train --resume"  # what the user types to continue (fine-tuning says its own)
-        self.history, self.val_history, self.last, self.last_val, self.last_eval, self.anomaly = [], [], None, None, None, None
+        self.history, self.val_history, self.last, self.last_val, self.last_eval, self.anomaly = (
+            [],
+            [],
+            None,
+            None,
+            None,
+            None,
+        )
         self._pending, self._t_read, self._gc_frozen = [], time.perf_counter(), False
         self.last_checkpoint, self.summary, self.status = None, None, "running"
         self.oom_events, self._in_optimizer_step = [], False
         self._watch_optimizer()
         self.peak_tflops, self.peak_source = device_peak(self.device, cfg.memory.precision, cfg.run.peak_tflops)
-        self.callbacks = sorted(([SignalCallback(), ProgressCallback(), MetricsCallback(), PlotCallback()] if default_callbacks else [])
-                                + list(callbacks), key=lambda c: c.order)
-        for c in self.callbacks: c.trainer = self
-        if resume: self._resume()
+        self.callbacks = sorted(
+            ([SignalCallback(), ProgressCallback(), MetricsCallback(), PlotCallback()] if default_callbacks else [])
+            + list(callbacks),
+            key=lambda c: c.order,
+        )
+        for c in self.callbacks:
+            c.trainer = self
+        if resume:
+            self._resume()
 
     # ---- set-up helpers ----
     def _run_dir(self, run_dir, resume):
         if run_dir is not None:
             d = Path(run_dir)
-            if not resume and self.info.is_main and not (d / "config.yaml").exists(): save_config(self.cfg, d / "config.yaml")
+            if not resume and self.info.is_main and not (d / "config.yaml").exists():
+                save_config(self.cfg, d / "config.yaml")
             return d
-        if resume: raise ConfigError("resume=True needs the run folder to resume")
+        if resume:
+            raise ConfigError("resume=True needs the run folder to resume")
         d = [str(new_run_dir(self.cfg)) if self.info.is_main else None]
-        if self.info.distributed: dist.broadcast_object_list(d, src=0)
+        if self.info.distributed:
+            dist.broadcast_object_list(d, src=0)
         return Path(d[0])
 
     def _auto_micro_batch(self) -> int:
         from scaletrain.memory import find_micro_batch
+
         return find_micro_batch(self)
 
     def _resume(self):
@@ -196,10 +306,14 @@ class Trainer:
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
         # a stop can come before its step's evaluation: do it first (unless an earlier resume already logged it)
         self.eval_owed = not st.get("evaluated", True) and not any(
-            r.get("step") == self.step and "val_loss" in r for r in read_metrics(self.run_dir / "metrics.jsonl"))
+            r.get("step") == self.step and "val_loss" in r for r in read_metrics(self.run_dir / "metrics.jsonl")
+        )
         # keep a micro-batch found by `auto`, or lowered after running out of memory, when the global batch is the same
-        if st.get("micro_batch") and st.get("global_batch") == self.global_batch and (
-                self.cfg.train.micro_batch == "auto" or st["micro_batch"] < self.micro_batch):
+        if (
+            st.get("micro_batch")
+            and st.get("global_batch") == self.global_batch
+            and (self.cfg.train.micro_batch == "auto" or st["micro_batch"] < self.micro_batch)
+        ):
             self.micro_batch, self.grad_accum = st["micro_batch"], st["grad_accum"]
         if self.info.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -209,14 +323,15 @@ class Trainer:
     def fire(self, event: str):
         for c in self.callbacks:
             f = getattr(c, event, None)
-            if f is not None: f()
+            if f is not None:
+                f()
 
     # ---- the loop ----
     def micro_batches(self, step: int):
         "This rank's micro-batches of the global batch of `step`."
         x, y = self.task.train_batch(step, self.engine.dp_rank, self.engine.dp_size, self.device)
         m = self.micro_batch
-        return [(x[i:i + m], y[i:i + m]) for i in range(0, x.shape[0], m)]
+        return [(x[i : i + m], y[i : i + m]) for i in range(0, x.shape[0], m)]
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -230,13 +345,29 @@ class Trainer:
 
     def save(self):
         self.read_steps()  # a NaN must be caught before its weights are written
-        state = dict(step=self.step, data_step=self.step, tokens=self.tokens, train_time=self.train_time,
-                     config=to_dict(self.cfg), config_hash=config_hash(self.cfg), world_size=self.info.world_size,
-                     strategy=self.cfg.parallel.strategy, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
-                     global_batch=self.global_batch, schedule=dict(kind="warmup+cosine", lr=self.cfg.train.lr,
-                     warmup_steps=self.cfg.train.warmup_steps, min_lr_ratio=self.cfg.train.min_lr_ratio),
-                     evaluated=bool(self.val_history) and self.val_history[-1][0] == self.step)
-        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.engine, state, self.cfg.train.keep_checkpoints)
+        state = dict(
+            step=self.step,
+            data_step=self.step,
+            tokens=self.tokens,
+            train_time=self.train_time,
+            config=to_dict(self.cfg),
+            config_hash=config_hash(self.cfg),
+            world_size=self.info.world_size,
+            strategy=self.cfg.parallel.strategy,
+            micro_batch=self.micro_batch,
+            grad_accum=self.grad_accum,
+            global_batch=self.global_batch,
+            schedule=dict(
+                kind="warmup+cosine",
+                lr=self.cfg.train.lr,
+                warmup_steps=self.cfg.train.warmup_steps,
+                min_lr_ratio=self.cfg.train.min_lr_ratio,
+            ),
+            evaluated=bool(self.val_history) and self.val_history[-1][0] == self.step,
+        )
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.run_dir, self.step, self.engine, state, self.cfg.train.keep_checkpoints
+        )
         self.fire("after_save")
 
     def _agree_stop(self) -> bool:
@@ -253,36 +384,54 @@ class Trainer:
             raise err  # the optimizer step itself, or nothing left to split: a smaller micro-batch cannot help
         self.engine.zero_grad()  # drop the partial gradients of the failed attempt
         gc.collect()
-        if self.device.type == "cuda": torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.micro_batch, self.grad_accum = new, self.grad_accum * f
         self.oom_events.append(dict(step=self.step + 1, micro_batch=new, grad_accum=self.grad_accum))
-        self.print(f"step {self.step + 1}: out of memory with micro-batch {m}; retrying with micro-batch {new} x "
-                   f"accumulation {self.grad_accum} (global batch {self.global_batch} unchanged)", force=True)
+        self.print(
+            f"step {self.step + 1}: out of memory with micro-batch {m}; retrying with micro-batch {new} x "
+            f"accumulation {self.grad_accum} (global batch {self.global_batch} unchanged)",
+            force=True,
+        )
 
     def _watch_optimizer(self):
         "Flag the optimizer step, so an out-of-memory error there is not taken for one in forward/backward."
         opt = self.engine.optimizer
-        def pre(*a): self._in_optimizer_step = True
-        def post(*a): self._in_optimizer_step = False
-        if hasattr(opt, "register_step_pre_hook"): opt.register_step_pre_hook(pre); opt.register_step_post_hook(post)
+
+        def pre(*a):
+            self._in_optimizer_step = True
+
+        def post(*a):
+            self._in_optimizer_step = False
+
+        if hasattr(opt, "register_step_pre_hook"):
+            opt.register_step_pre_hook(pre)
+            opt.register_step_post_hook(post)
 
     def train_one_step(self):
         "Launch one optimizer step. Its loss and grad norm stay on the device until `read_steps` (every `run.log_every` steps)."
         self.fire("before_step")
-        if not self._pending: self._t_read = time.perf_counter()
+        if not self._pending:
+            self._t_read = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
         n_oom = len(self.oom_events)
         while True:  # out of memory in forward/backward: same step again with a smaller micro-batch
             try:
-                res = self.engine.train_step(self.micro_batches(self.step), lr); break
-            except torch.OutOfMemoryError as e: self._recover_from_oom(e)
+                res = self.engine.train_step(self.micro_batches(self.step), lr)
+                break
+            except torch.OutOfMemoryError as e:
+                self._recover_from_oom(e)
         self.step += 1
         self.tokens += self.global_batch * self.task.seq_len
         self._pending.append((self.step, self.tokens, lr, res, len(self.oom_events) > n_oom))
         t = self.cfg.train
         # a schedule common to all ranks (the stop vote in `fit` happens at reads); one process also reads on a stop request
-        if (self.step == 1 or self.step % self.cfg.run.log_every == 0 or self.step == t.steps
-                or (self.stop_requested and not self.info.distributed)):
+        if (
+            self.step == 1
+            or self.step % self.cfg.run.log_every == 0
+            or self.step == t.steps
+            or (self.stop_requested and not self.info.distributed)
+        ):
             self.read_steps()
 
     def read_steps(self):
@@ -292,8 +441,10 @@ class Trainer:
         queue the next steps while the GPU works (no idle gap between steps), and tokens/s is then the window's
         mean. Callbacks hear of the window's steps at the read. A NaN is still caught at its step: the read comes
         before any evaluation or checkpoint."""
-        if not self._pending: return
-        if self.device.type == "cuda": torch.cuda.synchronize(self.device)
+        if not self._pending:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         pending, self._pending = self._pending, []
         dt = (time.perf_counter() - self._t_read) / len(pending)
         for step, tokens, lr, res, oom in pending:
@@ -303,52 +454,78 @@ class Trainer:
                 self.anomaly = f"step {step}: loss is {res.loss}"
                 raise TrainingAnomaly(self.anomaly)
             self.step, self.tokens = step, tokens  # callbacks see the step they are told about
-            if step > 1: self.train_time += dt  # the first step pays for warm-up/compilation
+            if step > 1:
+                self.train_time += dt  # the first step pays for warm-up/compilation
             tps = self.global_batch * self.task.seq_len / dt
-            self.last = dict(step=step, loss=res.loss, lr=lr, grad_norm=res.grad_norm, tokens_per_s=tps,
-                             mfu=self.flops_per_token * tps / (self.info.world_size * self.peak_tflops * 1e12),
-                             peak_mem_gb=peak_memory_gb(self.device), tokens=tokens, time=time.time() - self.t0)
-            if res.loss_scale is not None: self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
+            self.last = dict(
+                step=step,
+                loss=res.loss,
+                lr=lr,
+                grad_norm=res.grad_norm,
+                tokens_per_s=tps,
+                mfu=self.flops_per_token * tps / (self.info.world_size * self.peak_tflops * 1e12),
+                peak_mem_gb=peak_memory_gb(self.device),
+                tokens=tokens,
+                time=time.time() - self.t0,
+            )
+            if res.loss_scale is not None:
+                self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
             if oom:  # logged in metrics.jsonl: the step ran with a smaller micro-batch
                 self.last.update(oom_recovered=True, micro_batch=self.micro_batch, grad_accum=self.grad_accum)
             self.history.append(self.last)
             self.fire("after_step")
             if step == 1 and not self._gc_frozen:
                 # the model, optimizer and compiled graphs live as long as the run: keep the collector off them
-                gc.collect(); gc.freeze(); self._gc_frozen = True
+                gc.collect()
+                gc.freeze()
+                self._gc_frozen = True
 
     def fit(self) -> dict:
         "Train to `train.steps`; returns the summary (also written to `summary.json`)."
-        self.print(f"scaletrain {scaletrain.__version__}: {self.run_dir} | {self.n_params / 1e6:.2f}M params | "
-                   f"{self.device} x {self.info.world_size} | strategy {self.engine.name} | global batch "
-                   f"{self.global_batch} x {self.task.seq_len} tokens (micro {self.micro_batch} x accum {self.grad_accum} x dp {self.engine.dp_size})")
-        if self.step == 0: torch.manual_seed(self.cfg.train.seed + self.info.rank)  # dropout stream; a resume restores it instead
+        self.print(
+            f"scaletrain {scaletrain.__version__}: {self.run_dir} | {self.n_params / 1e6:.2f}M params | "
+            f"{self.device} x {self.info.world_size} | strategy {self.engine.name} | global batch "
+            f"{self.global_batch} x {self.task.seq_len} tokens (micro {self.micro_batch} x accum {self.grad_accum} x dp {self.engine.dp_size})"
+        )
+        if self.step == 0:
+            torch.manual_seed(self.cfg.train.seed + self.info.rank)  # dropout stream; a resume restores it instead
         self.fire("before_fit")
-        try: return self._fit()
+        try:
+            return self._fit()
         finally:
-            if self._gc_frozen: gc.unfreeze(); self._gc_frozen = False
+            if self._gc_frozen:
+                gc.unfreeze()
+                self._gc_frozen = False
             self.fire("on_exit")
 
     def _fit(self) -> dict:
         t = self.cfg.train
         try:
             due = lambda: (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps
-            if self.step == 0 or (self.eval_owed and due()): self.evaluate()
+            if self.step == 0 or (self.eval_owed and due()):
+                self.evaluate()
             while self.step < t.steps:
                 self.train_one_step()
                 if not self._pending and self._agree_stop():
-                    self.save(); self.status = "stopped"
+                    self.save()
+                    self.status = "stopped"
                     self.print(f"stopped at step {self.step}; checkpoint {self.last_checkpoint}")
                     break
-                if due(): self.evaluate()
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps: self.save()
-            else: self.status = "finished"
+                if due():
+                    self.evaluate()
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                    self.save()
+            else:
+                self.status = "finished"
             self.read_steps()
         except TrainingAnomaly as e:
             self.status = "anomaly"
             last = ckpt.latest_checkpoint(self.run_dir)
-            self.print(f"error: {e}; stopped. Last good checkpoint: {last or 'none'}"
-                       + (f" (continue with: {self.resume_command} {self.run_dir})" if last else ""), file=sys.stderr)
+            self.print(
+                f"error: {e}; stopped. Last good checkpoint: {last or 'none'}"
+                + (f" (continue with: {self.resume_command} {self.run_dir})" if last else ""),
+                file=sys.stderr,
+            )
             self.fire("on_anomaly")
         self.summary = self._summary()
         sb = [self.engine.state_bytes()]
@@ -356,33 +533,59 @@ class Trainer:
             mine, sb = sb[0], [None] * self.info.world_size
             dist.all_gather_object(sb, mine)
         self.summary["state_bytes_per_rank"] = sb
-        if self.info.is_main: atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=1))
+        if self.info.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=1))
         self.fire("after_fit")
         return self.summary
 
     def _summary(self) -> dict:
         h = self.history[-10:]
         vals = self.val_history
-        return dict(status=self.status, run_dir=str(self.run_dir), steps=self.step, tokens=self.tokens,
-                    final_train_loss=sum(r["loss"] for r in h) / len(h) if h else None,
-                    first_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
-                    final_val_loss=vals[-1][1] if vals else None,
-                    tokens_per_s=(self.tokens - self.global_batch * self.task.seq_len) / self.train_time if self.train_time else None,
-                    mfu=(sum(r["mfu"] for r in self.history[1:]) / len(self.history[1:])) if len(self.history) > 1 else None,
-                    peak_tflops=self.peak_tflops, peak_source=self.peak_source,
-                    wall_time_s=time.time() - self.t0, train_time_s=self.train_time,
-                    n_params=self.n_params, device=str(self.device), world_size=self.info.world_size,
-                    strategy=self.cfg.parallel.strategy, dp=self.engine.dp_size, tp=self.cfg.parallel.tp, pp=self.cfg.parallel.pp,
-                    precision=self.cfg.memory.precision, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
-                    global_batch=self.global_batch, seq_len=self.task.seq_len,
-                    seed=self.cfg.train.seed, config_hash=config_hash(self.cfg),
-                    python=platform.python_version(), torch=torch.__version__, scaletrain=scaletrain.__version__,
-                    git_commit=git_commit(), last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                    anomaly=self.anomaly)
+        return dict(
+            status=self.status,
+            run_dir=str(self.run_dir),
+            steps=self.step,
+            tokens=self.tokens,
+            final_train_loss=sum(r["loss"] for r in h) / len(h) if h else None,
+            first_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
+            final_val_loss=vals[-1][1] if vals else None,
+            tokens_per_s=(self.tokens - self.global_batch * self.task.seq_len) / self.train_time
+            if self.train_time
+            else None,
+            mfu=(sum(r["mfu"] for r in self.history[1:]) / len(self.history[1:])) if len(self.history) > 1 else None,
+            peak_tflops=self.peak_tflops,
+            peak_source=self.peak_source,
+            wall_time_s=time.time() - self.t0,
+            train_time_s=self.train_time,
+            n_params=self.n_params,
+            device=str(self.device),
+            world_size=self.info.world_size,
+            strategy=self.cfg.parallel.strategy,
+            dp=self.engine.dp_size,
+            tp=self.cfg.parallel.tp,
+            pp=self.cfg.parallel.pp,
+            precision=self.cfg.memory.precision,
+            micro_batch=self.micro_batch,
+            grad_accum=self.grad_accum,
+            global_batch=self.global_batch,
+            seq_len=self.task.seq_len,
+            seed=self.cfg.train.seed,
+            config_hash=config_hash(self.cfg),
+            python=platform.python_version(),
+            torch=torch.__version__,
+            scaletrain=scaletrain.__version__,
+            git_commit=git_commit(),
+            last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+            anomaly=self.anomaly,
+        )
 
 # %% ../nbs/08_train.ipynb #14cba8c9
 class StopAfter(Callback):
     "Request a graceful stop once `n` steps are done (a stand-in for SIGTERM in tests and tutorials)."
-    def __init__(self, n: int): self.n = n
+
+    def __init__(self, n: int):
+        self.n = n
+
     def after_step(self):
-        if self.trainer.step >= self.n: self.trainer.stop_requested = True
+        if self.trainer.step >= self.n:
+            self.trainer.stop_requested = True

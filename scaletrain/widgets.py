@@ -4,7 +4,15 @@
 
 # %% ../nbs/15_widgets.ipynb #2ef29713
 from __future__ import annotations
-import functools, html, io, json, os, shutil, subprocess, threading, time
+import functools
+import html
+import io
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
 from collections import deque
 from pathlib import Path
 import ipywidgets as W
@@ -17,10 +25,10 @@ __all__ = ['MODEL_SIZES', 'predict_memory', 'device_capacity', 'run_status', 'li
 
 # %% ../nbs/15_widgets.ipynb #407264c3
 MODEL_SIZES = {
-    "tiny":   dict(n_layer=2, n_embd=64, n_head=2, block_size=64),
-    "small":  dict(n_layer=4, n_embd=256, n_head=4, block_size=128),     # the default config, ~3 M
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2, block_size=64),
+    "small": dict(n_layer=4, n_embd=256, n_head=4, block_size=128),  # the default config, ~3 M
     "medium": dict(n_layer=8, n_embd=512, n_head=8, block_size=256),
-    "gpt2":   dict(n_layer=12, n_embd=768, n_head=12, block_size=1024),  # GPT-2 small, 124 M with a 50k vocabulary
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024),  # GPT-2 small, 124 M with a 50k vocabulary
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, block_size=1024),
 }
 
@@ -28,20 +36,31 @@ MODEL_SIZES = {
 def predict_memory(cfg, world_size: int, device: str = "cuda") -> dict:
     "Bytes per rank predicted by `scaletrain.memory` for `cfg` on `world_size` processes, as a dict with `total`."
     from scaletrain.memory import estimate_config
+
     est = estimate_config(cfg, world_size, device=device)  # the vocabulary as the tokenizer will set it
     return dict(est.parts(), total=est.total, phase=est.phase, n_params=est.inputs["params"])
+
 
 @functools.lru_cache(maxsize=1)  # asked on every change of a control; the GPUs do not change meanwhile
 def _smallest_gpu() -> tuple[float, str] | None:
     "(MiB, name) of the smallest GPU, from `nvidia-smi` (so the kernel never creates a CUDA context), or None."
     smi = shutil.which("nvidia-smi")
-    if not smi: return None
+    if not smi:
+        return None
     try:
-        r = subprocess.run([smi, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(
+            [smi, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         rows = [l.split(",", 1) for l in r.stdout.strip().splitlines() if l.strip()]
-        if r.returncode == 0 and rows: return min((float(a), b.strip()) for a, b in rows)
-    except (OSError, ValueError, subprocess.TimeoutExpired): pass
+        if r.returncode == 0 and rows:
+            return min((float(a), b.strip()) for a, b in rows)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
     return None
+
 
 def device_capacity(nproc: int) -> tuple[float, str]:
     "(bytes available to one rank, what it is): the smallest GPU's memory, or this machine's RAM / nproc."
@@ -52,47 +71,93 @@ def device_capacity(nproc: int) -> tuple[float, str]:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram / max(1, nproc), f"CPU RAM {ram / 2**30:.0f} GiB / {nproc} ranks"
 
-def _gib(x) -> str: return f"{x / 2**30:.2f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"
 
-def _count(n) -> str: return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+def _gib(x) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"
+
+
+def _count(n) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
 
 # %% ../nbs/15_widgets.ipynb #948bee88
 def run_status(d: Path, summary: dict | None = None) -> str:
     "running (a live lock), else the summary's status (`summary`: `summary.json`, if already read), else the last launch's."
-    if RunLock.is_live(RunLock.holder_of(d)): return "running"
+    if RunLock.is_live(RunLock.holder_of(d)):
+        return "running"
     if summary is None:
-        try: summary = json.loads((d / "summary.json").read_text())
-        except (OSError, ValueError): summary = {}
-    if "status" in summary: return summary["status"]
-    try: launches = json.loads((d / "launch.json").read_text())["launches"]
-    except (OSError, ValueError, KeyError): return "?"
+        try:
+            summary = json.loads((d / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+    if "status" in summary:
+        return summary["status"]
+    try:
+        launches = json.loads((d / "launch.json").read_text())["launches"]
+    except (OSError, ValueError, KeyError):
+        return "?"
     return launches[-1]["status"] if launches else "prepared"
+
 
 def list_runs(out_dir) -> list[dict]:
     "One row per run folder under `out_dir`, newest first."
     from scaletrain.metrics import read_metrics
+
     rows = []
     root = Path(out_dir)
-    if not root.is_dir(): return rows
-    for d in sorted((x for x in root.iterdir() if x.is_dir() and ((x / "config.yaml").exists() or (x / "launch.json").exists())),
-                    key=lambda x: x.stat().st_mtime, reverse=True):
+    if not root.is_dir():
+        return rows
+    for d in sorted(
+        (x for x in root.iterdir() if x.is_dir() and ((x / "config.yaml").exists() or (x / "launch.json").exists())),
+        key=lambda x: x.stat().st_mtime,
+        reverse=True,
+    ):
         recs = read_metrics(d / "metrics.jsonl")
         steps = [r for r in recs if "loss" in r]
         vals = [r["val_loss"] for r in recs if "val_loss" in r]
-        try: s = json.loads((d / "summary.json").read_text())
-        except (OSError, ValueError): s = {}
-        rows.append(dict(run=d.name, status=run_status(d, s), steps=steps[-1]["step"] if steps else 0,
-                         loss=steps[-1]["loss"] if steps else None, val_loss=vals[-1] if vals else None,
-                         tokens_per_s=s.get("tokens_per_s"), processes=s.get("world_size"), strategy=s.get("strategy"),
-                         path=str(d)))
+        try:
+            s = json.loads((d / "summary.json").read_text())
+        except (OSError, ValueError):
+            s = {}
+        rows.append(
+            dict(
+                run=d.name,
+                status=run_status(d, s),
+                steps=steps[-1]["step"] if steps else 0,
+                loss=steps[-1]["loss"] if steps else None,
+                val_loss=vals[-1] if vals else None,
+                tokens_per_s=s.get("tokens_per_s"),
+                processes=s.get("world_size"),
+                strategy=s.get("strategy"),
+                path=str(d),
+            )
+        )
     return rows
+
 
 def runs_table_html(rows) -> str:
     f = lambda v, fmt: "" if v is None else format(v, fmt)
-    head = "".join(f"<th style='padding:2px 8px'>{h}</th>" for h in ("run", "status", "steps", "loss", "val loss", "tokens/s", "procs", "strategy"))
-    body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px'>{html.escape(str(c))}</td>" for c in (
-        r["run"], r["status"], r["steps"], f(r["loss"], ".3f"), f(r["val_loss"], ".3f"), f(r["tokens_per_s"], ",.0f"),
-        r["processes"] or "", r["strategy"] or "")) + "</tr>" for r in rows)
+    head = "".join(
+        f"<th style='padding:2px 8px'>{h}</th>"
+        for h in ("run", "status", "steps", "loss", "val loss", "tokens/s", "procs", "strategy")
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td style='padding:2px 8px'>{html.escape(str(c))}</td>"
+            for c in (
+                r["run"],
+                r["status"],
+                r["steps"],
+                f(r["loss"], ".3f"),
+                f(r["val_loss"], ".3f"),
+                f(r["tokens_per_s"], ",.0f"),
+                r["processes"] or "",
+                r["strategy"] or "",
+            )
+        )
+        + "</tr>"
+        for r in rows
+    )
     return f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{body or '<tr><td>no runs yet</td></tr>'}</table>"
 
 # %% ../nbs/15_widgets.ipynb #340cc05f
@@ -100,21 +165,37 @@ def curves_png(runs: dict, dpi: int = 72) -> bytes:
     "PNG of loss, tokens/s and memory for `{label: records}`."
     from matplotlib.figure import Figure
     from scaletrain.plots import draw_curves
+
     fig = Figure(figsize=(12, 3.2))
     draw_curves(fig.subplots(1, 3), runs, memory=True)
     fig.tight_layout()
-    buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 # %% ../nbs/15_widgets.ipynb #b7a4e7df
-_COLORS = dict(running="#1565c0", stopping="#ef6c00", finished="#2e7d32", stopped="#6a1b9a", failed="#c62828", error="#c62828")
+_COLORS = dict(
+    running="#1565c0", stopping="#ef6c00", finished="#2e7d32", stopped="#6a1b9a", failed="#c62828", error="#c62828"
+)
+
 
 class LaunchPanel(W.VBox):
     """Controls -> overrides -> `launch`; live status, plot and log; Stop / Resume; past runs.
 
     `overrides`: base `key=value` settings (data, run.out_dir, ...) that the controls add to; `out_dir`: where runs go."""
-    def __init__(self, overrides=(), out_dir="runs", nproc: int = 2, steps: int = 200, model: str = "small",
-                 strategy: str = "ddp", micro_batch: int = 16, lr: float = 2e-3, refresh_s: float = 1.0):
+
+    def __init__(
+        self,
+        overrides=(),
+        out_dir="runs",
+        nproc: int = 2,
+        steps: int = 200,
+        model: str = "small",
+        strategy: str = "ddp",
+        micro_batch: int = 16,
+        lr: float = 2e-3,
+        refresh_s: float = 1.0,
+    ):
         self.base, self.out_dir, self.refresh_s = list(overrides), Path(out_dir), refresh_s
         self.run, self.records, self.prediction, self.fits = None, [], None, False
         self.state, self.plot_points, self.total_steps = "idle", 0, steps
@@ -122,17 +203,41 @@ class LaunchPanel(W.VBox):
         self._painter, self._dirty, self._seq, self._shown = None, False, 0, 0
         st = dict(description_width="110px")
         lay = lambda: W.Layout(width="250px")  # one Layout per control: hiding one must not hide the others
-        self.strategy = W.Dropdown(options=["ddp", "zero1", "zero2", "fsdp"], value=strategy, description="strategy", style=st, layout=lay())
-        self.nproc = W.BoundedIntText(value=nproc, min=1, max=4096, description="processes/GPUs", style=st, layout=lay())
+        self.strategy = W.Dropdown(
+            options=["ddp", "zero1", "zero2", "fsdp"], value=strategy, description="strategy", style=st, layout=lay()
+        )
+        self.nproc = W.BoundedIntText(
+            value=nproc, min=1, max=4096, description="processes/GPUs", style=st, layout=lay()
+        )
         self.nnodes = W.BoundedIntText(value=1, min=1, max=4096, description="nodes", style=st, layout=lay())
         self.rdzv = W.Text(value="", placeholder="node0-host:29400", description="rendezvous", style=st, layout=lay())
-        self.precision = W.Dropdown(options=["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"], value="fp32", description="precision", style=st, layout=lay())
-        self.micro_batch = W.BoundedIntText(value=micro_batch, min=1, max=65536, description="micro-batch", style=st, layout=lay())
-        self.grad_accum = W.BoundedIntText(value=1, min=1, max=65536, description="accumulation", style=st, layout=lay())
-        self.act_ckpt = W.Dropdown(options=["none", "full", "selective", "every_k"], value="none", description="act. checkpoint", style=st, layout=lay())
+        self.precision = W.Dropdown(
+            options=["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"],
+            value="fp32",
+            description="precision",
+            style=st,
+            layout=lay(),
+        )
+        self.micro_batch = W.BoundedIntText(
+            value=micro_batch, min=1, max=65536, description="micro-batch", style=st, layout=lay()
+        )
+        self.grad_accum = W.BoundedIntText(
+            value=1, min=1, max=65536, description="accumulation", style=st, layout=lay()
+        )
+        self.act_ckpt = W.Dropdown(
+            options=["none", "full", "selective", "every_k"],
+            value="none",
+            description="act. checkpoint",
+            style=st,
+            layout=lay(),
+        )
         self.steps = W.BoundedIntText(value=steps, min=1, max=10**9, description="steps", style=st, layout=lay())
-        self.lr = W.BoundedFloatText(value=lr, min=0.0, max=10.0, step=1e-4, description="learning rate", style=st, layout=lay())
-        self.model = W.Dropdown(options=list(MODEL_SIZES), value=model, description="model size", style=st, layout=lay())
+        self.lr = W.BoundedFloatText(
+            value=lr, min=0.0, max=10.0, step=1e-4, description="learning rate", style=st, layout=lay()
+        )
+        self.model = W.Dropdown(
+            options=list(MODEL_SIZES), value=model, description="model size", style=st, layout=lay()
+        )
         self.memory = W.HTML()
         self.launch_button = W.Button(description="Launch", button_style="success", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
@@ -149,26 +254,61 @@ class LaunchPanel(W.VBox):
         self.stop_button.on_click(lambda b: self.do_stop())
         self.resume_button.on_click(lambda b: self.do_resume())
         self.compare_button.on_click(lambda b: self.do_compare())
-        controls = [self.strategy, self.nproc, self.nnodes, self.rdzv, self.precision, self.micro_batch,
-                    self.grad_accum, self.act_ckpt, self.steps, self.lr, self.model]
-        for c in controls: c.observe(lambda ch: self.update_plan(), names="value")
+        controls = [
+            self.strategy,
+            self.nproc,
+            self.nnodes,
+            self.rdzv,
+            self.precision,
+            self.micro_batch,
+            self.grad_accum,
+            self.act_ckpt,
+            self.steps,
+            self.lr,
+            self.model,
+        ]
+        for c in controls:
+            c.observe(lambda ch: self.update_plan(), names="value")
         grid = W.GridBox(controls, layout=W.Layout(grid_template_columns="repeat(3, 260px)"))
-        super().__init__([W.HTML("<b>scaletrain launch panel</b>"), grid, self.memory,
-                          W.HBox([self.launch_button, self.stop_button, self.resume_button]), self.status,
-                          self.plot_caption, self.plot, W.HTML("<b>rank 0 log</b>"), self.log_pane,
-                          W.HTML("<b>runs in</b> " + html.escape(str(self.out_dir))), self.runs_table,
-                          W.HBox([self.compare, self.compare_button]), self.compare_plot])
+        super().__init__(
+            [
+                W.HTML("<b>scaletrain launch panel</b>"),
+                grid,
+                self.memory,
+                W.HBox([self.launch_button, self.stop_button, self.resume_button]),
+                self.status,
+                self.plot_caption,
+                self.plot,
+                W.HTML("<b>rank 0 log</b>"),
+                self.log_pane,
+                W.HTML("<b>runs in</b> " + html.escape(str(self.out_dir))),
+                self.runs_table,
+                W.HBox([self.compare, self.compare_button]),
+                self.compare_plot,
+            ]
+        )
         self.add_class("scaletrain-launch-panel")
-        self.update_plan(); self.refresh_runs()
+        self.update_plan()
+        self.refresh_runs()
 
     # ---- controls -> config ----
     def overrides(self) -> list[str]:
         "The `key=value` overrides the controls stand for (after the base ones)."
         m = MODEL_SIZES[self.model.value]
-        ov = self.base + [f"run.out_dir={self.out_dir}", f"parallel.strategy={self.strategy.value}",
-                          f"memory.precision={self.precision.value}", f"memory.activation_checkpointing={self.act_ckpt.value}",
-                          f"train.micro_batch={self.micro_batch.value}", f"train.grad_accum={self.grad_accum.value}",
-                          f"train.steps={self.steps.value}", f"train.lr={self.lr.value}"] + [f"model.{k}={v}" for k, v in m.items()]
+        ov = (
+            self.base
+            + [
+                f"run.out_dir={self.out_dir}",
+                f"parallel.strategy={self.strategy.value}",
+                f"memory.precision={self.precision.value}",
+                f"memory.activation_checkpointing={self.act_ckpt.value}",
+                f"train.micro_batch={self.micro_batch.value}",
+                f"train.grad_accum={self.grad_accum.value}",
+                f"train.steps={self.steps.value}",
+                f"train.lr={self.lr.value}",
+            ]
+            + [f"model.{k}={v}" for k, v in m.items()]
+        )
         if not any(o.startswith("train.warmup_steps=") for o in self.base):  # warm-up: 10% of the steps, at most 20
             ov.append(f"train.warmup_steps={min(20, self.steps.value // 10)}")
         return ov
@@ -183,6 +323,7 @@ class LaunchPanel(W.VBox):
         try:
             cfg = self.config()
             from scaletrain import parallel
+
             parallel.check(cfg, world)
         except ConfigError as e:
             self.fits = False
@@ -191,24 +332,34 @@ class LaunchPanel(W.VBox):
         cap, what = device_capacity(self.nproc.value)
         pred = predict_memory(cfg, world, "cpu" if what.startswith("CPU") else "cuda")
         self.prediction, self.fits = pred, pred["total"] <= cap
-        parts = ", ".join(f"{k} {_gib(pred[k])}" for k in ("params", "grads", "optimizer", "activations", "temporary") if k in pred)
-        msg = (f"predicted memory per rank: <b>{_gib(pred['total'])}</b> ({parts}) for {_count(pred['n_params'])} parameters "
-               f"on {world} process{'es' if world > 1 else ''}; device: {html.escape(what)}")
+        parts = ", ".join(
+            f"{k} {_gib(pred[k])}" for k in ("params", "grads", "optimizer", "activations", "temporary") if k in pred
+        )
+        msg = (
+            f"predicted memory per rank: <b>{_gib(pred['total'])}</b> ({parts}) for {_count(pred['n_params'])} parameters "
+            f"on {world} process{'es' if world > 1 else ''}; device: {html.escape(what)}"
+        )
         if not self.fits:
-            msg = (f"<span style='color:#c62828'>&#9888; will not fit: {msg}. Try fsdp or zero2, activation checkpointing, "
-                   "a smaller micro-batch or more processes.</span>")
+            msg = (
+                f"<span style='color:#c62828'>&#9888; will not fit: {msg}. Try fsdp or zero2, activation checkpointing, "
+                "a smaller micro-batch or more processes.</span>"
+            )
         self.memory.value = msg
 
     # ---- status, log, plot ----
     @staticmethod
     def _pre(text, color="#222") -> str:
-        return (f"<pre style='max-height:220px;overflow:auto;font-size:11px;line-height:1.25;margin:0;color:{color};"
-                f"background:#f7f7f7;padding:4px'>{html.escape(text)}</pre>")
+        return (
+            f"<pre style='max-height:220px;overflow:auto;font-size:11px;line-height:1.25;margin:0;color:{color};"
+            f"background:#f7f7f7;padding:4px'>{html.escape(text)}</pre>"
+        )
 
     def set_status(self, state: str, detail: str = ""):
         self.state = state
         c = _COLORS.get(state, "#222")
-        self.status.value = f"<b style='color:{c}' class='scaletrain-status'>{state}</b>" + (f" &middot; {html.escape(detail)}" if detail else "")
+        self.status.value = f"<b style='color:{c}' class='scaletrain-status'>{state}</b>" + (
+            f" &middot; {html.escape(detail)}" if detail else ""
+        )
 
     def _progress(self) -> str:
         r = self.run
@@ -223,15 +374,18 @@ class LaunchPanel(W.VBox):
         with self._mutex:
             self._lines.append(line)
             wait = 0.5 - (time.time() - self._last_log)
-            if wait <= 0: self._flush_log()
+            if wait <= 0:
+                self._flush_log()
             elif self._log_timer is None:  # a burst: show it when the half second is over, so no line stays hidden
                 self._log_timer = threading.Timer(wait, self._flush_burst, args=(self.run,))
-                self._log_timer.daemon = True; self._log_timer.start()
+                self._log_timer.daemon = True
+                self._log_timer.start()
 
     def _flush_burst(self, run):
         with self._mutex:
             self._log_timer = None
-            if run is self.run and not (run is not None and run.done): self._flush_log()  # the exit writes the final log
+            if run is self.run and not (run is not None and run.done):
+                self._flush_log()  # the exit writes the final log
 
     def _flush_log(self, error: str | None = None):
         self._last_log = time.time()
@@ -241,7 +395,8 @@ class LaunchPanel(W.VBox):
     def _on_metrics(self, records):
         with self._mutex:
             self.records, self._dirty = records, True
-            if self.run is not None and not self.run.done: self.set_status(self.run.status, self._progress())
+            if self.run is not None and not self.run.done:
+                self.set_status(self.run.status, self._progress())
             if self._painter is None:  # draw in a thread of its own, so the run's watcher never waits for matplotlib
                 self._painter = threading.Thread(target=self._paint, name="scaletrain-panel-plot", daemon=True)
                 self._painter.start()
@@ -249,7 +404,9 @@ class LaunchPanel(W.VBox):
     def _paint(self):
         while True:
             with self._mutex:
-                if not self._dirty: self._painter = None; return
+                if not self._dirty:
+                    self._painter = None
+                    return
                 self._dirty = False
             self.redraw()
             time.sleep(self.refresh_s)
@@ -262,21 +419,27 @@ class LaunchPanel(W.VBox):
         png = curves_png({name: recs})
         steps = [r for r in recs if "loss" in r]
         with self._mutex:
-            if seq < self._shown: return
+            if seq < self._shown:
+                return
             self._shown = seq
             self.plot.value, self.plot_points = png, len(steps)
             if steps:
                 x = steps[-1]
-                self.plot_caption.value = (f"<span class='scaletrain-points'>{len(steps)} points</span> · step {x['step']} · loss {x['loss']:.3f}"
-                                           f" · {x.get('tokens_per_s', 0):,.0f} tokens/s · peak {x.get('peak_mem_gb', 0):.2f} GiB")
+                self.plot_caption.value = (
+                    f"<span class='scaletrain-points'>{len(steps)} points</span> · step {x['step']} · loss {x['loss']:.3f}"
+                    f" · {x.get('tokens_per_s', 0):,.0f} tokens/s · peak {x.get('peak_mem_gb', 0):.2f} GiB"
+                )
 
     def _on_exit(self, run):
         with self._mutex:
-            if run is not self.run: return
+            if run is not self.run:
+                return
             self.records = run.records
             self.redraw()
-            if run.error: self._flush_log(f"run {run.status}: {run.error}")
-            else: self._flush_log()
+            if run.error:
+                self._flush_log(f"run {run.status}: {run.error}")
+            else:
+                self._flush_log()
             first = run.error.splitlines()[0] if run.error else ""
             last = run.error.strip().splitlines()[-1] if run.error else ""
             self.set_status(run.status, self._progress() + (f" · {first}: {last}" if run.error else ""))
@@ -288,12 +451,16 @@ class LaunchPanel(W.VBox):
         "Follow `run` (launched here or anywhere else with `scaletrain.launch`)."
         with self._mutex:
             self.run, self.records, self._lines, self.plot_points = run, [], deque(maxlen=300), 0
-            try: self.total_steps = load_config(run.run_dir / "config.yaml").train.steps
-            except (ConfigError, OSError): self.total_steps = "?"
+            try:
+                self.total_steps = load_config(run.run_dir / "config.yaml").train.steps
+            except (ConfigError, OSError):
+                self.total_steps = "?"
             self.launch_button.disabled, self.stop_button.disabled, self.resume_button.disabled = True, False, True
             self.set_status(run.status, self._progress())
             self._flush_log()
-        run.on("output", self._on_line); run.on("metrics", self._on_metrics); run.on("exit", self._on_exit)
+        run.on("output", self._on_line)
+        run.on("metrics", self._on_metrics)
+        run.on("exit", self._on_exit)
         return run
 
     # ---- buttons ----
@@ -304,18 +471,28 @@ class LaunchPanel(W.VBox):
         self.update_plan()
         try:
             if self.nnodes.value > 1:
-                mn = multinode(None, overrides=self.overrides(), nnodes=self.nnodes.value, nproc=self.nproc.value, rdzv_endpoint=self.rdzv.value.strip())
+                mn = multinode(
+                    None,
+                    overrides=self.overrides(),
+                    nnodes=self.nnodes.value,
+                    nproc=self.nproc.value,
+                    rdzv_endpoint=self.rdzv.value.strip(),
+                )
                 script = mn.write_slurm()
                 self._lines = deque([str(mn), "", f"# or submit {script}:", mn.slurm_script()], maxlen=300)
                 self._flush_log()
                 self.refresh_runs()
-                return self.set_status("prepared", f"multi-node run {mn.run_dir.name}: run the command on each node, or sbatch {script}")
+                return self.set_status(
+                    "prepared", f"multi-node run {mn.run_dir.name}: run the command on each node, or sbatch {script}"
+                )
             run = launch(None, overrides=self.overrides(), nproc=self.nproc.value, ranks="0", echo=False)
         except ConfigError as e:  # LaunchError is one
             return self.set_status("error", str(e))
         except Exception as e:
             from scaletrain.cli import user_errors
-            if isinstance(e, user_errors()): return self.set_status("error", str(e))
+
+            if isinstance(e, user_errors()):
+                return self.set_status("error", str(e))
             raise
         self.refresh_runs()
         return self.watch(run)
@@ -323,7 +500,8 @@ class LaunchPanel(W.VBox):
     def do_stop(self):
         "What the Stop button does: a graceful stop in the background (the kernel stays free)."
         r = self.run
-        if r is None or r.done: return
+        if r is None or r.done:
+            return
         self.set_status("stopping", self._progress())
         self.stop_button.disabled = True
         threading.Thread(target=r.stop, daemon=True).start()
@@ -331,11 +509,17 @@ class LaunchPanel(W.VBox):
     def do_resume(self):
         "What the Resume button does: continue the last run from its checkpoint, to the panel's number of steps."
         r = self.run
-        if r is None or not r.done: return
-        try: new = r.resume(overrides=[f"train.steps={self.steps.value}"] if r.kind == "train" else [], ranks="0", echo=False)
+        if r is None or not r.done:
+            return
+        try:
+            new = r.resume(
+                overrides=[f"train.steps={self.steps.value}"] if r.kind == "train" else [], ranks="0", echo=False
+            )
         except Exception as e:
             from scaletrain.cli import user_errors
-            if isinstance(e, user_errors()): return self.set_status("error", str(e))
+
+            if isinstance(e, user_errors()):
+                return self.set_status("error", str(e))
             raise
         return self.watch(new)
 
@@ -349,5 +533,6 @@ class LaunchPanel(W.VBox):
     def do_compare(self):
         "Plot the curves of the runs selected in the table."
         from scaletrain.metrics import read_metrics
+
         names = self.compare.value or tuple(self.compare.options[:2])
         self.compare_plot.value = curves_png({n: read_metrics(self.out_dir / n / "metrics.jsonl") for n in names})

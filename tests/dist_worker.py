@@ -3,7 +3,9 @@ per-step losses, the full final weights this rank can see, and the bytes this ra
 
 usage: torchrun --nproc-per-node N dist_worker.py SPEC.json OUT_DIR
 """
-import json, sys
+
+import json
+import sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -12,13 +14,17 @@ from scaletrain.config import load_config
 from scaletrain.train import Trainer, StopAfter
 from scaletrain.dist import teardown
 
+
 def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
+
 def full_weights(engine):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+
     sd = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
     return {k: local(v).detach().float().cpu().clone() for k, v in sd.items()}
+
 
 def main(spec_path, out_dir):
     spec = json.loads(Path(spec_path).read_text())
@@ -33,14 +39,23 @@ def main(spec_path, out_dir):
         t = Trainer(cfg, run_dir=run_dir, resume=bool(case.get("resume_of")), callbacks=cbs)
         s = t.fit()
         rank = dist.get_rank()  # bytes this rank holds, as Engine.state_bytes counts them (local shards)
-        res = dict(summary=s, losses=[r["loss"] for r in t.history], grad_norms=[r["grad_norm"] for r in t.history],
-                   val=t.last_val, weights=full_weights(t.engine), engine=t.engine.name,
-                   param_bytes=s["state_bytes_per_rank"][rank]["params"], optim_bytes=s["state_bytes_per_rank"][rank]["optim"])
+        res = dict(
+            summary=s,
+            losses=[r["loss"] for r in t.history],
+            grad_norms=[r["grad_norm"] for r in t.history],
+            val=t.last_val,
+            weights=full_weights(t.engine),
+            engine=t.engine.name,
+            param_bytes=s["state_bytes_per_rank"][rank]["params"],
+            optim_bytes=s["state_bytes_per_rank"][rank]["optim"],
+        )
         (out / case["name"]).mkdir(parents=True, exist_ok=True)
         torch.save(res, out / case["name"] / f"rank{rank}.pt")
-        if rank == 0: (out / case["name"] / "run_dir.txt").write_text(str(t.run_dir))
+        if rank == 0:
+            (out / case["name"] / "run_dir.txt").write_text(str(t.run_dir))
         dist.barrier()
     teardown()
+
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])

@@ -5,51 +5,82 @@ exists) and one more forward/backward with gradient sync (so gradients exist), t
 rank's parameters, gradients and optimizer state (local shards of DTensors). Rank 0 prints one JSON line per
 layout with every rank's counts and the estimate.
 """
+
 import json
-import torch, torch.distributed as dist
+import torch
+import torch.distributed as dist
 from scaletrain.config import Config
 from scaletrain.dist import init_distributed, build_mesh
 from scaletrain.models import GPT
 from scaletrain.parallel import build_engine
 from scaletrain.memory import estimate_config, model_state_bytes
 
-LAYOUTS = [dict(strategy="ddp", precisions=("fp32", "bf16-mixed")), dict(strategy="zero1"), dict(strategy="zero2"),
-           dict(strategy="fsdp", precisions=("fp32", "bf16-true"))] + [
-    dict(strategy="ddp", tp=2), dict(strategy="ddp", pp=2, tie=False), dict(strategy="zero1", backend="fairscale"),
-    dict(strategy="zero2", backend="fairscale")]
+LAYOUTS = [
+    dict(strategy="ddp", precisions=("fp32", "bf16-mixed")),
+    dict(strategy="zero1"),
+    dict(strategy="zero2"),
+    dict(strategy="fsdp", precisions=("fp32", "bf16-true")),
+] + [
+    dict(strategy="ddp", tp=2),
+    dict(strategy="ddp", pp=2, tie=False),
+    dict(strategy="zero1", backend="fairscale"),
+    dict(strategy="zero2", backend="fairscale"),
+]
+
 
 def main():
     info = init_distributed("cpu")
     for lay in LAYOUTS:
         for precision in lay.get("precisions", ("fp32",)):
-            cfg = Config(); m = cfg.model
+            cfg = Config()
+            m = cfg.model
             m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size = 4, 4, 64, 32, 257
             m.tie_weights = lay.get("tie", True)
             p = cfg.parallel
-            p.strategy, p.tp, p.pp, p.backend = lay["strategy"], lay.get("tp", 1), lay.get("pp", 1), lay.get("backend", "torch")
+            p.strategy, p.tp, p.pp, p.backend = (
+                lay["strategy"],
+                lay.get("tp", 1),
+                lay.get("pp", 1),
+                lay.get("backend", "torch"),
+            )
             cfg.memory.precision = precision
             cfg.train.micro_batch = 4
             mesh = build_mesh(info, p.tp, p.pp)
             torch.manual_seed(0)
             eng = build_engine(GPT(m), cfg, info.device, info, mesh)
             g = torch.Generator().manual_seed(eng.dp_rank)
-            x = torch.randint(0, 257, (4, 32), generator=g); y = torch.randint(0, 257, (4, 32), generator=g)
+            x = torch.randint(0, 257, (4, 32), generator=g)
+            y = torch.randint(0, 257, (4, 32), generator=g)
             eng.train_step([(x, y)], 1e-3)
             held = model_state_bytes(eng.module, eng.optimizer)
             # the step ends with zero_grad: gradients are made again by a forward/backward with gradient sync
-            if hasattr(eng, "schedule"):  # pipeline: gradients come from a schedule step; keep them by skipping the optimizer
-                eng._accum_scale = 1.0 / eng.n_mb; eng._run(x, y, train=True)
+            if hasattr(
+                eng, "schedule"
+            ):  # pipeline: gradients come from a schedule step; keep them by skipping the optimizer
+                eng._accum_scale = 1.0 / eng.n_mb
+                eng._run(x, y, train=True)
             else:
-                with eng.sync(last_micro=True): eng.forward_loss(x, y).backward()
+                with eng.sync(last_micro=True):
+                    eng.forward_loss(x, y).backward()
             held["grads"] = model_state_bytes(eng.module)["grads"]
             allh = [None] * info.world_size
             dist.all_gather_object(allh, held)
             est = estimate_config(cfg, info.world_size, device="cpu")
             if info.rank == 0:
-                print(json.dumps(dict(layout=lay, precision=precision, ranks=allh,
-                                      estimate=dict(params=est.params, grads=est.grads, optimizer=est.optimizer))), flush=True)
+                print(
+                    json.dumps(
+                        dict(
+                            layout=lay,
+                            precision=precision,
+                            ranks=allh,
+                            estimate=dict(params=est.params, grads=est.grads, optimizer=est.optimizer),
+                        )
+                    ),
+                    flush=True,
+                )
             dist.barrier()
     dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()

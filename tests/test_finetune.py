@@ -1,5 +1,7 @@
 "Fine-tuning: the run folder, loading an FSDP checkpoint, frozen blocks, lr groups, early stopping, bad checkpoints."
-import copy, json
+
+import copy
+import json
 from pathlib import Path
 import pytest
 import torch
@@ -12,35 +14,65 @@ from scaletrain import checkpoint as ckpt
 from scaletrain.finetune import finetune, load_classifier, best_checkpoint, GPTClassifier
 from scaletrain.train import Callback
 
+
 def _pretrained_params(run):
-    m = GPT(ckpt.checkpoint_config(run).model); ckpt.load_model_weights(run, m)
+    m = GPT(ckpt.checkpoint_config(run).model)
+    ckpt.load_model_weights(run, m)
     return dict(m.named_parameters())
+
 
 def test_cli_finetune_writes_run_folder(tmp_path, pets, pretrained, cache_dir):
     r = run_cli("finetune", *ft_overrides(tmp_path, pretrained, pets, cache_dir, "run.name=ft"))
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "ft"
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "loss.png", "confusion.png", "confusion.json", "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "loss.png",
+        "confusion.png",
+        "confusion.json",
+        "checkpoints",
+    } <= {p.name for p in run.iterdir()}
     evals = [x for x in read_metrics(run / "metrics.jsonl") if "val_loss" in x]
-    assert [e["step"] for e in evals] == [0, 3, 6] and all(0 <= e["accuracy"] <= 1 and 0 <= e["macro_f1"] <= 1 for e in evals)
+    assert [e["step"] for e in evals] == [0, 3, 6] and all(
+        0 <= e["accuracy"] <= 1 and 0 <= e["macro_f1"] <= 1 for e in evals
+    )
     s = json.loads((run / "summary.json").read_text())
     best = max(evals, key=lambda e: e["accuracy"])  # the first of the best is kept
     assert s["best_step"] == min(e["step"] for e in evals if e["accuracy"] == best["accuracy"])
-    assert abs(s["val_accuracy"] - best["accuracy"]) < 1e-6  # re-evaluating the best checkpoint gives its number back (log rounds to 6 places)
+    assert (
+        abs(s["val_accuracy"] - best["accuracy"]) < 1e-6
+    )  # re-evaluating the best checkpoint gives its number back (log rounds to 6 places)
     assert s["labels"] == ["birds", "cats", "dogs"] and 0 <= s["test_accuracy"] <= 1
     assert best_checkpoint(run).name == f"best_{s['best_step']:08d}"
     assert load_config(run / "config.yaml").finetune.labels == "birds,cats,dogs"
     assert "val accuracy" in r.stdout and "run folder" in r.stdout
     # `scaletrain export` writes plain GPTs; a classifier's run says which command exports it
     r = run_cli("export", run, tmp_path / "ft.safetensors")
-    assert r.returncode == 2 and "scaletrain compress" in r.stderr and not (tmp_path / "ft.safetensors").exists(), r.stderr
+    assert r.returncode == 2 and "scaletrain compress" in r.stderr and not (tmp_path / "ft.safetensors").exists(), (
+        r.stderr
+    )
+
 
 def test_frozen_blocks_do_not_change_and_body_lr_is_scaled(tmp_path, pets, pretrained, cache_dir):
     seen = []
+
     class Lrs(Callback):
-        def after_step(self): seen.append({g["name"]: g["lr"] for g in self.trainer.engine.optimizer.param_groups})
-    cfg = load_config(overrides=ft_overrides(tmp_path, pretrained, pets, cache_dir, "finetune.freeze_blocks=1",
-                                             "finetune.body_lr_scale=0.25", "train.eval_every=0"))
+        def after_step(self):
+            seen.append({g["name"]: g["lr"] for g in self.trainer.engine.optimizer.param_groups})
+
+    cfg = load_config(
+        overrides=ft_overrides(
+            tmp_path,
+            pretrained,
+            pets,
+            cache_dir,
+            "finetune.freeze_blocks=1",
+            "finetune.body_lr_scale=0.25",
+            "train.eval_every=0",
+        )
+    )
     s = finetune(cfg, callbacks=[Lrs()])
     assert s["status"] == "finished"
     ft, _ = load_classifier(Path(s["run_dir"]) / "checkpoints" / "step_00000006")
@@ -48,62 +80,110 @@ def test_frozen_blocks_do_not_change_and_body_lr_is_scaled(tmp_path, pets, pretr
     frozen = [n for n, _ in ft.named_parameters() if n.startswith(("wte.", "wpe.", "blocks.0."))]
     assert len(frozen) > 10
     for n, p in ft.named_parameters():
-        if n in frozen: assert torch.equal(p, P[n]), f"frozen {n} changed"
-        elif n in P and p.dim() == 2: assert not torch.equal(p, P[n]), f"trainable {n} did not change"
+        if n in frozen:
+            assert torch.equal(p, P[n]), f"frozen {n} changed"
+        elif n in P and p.dim() == 2:
+            assert not torch.equal(p, P[n]), f"trainable {n} did not change"
     for lrs in seen:
         assert abs(lrs["body"] - 0.25 * lrs["head"]) < 1e-12 and abs(lrs["body_no_decay"] - 0.25 * lrs["head"]) < 1e-12
     n_body = sum(p.numel() for n, p in ft.named_parameters() if n not in frozen)
     assert s["trainable_params"] == n_body
 
+
 def test_early_stopping_keeps_best(tmp_path, pets, pretrained, cache_dir):
     # lr 0: the metric cannot improve, so one evaluation without improvement stops the run (after the next step)
-    cfg = load_config(overrides=ft_overrides(tmp_path, pretrained, pets, cache_dir, "train.lr=0", "train.steps=20",
-                                             "train.eval_every=2", "finetune.patience=1", "finetune.metric=macro_f1"))
+    cfg = load_config(
+        overrides=ft_overrides(
+            tmp_path,
+            pretrained,
+            pets,
+            cache_dir,
+            "train.lr=0",
+            "train.steps=20",
+            "train.eval_every=2",
+            "finetune.patience=1",
+            "finetune.metric=macro_f1",
+        )
+    )
     s = finetune(cfg)
     assert s["status"] == "early_stopped" and s["early_stopped"] and s["steps"] == 3
     assert s["best_step"] == 0 and best_checkpoint(s["run_dir"]).name == "best_00000000"
+
 
 def test_bad_checkpoints_are_one_line(tmp_path, pets, pretrained, cache_dir):
     base = ft_overrides(tmp_path / "runs", pretrained, pets, cache_dir)
     from scaletrain.finetune import prepare
     from scaletrain.config import ConfigError
-    for extra, want in ((["model.n_layer=3"], "checkpoint has model.n_layer=2 but the config asks for model.n_layer=3"),
-                        (["data.tokenizer=bpe"], "different vocabulary"),
-                        (["finetune.freeze_blocks=5"], "more than the model's 2 blocks"),
-                        (["finetune.snippet_tokens=64"], "exceeds the model's context")):
-        with pytest.raises(ConfigError) as e: prepare(load_config(overrides=base + extra))
+
+    for extra, want in (
+        (["model.n_layer=3"], "checkpoint has model.n_layer=2 but the config asks for model.n_layer=3"),
+        (["data.tokenizer=bpe"], "different vocabulary"),
+        (["finetune.freeze_blocks=5"], "more than the model's 2 blocks"),
+        (["finetune.snippet_tokens=64"], "exceeds the model's context"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            prepare(load_config(overrides=base + extra))
         assert want in str(e.value), str(e.value)
-    with pytest.raises(ckpt.CheckpointError): prepare(load_config(overrides=base + [f"finetune.init={tmp_path}"]))
+    with pytest.raises(ckpt.CheckpointError):
+        prepare(load_config(overrides=base + [f"finetune.init={tmp_path}"]))
     # loading a checkpoint into a model of another shape is one line too
     from scaletrain.finetune import load_pretrained
     from scaletrain.config import ModelConfig
+
     other = GPTClassifier(ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=257), 3)
-    with pytest.raises(ckpt.CheckpointError) as e: load_pretrained(pretrained, other)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        load_pretrained(pretrained, other)
     assert "does not match this model" in str(e.value) and "\n" not in str(e.value)
     # and through the command line: exit code 2, one line, no run folder
     r = run_cli("finetune", *base, "model.n_layer=3")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "different architecture" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "different architecture" in r.stderr, r.stderr[
+        -2000:
+    ]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
 
 def test_finetune_from_fsdp_checkpoint_on_two_ranks(tmp_path, pets, corpus, cache_dir):
     "Pretrain under FSDP on 2 ranks; fine-tune from it in one process and under FSDP on 2 ranks: same weights, same step-0 eval."
-    r = run_cli("train", "--nproc", "2", *tiny(corpus, cache_dir, tmp_path, "run.name=fsdp", "parallel.strategy=fsdp",
-                                               "train.steps=4", "train.eval_every=0", "train.ckpt_every=0"), timeout=600)
+    r = run_cli(
+        "train",
+        "--nproc",
+        "2",
+        *tiny(
+            corpus,
+            cache_dir,
+            tmp_path,
+            "run.name=fsdp",
+            "parallel.strategy=fsdp",
+            "train.steps=4",
+            "train.eval_every=0",
+            "train.ckpt_every=0",
+        ),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     pre = tmp_path / "fsdp"
     assert ckpt.read_trainer_state(ckpt.latest_checkpoint(pre))["world_size"] == 2
     # the classifier's body is the checkpoint's model, whatever layout wrote it
     from scaletrain.finetune import prepare
+
     cfg, task = prepare(load_config(overrides=ft_overrides(tmp_path, pre, pets, cache_dir)))
     model = task.build_model()
     assert isinstance(model, GPTClassifier)
     ckpt.export_safetensors(pre, tmp_path / "pre.safetensors")
     ref = dict(ckpt.load_safetensors(tmp_path / "pre.safetensors").named_parameters())
     for n, p in model.named_parameters():
-        if not n.startswith("lm_head."): assert torch.equal(p, ref[n]), n
+        if not n.startswith("lm_head."):
+            assert torch.equal(p, ref[n]), n
     one = finetune(cfg, task=task)
-    r = run_cli("finetune", "--nproc", "2", *ft_overrides(tmp_path, pre, pets, cache_dir, "run.name=ft2", "parallel.strategy=fsdp",
-                                                           "finetune.freeze_blocks=1"), timeout=600)
+    r = run_cli(
+        "finetune",
+        "--nproc",
+        "2",
+        *ft_overrides(
+            tmp_path, pre, pets, cache_dir, "run.name=ft2", "parallel.strategy=fsdp", "finetune.freeze_blocks=1"
+        ),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     e1 = [x for x in read_metrics(Path(one["run_dir"]) / "metrics.jsonl") if "val_loss" in x]
     e2 = [x for x in read_metrics(tmp_path / "ft2" / "metrics.jsonl") if "val_loss" in x]
@@ -111,23 +191,46 @@ def test_finetune_from_fsdp_checkpoint_on_two_ranks(tmp_path, pets, corpus, cach
     assert e1[0]["n"] == e2[0]["n"] == len(task.data.y["val"]) and e1[0]["accuracy"] == e2[0]["accuracy"]
     assert abs(e1[0]["val_loss"] - e2[0]["val_loss"]) < 1e-4
     s2 = json.loads((tmp_path / "ft2" / "summary.json").read_text())
-    assert s2["world_size"] == 2 and s2["strategy"] == "fsdp" and s2["status"] == "finished" and best_checkpoint(tmp_path / "ft2")
+    assert (
+        s2["world_size"] == 2
+        and s2["strategy"] == "fsdp"
+        and s2["status"] == "finished"
+        and best_checkpoint(tmp_path / "ft2")
+    )
     # frozen under FSDP too: the sharded run's embeddings and first block are still the pretrained ones
     ft2, _ = load_classifier(tmp_path / "ft2" / "checkpoints" / "step_00000006")
     for n, p in ft2.named_parameters():
-        if n.startswith(("wte.", "wpe.", "blocks.0.")): assert torch.equal(p, ref[n]), n
-        elif n.startswith("blocks.1.") and p.dim() == 2: assert not torch.equal(p, ref[n]), n
+        if n.startswith(("wte.", "wpe.", "blocks.0.")):
+            assert torch.equal(p, ref[n]), n
+        elif n.startswith("blocks.1.") and p.dim() == 2:
+            assert not torch.equal(p, ref[n]), n
+
 
 def test_continued_pretraining_on_one_package_family(tmp_path, pretrained, cache_dir):
     "finetune.task=lm:<package>: the LM objective on one stdlib family, from the pretrained weights; its checkpoint starts a classifier."
-    cfg = load_config(overrides=[f"finetune.init={pretrained}", "finetune.task=lm:json", f"data.cache_dir={cache_dir}",
-                                 f"run.out_dir={tmp_path}", "train.device=cpu", "train.micro_batch=4", "train.steps=4",
-                                 "train.warmup_steps=1", "train.eval_every=2", "train.eval_iters=2", "train.ckpt_every=0"])
+    cfg = load_config(
+        overrides=[
+            f"finetune.init={pretrained}",
+            "finetune.task=lm:json",
+            f"data.cache_dir={cache_dir}",
+            f"run.out_dir={tmp_path}",
+            "train.device=cpu",
+            "train.micro_batch=4",
+            "train.steps=4",
+            "train.warmup_steps=1",
+            "train.eval_every=2",
+            "train.eval_iters=2",
+            "train.ckpt_every=0",
+        ]
+    )
     # the task alone (make_task, the public entry) builds the pretrained model, as finetune does
     from scaletrain.finetune import make_task, resolve_config
-    ref = GPT(ckpt.checkpoint_config(pretrained).model); ckpt.load_model_weights(pretrained, ref)
+
+    ref = GPT(ckpt.checkpoint_config(pretrained).model)
+    ckpt.load_model_weights(pretrained, ref)
     built = make_task(resolve_config(copy.deepcopy(cfg))).build_model()
-    for (n, p), (_, q) in zip(built.named_parameters(), ref.named_parameters()): assert torch.equal(p, q), n
+    for (n, p), (_, q) in zip(built.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
     s = finetune(cfg)
     assert s["status"] == "finished" and s["metric"] == "val_loss" and s["best_step"] in (0, 2, 4)
     assert ckpt.checkpoint_config(s["run_dir"]).finetune.labels == ""
@@ -135,36 +238,63 @@ def test_continued_pretraining_on_one_package_family(tmp_path, pretrained, cache
     ckpt.load_model_weights(best_checkpoint(s["run_dir"]), m)
     assert m.lm_head.weight is m.wte.weight  # a plain (tied) GPT: usable as finetune.init for a classifier
     from scaletrain.config import ConfigError
+
     with pytest.raises(ConfigError, match="an lm: task measures val_loss only"):
-        finetune(load_config(overrides=[f"finetune.init={pretrained}", "finetune.task=lm:json", "finetune.metric=accuracy"]))
+        finetune(
+            load_config(overrides=[f"finetune.init={pretrained}", "finetune.task=lm:json", "finetune.metric=accuracy"])
+        )
+
 
 def test_finetune_stopped_and_resumed_equals_uninterrupted(tmp_path, pets, pretrained, cache_dir):
     """A fine-tuning run stopped at step 4 and continued with `scaletrain finetune --resume` ends as the uninterrupted run:
     same evaluations, same best step and value (its past evaluations are replayed), same weights."""
-    over = lambda name: ft_overrides(tmp_path, pretrained, pets, cache_dir, f"run.name={name}", "train.steps=8",
-                                     "train.eval_every=2", "finetune.patience=0", "train.lr=1e-2",
-                                     "finetune.metric=val_loss")  # its best is before the stop: the replay must keep it
+    over = lambda name: ft_overrides(
+        tmp_path,
+        pretrained,
+        pets,
+        cache_dir,
+        f"run.name={name}",
+        "train.steps=8",
+        "train.eval_every=2",
+        "finetune.patience=0",
+        "train.lr=1e-2",
+        "finetune.metric=val_loss",
+    )  # its best is before the stop: the replay must keep it
+
     class StopAt4(Callback):
         def after_step(self):
-            if self.trainer.step == 4: self.trainer.stop_requested = True
+            if self.trainer.step == 4:
+                self.trainer.stop_requested = True
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the CLI's process has (run_cli): the same float reduction order on both sides
-    try: full, part = finetune(load_config(overrides=over("full"))), finetune(load_config(overrides=over("part")), callbacks=[StopAt4()])
-    finally: torch.set_num_threads(threads)
+    try:
+        full, part = (
+            finetune(load_config(overrides=over("full"))),
+            finetune(load_config(overrides=over("part")), callbacks=[StopAt4()]),
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert part["status"] == "stopped" and part["steps"] == 4
     r = run_cli("finetune", "--resume", tmp_path / "part")
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "part" / "summary.json").read_text())
     evals = lambda run: [x for x in read_metrics(tmp_path / run / "metrics.jsonl") if "val_loss" in x]
     assert [e["step"] for e in evals("part")] == [e["step"] for e in evals("full")] == [0, 2, 4, 6, 8]
-    for a, b in zip(evals("part"), evals("full")): assert a["accuracy"] == b["accuracy"] and abs(a["val_loss"] - b["val_loss"]) < 1e-5
-    assert (s["status"], s["steps"], s["best_step"]) == ("finished", 8, full["best_step"]) and abs(s["best_value"] - full["best_value"]) < 1e-9
+    for a, b in zip(evals("part"), evals("full")):
+        assert a["accuracy"] == b["accuracy"] and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    assert (s["status"], s["steps"], s["best_step"]) == ("finished", 8, full["best_step"]) and abs(
+        s["best_value"] - full["best_value"]
+    ) < 1e-9
     assert best_checkpoint(tmp_path / "part").name == best_checkpoint(tmp_path / "full").name
     wp, _ = load_classifier(ckpt.latest_checkpoint(tmp_path / "part"))
     wf, _ = load_classifier(ckpt.latest_checkpoint(tmp_path / "full"))
-    for (n, p), (_, q) in zip(wp.named_parameters(), wf.named_parameters()): assert torch.equal(p, q), n
+    for (n, p), (_, q) in zip(wp.named_parameters(), wf.named_parameters()):
+        assert torch.equal(p, q), n
     # resuming needs its run folder's config: --config with --resume is one line, and so is a folder without one
-    for args, want in ((["--resume", tmp_path / "part", "--config", tmp_path / "x.yaml"], "--config with --resume"),
-                       (["--resume", tmp_path], "not a run folder")):
+    for args, want in (
+        (["--resume", tmp_path / "part", "--config", tmp_path / "x.yaml"], "--config with --resume"),
+        (["--resume", tmp_path], "not a run folder"),
+    ):
         r = run_cli("finetune", *args)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and want in r.stderr, r.stderr[-2000:]

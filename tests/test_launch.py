@@ -1,5 +1,14 @@
 "The launcher: torchrun as a subprocess, notebook functions shipped by value, stop/resume, multi-node on one machine, bad input."
-import json, os, shlex, signal, socket, stat, subprocess, sys, time
+
+import json
+import os
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 import pytest
 import torch
@@ -11,7 +20,10 @@ from scaletrain.launch import LaunchError, RunLock, free_port, launch, multinode
 from scaletrain.metrics import read_metrics
 from scaletrain.models import GPT
 
-def losses(run_dir): return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
 
 def weights(run_dir):
     cfg = load_config(Path(run_dir) / "config.yaml")
@@ -20,12 +32,27 @@ def weights(run_dir):
     load_model_weights(run_dir, m)
     return m.state_dict()
 
+
 STEPS = 80
+
 
 def lm_overrides(corpus, cache_dir, out, name, *extra):
     # 64 wide rather than tiny()'s 32: steps slow enough that stop() lands mid-run even on a fast machine
-    return tiny(corpus, cache_dir, out, f"run.name={name}", f"train.steps={STEPS}", "train.eval_every=0",
-                "train.ckpt_every=0", "model.dropout=0.1", "model.n_embd=64", "model.block_size=64", "train.micro_batch=8", *extra)
+    return tiny(
+        corpus,
+        cache_dir,
+        out,
+        f"run.name={name}",
+        f"train.steps={STEPS}",
+        "train.eval_every=0",
+        "train.ckpt_every=0",
+        "model.dropout=0.1",
+        "model.n_embd=64",
+        "model.block_size=64",
+        "train.micro_batch=8",
+        *extra,
+    )
+
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, corpus, cache_dir):
@@ -35,9 +62,12 @@ def straight(tmp_path_factory, corpus, cache_dir):
     assert run.wait(600) == "finished", run.error
     return run
 
+
 def test_function_shipped_by_value_runs_on_both_ranks(tmp_path, capsys, monkeypatch):
     # the parent has touched torch.distributed and carries torchrun variables, as a notebook kernel might
-    monkeypatch.setenv("RANK", "7"); monkeypatch.setenv("WORLD_SIZE", "9"); monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.setenv("WORLD_SIZE", "9")
+    monkeypatch.setenv("MASTER_PORT", "1")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         fn = notebook_function(
@@ -48,12 +78,18 @@ def test_function_shipped_by_value_runs_on_both_ranks(tmp_path, capsys, monkeypa
             "    dist.all_reduce(t)\n"
             "    print(f'hello from rank {ctx.rank}')\n"
             "    return dict(rank=ctx.rank, world=ctx.world_size, total=t.item() * scale, pid=os.getpid(),\n"
-            "                backend=dist.get_backend(), resume=ctx.resume)\n", "probe")
+            "                backend=dist.get_backend(), resume=ctx.resume)\n",
+            "probe",
+        )
         run = launch(fn, 10, nproc=2, out_dir=tmp_path, name="fn")
         assert run.wait(300) == "finished", run.error
-    finally: dist.destroy_process_group()
+    finally:
+        dist.destroy_process_group()
     res = run.results()
-    assert [(r["rank"], r["world"], r["total"], r["backend"], r["resume"]) for r in res] == [(0, 2, 30.0, "gloo", False), (1, 2, 30.0, "gloo", False)]
+    assert [(r["rank"], r["world"], r["total"], r["backend"], r["resume"]) for r in res] == [
+        (0, 2, 30.0, "gloo", False),
+        (1, 2, 30.0, "gloo", False),
+    ]
     assert len({r["pid"] for r in res} | {os.getpid()}) == 3
     assert "hello from rank 0" in run.logs(0) and "hello from rank 1" in run.logs(1)
     out = capsys.readouterr().out
@@ -63,11 +99,13 @@ def test_function_shipped_by_value_runs_on_both_ranks(tmp_path, capsys, monkeypa
     rec = json.loads((run.run_dir / "launch.json").read_text())
     assert rec["kind"] == "function" and rec["launches"][-1]["status"] == "finished"
 
+
 def test_stop_then_resume_matches_uninterrupted(straight, tmp_path, corpus, cache_dir):
     s = straight.summary
     assert s["status"] == "finished" and s["world_size"] == 2 and s["strategy"] == "ddp" and s["steps"] == STEPS
     run = launch(overrides=lm_overrides(corpus, cache_dir, tmp_path, "interrupted"), nproc=2)
-    while run.last_step() < 3 and not run.done: time.sleep(0.05)
+    while run.last_step() < 3 and not run.done:
+        time.sleep(0.05)
     assert run.stop(timeout=120) == "stopped", run.error
     summary = run.summary
     assert summary["status"] == "stopped" and 3 <= summary["steps"] < STEPS
@@ -75,7 +113,8 @@ def test_stop_then_resume_matches_uninterrupted(straight, tmp_path, corpus, cach
     assert [e["rc"] for e in exits] == [0, 0]  # both ranks checkpointed and exited 0
     assert latest_checkpoint(run.run_dir).name == f"step_{summary['steps']:08d}"
     again = run.resume()
-    with pytest.raises(LaunchError, match="is in use by a running job"): resume(run.run_dir)  # a second launch into it
+    with pytest.raises(LaunchError, match="is in use by a running job"):
+        resume(run.run_dir)  # a second launch into it
     assert again.wait(600) == "finished", again.error
     assert losses(run.run_dir) == losses(straight.run_dir) and len(losses(run.run_dir)) == STEPS
     assert run.summary["final_val_loss"] == straight.summary["final_val_loss"]
@@ -83,24 +122,39 @@ def test_stop_then_resume_matches_uninterrupted(straight, tmp_path, corpus, cach
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "resumed" in run.logs(0)
 
+
 def test_resume_refused_while_folder_in_use(straight):
     lock = RunLock(straight.run_dir, pid=os.getpid())  # a live process holds the folder
     try:
-        with pytest.raises(LaunchError, match="in use by a running job"): resume(straight.run_dir)
+        with pytest.raises(LaunchError, match="in use by a running job"):
+            resume(straight.run_dir)
         r = run_cli("train", "--resume", straight.run_dir)
-        assert r.returncode == 2 and r.stderr.startswith("scaletrain: error: run folder") and len(r.stderr.strip().splitlines()) == 1
-    finally: lock.release()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"]); dead.wait()
-    RunLock(straight.run_dir, pid=dead.pid)        # a lock whose process is gone is stale ...
-    RunLock(straight.run_dir).release()            # ... and is taken over
+        assert (
+            r.returncode == 2
+            and r.stderr.startswith("scaletrain: error: run folder")
+            and len(r.stderr.strip().splitlines()) == 1
+        )
+    finally:
+        lock.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    RunLock(straight.run_dir, pid=dead.pid)  # a lock whose process is gone is stale ...
+    RunLock(straight.run_dir).release()  # ... and is taken over
+
 
 def test_multinode_on_one_machine(straight, tmp_path, corpus, cache_dir):
     ep = f"127.0.0.1:{free_port()}"
-    mn = multinode(None, overrides=lm_overrides(corpus, cache_dir, tmp_path, "twonodes"), nnodes=2, nproc=1, rdzv_endpoint=ep)
+    mn = multinode(
+        None, overrides=lm_overrides(corpus, cache_dir, tmp_path, "twonodes"), nnodes=2, nproc=1, rdzv_endpoint=ep
+    )
     text = str(mn)
     assert "# node 0" in text and "# node 1" in text and shlex.join(mn.command(1)) in text
     for c in mn.commands:
-        assert c[c.index("--nnodes") + 1] == "2" and c[c.index("--rdzv-backend") + 1] == "c10d" and c[c.index("--rdzv-endpoint") + 1] == ep
+        assert (
+            c[c.index("--nnodes") + 1] == "2"
+            and c[c.index("--rdzv-backend") + 1] == "c10d"
+            and c[c.index("--rdzv-endpoint") + 1] == ep
+        )
     nodes = [mn.start(0), mn.start(1, echo=False)]
     assert [n.wait(600) for n in nodes] == ["finished", "finished"], [n.error for n in nodes]
     s = json.loads((mn.run_dir / "summary.json").read_text())
@@ -109,48 +163,76 @@ def test_multinode_on_one_machine(straight, tmp_path, corpus, cache_dir):
     assert losses(mn.run_dir) == losses(straight.run_dir)
     assert (mn.run_dir / "logs" / "rank0.log").exists() and (mn.run_dir / "logs" / "rank1.log").exists()
 
+
 def test_slurm_script_runs_under_a_fake_slurm(tmp_path):
     "The generated batch script, run with stand-ins for srun and scontrol that start its command once per 'node'."
-    fn = notebook_function("def where(ctx):\n    import torch.distributed as dist\n    dist.barrier()\n"
-                           "    return (ctx.rank, ctx.world_size, ctx.node_rank)\n", "where")
+    fn = notebook_function(
+        "def where(ctx):\n    import torch.distributed as dist\n    dist.barrier()\n"
+        "    return (ctx.rank, ctx.world_size, ctx.node_rank)\n",
+        "where",
+    )
     mn = multinode(fn, nnodes=2, nproc=1, rdzv_endpoint=f"127.0.0.1:{free_port()}", out_dir=tmp_path, name="slurm")
     script = mn.write_slurm(gpus_per_node=0, partition="debug", time_limit="00:05:00")
     text = script.read_text()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=0", "#SBATCH --partition=debug",
-                 "#SBATCH --time=00:05:00", "--rdzv-backend c10d"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=0",
+        "#SBATCH --partition=debug",
+        "#SBATCH --time=00:05:00",
+        "--rdzv-backend c10d",
+    ):
         assert line in text, line
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    bin_ = tmp_path / "bin"; bin_.mkdir()
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
     (bin_ / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
-    (bin_ / "srun").write_text("#!/bin/bash\nshift  # --kill-on-bad-exit\nfor n in 0 1; do SLURM_NODEID=$n \"$@\" & done\nwait\n")
-    for f in bin_.iterdir(): f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    (bin_ / "srun").write_text(
+        "#!/bin/bash\nshift  # --kill-on-bad-exit\nfor n in 0 1; do SLURM_NODEID=$n \"$@\" & done\nwait\n"
+    )
+    for f in bin_.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SLURM_JOB_NODELIST="x", SLURM_JOB_ID="4242")
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     res = [__import__("pickle").loads((mn.run_dir / "results" / f"rank{i}.pkl").read_bytes()) for i in range(2)]
     assert sorted(x[:2] for x in res) == [(0, 2), (1, 2)] and sorted(x[2] for x in res) == [0, 1]
 
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0)); busy.listen(); port = busy.getsockname()[1]
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
         with pytest.raises(LaunchError, match=f"master_port={port}: port {port} on 127.0.0.1 is already in use"):
             launch(print, nproc=2, master_port=port, out_dir=tmp_path)
         with pytest.raises(LaunchError, match="is already in use on this machine"):
             multinode(print, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", out_dir=tmp_path)
-    with pytest.raises(LaunchError, match="script 'nope.py': no such file"): launch("nope.py", out_dir=tmp_path)
+    with pytest.raises(LaunchError, match="script 'nope.py': no such file"):
+        launch("nope.py", out_dir=tmp_path)
     gen = (i for i in range(3))
     f = notebook_function("def uses(ctx):\n    return next(gen)\n", "uses")
     f.__globals__["gen"] = gen
-    with pytest.raises(LaunchError, match=r"function uses: cannot be shipped to the ranks \(TypeError: cannot pickle 'generator' object\)"):
+    with pytest.raises(
+        LaunchError,
+        match=r"function uses: cannot be shipped to the ranks \(TypeError: cannot pickle 'generator' object\)",
+    ):
         launch(f, out_dir=tmp_path)
-    with pytest.raises(LaunchError, match="nproc=0: must be a whole number >= 1"): launch(print, nproc=0, out_dir=tmp_path)
-    with pytest.raises(LaunchError, match="rdzv_endpoint='': a multi-node job needs HOST:PORT"): launch(print, nnodes=2, out_dir=tmp_path)
-    with pytest.raises(LaunchError, match="expected HOST:PORT"): multinode(print, rdzv_endpoint="nohost", out_dir=tmp_path)
+    with pytest.raises(LaunchError, match="nproc=0: must be a whole number >= 1"):
+        launch(print, nproc=0, out_dir=tmp_path)
+    with pytest.raises(LaunchError, match="rdzv_endpoint='': a multi-node job needs HOST:PORT"):
+        launch(print, nnodes=2, out_dir=tmp_path)
+    with pytest.raises(LaunchError, match="expected HOST:PORT"):
+        multinode(print, rdzv_endpoint="nohost", out_dir=tmp_path)
     assert not any(tmp_path.iterdir())
-    with pytest.raises(LaunchError, match="not a run folder"): resume(tmp_path / "none")
+    with pytest.raises(LaunchError, match="not a run folder"):
+        resume(tmp_path / "none")
     # the same through the CLI: exit code 2 and one line
     r = run_cli("launch", "--nproc", "2", tmp_path / "nope.py")
-    assert r.returncode == 2 and r.stderr.strip() == f"scaletrain: error: script '{tmp_path / 'nope.py'}': no such file", r.stderr
+    assert (
+        r.returncode == 2 and r.stderr.strip() == f"scaletrain: error: script '{tmp_path / 'nope.py'}': no such file"
+    ), r.stderr
+
 
 SCRIPT = """
 import os, signal, sys, time
@@ -169,15 +251,38 @@ print(f"script rank {rank}: graceful exit" if stop else "timeout", flush=True)
 dist.destroy_process_group()
 """
 
+
 def test_cli_launches_a_script_and_sigterm_stops_it(tmp_path):
-    script = tmp_path / "job.py"; script.write_text(SCRIPT)
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
     out = tmp_path / "runs"
-    p = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", "launch", "--nproc", "2", "--ranks", "all", "--out-dir", str(out),
-                          "--name", "s", str(script), "--lr", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scaletrain.cli",
+            "launch",
+            "--nproc",
+            "2",
+            "--ranks",
+            "all",
+            "--out-dir",
+            str(out),
+            "--name",
+            "s",
+            str(script),
+            "--lr",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     run_dir = out / "s"
     for _ in range(1200):
-        if (run_dir / "ready0").exists() and (run_dir / "ready1").exists() or p.poll() is not None: break
+        if (run_dir / "ready0").exists() and (run_dir / "ready1").exists() or p.poll() is not None:
+            break
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
@@ -187,8 +292,26 @@ def test_cli_launches_a_script_and_sigterm_stops_it(tmp_path):
         assert f"[rank {r}] script rank {r}: graceful exit" in stdout
     assert stdout.strip().endswith("stopped")
     # print the commands and write a SLURM script for two nodes, without running anything
-    r = run_cli("launch", "--nnodes", "2", "--nproc", "4", "--rdzv-endpoint", "node0:29400", "--print-commands",
-                "--slurm", tmp_path / "job.sh", "--out-dir", out, "--name", "big", script)
+    r = run_cli(
+        "launch",
+        "--nnodes",
+        "2",
+        "--nproc",
+        "4",
+        "--rdzv-endpoint",
+        "node0:29400",
+        "--print-commands",
+        "--slurm",
+        tmp_path / "job.sh",
+        "--out-dir",
+        out,
+        "--name",
+        "big",
+        script,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("torch.distributed.run") == 2 and "--rdzv-endpoint node0:29400" in r.stdout
-    assert "#SBATCH --nodes=2" in (tmp_path / "job.sh").read_text() and "#SBATCH --gpus-per-node=4" in (tmp_path / "job.sh").read_text()
+    assert (
+        "#SBATCH --nodes=2" in (tmp_path / "job.sh").read_text()
+        and "#SBATCH --gpus-per-node=4" in (tmp_path / "job.sh").read_text()
+    )

@@ -1,6 +1,8 @@
 "The memory estimator against the bytes ranks really hold; train.micro_batch=auto; recovery from out-of-memory errors."
+
 import json
-import pytest, torch
+import pytest
+import torch
 from conftest import tiny, torchrun_rows
 from scaletrain import memory
 from scaletrain.config import Config, ConfigError, ModelConfig, load_config
@@ -12,12 +14,16 @@ from scaletrain.train import Trainer
 
 # ---- estimator vs reality ----
 
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
 def test_single_process_state_bytes_equal_the_estimate(precision):
-    cfg = Config(); cfg.model = ModelConfig(n_layer=3, n_head=4, n_embd=48, block_size=32, vocab_size=300, tie_weights=False)
+    cfg = Config()
+    cfg.model = ModelConfig(n_layer=3, n_head=4, n_embd=48, block_size=32, vocab_size=300, tie_weights=False)
     cfg.memory.precision = precision
-    torch.manual_seed(0); m = GPT(cfg.model)
-    if precision == "bf16-true": m = m.to(torch.bfloat16)
+    torch.manual_seed(0)
+    m = GPT(cfg.model)
+    if precision == "bf16-true":
+        m = m.to(torch.bfloat16)
     eng = Engine(m, cfg, torch.device("cpu"))
     x, y = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
     eng.train_step([(x, y)], 1e-3)
@@ -26,6 +32,7 @@ def test_single_process_state_bytes_equal_the_estimate(precision):
     est = estimate(cfg, precision=precision, micro_batch=2, device="cpu")
     assert held == dict(params=est.params, grads=est.grads, optimizer=est.optimizer)
 
+
 def test_each_rank_holds_what_the_estimate_says():
     "2 ranks (gloo): ddp, zero1, zero2, fsdp, tp, pp and the fairscale backends, each rank within 5 % per component."
     rows = torchrun_rows("memory_rank_worker.py", timeout=600)
@@ -33,106 +40,168 @@ def test_each_rank_holds_what_the_estimate_says():
     for row in rows:
         for rank in row["ranks"]:
             for k in ("params", "grads", "optimizer"):
-                assert abs(rank[k] / row["estimate"][k] - 1) <= 0.05, (row["layout"], row["precision"], k, rank[k], row["estimate"][k])
+                assert abs(rank[k] / row["estimate"][k] - 1) <= 0.05, (
+                    row["layout"],
+                    row["precision"],
+                    k,
+                    rank[k],
+                    row["estimate"][k],
+                )
     sharded = {json.dumps(r["layout"]): r["ranks"][0] for r in rows if r["precision"] == "fp32"}
     full = sharded['{"strategy": "ddp", "precisions": ["fp32", "bf16-mixed"]}']
     assert sharded['{"strategy": "fsdp", "precisions": ["fp32", "bf16-true"]}']["params"] < 0.55 * full["params"]
 
+
 def test_zero_paper_figure_1():
-    gb = {s: round(estimate(params=7.5e9, strategy=s, dp=64, accounting="zero-paper", backend="fairscale").model_states / 1e9, 1)
-          for s in ("ddp", "zero1", "zero2", "fsdp")}
+    gb = {
+        s: round(
+            estimate(params=7.5e9, strategy=s, dp=64, accounting="zero-paper", backend="fairscale").model_states / 1e9,
+            1,
+        )
+        for s in ("ddp", "zero1", "zero2", "fsdp")
+    }
     assert gb == {"ddp": 120.0, "zero1": 31.4, "zero2": 16.6, "fsdp": 1.9}
 
-@pytest.mark.parametrize("precision,ac,accum", [("fp32", "every_k", 1), ("bf16-mixed", "selective", 2), ("bf16-true", "full", 1)])
+
+@pytest.mark.parametrize(
+    "precision,ac,accum", [("fp32", "every_k", 1), ("bf16-mixed", "selective", 2), ("bf16-true", "full", 1)]
+)
 def test_estimated_peak_tracks_the_measured_peak_on_cpu(precision, ac, accum):
-    cfg = Config(); cfg.model = ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=257)
+    cfg = Config()
+    cfg.model = ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=257)
     cfg.memory.precision, cfg.memory.activation_checkpointing = precision, ac
     from scaletrain.activations import apply_activation_checkpointing
-    torch.manual_seed(0); m = GPT(cfg.model)
-    if precision == "bf16-true": m = m.to(torch.bfloat16)
+
+    torch.manual_seed(0)
+    m = GPT(cfg.model)
+    if precision == "bf16-true":
+        m = m.to(torch.bfloat16)
     eng = Engine(apply_activation_checkpointing(m, cfg.memory), cfg, torch.device("cpu"))
     mbs = [(torch.randint(0, 257, (4, 64)), torch.randint(0, 257, (4, 64))) for _ in range(accum)]
     peak = measure_step(eng, mbs)["peak"]
     est = estimate(cfg, precision=precision, micro_batch=4, grad_accum=accum, ac=ac, device="cpu")
     assert abs(est.total / peak - 1) < 0.15, (est.total, peak)
 
+
 def test_checkpointing_lowers_the_estimate_in_the_expected_order():
     kw = dict(params=1.3e9, seq_len=2048, micro_batch=8, precision="bf16-mixed")
     a = {ac: estimate(ac=ac, **kw).activations for ac in ("none", "selective", "full")}
     assert a["none"] > a["selective"] > a["full"]
-    assert 1 - a["selective"] / a["none"] >= 0.35   # matmul outputs kept, element-wise recomputed
+    assert 1 - a["selective"] / a["none"] >= 0.35  # matmul outputs kept, element-wise recomputed
+
 
 def test_estimator_refuses_nonsense():
-    with pytest.raises(ConfigError, match="dp=0"): estimate(params=1e9, dp=0)
-    with pytest.raises(ConfigError, match="strategy"): estimate(params=1e9, strategy="zero3")
-    with pytest.raises(ConfigError, match="params"): estimate(params=-5)
+    with pytest.raises(ConfigError, match="dp=0"):
+        estimate(params=1e9, dp=0)
+    with pytest.raises(ConfigError, match="strategy"):
+        estimate(params=1e9, strategy="zero3")
+    with pytest.raises(ConfigError, match="params"):
+        estimate(params=-5)
+
 
 # ---- train.micro_batch=auto and out-of-memory recovery ----
 
+
 class FlakyEngine(Engine):
     "Runs out of memory (like CUDA would) when a micro-batch has more than `limit` sequences, from call `start` on."
-    limit, start = 10 ** 9, 1
+
+    limit, start = 10**9, 1
+
     def __init__(self, *a, **kw):
-        super().__init__(*a, **kw); self.calls = 0
+        super().__init__(*a, **kw)
+        self.calls = 0
+
     def train_step(self, micro_batches, lr):
         self.calls += 1
         x, y = micro_batches[0]
         if x.shape[0] > self.limit and self.calls >= self.start:
-            self.forward_loss(x, y).backward()   # leave partial gradients behind, as a failure mid-backward would
+            self.forward_loss(x, y).backward()  # leave partial gradients behind, as a failure mid-backward would
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
         return super().train_step(micro_batches, lr)
 
+
 def flaky(limit, start=1):
     def build(model, cfg, device, info, mesh, **kw):
-        e = FlakyEngine(model.to(device), cfg, device, info, mesh, **kw); e.limit, e.start = limit, start
+        e = FlakyEngine(model.to(device), cfg, device, info, mesh, **kw)
+        e.limit, e.start = limit, start
         return e
+
     return build
+
 
 def test_auto_micro_batch_takes_the_largest_that_fits_and_changes_nothing(tmp_path, corpus, cache_dir, monkeypatch):
     monkeypatch.setattr(memory, "AUTO_MAX_MICRO_BATCH", 16)
     ov = tiny(corpus, cache_dir, tmp_path, "train.steps=3", "train.ckpt_every=0", "train.eval_every=0")
-    auto = Trainer(load_config(overrides=ov + ["train.micro_batch=auto"]), build_engine=flaky(limit=8), default_callbacks=False)
+    auto = Trainer(
+        load_config(overrides=ov + ["train.micro_batch=auto"]), build_engine=flaky(limit=8), default_callbacks=False
+    )
     assert auto.micro_batch == 8 and auto.global_batch == 8 and auto.auto_micro_batch_info["tried"] == [1, 2, 4, 8, 16]
-    torch.manual_seed(load_config(overrides=ov).train.seed); fresh = GPT(auto.cfg.model)
-    assert all(torch.equal(p, q) for p, q in zip(auto.model.parameters(), fresh.parameters()))   # lr-0 trials left the weights
+    torch.manual_seed(load_config(overrides=ov).train.seed)
+    fresh = GPT(auto.cfg.model)
+    assert all(
+        torch.equal(p, q) for p, q in zip(auto.model.parameters(), fresh.parameters())
+    )  # lr-0 trials left the weights
     assert not auto.engine.optimizer.state and all(p.grad is None for p in auto.model.parameters())
     fixed = Trainer(load_config(overrides=ov + ["train.micro_batch=8"]), default_callbacks=False)
-    auto.fit(); fixed.fit()
+    auto.fit()
+    fixed.fit()
     assert [r["loss"] for r in auto.history] == [r["loss"] for r in fixed.history] and len(auto.history) == 3
     # on CPU, with no out-of-memory errors, the cap decides
     assert Trainer(load_config(overrides=ov + ["train.micro_batch=auto"]), default_callbacks=False).micro_batch == 16
 
+
 def test_auto_micro_batch_that_never_fits_is_one_line(tmp_path, corpus, cache_dir):
     with pytest.raises(ConfigError, match="even a micro-batch of 1 does not fit") as e:
-        Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "train.micro_batch=auto")), build_engine=flaky(limit=0))
+        Trainer(
+            load_config(overrides=tiny(corpus, cache_dir, tmp_path, "train.micro_batch=auto")),
+            build_engine=flaky(limit=0),
+        )
     assert "\n" not in str(e.value) and "largest part is" in str(e.value)
 
+
 def test_out_of_memory_mid_run_halves_the_micro_batch_and_keeps_the_loss_curve(tmp_path, corpus, cache_dir, capsys):
-    ov = tiny(corpus, cache_dir, tmp_path, "train.steps=6", "train.ckpt_every=3", "train.eval_every=0", "train.micro_batch=8",
-              "train.eval_iters=1")
-    straight = Trainer(load_config(overrides=ov), default_callbacks=False); straight.fit()
+    ov = tiny(
+        corpus,
+        cache_dir,
+        tmp_path,
+        "train.steps=6",
+        "train.ckpt_every=3",
+        "train.eval_every=0",
+        "train.micro_batch=8",
+        "train.eval_iters=1",
+    )
+    straight = Trainer(load_config(overrides=ov), default_callbacks=False)
+    straight.fit()
     ref = [r["loss"] for r in straight.history]
     tr = Trainer(load_config(overrides=ov), build_engine=flaky(limit=2, start=3))
     s = tr.fit()
     assert s["status"] == "finished" and s["global_batch"] == straight.global_batch == 8
-    assert (s["micro_batch"], s["grad_accum"]) == (2, 4)          # 8 -> 4 -> 2, accumulation 1 -> 2 -> 4
+    assert (s["micro_batch"], s["grad_accum"]) == (2, 4)  # 8 -> 4 -> 2, accumulation 1 -> 2 -> 4
     recs = [r for r in read_metrics(tr.run_dir / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in recs if r.get("oom_recovered")] == [3]
     assert recs[2]["micro_batch"] == 2 and recs[2]["grad_accum"] == 4
     got = [r["loss"] for r in tr.history]
     assert got[:2] == ref[:2] and len(got) == 6
-    assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)     # accumulation in smaller pieces: float rounding only
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)  # accumulation in smaller pieces: float rounding only
     assert "out of memory with micro-batch 8; retrying with micro-batch 4" in capsys.readouterr().out
     # a resumed run keeps the smaller micro-batch (same global batch)
     again = Trainer(load_config(tr.run_dir / "config.yaml", ["train.steps=7"]), run_dir=tr.run_dir, resume=True)
     assert (again.micro_batch, again.grad_accum, again.global_batch) == (2, 4, 8)
 
+
 def test_out_of_memory_in_the_optimizer_step_is_not_swallowed(tmp_path, corpus, cache_dir):
     class BoomAdamW(torch.optim.AdamW):
-        def step(self, closure=None): raise torch.OutOfMemoryError("CUDA out of memory (injected in the optimizer step)")
+        def step(self, closure=None):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected in the optimizer step)")
+
     class StepOOM(Engine):
-        def build_optimizer(self, groups): return BoomAdamW(groups, lr=1e-3)
-    tr = Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "train.steps=2")),
-                 build_engine=lambda model, cfg, device, info, mesh, **kw: StepOOM(model, cfg, device, info, mesh, **kw))
-    with pytest.raises(torch.OutOfMemoryError): tr.fit()
+        def build_optimizer(self, groups):
+            return BoomAdamW(groups, lr=1e-3)
+
+    tr = Trainer(
+        load_config(overrides=tiny(corpus, cache_dir, tmp_path, "train.steps=2")),
+        build_engine=lambda model, cfg, device, info, mesh, **kw: StepOOM(model, cfg, device, info, mesh, **kw),
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        tr.fit()
     assert tr.micro_batch == 4 and not tr.oom_events

@@ -1,8 +1,11 @@
 """Every strategy equals single-process training: same per-step losses and final weights for the same
 global batch (fp32, CPU, gloo). One torchrun launch runs all 2-process cases, another the 4-process 2-D ones."""
-import json, subprocess
+
+import json
+import subprocess
 from pathlib import Path
-import pytest, torch
+import pytest
+import torch
 from conftest import tiny, run_cli, ROOT
 from scaletrain.config import load_config
 from scaletrain.train import Trainer
@@ -11,9 +14,22 @@ from scaletrain.checkpoint import latest_checkpoint
 
 STEPS, MICRO = 4, 4
 
+
 def common(corpus, cache_dir):
-    return tiny(corpus, cache_dir, "unused", f"train.steps={STEPS}", f"train.micro_batch={MICRO}", "train.warmup_steps=1",
-                "train.eval_every=0", "train.ckpt_every=0", "model.n_layer=4", "model.n_head=4", "train.eval_iters=2")[3:]
+    return tiny(
+        corpus,
+        cache_dir,
+        "unused",
+        f"train.steps={STEPS}",
+        f"train.micro_batch={MICRO}",
+        "train.warmup_steps=1",
+        "train.eval_every=0",
+        "train.ckpt_every=0",
+        "model.n_layer=4",
+        "model.n_head=4",
+        "train.eval_iters=2",
+    )[3:]
+
 
 # name, overrides, world, data-parallel degree
 CASES_2 = [
@@ -34,16 +50,27 @@ CASES_4 = [
     ("fsdp_x_tp", ["parallel.strategy=fsdp", "parallel.tp=2"], 2),
     ("ddp_x_pp", ["parallel.strategy=ddp", "parallel.pp=2", "model.tie_weights=false"], 2),
 ]
-PRECISION = [dict(name=f"prec_{s}_{p}", overrides=[f"parallel.strategy={s}", f"memory.precision={p}", "train.steps=6", "train.lr=3e-3"])
-             for s in ("ddp", "fsdp") for p in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")] + [
+PRECISION = [
+    dict(
+        name=f"prec_{s}_{p}",
+        overrides=[f"parallel.strategy={s}", f"memory.precision={p}", "train.steps=6", "train.lr=3e-3"],
+    )
+    for s in ("ddp", "fsdp")
+    for p in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+] + [
     # fp16 under ZeRO: torch's scaler over a sharded optimizer, and fairscale's ShardedGradScaler
     dict(name=f"prec_{n}_fp16-mixed", overrides=[*o, "memory.precision=fp16-mixed", "train.steps=6", "train.lr=3e-3"])
-    for n, o in (("zero1", ["parallel.strategy=zero1"]), ("zero2_fairscale", ["parallel.strategy=zero2", "parallel.backend=fairscale"]))]
+    for n, o in (
+        ("zero1", ["parallel.strategy=zero1"]),
+        ("zero2_fairscale", ["parallel.strategy=zero2", "parallel.backend=fairscale"]),
+    )
+]
 CKPT = [  # fsdp on 2 ranks: stop at 2 and resume to 4, against a straight run (ddp_... above are separate runs)
     dict(name="fsdp_straight", overrides=["parallel.strategy=fsdp"]),
     dict(name="fsdp_first", overrides=["parallel.strategy=fsdp"], stop_after=2),
     dict(name="fsdp_resumed", overrides=[], resume_of="fsdp_first"),
 ]
+
 
 def launch(nproc, cases, corpus, cache_dir, out):
     out.mkdir(parents=True, exist_ok=True)
@@ -54,48 +81,72 @@ def launch(nproc, cases, corpus, cache_dir, out):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return out
 
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory, corpus, cache_dir):
     cases = [dict(name=n, overrides=o) for n, o, _ in CASES_2] + CKPT + PRECISION
     return launch(2, cases, corpus, cache_dir, tmp_path_factory.mktemp("dist2"))
 
+
 @pytest.fixture(scope="module")
 def four(tmp_path_factory, corpus, cache_dir):
-    return launch(4, [dict(name=n, overrides=o) for n, o, _ in CASES_4], corpus, cache_dir, tmp_path_factory.mktemp("dist4"))
+    return launch(
+        4, [dict(name=n, overrides=o) for n, o, _ in CASES_4], corpus, cache_dir, tmp_path_factory.mktemp("dist4")
+    )
+
 
 def results(out, name, world):
     return [torch.load(out / name / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
+
 _REFERENCES = {}
+
 
 def reference(corpus, cache_dir, tmp_path, overrides, dp):
     "The same global batch in one process and one large batch: micro-batch x accumulation x dp, no parallelism."
-    cfg = load_config(overrides=common(corpus, cache_dir) + [o for o in overrides if not o.startswith("parallel.")]
-                      + [f"run.out_dir={tmp_path}"])
+    cfg = load_config(
+        overrides=common(corpus, cache_dir)
+        + [o for o in overrides if not o.startswith("parallel.")]
+        + [f"run.out_dir={tmp_path}"]
+    )
     batch = int(cfg.train.micro_batch) * cfg.train.grad_accum * dp
-    key = (tuple(o for o in overrides if not o.startswith(("parallel.", "train.micro_batch=", "train.grad_accum="))), batch)
+    key = (
+        tuple(o for o in overrides if not o.startswith(("parallel.", "train.micro_batch=", "train.grad_accum="))),
+        batch,
+    )
     if key not in _REFERENCES:  # several layouts share one single-process run
         cfg.train.micro_batch, cfg.train.grad_accum = batch, 1
-        t = Trainer(cfg, default_callbacks=False); t.fit()
-        _REFERENCES[key] = ([(r["loss"], r["grad_norm"]) for r in t.history], {k: v.detach().float() for k, v in t.model.state_dict().items()})
+        t = Trainer(cfg, default_callbacks=False)
+        t.fit()
+        _REFERENCES[key] = (
+            [(r["loss"], r["grad_norm"]) for r in t.history],
+            {k: v.detach().float() for k, v in t.model.state_dict().items()},
+        )
     return _REFERENCES[key]
+
 
 def assert_checkpoint_loads_in_one_process(out, name, w):
     "The case's final checkpoint, written by every rank of its layout, loads into a plain GPT: the weights the ranks held."
     from scaletrain.checkpoint import checkpoint_config, load_model_weights
     from scaletrain.models import GPT
+
     run = Path((out / name / "run_dir.txt").read_text())
-    m = GPT(checkpoint_config(run).model); load_model_weights(run, m)
+    m = GPT(checkpoint_config(run).model)
+    load_model_weights(run, m)
     for k, v in m.state_dict().items():
-        if k in w: assert torch.equal(v.float(), w[k]), (name, k)
+        if k in w:
+            assert torch.equal(v.float(), w[k]), (name, k)
+
 
 def merged_weights(res):
     w = {}
     for r in res:
         for k, v in r["weights"].items():
-            if k in w: assert torch.allclose(w[k], v, atol=1e-6), f"ranks disagree on {k}"
+            if k in w:
+                assert torch.allclose(w[k], v, atol=1e-6), f"ranks disagree on {k}"
             w[k] = v
     return w
+
 
 def assert_equivalent(res, ref, ref_w, rtol):
     ref_losses, ref_norms = zip(*ref)
@@ -112,6 +163,7 @@ def assert_equivalent(res, ref, ref_w, rtol):
     for k in keys:
         assert torch.allclose(w[k], ref_w[k], rtol=1e-4, atol=2e-5), (k, (w[k] - ref_w[k]).abs().max())
 
+
 # fp32 tolerances on the loss: DDP/ZeRO/FSDP only reorder the same sums (<=1e-6 relative);
 # TP and PP split matmuls or micro-batches, summing partial results in another order (<=1e-5).
 @pytest.mark.parametrize("name,overrides,dp", CASES_2, ids=[c[0] for c in CASES_2])
@@ -121,7 +173,15 @@ def test_two_process_strategy_equals_single_process(two, corpus, cache_dir, tmp_
     assert_equivalent(res, ref_l, ref_w, rtol=1e-5)
     assert_checkpoint_loads_in_one_process(two, name, merged_weights(res))
     s = res[0]["summary"]
-    assert s["world_size"] == 2 and s["dp"] == dp and s["global_batch"] == dp * int(load_config(overrides=common(corpus, cache_dir) + overrides).train.micro_batch) * load_config(overrides=common(corpus, cache_dir) + overrides).train.grad_accum
+    assert (
+        s["world_size"] == 2
+        and s["dp"] == dp
+        and s["global_batch"]
+        == dp
+        * int(load_config(overrides=common(corpus, cache_dir) + overrides).train.micro_batch)
+        * load_config(overrides=common(corpus, cache_dir) + overrides).train.grad_accum
+    )
+
 
 @pytest.mark.parametrize("name,overrides,dp", CASES_4, ids=[c[0] for c in CASES_4])
 def test_four_process_2d_equals_single_process(four, corpus, cache_dir, tmp_path, name, overrides, dp):
@@ -129,6 +189,7 @@ def test_four_process_2d_equals_single_process(four, corpus, cache_dir, tmp_path
     ref_l, ref_w = reference(corpus, cache_dir, tmp_path, overrides, dp)
     assert_equivalent(res, ref_l, ref_w, rtol=1e-5)
     assert_checkpoint_loads_in_one_process(four, name, merged_weights(res))
+
 
 def test_sharded_state_is_about_one_over_world(two):
     ddp = results(two, "ddp", 2)[0]
@@ -141,13 +202,15 @@ def test_sharded_state_is_about_one_over_world(two):
     both = sum(r["optim_bytes"] for r in results(two, "fsdp", 2))
     assert abs(both - ddp["optim_bytes"]) / ddp["optim_bytes"] < 0.02  # the shards add up to the whole
 
+
 def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path):
     straight = results(two, "fsdp_straight", 2)
     first, resumed = results(two, "fsdp_first", 2), results(two, "fsdp_resumed", 2)
     assert first[0]["summary"]["status"] == "stopped" and first[0]["summary"]["steps"] == 2
     assert first[0]["losses"] + resumed[0]["losses"] == straight[0]["losses"]
     ws, wr = merged_weights(straight), merged_weights(resumed)
-    for k in ws: assert torch.equal(ws[k], wr[k]), k
+    for k in ws:
+        assert torch.equal(ws[k], wr[k]), k
     # the final fsdp checkpoint, written by 2 ranks, evaluated in this single process
     run = Path((two / "fsdp_resumed" / "run_dir.txt").read_text())
     assert latest_checkpoint(run).name == f"step_{STEPS:08d}"
@@ -157,6 +220,7 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path)
     assert abs(t.evaluate() - resumed[0]["val"]) < 1e-5
     # and `scaletrain export` turns the sharded checkpoint into one plain file with the same model
     from scaletrain.checkpoint import load_safetensors
+
     r = run_cli("export", run, tmp_path / "m.safetensors")
     assert r.returncode == 0, r.stderr
     m = load_safetensors(tmp_path / "m.safetensors")
@@ -164,6 +228,7 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path)
     t.model.eval()
     assert torch.equal(m(x), t.model(x))
     assert run_cli("export", run, tmp_path / "m.safetensors").returncode == 2  # never overwritten without --force
+
 
 @pytest.mark.parametrize("case", PRECISION, ids=[c["name"] for c in PRECISION])
 def test_every_precision_runs_and_learns_under_ddp_and_fsdp(two, case):
@@ -175,9 +240,13 @@ def test_every_precision_runs_and_learns_under_ddp_and_fsdp(two, case):
     steps = [x for x in recs if "loss" in x]
     if "fp16-mixed" in case["name"]:
         # fairscale's ShardedGradScaler turns itself off without CUDA (scale 1); torch's start at 2**16
-        first = 1.0 if "fairscale" in case["name"] and not torch.cuda.is_available() else 2.0 ** 16
-        assert steps[0]["loss_scale"] == first and all(x["loss_scale"] >= 1 and isinstance(x["skipped"], bool) for x in steps)
-    else: assert all("loss_scale" not in x for x in steps)
+        first = 1.0 if "fairscale" in case["name"] and not torch.cuda.is_available() else 2.0**16
+        assert steps[0]["loss_scale"] == first and all(
+            x["loss_scale"] >= 1 and isinstance(x["skipped"], bool) for x in steps
+        )
+    else:
+        assert all("loss_scale" not in x for x in steps)
+
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_precision_changes_the_numbers_not_the_result(two, strategy):
@@ -187,10 +256,19 @@ def test_precision_changes_the_numbers_not_the_result(two, strategy):
         l = results(two, f"prec_{strategy}_{p}", 2)[0]["losses"]
         assert l != fp32 and max(abs(a - b) for a, b in zip(l, fp32)) < 0.1, (p, l, fp32)
 
+
 def test_cli_fsdp_on_two_processes_as_typed(tmp_path):
-    r = run_cli("train", "--nproc", "2", "parallel.strategy=fsdp", "train.steps=20", f"run.out_dir={tmp_path}", timeout=600)
+    r = run_cli(
+        "train", "--nproc", "2", "parallel.strategy=fsdp", "train.steps=20", f"run.out_dir={tmp_path}", timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list(tmp_path.iterdir())
     s = json.loads((run / "summary.json").read_text())
-    assert (s["status"], s["world_size"], s["strategy"], s["global_batch"], s["steps"]) == ("finished", 2, "fsdp", 32, 20)
+    assert (s["status"], s["world_size"], s["strategy"], s["global_batch"], s["steps"]) == (
+        "finished",
+        2,
+        "fsdp",
+        32,
+        20,
+    )
     assert s["final_val_loss"] < s["first_val_loss"]

@@ -1,5 +1,7 @@
 "scaletrain plan: a ranked table of layouts that fit, one-line refusals, and a config that trains."
-import contextlib, io
+
+import contextlib
+import io
 import pytest
 from conftest import run_cli, tiny
 from scaletrain.config import load_config
@@ -8,17 +10,25 @@ from scaletrain.parallel import check
 from scaletrain.plan import plan, plan_main, best_layouts
 from scaletrain.train import Trainer
 
+
 def plan_cli(*argv):
     "Run plan_main in this process: (exit code, stdout, stderr)."
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: rc = plan_main([str(a) for a in argv])
-        except SystemExit as e: rc = e.code
+        try:
+            rc = plan_main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code
     return rc, out.getvalue(), err.getvalue()
 
+
 def rows(text):
-    return [l.split() for l in text.splitlines() if len(l.split()) >= 14 and l.split()[0].isdigit()
-            and l.split()[1] in ("ddp", "zero1", "zero2", "fsdp")]
+    return [
+        l.split()
+        for l in text.splitlines()
+        if len(l.split()) >= 14 and l.split()[0].isdigit() and l.split()[1] in ("ddp", "zero1", "zero2", "fsdp")
+    ]
+
 
 def test_cli_7b_on_8_h100_prints_a_ranked_table():
     r = run_cli("plan", "--params", "7e9", "--gpus", "8", "--gpu-mem", "80")
@@ -27,15 +37,16 @@ def test_cli_7b_on_8_h100_prints_a_ranked_table():
     assert len(table) == 10 and [int(t[0]) for t in table] == list(range(1, 11))
     steps = [float(t[-4]) for t in table]
     assert steps == sorted(steps)
-    assert all(float(t[-5]) <= 72.0 for t in table)          # GiB per GPU within 90 % of 80
+    assert all(float(t[-5]) <= 72.0 for t in table)  # GiB per GPU within 90 % of 80
     assert "7.06B params" in r.stdout and "Best:" in r.stdout
+
 
 def test_every_listed_layout_fits_runs_and_matches_the_estimator():
     pl = plan(params=7e9, gpus=16, nodes=2, gpu_mem=80)
     assert pl.layouts and pl.considered > len(pl.layouts)
     for l in pl.layouts:
         cfg = pl.to_config(l)
-        check(cfg, 16)                                         # scaletrain.parallel would run it
+        check(cfg, 16)  # scaletrain.parallel would run it
         assert estimate_config(cfg, 16).total == l.memory <= 80 * GiB * 0.9  # the config it writes predicts the same
         assert l.micro_batch * l.grad_accum * l.dp == 1024
     # the gradient all-reduce of plain DDP crosses the slow inter-node link; more bandwidth there makes it cheaper
@@ -45,22 +56,27 @@ def test_every_listed_layout_fits_runs_and_matches_the_estimator():
     ddp = lambda p: next(l for l in p.layouts if l.strategy == "ddp" and l.dp == 16)
     assert ddp(fast).step_time < ddp(slow).step_time
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--params", "7e9", "--gpus", "0"], "--gpus=0"),
-    (["--params", "7e9", "--gpu-mem", "-1"], "--gpu-mem=-1"),
-    (["--params", "7e9", "--gpus", "x"], "--gpus"),
-    (["--params", "7e9", "--gpus", "8", "--nodes", "3"], "--nodes=3"),
-    (["--params", "7e9", "--mfu", "1.5"], "--mfu"),
-    (["--params", "7e9", "--gpu", "TPU"], "--gpu=TPU"),
-    (["--params", "7e9", "--precision", "fp8"], "--precision=fp8"),
-    (["--gpus", "8"], "--params N or --config FILE"),
-    (["--params", "7e9", "model.n_layer=2"], "describe the model twice"),
-    (["model.n_layr=2"], "did you mean 'model.n_layer'"),
-])
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--params", "7e9", "--gpus", "0"], "--gpus=0"),
+        (["--params", "7e9", "--gpu-mem", "-1"], "--gpu-mem=-1"),
+        (["--params", "7e9", "--gpus", "x"], "--gpus"),
+        (["--params", "7e9", "--gpus", "8", "--nodes", "3"], "--nodes=3"),
+        (["--params", "7e9", "--mfu", "1.5"], "--mfu"),
+        (["--params", "7e9", "--gpu", "TPU"], "--gpu=TPU"),
+        (["--params", "7e9", "--precision", "fp8"], "--precision=fp8"),
+        (["--gpus", "8"], "--params N or --config FILE"),
+        (["--params", "7e9", "model.n_layer=2"], "describe the model twice"),
+        (["model.n_layr=2"], "did you mean 'model.n_layer'"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(argv, needle):
     rc, out, err = plan_cli(*argv)
     assert rc == 2 and not out
     assert len(err.strip().splitlines()) == 1 and err.startswith("scaletrain: error: ") and needle in err
+
 
 def test_nothing_fits_names_the_largest_part_and_the_fix():
     rc, out, err = plan_cli("--params", "70e9", "--gpus", "8", "--gpu-mem", "80")
@@ -68,6 +84,7 @@ def test_nothing_fits_names_the_largest_part_and_the_fix():
     assert "largest part is optimizer" in err and "would fit on 32 GPUs" in err and "--gpu-mem >=" in err
     rc, out, _ = plan_cli("--params", "70e9", "--gpus", "32", "--gpu-mem", "80", "--top", "3")
     assert rc == 0 and len(rows(out)) == 3
+
 
 def test_written_config_trains_and_is_never_overwritten(tmp_path, corpus, cache_dir):
     f = tmp_path / "best.yaml"
@@ -80,22 +97,51 @@ def test_written_config_trains_and_is_never_overwritten(tmp_path, corpus, cache_
     before = f.read_text()
     rc, _, err = plan_cli(*shape, "--gpus", "1", "--gpu-mem", "1", "--write-config", f, "--precision", "fp32")
     assert rc == 2 and "already exists" in err and f.read_text() == before
-    rc, _, _ = plan_cli(*shape, "--gpus", "1", "--gpu-mem", "1", "--global-batch", "8", "--write-config", f, "--precision", "fp32", "--force")
+    rc, _, _ = plan_cli(
+        *shape,
+        "--gpus",
+        "1",
+        "--gpu-mem",
+        "1",
+        "--global-batch",
+        "8",
+        "--write-config",
+        f,
+        "--precision",
+        "fp32",
+        "--force",
+    )
     assert rc == 0 and load_config(f).memory.precision == "fp32"
-    data = [o for o in tiny(corpus, cache_dir, tmp_path / "runs") if o.split("=")[0].startswith(("data.", "run.", "train.device"))]
+    data = [
+        o
+        for o in tiny(corpus, cache_dir, tmp_path / "runs")
+        if o.split("=")[0].startswith(("data.", "run.", "train.device"))
+    ]
     s = Trainer(load_config(f, data + ["train.steps=2", "train.warmup_steps=1", "train.eval_iters=1"])).fit()
     assert s["status"] == "finished" and s["global_batch"] == 8
+
 
 def test_scaling_table_from_8_to_4096_gpus():
     t = {(r["params"], r["gpus"]): r for r in best_layouts((1e9, 70e9), (8, 4096), global_batch=2048)}
     assert t[(1e9, 8)]["gib"] and t[(70e9, 4096)]["gib"] and t[(70e9, 8)]["layout"] == "nothing fits"
     assert t[(1e9, 4096)]["tokens_per_s"] > t[(1e9, 8)]["tokens_per_s"]
 
+
 def test_layouts_from_a_base_config_keep_its_settings_runnable():
     # a base config with its own validation batch: every layout written back must pass the launch checks,
     # pipeline layouts included (their validation batch is split into pipeline micro-batches too)
-    base = load_config(overrides=["model.n_layer=24", "model.n_embd=2048", "model.n_head=16", "model.block_size=2048",
-                                  "model.vocab_size=50304", "model.tie_weights=false", "train.eval_batch=4"])
+    base = load_config(
+        overrides=[
+            "model.n_layer=24",
+            "model.n_embd=2048",
+            "model.n_head=16",
+            "model.block_size=2048",
+            "model.vocab_size=50304",
+            "model.tie_weights=false",
+            "train.eval_batch=4",
+        ]
+    )
     pl = plan(base, gpus=16, nodes=2, gpu_mem=24, global_batch=256)
     assert pl.layouts and any(l.pp > 1 and l.microbatches > l.pp for l in pl.layouts)
-    for l in pl.layouts: check(pl.to_config(l), 16)
+    for l in pl.layouts:
+        check(pl.to_config(l), 16)

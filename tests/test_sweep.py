@@ -1,11 +1,18 @@
 "Sweeps: runs in parallel processes, the comparison table and plot, best.yaml; a bad key stops everything before it starts."
-import csv, json
+
+import csv
+import json
 from conftest import run_cli
 from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
 
+
 def test_sweep_cli_grid_in_parallel(tmp_path, pets, pretrained, cache_dir):
-    fixed = [o for o in ft_overrides(tmp_path, pretrained, pets, cache_dir, "train.steps=4", "train.eval_every=2") if not o.startswith("train.lr=")]
+    fixed = [
+        o
+        for o in ft_overrides(tmp_path, pretrained, pets, cache_dir, "train.steps=4", "train.eval_every=2")
+        if not o.startswith("train.lr=")
+    ]
     r = run_cli("sweep", "--parallel", "2", "--out", tmp_path / "sw", "--vary", "train.lr=0,3e-3", *fixed)
     assert r.returncode == 0, r.stderr[-3000:]
     sw = tmp_path / "sw"
@@ -18,32 +25,53 @@ def test_sweep_cli_grid_in_parallel(tmp_path, pets, pretrained, cache_dir):
         assert max(e["accuracy"] for e in evals if "accuracy" in e) == float(x["best_accuracy"])
         assert (sw / "logs" / f"{x['run']}.log").stat().st_size > 0
     assert load_config(sw / "best.yaml").train.lr == float(rows[0]["train.lr"])
-    assert (sw / "sweep.png").stat().st_size > 1000 and json.loads((sw / "results.json").read_text())["best"] == rows[0]["run"]
+    assert (sw / "sweep.png").stat().st_size > 1000 and json.loads((sw / "results.json").read_text())["best"] == rows[
+        0
+    ]["run"]
     assert "best: " in r.stdout and "best_accuracy" in r.stdout
+
 
 def test_sweep_bad_input_starts_nothing(tmp_path, pets, pretrained, cache_dir):
     import pytest
     from scaletrain.config import ConfigError
     from scaletrain.sweep import sweep, parse_vary
+
     fixed = [o for o in ft_overrides(tmp_path, pretrained, pets, cache_dir) if not o.startswith("train.lr=")]
-    for vary, want in (("train.lrr=1e-3,1e-2", "did you mean 'train.lr'"), ("train.lr=log:1e-4:1e-2", "ranges need --random N"),
-                       ("finetune.freeze_blocks=0,9", "more than the model's 2 blocks"), ("run.name=a,b", "set by the sweep")):
-        with pytest.raises(ConfigError) as e: sweep(dict([parse_vary(vary)]), fixed, out=tmp_path / "sw")
+    for vary, want in (
+        ("train.lrr=1e-3,1e-2", "did you mean 'train.lr'"),
+        ("train.lr=log:1e-4:1e-2", "ranges need --random N"),
+        ("finetune.freeze_blocks=0,9", "more than the model's 2 blocks"),
+        ("run.name=a,b", "set by the sweep"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            sweep(dict([parse_vary(vary)]), fixed, out=tmp_path / "sw")
         assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
     r = run_cli("sweep", "--out", tmp_path / "sw", "--vary", "train.lrr=1e-3,1e-2", *fixed)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "did you mean 'train.lr'" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "sw").exists()
 
+
 def test_random_search_draws_inside_the_ranges_and_repeats_with_its_seed():
-    import math, pytest
+    import math
+    import pytest
     from scaletrain.config import ConfigError
     from scaletrain.sweep import parse_vary, expand
-    space = dict([parse_vary("train.lr=log:1e-4:3e-3"), parse_vary("train.weight_decay=uniform:0:0.2"),
-                  parse_vary("finetune.freeze_blocks=0,1,2")])
+
+    space = dict(
+        [
+            parse_vary("train.lr=log:1e-4:3e-3"),
+            parse_vary("train.weight_decay=uniform:0:0.2"),
+            parse_vary("finetune.freeze_blocks=0,1,2"),
+        ]
+    )
     assert space["train.lr"] == ("log", 1e-4, 3e-3) and space["finetune.freeze_blocks"] == ["0", "1", "2"]
     runs = expand(space, "random", n=40, seed=3)
-    assert len(runs) == 40 and runs == expand(space, "random", n=40, seed=3) and runs != expand(space, "random", n=40, seed=4)
+    assert (
+        len(runs) == 40
+        and runs == expand(space, "random", n=40, seed=3)
+        and runs != expand(space, "random", n=40, seed=4)
+    )
     lrs = [float(r["train.lr"]) for r in runs]
     assert all(1e-4 <= x <= 3e-3 for x in lrs) and all(0 <= float(r["train.weight_decay"]) <= 0.2 for r in runs)
     assert {r["finetune.freeze_blocks"] for r in runs} == {"0", "1", "2"}
@@ -51,5 +79,7 @@ def test_random_search_draws_inside_the_ranges_and_repeats_with_its_seed():
     mid = math.sqrt(1e-4 * 3e-3)
     assert 10 <= sum(x < mid for x in lrs) <= 30
     for bad in ("train.lr=log:0:1", "train.lr=uniform:2:1", "train.lr=log:a:b", "train.lr="):
-        with pytest.raises(ConfigError): parse_vary(bad)
-    with pytest.raises(ConfigError, match="ranges need --random"): expand(space, "grid")
+        with pytest.raises(ConfigError):
+            parse_vary(bad)
+    with pytest.raises(ConfigError, match="ranges need --random"):
+        expand(space, "grid")

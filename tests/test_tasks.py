@@ -1,4 +1,5 @@
 "Task datasets: the stdlib-packages task split by file, user data formats, sampling, and bad data as one line."
+
 import json
 from pathlib import Path
 import numpy as np
@@ -8,8 +9,17 @@ from conftest import run_cli
 from ft_helpers import make_pets, pretrained  # noqa: F401 (fixture)
 from scaletrain.config import load_config
 from scaletrain.data import DataError
-from scaletrain.tasks import (ClassificationTask, load_units, split_units, stdlib_packages, folder_units,
-                              build_classification_data, PackageLMTask, SPLITS)
+from scaletrain.tasks import (
+    ClassificationTask,
+    load_units,
+    split_units,
+    stdlib_packages,
+    folder_units,
+    build_classification_data,
+    PackageLMTask,
+    SPLITS,
+)
+
 
 def test_stdlib_packages_split_by_file_every_class_everywhere():
     f = load_config(overrides=["finetune.n_classes=6"]).finetune
@@ -20,12 +30,20 @@ def test_stdlib_packages_split_by_file_every_class_everywhere():
     ids = {s: {u.uid for u in parts[s]} for s in SPLITS}
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
     assert sum(len(v) for v in ids.values()) == len(units)
-    for s in SPLITS: assert {u.label for u in parts[s]} == {u.label for u in units}
+    for s in SPLITS:
+        assert {u.label for u in parts[s]} == {u.label for u in units}
     assert split_units(units, f.val_fraction, f.test_fraction) == parts  # deterministic
 
+
 def test_snippets_caps_and_labels(tmp_path):
-    cfg = load_config(overrides=["finetune.n_classes=3", "finetune.snippet_tokens=32", "finetune.max_per_class=50",
-                                 "finetune.eval_per_class=20"])
+    cfg = load_config(
+        overrides=[
+            "finetune.n_classes=3",
+            "finetune.snippet_tokens=32",
+            "finetune.max_per_class=50",
+            "finetune.eval_per_class=20",
+        ]
+    )
     t = ClassificationTask(cfg)
     assert cfg.finetune.labels == ",".join(t.labels) and len(t.labels) == 3
     for s in SPLITS:
@@ -33,13 +51,18 @@ def test_snippets_caps_and_labels(tmp_path):
         counts = np.bincount(t.data.y[s], minlength=3)
         assert (counts <= (50 if s == "train" else 20)).all() and (counts > 0).all()
 
+
 def test_user_folder_presplit_and_jsonl_agree(tmp_path):
     make_pets(tmp_path / "flat")
-    for split, n in (("train", 4), ("val", 2)): make_pets(tmp_path / "pre" / split, files=n)
+    for split, n in (("train", 4), ("val", 2)):
+        make_pets(tmp_path / "pre" / split, files=n)
     recs = [dict(text=p.read_text(), label=p.parent.name) for p in sorted((tmp_path / "flat").rglob("*.txt"))]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    f = lambda task: load_config(overrides=[f"finetune.task={task}", "finetune.snippet_tokens=16", "model.block_size=32"]).finetune
+    f = lambda task: (
+        load_config(overrides=[f"finetune.task={task}", "finetune.snippet_tokens=16", "model.block_size=32"]).finetune
+    )
     from scaletrain.data import ByteTokenizer
+
     a = build_classification_data(f(tmp_path / "flat"), ByteTokenizer())
     b = build_classification_data(f(tmp_path / "d.jsonl"), ByteTokenizer())
     assert a.labels == b.labels == ["birds", "cats", "dogs"]
@@ -47,23 +70,35 @@ def test_user_folder_presplit_and_jsonl_agree(tmp_path):
     pre = split_units(folder_units(tmp_path / "pre"), 0.2, 0.2)
     assert len(pre["train"]) == 12 and len(pre["val"]) == 6 and not pre["test"]
 
+
 def test_batches_are_deterministic_and_rank_disjoint(tmp_path):
     make_pets(tmp_path / "pets")
-    t = ClassificationTask(load_config(overrides=[f"finetune.task={tmp_path / 'pets'}", "finetune.snippet_tokens=16", "model.block_size=32"]))
+    t = ClassificationTask(
+        load_config(
+            overrides=[f"finetune.task={tmp_path / 'pets'}", "finetune.snippet_tokens=16", "model.block_size=32"]
+        )
+    )
     t.setup(global_batch=6, eval_batch=6)
     x, y = t.train_batch(3)
     parts = [t.train_batch(3, r, 3) for r in range(3)]
     assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
-    t2 = ClassificationTask(load_config(overrides=[f"finetune.task={tmp_path / 'pets'}", "finetune.snippet_tokens=16", "model.block_size=32"]))
+    t2 = ClassificationTask(
+        load_config(
+            overrides=[f"finetune.task={tmp_path / 'pets'}", "finetune.snippet_tokens=16", "model.block_size=32"]
+        )
+    )
     t2.setup(6, 6)
     assert torch.equal(t2.train_batch(3)[0], x) and not torch.equal(t2.train_batch(4)[0], x)
+
 
 def test_package_lm_task_uses_one_family():
     t = PackageLMTask(load_config(overrides=["finetune.task=lm:json", "model.block_size=32"]))
     total = sum(len(a) for a in t.data.train + t.data.val)
     import sysconfig
+
     src = sum(len(p.read_bytes()) + 1 for p in (Path(sysconfig.get_paths()["stdlib"]) / "json").rglob("*.py"))
     assert total == src and t.data.files["train"] > 0 and t.data.files["val"] > 0
+
 
 def _one_line(r):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
@@ -71,32 +106,50 @@ def _one_line(r):
     assert len(lines) == 1 and lines[0].startswith("scaletrain: error: ") and "Traceback" not in r.stderr, r.stderr
     return lines[0]
 
+
 def test_bad_datasets_are_one_line(tmp_path, pretrained):
     (tmp_path / "one" / "only").mkdir(parents=True)
-    for i in range(5): (tmp_path / "one" / "only" / f"{i}.txt").write_text("x" * 80)
-    (tmp_path / "few" / "a").mkdir(parents=True); (tmp_path / "few" / "b").mkdir(parents=True)
-    for i in range(5): (tmp_path / "few" / "a" / f"{i}.txt").write_text("a" * 80)
+    for i in range(5):
+        (tmp_path / "one" / "only" / f"{i}.txt").write_text("x" * 80)
+    (tmp_path / "few" / "a").mkdir(parents=True)
+    (tmp_path / "few" / "b").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "few" / "a" / f"{i}.txt").write_text("a" * 80)
     (tmp_path / "few" / "b" / "0.txt").write_text("b" * 80)
-    (tmp_path / "unseen.jsonl").write_text("".join(json.dumps(dict(text="t" * 40, label=l, split=s)) + "\n"
-                                                   for l, s in (("a", "train"), ("b", "train"), ("c", "val"))))
-    (tmp_path / "noval.jsonl").write_text("".join(json.dumps(dict(text="t" * 40, label=l, split="train")) + "\n" for l in "ab"))
+    (tmp_path / "unseen.jsonl").write_text(
+        "".join(
+            json.dumps(dict(text="t" * 40, label=l, split=s)) + "\n"
+            for l, s in (("a", "train"), ("b", "train"), ("c", "val"))
+        )
+    )
+    (tmp_path / "noval.jsonl").write_text(
+        "".join(json.dumps(dict(text="t" * 40, label=l, split="train")) + "\n" for l in "ab")
+    )
     out = tmp_path / "runs"
     base = [f"finetune.init={pretrained}", f"run.out_dir={out}", "train.device=cpu", "finetune.snippet_tokens=24"]
-    cases = {tmp_path / "one": "one class (only)", tmp_path / "few": "label 'b' has 1 file",
-             tmp_path / "unseen.jsonl": "label 'c' is in the val split but was not seen in training",
-             tmp_path / "noval.jsonl": "the val split is empty", tmp_path / "nope": "not found"}
+    cases = {
+        tmp_path / "one": "one class (only)",
+        tmp_path / "few": "label 'b' has 1 file",
+        tmp_path / "unseen.jsonl": "label 'c' is in the val split but was not seen in training",
+        tmp_path / "noval.jsonl": "the val split is empty",
+        tmp_path / "nope": "not found",
+    }
     from scaletrain.finetune import prepare
+
     for task, want in cases.items():
-        with pytest.raises(DataError) as e: prepare(load_config(overrides=base + [f"finetune.task={task}"]))
+        with pytest.raises(DataError) as e:
+            prepare(load_config(overrides=base + [f"finetune.task={task}"]))
         assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
     # through the command line: one line, exit code 2, no run folder
     msg = _one_line(run_cli("finetune", *base, f"finetune.task={tmp_path / 'unseen.jsonl'}"))
     assert "label 'c' is in the val split but was not seen in training" in msg
     assert not out.exists() or not any(out.iterdir())
 
+
 def test_pretraining_corpus_leaves_out_held_out_files(tmp_path):
     from scaletrain.tasks import pretraining_corpus, held_out_files
     from scaletrain.data import stdlib_files, folder_files
+
     f = load_config(overrides=["finetune.n_classes=4"]).finetune
     held = held_out_files(f)
     out = pretraining_corpus(f, tmp_path / "c")

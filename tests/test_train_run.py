@@ -1,4 +1,5 @@
 "The main job end to end through the CLI, its run folder, determinism and exact resume."
+
 import json
 from pathlib import Path
 import torch
@@ -7,26 +8,52 @@ from scaletrain.config import load_config
 from scaletrain.metrics import read_metrics
 from scaletrain.train import Trainer, StopAfter, Callback
 
-def losses(run): return [r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl") if "loss" in r]
+
+def losses(run):
+    return [r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl") if "loss" in r]
+
 
 def test_cli_train_writes_run_folder(tmp_path, corpus, cache_dir):
     r = run_cli("train", *tiny(corpus, cache_dir, tmp_path, "run.name=demo"))
     assert r.returncode == 0, r.stderr
     run = tmp_path / "demo"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "loss.png", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "loss.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
     s = json.loads((run / "summary.json").read_text())
-    for k in ("final_train_loss", "final_val_loss", "steps", "tokens", "tokens_per_s", "wall_time_s", "python", "torch",
-              "scaletrain", "git_commit", "seed", "config_hash", "world_size", "strategy", "global_batch"):
+    for k in (
+        "final_train_loss",
+        "final_val_loss",
+        "steps",
+        "tokens",
+        "tokens_per_s",
+        "wall_time_s",
+        "python",
+        "torch",
+        "scaletrain",
+        "git_commit",
+        "seed",
+        "config_hash",
+        "world_size",
+        "strategy",
+        "global_batch",
+    ):
         assert k in s, k
     assert s["status"] == "finished" and s["steps"] == 6 and s["tokens"] == 6 * 4 * 32 and s["global_batch"] == 4
     assert s["final_val_loss"] < s["first_val_loss"]
     recs = read_metrics(run / "metrics.jsonl")
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
-    for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"): assert all(k in r for r in steps), k
+    for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"):
+        assert all(k in r for r in steps), k
     assert [r["step"] for r in recs if "val_loss" in r] == [0, 3, 6]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert "val loss" in r.stdout and "run folder" in r.stdout
+
 
 def test_cli_resume_continues(tmp_path, corpus, cache_dir):
     ov = tiny(corpus, cache_dir, tmp_path, "run.name=r", "train.steps=4", "train.warmup_steps=1")
@@ -37,18 +64,23 @@ def test_cli_resume_continues(tmp_path, corpus, cache_dir):
     assert [x["step"] for x in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in x] == list(range(1, 8))
     assert load_config(tmp_path / "r" / "config.yaml").train.steps == 7
 
+
 def test_same_seed_same_losses(tmp_path, corpus, cache_dir):
     ov = tiny(corpus, cache_dir, tmp_path, "train.ckpt_every=0", "model.dropout=0.1")
     a, b = Trainer(load_config(overrides=ov)), Trainer(load_config(overrides=ov))
-    a.fit(); b.fit()
+    a.fit()
+    b.fit()
     assert losses(a.run_dir) == losses(b.run_dir) and len(losses(a.run_dir)) == 6
-    c = Trainer(load_config(overrides=ov + ["train.seed=7"])); c.fit()
+    c = Trainer(load_config(overrides=ov + ["train.seed=7"]))
+    c.fit()
     assert losses(c.run_dir) != losses(a.run_dir)
+
 
 def test_stop_and_resume_is_exact(tmp_path, corpus, cache_dir):
     # dropout on, so the RNG state must be restored too
     ov = tiny(corpus, cache_dir, tmp_path, "train.steps=8", "train.ckpt_every=0", "model.dropout=0.1")
-    straight = Trainer(load_config(overrides=ov)); straight.fit()
+    straight = Trainer(load_config(overrides=ov))
+    straight.fit()
     first = Trainer(load_config(overrides=ov), callbacks=[StopAfter(4)])
     assert first.fit()["status"] == "stopped"
     second = Trainer(load_config(first.run_dir / "config.yaml"), run_dir=first.run_dir, resume=True)
@@ -60,22 +92,32 @@ def test_stop_and_resume_is_exact(tmp_path, corpus, cache_dir):
     for p, q in zip(straight.engine.optimizer.state.values(), second.engine.optimizer.state.values()):
         assert torch.equal(p["exp_avg"], q["exp_avg"]) and torch.equal(p["exp_avg_sq"], q["exp_avg_sq"])
 
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, cache_dir):
     from scaletrain.train import Callback
+
     class Poison(Callback):
         def after_step(self):
             if self.trainer.step == 4:  # corrupt the weights: the next loss is NaN
-                with torch.no_grad(): self.trainer.model.wte.weight.fill_(float("nan"))
-    t = Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "train.steps=8", "train.ckpt_every=2", "train.eval_every=0")),
-                callbacks=[Poison()])
+                with torch.no_grad():
+                    self.trainer.model.wte.weight.fill_(float("nan"))
+
+    t = Trainer(
+        load_config(
+            overrides=tiny(corpus, cache_dir, tmp_path, "train.steps=8", "train.ckpt_every=2", "train.eval_every=0")
+        ),
+        callbacks=[Poison()],
+    )
     s = t.fit()
     assert s["status"] == "anomaly" and "step 5: loss is nan" in s["anomaly"]
     assert (t.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (t.run_dir / "checkpoints" / "step_00000005").exists()
     assert json.loads((t.run_dir / "summary.json").read_text())["status"] == "anomaly"
 
+
 def test_stdlib_corpus_split_is_by_file_and_deterministic():
     from scaletrain.data import parse_sources, _split_files, stdlib_files
+
     src = parse_sources("stdlib")[0]
     tr, va = _split_files(src, 0.05)
     assert len(src.files) > 500 and set(tr).isdisjoint(va) and len(tr) + len(va) == len(src.files)
@@ -83,47 +125,76 @@ def test_stdlib_corpus_split_is_by_file_and_deterministic():
     assert _split_files(parse_sources("stdlib")[0], 0.05) == (tr, va)
     assert sum(f.stat().st_size for f in stdlib_files()) > 10e6
 
+
 def test_compile_matches_eager_and_keeps_checkpoint_names(tmp_path, corpus, cache_dir):
     # train.compile compiles each block in place and the loss: same numbers as eager, same parameter names
     ov = tiny(corpus, cache_dir, tmp_path, "train.steps=3", "train.ckpt_every=0", "train.eval_every=0")
-    eager = Trainer(load_config(overrides=ov)); eager.fit()
-    comp = Trainer(load_config(overrides=ov + ["train.compile=true"])); s = comp.fit()
+    eager = Trainer(load_config(overrides=ov))
+    eager.fit()
+    comp = Trainer(load_config(overrides=ov + ["train.compile=true"]))
+    s = comp.fit()
     assert s["status"] == "finished"
     a, b = losses(eager.run_dir), losses(comp.run_dir)
     assert len(a) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
     assert [n for n, _ in comp.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
     # its checkpoint loads into a plain, uncompiled model
-    again = Trainer(load_config(comp.run_dir / "config.yaml", overrides=["train.compile=false"]), run_dir=comp.run_dir, resume=True)
-    for (n, p), (_, q) in zip(comp.model.named_parameters(), again.model.named_parameters()): assert torch.equal(p, q), n
+    again = Trainer(
+        load_config(comp.run_dir / "config.yaml", overrides=["train.compile=false"]), run_dir=comp.run_dir, resume=True
+    )
+    for (n, p), (_, q) in zip(comp.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(p, q), n
+
 
 def test_reading_losses_every_n_steps_changes_nothing_but_the_log(tmp_path, corpus, cache_dir):
     # run.log_every=3: the host reads loss/grad norm every 3 steps; history, weights and checkpoints are the same
     ov = tiny(corpus, cache_dir, tmp_path, "train.steps=7", "train.ckpt_every=0", "train.eval_every=0")
-    every = Trainer(load_config(overrides=ov)); every.fit()
-    lazy = Trainer(load_config(overrides=ov + ["run.log_every=3"])); s = lazy.fit()
+    every = Trainer(load_config(overrides=ov))
+    every.fit()
+    lazy = Trainer(load_config(overrides=ov + ["run.log_every=3"]))
+    s = lazy.fit()
     assert [r["loss"] for r in lazy.history] == [r["loss"] for r in every.history] and len(lazy.history) == 7
     assert [r["step"] for r in lazy.history] == list(range(1, 8)) and s["steps"] == 7
     assert [r["step"] for r in read_metrics(lazy.run_dir / "metrics.jsonl") if "loss" in r] == [3, 6]
-    for (n, p), (_, q) in zip(every.model.named_parameters(), lazy.model.named_parameters()): assert torch.equal(p, q), n
+    for (n, p), (_, q) in zip(every.model.named_parameters(), lazy.model.named_parameters()):
+        assert torch.equal(p, q), n
     # callbacks hear of steps at the reads: StopAfter(4) learns of step 4 at the read of step 6 and stops there
     stopped = Trainer(load_config(overrides=ov + ["run.log_every=3"]), callbacks=[StopAfter(4)])
     assert stopped.fit()["status"] == "stopped" and stopped.step == 6
     assert (stopped.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
     # a stop request that arrives between reads (SIGTERM) is acted on at the next step in one process
     class Signal(Callback):
         def before_step(self):
-            if self.trainer.step == 4: self.trainer.stop_requested = True
+            if self.trainer.step == 4:
+                self.trainer.stop_requested = True
+
     sig = Trainer(load_config(overrides=ov + ["run.log_every=3"]), callbacks=[Signal()])
     assert sig.fit()["status"] == "stopped" and sig.step == 5
 
+
 def test_nan_is_caught_at_its_step_when_reading_every_n_steps(tmp_path, corpus, cache_dir):
     from scaletrain.train import Callback
+
     class Poison(Callback):
         def before_step(self):
             if self.trainer.step == 4 and not self.trainer._pending:  # step 5 is launched on NaN weights
-                with torch.no_grad(): self.trainer.model.wte.weight.fill_(float("nan"))
-    t = Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "train.steps=9", "train.ckpt_every=2",
-                                           "train.eval_every=0", "run.log_every=3")), callbacks=[Poison()])
+                with torch.no_grad():
+                    self.trainer.model.wte.weight.fill_(float("nan"))
+
+    t = Trainer(
+        load_config(
+            overrides=tiny(
+                corpus,
+                cache_dir,
+                tmp_path,
+                "train.steps=9",
+                "train.ckpt_every=2",
+                "train.eval_every=0",
+                "run.log_every=3",
+            )
+        ),
+        callbacks=[Poison()],
+    )
     s = t.fit()
     # steps 5 and 6 ran before the read at step 6, but the checkpoint at step 6 is never written
     assert s["status"] == "anomaly" and "step 5: loss is nan" in s["anomaly"] and s["steps"] == 4
