@@ -9,7 +9,7 @@ import json
 import torch
 import torch.distributed as dist
 from scaletrain.config import ModelConfig, MemoryConfig
-from scaletrain.models import GPT
+from scaletrain.models.gpt import GPT
 from scaletrain.engine import lm_loss
 from scaletrain.activations import apply_activation_checkpointing
 
@@ -18,7 +18,7 @@ def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    base = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257))
+    base = GPT(ModelConfig(family="gpt", bias=True, n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257))
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     x, y = torch.randint(0, 257, (2, 16), generator=g), torch.randint(0, 257, (2, 16), generator=g)
     policies = [("none", False), ("full", False), ("selective", False), ("every_k", False), ("full", True)]

@@ -24,12 +24,14 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny(corpus, cache_dir, out_dir, *extra):
-    "Overrides for a 2-layer model on the tiny corpus."
+    "Overrides for a 2-layer GPT (GPT-2's layout, biases on) on the tiny corpus."
     return [
         f"data.source={corpus}",
         f"data.cache_dir={cache_dir}",
         f"run.out_dir={out_dir}",
         "train.device=cpu",
+        "model.family=gpt",
+        "model.bias=true",
         "model.n_layer=2",
         "model.n_embd=32",
         "model.n_head=2",
@@ -61,7 +63,7 @@ def run_cli(*args, cwd=None, timeout=300, env=None):
 def torchrun_rows(worker: str, nproc: int = 2, timeout: int = 300) -> list:
     "Run tests/<worker> under torchrun (gloo, loopback); assert it succeeded and return the JSON lines it printed."
     import json
-    from scaletrain.launch import torchrun_args, child_env
+    from scaletrain.procs import torchrun_args, child_env
 
     r = subprocess.run(
         torchrun_args([str(ROOT / "tests" / worker)], nproc=nproc),

@@ -10,8 +10,8 @@ import json
 import torch
 import torch.distributed as dist
 from scaletrain.config import Config
-from scaletrain.dist import init_distributed, build_mesh
-from scaletrain.models import GPT
+from scaletrain.dist import ParallelDims, init_distributed
+from scaletrain.models.gpt import GPT
 from scaletrain.parallel import build_engine
 from scaletrain.memory import estimate_config, model_state_bytes
 
@@ -34,6 +34,7 @@ def main():
         for precision in lay.get("precisions", ("fp32",)):
             cfg = Config()
             m = cfg.model
+            m.family, m.bias = "gpt", True
             m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size = 4, 4, 64, 32, 257
             m.tie_weights = lay.get("tie", True)
             p = cfg.parallel
@@ -45,7 +46,7 @@ def main():
             )
             cfg.memory.precision = precision
             cfg.train.micro_batch = 4
-            mesh = build_mesh(info, p.tp, p.pp)
+            mesh = ParallelDims.from_config(cfg, info.world_size).mesh(info.device.type)
             torch.manual_seed(0)
             eng = build_engine(GPT(m), cfg, info.device, info, mesh)
             g = torch.Generator().manual_seed(eng.dp_rank)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny, torchrun_rows
 from scaletrain.config import ConfigError, MemoryConfig, ModelConfig, load_config
-from scaletrain.models import GPT
+from scaletrain.models.gpt import GPT
 from scaletrain.engine import lm_loss
 from scaletrain.activations import apply_activation_checkpointing, is_checkpointed
 from scaletrain.train import Trainer
@@ -23,7 +23,7 @@ POLICIES = [
 
 def _model(**kw):
     torch.manual_seed(0)
-    return GPT(ModelConfig(**{**dict(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=257), **kw}))
+    return GPT(ModelConfig(**{**dict(family="gpt", bias=True, n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=257), **kw}))
 
 
 def _loss_grads(m, x, y, autocast=False):

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 import pytest
-from scaletrain.launch import free_port
+from scaletrain.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

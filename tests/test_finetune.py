@@ -9,9 +9,10 @@ from conftest import run_cli, tiny
 from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
 from scaletrain.metrics import read_metrics
-from scaletrain.models import GPT
+from scaletrain.models.gpt import GPT
 from scaletrain import checkpoint as ckpt
-from scaletrain.finetune import finetune, load_classifier, best_checkpoint, GPTClassifier
+from scaletrain.finetune import finetune, load_classifier, best_checkpoint
+from scaletrain.models.heads import PooledHead, build_classifier
 from scaletrain.train import Callback
 
 
@@ -130,7 +131,7 @@ def test_bad_checkpoints_are_one_line(tmp_path, pets, pretrained, cache_dir):
     from scaletrain.finetune import load_pretrained
     from scaletrain.config import ModelConfig
 
-    other = GPTClassifier(ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=257), 3)
+    other = build_classifier(ModelConfig(family="gpt", n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=257), 3)
     with pytest.raises(ckpt.CheckpointError) as e:
         load_pretrained(pretrained, other)
     assert "does not match this model" in str(e.value) and "\n" not in str(e.value)
@@ -167,8 +168,8 @@ def test_finetune_from_fsdp_checkpoint_on_two_ranks(tmp_path, pets, corpus, cach
     from scaletrain.finetune import prepare
 
     cfg, task = prepare(load_config(overrides=ft_overrides(tmp_path, pre, pets, cache_dir)))
-    model = task.build_model()
-    assert isinstance(model, GPTClassifier)
+    model = task.build_model(cfg)
+    assert isinstance(model, GPT) and isinstance(model.lm_head, PooledHead)
     ckpt.export_safetensors(pre, tmp_path / "pre.safetensors")
     ref = dict(ckpt.load_safetensors(tmp_path / "pre.safetensors").named_parameters())
     for n, p in model.named_parameters():
@@ -228,7 +229,8 @@ def test_continued_pretraining_on_one_package_family(tmp_path, pretrained, cache
 
     ref = GPT(ckpt.checkpoint_config(pretrained).model)
     ckpt.load_model_weights(pretrained, ref)
-    built = make_task(resolve_config(copy.deepcopy(cfg))).build_model()
+    rc = resolve_config(cfg)
+    built = make_task(rc).build_model(rc)
     for (n, p), (_, q) in zip(built.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
     s = finetune(cfg)

@@ -16,9 +16,12 @@ import torch.distributed as dist
 from conftest import run_cli, tiny, notebook_function
 from scaletrain.checkpoint import latest_checkpoint, load_model_weights
 from scaletrain.config import load_config
-from scaletrain.launch import LaunchError, RunLock, free_port, launch, multinode, resume
+from scaletrain.errors import LaunchError
+from scaletrain.launch import launch, multinode, resume
+from scaletrain.procs import free_port
+from scaletrain.runlock import RunLock
 from scaletrain.metrics import read_metrics
-from scaletrain.models import GPT
+from scaletrain.models.gpt import GPT
 
 
 def losses(run_dir):

@@ -9,7 +9,7 @@ from scaletrain.config import Config, ConfigError, ModelConfig, load_config
 from scaletrain.engine import Engine
 from scaletrain.memory import estimate, model_state_bytes, measure_step
 from scaletrain.metrics import read_metrics
-from scaletrain.models import GPT
+from scaletrain.models.gpt import GPT
 from scaletrain.train import Trainer
 
 # ---- estimator vs reality ----
@@ -18,7 +18,7 @@ from scaletrain.train import Trainer
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
 def test_single_process_state_bytes_equal_the_estimate(precision):
     cfg = Config()
-    cfg.model = ModelConfig(n_layer=3, n_head=4, n_embd=48, block_size=32, vocab_size=300, tie_weights=False)
+    cfg.model = ModelConfig(family="gpt", bias=True, n_layer=3, n_head=4, n_embd=48, block_size=32, vocab_size=300, tie_weights=False)
     cfg.memory.precision = precision
     torch.manual_seed(0)
     m = GPT(cfg.model)
@@ -68,7 +68,7 @@ def test_zero_paper_figure_1():
 )
 def test_estimated_peak_tracks_the_measured_peak_on_cpu(precision, ac, accum):
     cfg = Config()
-    cfg.model = ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=257)
+    cfg.model = ModelConfig(family="gpt", bias=True, n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=257)
     cfg.memory.precision, cfg.memory.activation_checkpointing = precision, ac
     from scaletrain.activations import apply_activation_checkpointing
 

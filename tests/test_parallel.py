@@ -9,7 +9,7 @@ import torch
 from conftest import tiny, run_cli, ROOT
 from scaletrain.config import load_config
 from scaletrain.train import Trainer
-from scaletrain.launch import torchrun_args, child_env
+from scaletrain.procs import torchrun_args, child_env
 from scaletrain.checkpoint import latest_checkpoint
 
 STEPS, MICRO = 4, 4
@@ -128,7 +128,7 @@ def reference(corpus, cache_dir, tmp_path, overrides, dp):
 def assert_checkpoint_loads_in_one_process(out, name, w):
     "The case's final checkpoint, written by every rank of its layout, loads into a plain GPT: the weights the ranks held."
     from scaletrain.checkpoint import checkpoint_config, load_model_weights
-    from scaletrain.models import GPT
+    from scaletrain.models.gpt import GPT
 
     run = Path((out / name / "run_dir.txt").read_text())
     m = GPT(checkpoint_config(run).model)

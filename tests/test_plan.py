@@ -7,7 +7,8 @@ from conftest import run_cli, tiny
 from scaletrain.config import load_config
 from scaletrain.memory import estimate_config, GiB
 from scaletrain.parallel import check
-from scaletrain.plan import plan, plan_main, best_layouts
+from scaletrain.cli import plan_main
+from scaletrain.plan import plan, best_layouts
 from scaletrain.train import Trainer
 
 

@@ -45,7 +45,7 @@ def test_snippets_caps_and_labels(tmp_path):
         ]
     )
     t = ClassificationTask(cfg)
-    assert cfg.finetune.labels == ",".join(t.labels) and len(t.labels) == 3
+    assert t.resolved(cfg).finetune.labels == ",".join(t.labels) and len(t.labels) == 3
     for s in SPLITS:
         assert t.data.x[s].shape[1] == 32
         counts = np.bincount(t.data.y[s], minlength=3)

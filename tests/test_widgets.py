@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 import pytest
 from scaletrain.config import load_config
-from scaletrain.launch import launch, pid_alive
+from scaletrain.launch import launch
+from scaletrain.procs import pid_alive
 from scaletrain.widgets import LaunchPanel
 from conftest import notebook_function
 
