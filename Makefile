@@ -1,13 +1,13 @@
 # scaletrain: the two Quick-start commands.
 #   make demo   set up .venv and train the default GPT on the Python stdlib source (CPU: ~3 min)
-#   make test   set up .venv with the dev tools, check notebooks <-> library, run every notebook and pytest
+#   make test   set up .venv with the dev tools, check notebooks <-> library and style, run every notebook and pytest
 # TORCH picks the torch build: the default pins the CPU wheel CI uses; on a GPU machine use e.g. TORCH=torch.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test setup setup-dev check-sync nbtest pytest clean
+.PHONY: demo test setup setup-dev check-sync lint nbtest pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,13 +33,19 @@ check-sync:
 	  git status --porcelain --untracked-files=all -- scaletrain nbs; exit 1; fi
 	@echo "notebooks and library in sync"
 
+# Style (ruff.toml): 120 columns, one statement per line, pyflakes; the exported library, tests, benchmarks and notebooks.
+lint:
+	$(BIN)/ruff format --check --quiet nbs tests benchmarks
+	$(BIN)/ruff check --quiet scaletrain tests benchmarks nbs
+	@echo "ruff: clean"
+
 nbtest:
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing  # two notebooks at a time on 2 cores: one thread each
 
 pytest:
 	$(BIN)/python -m pytest tests
 
-test: setup-dev check-sync nbtest pytest
+test: setup-dev check-sync lint nbtest pytest
 
 clean:
 	rm -rf $(VENV) build *.egg-info

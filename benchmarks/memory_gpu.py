@@ -1,12 +1,13 @@
 """Predicted vs measured memory, and step time, for every activation-checkpointing policy and precision.
 
     python benchmarks/memory_gpu.py                 # on a CUDA machine: a ~124M-parameter GPT (GPT-2 small shape)
-    python benchmarks/memory_gpu.py --tiny          # anywhere, on CPU: a 2-layer GPT, as a smoke check
+    python benchmarks/memory_gpu.py --family llama  # the same size as a llama (RMSNorm, SwiGLU, rotary; --kv-heads N)
+    python benchmarks/memory_gpu.py --tiny          # anywhere, on CPU: a 2-layer model, as a smoke check
     python benchmarks/memory_gpu.py --out results/  # JSON lines go to results/memory_gpu.jsonl (default: $OUT, else .)
 
 For each precision (fp32, bf16-mixed, bf16-true; fp16-mixed with --all-precisions) and each policy of
 `memory.activation_checkpointing` (none, selective, full, every_k with k=2) it builds scaletrain's single-process
-`Engine` around the GPT, runs warm-up steps, then measures
+`Engine` around the model (`--family`, default gpt: GPT-2's layout with biases), runs warm-up steps, then measures
 
 - the peak memory of a training step: `torch.cuda.max_memory_allocated` on CUDA; on CPU (`--tiny`) the peak of the
   tensor storages alive at once, tracked by `scaletrain.memory.TensorMemoryTracker` (the process RSS is no
@@ -17,8 +18,8 @@ For each precision (fp32, bf16-mixed, bf16-true; fp16-mixed with --all-precision
   per token), which block checkpointing does not touch and which, with GPT-2's 50k vocabulary, is about a third;
 - the mean wall time of a step over `--steps` steps and the tokens per second,
 
-and compares each with `scaletrain.memory.estimate_config(...)` (device "cuda", or "cpu" with --tiny). It prints one table
-and writes one JSON line per configuration. At the end it checks the targets of the memory issue, per precision:
+and compares each with `scaletrain.memory.estimate_config(...)` (device "cuda", or "cpu" with --tiny). It prints one
+table and writes one JSON line per configuration. At the end it checks the targets of the memory issue, per precision:
 
 - estimate within +-15 % of the measured peak;
 - selective checkpointing keeps >= 90 % of the no-checkpointing throughput and cuts activation memory >= 40 %
@@ -41,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import torch
 from scaletrain.config import Config, ModelConfig
-from scaletrain.models import GPT, count_params
+from scaletrain.models.spec import build_model, get_spec
 from scaletrain.parallel import build_engine
 from scaletrain.memory import estimate_config, measure_step, TensorMemoryTracker, GiB
 
@@ -49,13 +50,13 @@ POLICIES = ("none", "selective", "full", "every_k")
 
 
 def build(shape: dict, precision: str, ac: str, device: torch.device, compile_: bool = False):
-    "The Trainer's single-process engine: `build_engine` applies checkpointing, then (with compile_) compiles blocks and loss."
+    "The Trainer's one-process engine: `build_engine` applies checkpointing, then (compile_) compiles blocks and loss."
     cfg = Config()
     cfg.model = ModelConfig(**shape)
     cfg.memory.precision, cfg.memory.activation_checkpointing, cfg.memory.ac_every = precision, ac, 2
     cfg.train.compile = compile_
     torch.manual_seed(0)
-    return cfg, build_engine(GPT(cfg.model), cfg, device, None)
+    return cfg, build_engine(build_model(cfg.model), cfg, device, None)
 
 
 def measure(eng, batch, steps: int, warmup: int) -> dict:
@@ -68,11 +69,13 @@ def measure(eng, batch, steps: int, warmup: int) -> dict:
     # activation memory: allocated after forward + loss, minus before; and what the blocks alone leave behind
     tracker = None if cuda else TensorMemoryTracker(dev).track(eng.module, eng.optimizer, *batch)
     now = (lambda: (sync(), torch.cuda.memory_allocated(dev))[1]) if cuda else (lambda: tracker.now)
-    # around the blocks, on the (never compiled) modules just before and after them
+    # around the blocks, on the (never compiled) modules just before and after them: the family's last embedding
+    # module (its dropout) and its final norm
     m, marks = eng.module, {}
+    spec = get_spec(eng.cfg.model.family)
     hooks = [
-        m.drop.register_forward_hook(lambda mod, a, o: marks.__setitem__("in", now())),
-        m.ln_f.register_forward_pre_hook(lambda mod, a: marks.__setitem__("out", now())),
+        getattr(m, spec.first_modules[-1]).register_forward_hook(lambda mod, a, o: marks.__setitem__("in", now())),
+        getattr(m, spec.last_modules[0]).register_forward_pre_hook(lambda mod, a: marks.__setitem__("out", now())),
     ]
     try:
         if cuda:
@@ -110,12 +113,15 @@ def main(argv=None) -> int:
         "--compile", action="store_true", help="train.compile=true: blocks and loss compiled (as the Trainer does)"
     )
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 50304, GPT-2's padded; 512 tiny)")
+    p.add_argument("--family", default="gpt", help="model family: gpt (GPT-2's layout, biases) | llama")
+    p.add_argument("--kv-heads", type=int, default=0, help="llama: key/value heads (grouped-query attention; 0 = all)")
     p.add_argument("--out", default=None, help="folder for memory_gpu.jsonl (default $OUT, else the current folder)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     a = p.parse_args(argv)
+    arch = dict(family="gpt", bias=True) if a.family == "gpt" else dict(family=a.family, n_kv_head=a.kv_heads)
     if a.tiny:
         dev = torch.device("cpu")
-        shape = dict(n_layer=2, n_head=4, n_embd=64, block_size=a.seq_len or 64, vocab_size=a.vocab or 512)
+        shape = dict(n_layer=2, n_head=4, n_embd=64, block_size=a.seq_len or 64, vocab_size=a.vocab or 512, **arch)
         mb, steps, warmup = a.micro_batch or 4, a.steps or 2, a.warmup if a.warmup is not None else 1
     else:
         if not torch.cuda.is_available():
@@ -123,8 +129,8 @@ def main(argv=None) -> int:
             return 2
         dev = torch.device("cuda", 0)
         shape = dict(
-            n_layer=12, n_head=12, n_embd=768, block_size=a.seq_len or 1024, vocab_size=a.vocab or 50304
-        )  # GPT-2 small, 124M
+            n_layer=12, n_head=12, n_embd=768, block_size=a.seq_len or 1024, vocab_size=a.vocab or 50304, **arch
+        )  # GPT-2 small, 124M (as a gpt)
         mb, steps, warmup = a.micro_batch or 8, a.steps or 10, a.warmup if a.warmup is not None else 3
     precisions = (
         a.precisions.split(",")
@@ -137,10 +143,10 @@ def main(argv=None) -> int:
     T, V = shape["block_size"], shape["vocab_size"]
     g = torch.Generator().manual_seed(0)
     batch = tuple(torch.randint(0, V, (mb, T), generator=g).to(dev) for _ in range(2))
-    n_params = count_params(ModelConfig(**shape), non_embedding=False)
+    n_params = get_spec(a.family).shape(ModelConfig(**shape)).n_params()
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(
-        f"memory_gpu: GPT {n_params / 1e6:.1f}M params, micro-batch {mb} x {T} tokens, on {dev_name}; "
+        f"memory_gpu: {a.family} {n_params / 1e6:.1f}M params, micro-batch {mb} x {T} tokens, on {dev_name}; "
         f"peak = {'torch.cuda.max_memory_allocated' if dev.type == 'cuda' else 'tracked tensor storages (CPU)'}"
     )
     unit = GiB if dev.type == "cuda" else 2**20
@@ -167,6 +173,7 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                 est = estimate_config(cfg, 1, mb, device=dev.type)  # the engine's own config: precision and policy
                 rec = dict(
+                    family=a.family,
                     device=dev_name,
                     torch=torch.__version__,
                     params=n_params,

@@ -23,7 +23,7 @@ import torch
 from scaletrain.config import load_config
 from scaletrain.data import BatchSampler
 from scaletrain.engine import param_groups, adamw_kwargs, lr_at, lm_loss, set_lr
-from scaletrain.models import GPT
+from scaletrain.models.spec import build_model
 from scaletrain.train import Trainer, Callback, LMTask
 
 
@@ -47,7 +47,7 @@ def step_times(stamps, skip):
 
 def raw_loop(cfg, sampler, device, steps, skip):
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)  # the config's family, as the Trainer builds it
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), **adamw_kwargs(cfg.train, device))
     stamps = []
     for step in range(steps):
@@ -90,8 +90,8 @@ def main():
         f"train.device={a.device}",
         "train.warmup_steps=2",
     ]
-    cfg = load_config(overrides=overrides)
-    task = LMTask(cfg, show_progress=False)  # same data and model shape as the Trainer
+    task = LMTask(load_config(overrides=overrides), show_progress=False)  # same data and model shape as the Trainer
+    cfg = task.resolved(task.cfg)  # the vocabulary the tokenizer sets
     device = torch.device(a.device)
     sampler = BatchSampler(
         task.data.train, task.data.weights, cfg.model.block_size, int(cfg.train.micro_batch), cfg.train.seed
@@ -108,7 +108,9 @@ def main():
         device=str(device),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
-        model=dict(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, block_size=cfg.model.block_size),
+        model=dict(
+            family=cfg.model.family, n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, block_size=cfg.model.block_size
+        ),
         micro_batch=int(cfg.train.micro_batch),
         steps=a.steps,
         rounds=a.rounds,

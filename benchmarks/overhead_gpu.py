@@ -39,8 +39,8 @@ import torch
 import gpu_anchors as A
 from scaletrain.config import load_config
 from scaletrain.engine import lm_loss
-from scaletrain.parallel import _compile_blocks, _compile_loss
-from scaletrain.models import GPT, flops_per_token
+from scaletrain.parallel import compile_blocks, compiled_loss
+from scaletrain.models.spec import build_model, get_spec
 from scaletrain.train import Trainer, Callback
 
 
@@ -88,6 +88,7 @@ class StepClock(Callback):
 def shape_overrides(shape, B):
     L, d, h, T, V = shape
     return [
+        "model.family=gpt",  # the anchors' model is a GPT-2
         f"model.n_layer={L}",
         f"model.n_embd={d}",
         f"model.n_head={h}",
@@ -102,9 +103,9 @@ def shape_overrides(shape, B):
 
 
 def run_st_raw(cfg_shape, B, dev, compile_, regional=False):
-    "The anchors' loop around scaletrain's GPT and loss; `regional`: compiled as the Trainer does (each block, and the loss)."
+    "The anchors' loop around scaletrain's GPT and loss; `regional`: compiled as the Trainer does (each block, loss)."
     c = load_config(overrides=shape_overrides(cfg_shape, B)).model
-    m = GPT(c).to(dev)
+    m = build_model(c).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-4, fused=dev.type == "cuda")
 
     class WithLoss(torch.nn.Module):
@@ -116,7 +117,7 @@ def run_st_raw(cfg_shape, B, dev, compile_, regional=False):
             return s.loss(s.m(x), y)
 
     if regional:  # exactly what build_engine does under train.compile
-        fwd = WithLoss(_compile_blocks(m), _compile_loss({})["loss_fn"])
+        fwd = WithLoss(compile_blocks(m, get_spec(c.family)), compiled_loss(lm_loss))
     else:
         fwd = WithLoss(m, lm_loss)
         fwd = torch.compile(fwd) if compile_ else fwd
@@ -181,7 +182,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="overhead_gpu_"))
     only = set(filter(None, a.only.split(",")))
     data = A.batches(B, shape[3], shape[4], dev)
-    fpt = flops_per_token(load_config(overrides=shape_overrides(shape, B)).model)
+    mc = load_config(overrides=shape_overrides(shape, B)).model
+    fpt = get_spec(mc.family).flops_per_token(mc)
     res = []
 
     def emit(name, step_s, extra=None):
@@ -261,7 +263,8 @@ def main(argv=None) -> int:
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else "-"
         print(
-            f"{r['name']:<26} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,} {r['mfu']:>7.3f} {str(r['peak_mem_gb']):>7} {ratio:>16}"
+            f"{r['name']:<26} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,} {r['mfu']:>7.3f} "
+            f"{str(r['peak_mem_gb']):>7} {ratio:>16}"
         )
     return 0
 

@@ -273,12 +273,14 @@ def plan_main(argv) -> int:
         b = pl.best
         print(
             f"{len(pl.layouts)} layouts fit (best micro-batch of each) out of {pl.considered} considered, in "
-            f"{time.perf_counter() - t0:.1f}s. Best: {b.describe()}: {b.memory / GiB:.1f} GiB per GPU, {b.step_time:.2f} s per step."
+            f"{time.perf_counter() - t0:.1f}s. Best: {b.describe()}: {b.memory / GiB:.1f} GiB per GPU, "
+            f"{b.step_time:.2f} s per step."
         )
         if a.write_config:
             save_config(pl.to_config(b), a.write_config)
             print(
-                f"wrote {a.write_config}; run it with: scaletrain train --config {a.write_config} --nproc {pl.gpus // pl.nodes}"
+                f"wrote {a.write_config}; run it with: scaletrain train --config {a.write_config} "
+                f"--nproc {pl.gpus // pl.nodes}"
                 + (f" --nnodes {pl.nodes} --node-rank R --rdzv-endpoint HOST:PORT" if pl.nodes > 1 else "")
             )
     except USER_ERRORS as e:
@@ -330,7 +332,8 @@ def launch_main(argv) -> int:
         if a.resume:
             if a.config:
                 fail(
-                    "launch: --config with --resume: a resumed run keeps its config.yaml; pass key=value overrides instead"
+                    "launch: --config with --resume: a resumed run keeps its config.yaml; "
+                    "pass key=value overrides instead"
                 )
             ov = ([a.target] if a.target else []) + a.args
             # the layout is launch.json's, except what this command line changes (node 1 of a multi-node job, say)
@@ -387,7 +390,8 @@ def launch_main(argv) -> int:
     except USER_ERRORS as e:
         fail(str(e))
     print(
-        f"scaletrain: launched {run.spec['nproc'] * run.spec['nnodes']} processes into {run.run_dir} (logs in {run.logs_dir})",
+        f"scaletrain: launched {run.spec['nproc'] * run.spec['nnodes']} processes into {run.run_dir} "
+        f"(logs in {run.logs_dir})",
         flush=True,
     )
     stop = threading.Event()
@@ -591,7 +595,8 @@ def compress_main(argv) -> int:
         fail(str(e))
     print(format_report(rows))
     print(
-        f"scaletrain: compress wrote {Path(a.out) if a.out else Path(a.run) / 'compress'} (report.csv, compress.png, model_*.safetensors)"
+        f"scaletrain: compress wrote {Path(a.out) if a.out else Path(a.run) / 'compress'} "
+        "(report.csv, compress.png, model_*.safetensors)"
     )
     return 0
 
@@ -649,4 +654,22 @@ def main(argv=None) -> int:
 # %% ../nbs/6_apps/65_cli.ipynb #ea652379
 #| eval: false
 if __name__ == "__main__":  # torchrun starts each rank as `python -m scaletrain.cli _rank ...`
-    sys.exit(main())
+    # not a torchrun rank, or one under scaletrain.worker (it sets SCALETRAIN_RUN_DIR), which records how the rank
+    # ended in logs/rank<r>.exit.json and then ends the process itself
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "SCALETRAIN_RUN_DIR" in os.environ:
+        sys.exit(main())
+    # A torchrun rank ends with os._exit once its files are closed and its process group torn down: at interpreter
+    # finalisation gloo's worker threads of still-referenced process groups (a DeviceMesh's) can abort (SIGABRT) a run
+    # that finished cleanly.
+    try:
+        code = main()
+    except SystemExit as e:  # fail() has printed its one line
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))

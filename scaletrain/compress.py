@@ -141,7 +141,8 @@ def quant_layers_of(model: nn.Module, mode: str, layers=None) -> list:
             raise ConfigError(f"compress: quantize layer '{n}': no such module in the model")
         if not isinstance(mods[n], nn.Linear):
             raise ConfigError(
-                f"compress: cannot quantize layer '{n}' ({type(mods[n]).__name__}): torchao {mode} supports nn.Linear layers only"
+                f"compress: cannot quantize layer '{n}' ({type(mods[n]).__name__}): "
+                f"torchao {mode} supports nn.Linear layers only"
             )
     return list(layers)
 
@@ -227,7 +228,7 @@ def latency_ms(
 
 @torch.inference_mode()
 def output_gap(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict:
-    "How far `model`'s logits are from `reference`'s on `x`: max |difference|, its ratio to the logit range, label agreement."
+    "How far `model`'s logits are from `reference`'s on `x`: max |difference|, its share of the logit range, agreement."
     a, b = model(x).float(), reference(x).float()
     rng = float(b.max() - b.min())
     d = float((a - b).abs().max())
@@ -338,8 +339,8 @@ def compress(
         prune_model(pm, sparsity, prune_method, permanent=False)
         name = f"pruned {sparsity:.0%} {prune_method}"
         if recover_steps:
-            # the accuracy right after pruning, from a second copy pruned the same way (magnitude pruning is deterministic);
-            # the masks stay on `pm` while it recovers
+            # the accuracy right after pruning, from a second copy pruned the same way (magnitude pruning is
+            # deterministic); the masks stay on `pm` while it recovers
             before = copy.deepcopy(model)
             prune_model(before, sparsity, prune_method)
             record(name, before, "model_pruned_norecover.safetensors", reference=float_model)
@@ -383,9 +384,10 @@ def compress(
 
 def format_report(rows: list) -> str:
     "The report as a markdown table."
-    head = "| stage | sparsity | size (MiB) | CPU latency / batch (ms) | accuracy | macro-F1 |\n|---|---|---|---|---|---|\n"
+    head = "| stage | sparsity | size (MiB) | CPU latency / batch (ms) | accuracy | macro-F1 |\n" + "|---" * 6 + "|\n"
     return head + "\n".join(
-        f"| {r['stage']} | {r['sparsity']:.0%} | {r['size_mb']:.3f} | {r['latency_ms']:.2f} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
+        f"| {r['stage']} | {r['sparsity']:.0%} | {r['size_mb']:.3f} | {r['latency_ms']:.2f} "
+        f"| {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
         for r in rows
     )
 

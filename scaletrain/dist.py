@@ -4,6 +4,7 @@
 
 # %% ../nbs/0_core/05_dist.ipynb #bf4a5bf9
 from __future__ import annotations
+import gc
 import os
 import sys
 import warnings
@@ -69,12 +70,13 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> DistInf
 
 
 def teardown() -> None:
-    "Destroy the process group if one was started (safe to call twice)."
+    "Destroy the process groups if any were started (safe to call twice)."
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception as e:
             warnings.warn(f"destroy_process_group failed: {e}")
+        gc.collect()  # process groups nothing refers to any more go now, not at interpreter shutdown
 
 
 def vote(flag: bool, info: DistInfo, device, any_rank: bool = False) -> bool:
@@ -164,7 +166,7 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> "ParallelDims":
-        "The degrees of `cfg` (a `Config`) on `world_size` processes; a layout that cannot run is a one-line `ConfigError`."
+        "The degrees of `cfg` (a `Config`) on `world_size` processes; a layout that cannot run is a ConfigError."
         p, m, t = cfg.parallel, cfg.model, cfg.train
         if world_size % (p.tp * p.pp):
             raise ConfigError(
@@ -192,7 +194,8 @@ class ParallelDims:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
         if p.sequence_parallel and m.block_size % p.tp:
             raise ConfigError(
-                f"parallel.sequence_parallel=true: model.block_size={m.block_size} is not divisible by parallel.tp={p.tp}"
+                f"parallel.sequence_parallel=true: model.block_size={m.block_size} is not divisible by "
+                f"parallel.tp={p.tp}"
             )
         if p.tp > 1 and dp > 1 and not strategy.with_tp:
             ok = " | ".join(s.name for s in STRATEGIES if s.with_tp)
@@ -234,7 +237,8 @@ class ParallelDims:
                 )
             if PRECISIONS[cfg.memory.precision].scaler:
                 raise ConfigError(
-                    f"memory.precision={cfg.memory.precision} with parallel.pp > 1: loss scaling across pipeline stages "
+                    f"memory.precision={cfg.memory.precision} with parallel.pp > 1: loss scaling across pipeline "
+                    "stages "
                     "is not supported; use bf16-mixed or bf16-true"
                 )
         return cls(world_size, dp, p.tp, p.pp, p.strategy, p.backend, p.pp_schedule, mb, p.sequence_parallel)

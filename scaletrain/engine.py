@@ -143,7 +143,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def parameters(self):
-        "The trainable parameters as this rank holds them, listed once (walking the module tree every step costs host time)."
+        "The trainable parameters as this rank holds them, listed once (walking the module tree costs host time)."
         if getattr(self, "_params", None) is None:
             self._params = [p for p in self.module.parameters() if p.requires_grad]
         return self._params

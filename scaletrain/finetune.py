@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from . import checkpoint as ckpt
-from .config import Config, changed_keys, to_dict
+from .config import Config, changed_keys, to_dict, validate
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write_text
 from .jobs import is_architecture
@@ -70,6 +70,10 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
             setattr(cfg.data, k, getattr(ck.data, k))
         if "data.cache_dir" not in explicit:
             cfg.data.cache_dir = ck.data.cache_dir
+        try:  # the checkpoint's architecture against the rest of the config (e.g. its kv heads against parallel.tp)
+            validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"finetune.init={f.init}: with the checkpoint's architecture, {e}") from None
     if f.freeze_blocks > cfg.model.n_layer:
         raise ConfigError(
             f"config: finetune.freeze_blocks={f.freeze_blocks} is more than the model's {cfg.model.n_layer} blocks"
@@ -79,7 +83,8 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
             raise ConfigError(f"config: finetune.metric={f.metric}: an lm: task measures val_loss only")
     elif f.snippet_tokens > cfg.model.block_size:
         raise ConfigError(
-            f"config: finetune.snippet_tokens={f.snippet_tokens} exceeds the model's context model.block_size={cfg.model.block_size}"
+            f"config: finetune.snippet_tokens={f.snippet_tokens} exceeds the model's context "
+            f"model.block_size={cfg.model.block_size}"
         )
     return cfg
 
@@ -233,7 +238,7 @@ class BestCheckpoint(Callback):
             return
         path = best_checkpoint(self.trainer.run_dir)
         st = ckpt.read_trainer_state(path) if path else {}
-        # weights saved after the resumed checkpoint belong to discarded steps: the run saves them again when it gets there
+        # weights saved after the resumed checkpoint belong to discarded steps: the run saves them again there
         if st.get("step") == self.best_step:
             self.path, self.best = path, st["best_value"]  # exact; the log keeps 6 decimals
 

@@ -52,7 +52,8 @@ def run_folder(cfg: Config, nnodes: int = 1, node_rank: int = 0) -> Path:
     d = fresh_folder(cfg.run.out_dir, cfg.run.name, exist_ok=True)
     if node_rank == 0 and ((d / "checkpoints").exists() or (d / "metrics.jsonl").exists()):
         raise ConfigError(
-            f"run.name={cfg.run.name}: {d} already holds a run; choose another run.name or continue it with --resume {d}"
+            f"run.name={cfg.run.name}: {d} already holds a run; choose another run.name or continue it with "
+            f"--resume {d}"
         )
     if node_rank == 0 or not (d / "config.yaml").exists():
         write_run_config(cfg, d)

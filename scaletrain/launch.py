@@ -58,7 +58,7 @@ def _new_folder(out_dir, name: str, exist_ok: bool = False) -> Path:
 def prepare_target(
     target=None, *args, overrides=(), out_dir=None, name: str = "", nproc: int = 1, nnodes: int = 1, node_rank: int = 0
 ) -> Target:
-    "Check `target` and create its run folder (node 0), or attach to it (other nodes). One-line errors, nothing written on error."
+    "Check `target`, then create its run folder (node 0) or attach to it (other nodes). One-line errors, none written."
     from scaletrain.config import Config
 
     if (
@@ -95,7 +95,8 @@ def prepare_target(
         p = Path(target)
         if p.suffix != ".py":
             raise LaunchError(
-                f"launch: target {str(target)!r}: expected a Python function, a script.py, a Config, a config .yaml or None"
+                f"launch: target {str(target)!r}: expected a Python function, a script.py, a Config, a config .yaml "
+                "or None"
             )
         if not p.is_file():
             raise LaunchError(f"script {str(target)!r}: no such file")
@@ -153,17 +154,8 @@ def launch_spec(
 
 def _start(target: Target, spec: dict, ranks, echo, env, resumed: bool = False, overrides=()) -> Run:
     env = child_env(env, loopback=spec["nnodes"] == 1 and spec["master_addr"] in ("127.0.0.1", "localhost"))
-    cmd = torchrun_args(
-        target.worker_args(resumed, overrides),
-        nproc=spec["nproc"],
-        nnodes=spec["nnodes"],
-        node_rank=spec["node_rank"],
-        rdzv_endpoint=spec["rdzv_endpoint"],
-        rdzv_id=spec["rdzv_id"],
-        max_restarts=spec["max_restarts"],
-        master_port=spec["master_port"],
-        master_addr=spec["master_addr"],
-    )
+    layout = {k: v for k, v in spec.items() if k != "ranks"}  # the spec is torchrun's layout plus whose output to show
+    cmd = torchrun_args(target.worker_args(resumed, overrides), **layout)
     return Run(
         target, cmd, spec, env, ranks=ranks, echo=echo, resume=resumed, node_rank=spec["node_rank"], relaunch=resume
     )
@@ -187,10 +179,26 @@ def launch(
     echo: bool = True,
     env: dict | None = None,
 ) -> Run:
-    """Start `target` on `nproc` processes (per node) with torchrun and return its `Run`.
+    """Start `target` on `nproc` processes (per node) with torchrun, as a subprocess in a session of its own.
 
-    `target`: None (the default config), a `Config` or a config .yaml (+ `overrides`), a `script.py` (+ `args`),
-    or a function (called as `fn(ctx, *args)` on every rank). `ranks`: whose output to show ('0', 'all', 'none' or a list)."""
+    Args:
+        target: None (the default config), a `Config` or a config .yaml (with `overrides`), a `script.py` (with
+            `args`), or a function, called as `fn(ctx, *args)` on every rank (shipped by value, so one defined in the
+            notebook works).
+        nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, max_restarts: torchrun's layout; several nodes need a
+            c10d rendezvous endpoint (`multinode` prints every node's command).
+        master_port, master_addr: one node's static rendezvous (default: a free port on loopback).
+        overrides: `key=value` settings for a config target; out_dir, name: the run folder.
+        ranks: whose output to show ('0', 'all', 'none' or a list); echo: print it here too; env: extra variables.
+
+    Returns: the `Run` (status, `wait()`, `stop()`, `resume()`, `metrics`, `logs(rank)`, `results()`). Bad input is
+    a one-line `LaunchError`/`ConfigError` before anything is written.
+
+    Example:
+        >>> run = launch(overrides=["train.steps=100"], nproc=2)
+        >>> run.wait()
+        'finished'
+    """
     check_layout(nproc, nnodes, node_rank, master_port, master_addr, rdzv_endpoint, max_restarts)
     target_ = prepare_target(
         target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=node_rank
@@ -219,7 +227,8 @@ def resume(
     env: dict | None = None,
     **spec_changes,
 ) -> Run:
-    "Relaunch run folder `run_dir` from its last checkpoint (config runs; a function or script is started again with `ctx.resume=True`)."
+    """Relaunch run folder `run_dir` from its last checkpoint (config runs; a function or script is started again with
+    `ctx.resume=True`)."""
     run_dir = Path(run_dir).resolve()
     target = _load_target(run_dir)
     rec = read_json(run_dir / "launch.json") or {}
@@ -283,7 +292,8 @@ class MultiNode:
     def __str__(self):
         host = split_endpoint(self.rdzv_endpoint)[0]
         lines = [
-            f"# {self.nnodes} nodes x {self.nproc} processes, run folder {self.run_dir} (must be on storage every node sees)"
+            f"# {self.nnodes} nodes x {self.nproc} processes, run folder {self.run_dir} "
+            "(must be on storage every node sees)"
         ]
         for r, c in enumerate(self.commands):
             lines.append(f"# node {r}" + (f" (on {host}, hosts the rendezvous)" if r == 0 else "") + ":")
@@ -320,13 +330,15 @@ class MultiNode:
             [
                 "#!/bin/bash",
                 *sb,
-                f"# scaletrain job {self.run_dir.name}: one torchrun per node, c10d rendezvous on the first node of the allocation.",
+                f"# scaletrain job {self.run_dir.name}: one torchrun per node, c10d rendezvous on the first node of "
+                "the allocation.",
                 "set -euo pipefail",
                 f"mkdir -p {shlex.quote(str(self.run_dir / 'logs'))}",
                 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1',
                 f"srun --kill-on-bad-exit=1 {shlex.quote(self.python)} -m torch.distributed.run --nnodes {self.nnodes} "
-                f"--nproc-per-node {self.nproc} --max-restarts 0 --rdzv-backend c10d --rdzv-endpoint \"$head_node:{port}\" "
+                f"--nproc-per-node {self.nproc} --max-restarts 0 --rdzv-backend c10d "
+                f"--rdzv-endpoint \"$head_node:{port}\" "
                 f"--rdzv-id \"$SLURM_JOB_ID\" {worker}",
                 "",
             ]

@@ -50,7 +50,8 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
             else f"the model's {depth} (model.n_layer={cfg.model.n_layer})"
         )
         raise ConfigError(
-            f"parallel.pp={dims.pp} with {dims.pp_schedule} needs {dims.n_stages} pipeline stages, more than {said} blocks"
+            f"parallel.pp={dims.pp} with {dims.pp_schedule} needs {dims.n_stages} pipeline stages, "
+            f"more than {said} blocks"
         )
     if dims.tp > 1:
         plan_targets(model, spec, spec.tp_plan(dims.sequence_parallel))
@@ -59,7 +60,8 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
         spec.block_modules(model).keys(), mem.activation_checkpointing, mem.ac_every
     ):
         raise ConfigError(
-            f"config: memory.activation_checkpointing={mem.activation_checkpointing} with memory.ac_every={mem.ac_every} "
+            f"config: memory.activation_checkpointing={mem.activation_checkpointing} with "
+            f"memory.ac_every={mem.ac_every} "
             f"wraps none of the model's {depth} blocks; use ac_every <= {depth}"
         )
     return dims

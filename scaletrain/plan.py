@@ -6,16 +6,17 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
-from .config import Config, ModelConfig, validate
+from .config import Config, ModelConfig, ffn_dim_of, validate
 from .dist import ParallelDims
 from .errors import ConfigError
-from .memory import GPTShape, estimate, shape_for_params, GiB, fsdp_like, config_vocab
-from .models.spec import get_spec
+from .memory import estimate, shape_for_params, GiB, fsdp_like, config_vocab
+from .models.spec import ModelShape, get_spec
+from .registry import FAMILIES
 from .metrics import gpu_peak_tflops
 
 # %% auto #0
-__all__ = ['GPUS', 'Link', 'GPU', 'all_reduce_time', 'all_gather_time', 'p2p_time', 'Layout', 'step_time', 'Plan', 'plan',
-           'why_nothing_fits', 'best_layouts']
+__all__ = ['GPUS', 'Link', 'GPU', 'all_reduce_time', 'all_gather_time', 'p2p_time', 'Layout', 'step_time', 'Plan', 'model_fields',
+           'plan', 'why_nothing_fits', 'best_layouts']
 
 # %% ../nbs/4_estimate/41_plan.ipynb #9605a095
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Layout:
 
 
 def step_time(
-    shape: GPTShape,
+    shape: ModelShape,
     lay: Layout,
     gpu: GPU,
     gpus: int,
@@ -180,7 +181,7 @@ def _divisors(n: int) -> list[int]:
 class Plan:
     "Feasible layouts, fastest first, and what was asked."
 
-    shape: GPTShape
+    shape: ModelShape
     gpu: GPU
     gpus: int
     nodes: int
@@ -201,18 +202,20 @@ class Plan:
     def header(self) -> str:
         sh = self.shape
         n = sh.n_params()
-        return (f"GPT {n / 1e9:.2f}B" if n >= 1e9 else f"GPT {n / 1e6:.1f}M") + (
-            f" params (layers {sh.n_layer}, hidden {sh.n_embd}, heads {sh.n_head}, vocab "
-            f"{sh.vocab_size}), seq {sh.seq_len}, global batch {self.global_batch} x {sh.seq_len} tokens, {self.precision}\n"
-            f"{self.gpus} x {self.gpu.name} ({self.usable / GiB:.1f} GiB usable each) on {self.nodes} node(s); "
-            f"{self.gpu.peak_tflops:.0f} TFLOP/s peak at a stated MFU of {self.mfu:.2f}; links {self.gpu.intra.bandwidth / 1e9:.0f} GB/s "
-            f"in a node, {self.gpu.inter.bandwidth / 1e9:.0f} GB/s between nodes"
+        heads = f"heads {sh.n_head}" + (f" ({sh.kv} key/value)" if sh.kv != sh.n_head else "")
+        return (f"{sh.family} {n / 1e9:.2f}B" if n >= 1e9 else f"{sh.family} {n / 1e6:.1f}M") + (
+            f" params (layers {sh.n_layer}, hidden {sh.n_embd}, {heads}, {sh.ffn} FFN {sh.ffw}, vocab "
+            f"{sh.vocab_size}), seq {sh.seq_len}, global batch {self.global_batch} x {sh.seq_len} tokens, "
+            f"{self.precision}\n{self.gpus} x {self.gpu.name} ({self.usable / GiB:.1f} GiB usable each) on "
+            f"{self.nodes} node(s); {self.gpu.peak_tflops:.0f} TFLOP/s peak at a stated MFU of {self.mfu:.2f}; "
+            f"links {self.gpu.intra.bandwidth / 1e9:.0f} GB/s in a node, {self.gpu.inter.bandwidth / 1e9:.0f} GB/s "
+            "between nodes"
         )
 
     def table(self, top: int = 10) -> str:
         rows = [
-            f"{'#':>3} {'strategy':<8} {'dp':>5} {'tp':>3} {'sp':>3} {'pp':>3} {'schedule':<15} {'AC':<9} {'micro':>5} {'accum':>5} "
-            f"{'GiB/GPU':>8} {'step s':>9} {'comm s':>8} {'tok/s/GPU':>10} {'MFU':>5}"
+            f"{'#':>3} {'strategy':<8} {'dp':>5} {'tp':>3} {'sp':>3} {'pp':>3} {'schedule':<15} {'AC':<9} "
+            f"{'micro':>5} {'accum':>5} {'GiB/GPU':>8} {'step s':>9} {'comm s':>8} {'tok/s/GPU':>10} {'MFU':>5}"
         ]
         for i, l in enumerate(self.layouts[:top], 1):
             sched = f"{l.schedule} x{l.microbatches}" if l.pp > 1 else "-"
@@ -231,12 +234,9 @@ class Plan:
         import copy
 
         cfg = Config() if self.base is None else copy.deepcopy(self.base)
-        m, sh = cfg.model, self.shape
-        m.family = sh.family
-        m.n_layer, m.n_embd, m.n_head, m.block_size = sh.n_layer, sh.n_embd, sh.n_head, sh.seq_len
-        if self.base is None:
-            m.vocab_size, m.bias = sh.vocab_size, sh.bias
-        m.tie_weights = sh.tie_weights and l.pp == 1
+        m = cfg.model
+        model_fields(m, self.shape, vocab=self.base is None)
+        m.tie_weights = self.shape.tie_weights and l.pp == 1
         p = cfg.parallel
         p.strategy, p.tp, p.pp, p.sequence_parallel = l.strategy, l.tp, l.pp, l.sp
         p.pp_schedule, p.microbatches = (l.schedule, l.microbatches) if l.pp > 1 else (p.pp_schedule, 0)
@@ -246,8 +246,29 @@ class Plan:
         return validate(cfg)
 
 
+def model_fields(m: ModelConfig, sh: ModelShape, vocab: bool = True) -> ModelConfig:
+    """Set `m`'s family and shape fields to those of `sh` (the vocabulary too when `vocab`), so the model section
+    builds exactly that shape; a shape its family cannot build (another FFN, norm or positions) is refused."""
+    m.family = sh.family
+    fam = FAMILIES[sh.family]
+    m.n_layer, m.n_embd, m.n_head, m.block_size = sh.n_layer, sh.n_embd, sh.n_head, sh.seq_len
+    m.bias, m.tie_weights, m.dropout = sh.bias, sh.tie_weights, sh.dropout
+    if "n_kv_head" in fam.uses:
+        m.n_kv_head = 0 if sh.kv == sh.n_head else sh.kv
+    m.ffn_dim = 0
+    m.ffn_dim = 0 if ffn_dim_of(m) == sh.ffw else sh.ffw  # 0: the family's default width
+    if vocab:
+        m.vocab_size = sh.vocab_size
+    built = get_spec(sh.family).shape(m, sh.seq_len, sh.vocab_size)
+    fields = dict(kv="n_kv_head", ffw="ffn_dim", ffn="ffn", positions="positions", norm="norm")
+    diff = [f"{name}={getattr(sh, k)!r}" for k, name in fields.items() if getattr(built, k) != getattr(sh, k)]
+    if diff:
+        raise ConfigError(f"plan: model.family={sh.family} does not build a shape with {', '.join(diff)}")
+    return m
+
+
 def _eval_batch(eval_batch: int, dp: int, n_mb: int) -> int:
-    "The smallest validation batch >= `eval_batch` that every rank, and every pipeline micro-batch, gets an equal share of."
+    "The smallest validation batch >= `eval_batch` that every rank, and every pipeline micro-batch, shares equally."
     unit = dp * max(1, n_mb)
     return unit * math.ceil(eval_batch / unit)
 
@@ -259,7 +280,7 @@ def _shape_and_base(model, params, seq_len, vocab_size):
         return replace(get_spec(c.family).shape(c, seq_len, V), block_size=seq_len or c.block_size), model
     if isinstance(model, ModelConfig):
         return _shape_and_base(replace(Config(), model=model), params, seq_len, vocab_size)
-    if isinstance(model, GPTShape):
+    if isinstance(model, ModelShape):
         return replace(model, seq_len=seq_len or model.seq_len, block_size=seq_len or model.seq_len), None
     if params is None:
         raise ConfigError("plan: give --params N or --config FILE")
@@ -286,7 +307,27 @@ def plan(
     strategies=("ddp", "zero1", "zero2", "fsdp"),
     ac_policies=("none", "selective", "full"),
 ) -> Plan:
-    "Rank every runnable layout of `model` (Config / ModelConfig / GPTShape) or a GPT of `params` on `gpus` GPUs."
+    """Rank every runnable layout on `gpus` GPUs of `model` (Config / ModelConfig / ModelShape, any family) or `params`.
+
+    Args:
+        model, params: what to train (as for `estimate`); a `Config` is also the base `Plan.to_config` edits.
+        gpus, nodes: GPUs in all and machines they sit in (default: 8 per node).
+        gpu, gpu_mem: a name in `GPUS` (its peak, memory and links); `gpu_mem` overrides its GiB.
+        mfu: the model-FLOPs utilisation the compute time assumes (a stated assumption, not a measurement).
+        seq_len, global_batch, vocab_size: tokens per sequence, sequences per optimizer step, vocabulary.
+        precision: a `precision` registry name.
+        headroom: the share of each GPU's memory no layout may use (fragmentation, CUDA context).
+        overlap: the share of data-parallel communication hidden behind backward compute.
+        max_micro_batch: the largest micro-batch tried.
+        links: `{'intra': Link, 'inter': Link}` to override the GPU's bandwidth and latency.
+        strategies, ac_policies: the candidates enumerated.
+
+    Returns:
+        a `Plan`: the feasible `Layout`s fastest first (`best`), each with predicted memory, step time, exposed
+        communication, tokens/s and MFU; `smallest` when nothing fits; `table()`, `header()` and `to_config()`.
+
+    Every layout is checked with the same `ParallelDims` rules a launch uses, so the planner never proposes a
+    layout `scaletrain train` would refuse."""
 
     def check(cfg, world):  # the layout against the world size and the shape's depth (no model is built)
         dims = ParallelDims.from_config(cfg, world)
@@ -344,17 +385,12 @@ def plan(
     )
     eval_batch = base.train.eval_batch if base is not None else Config().train.eval_batch
     probe = Config()
-    probe.model = ModelConfig(
-        family=shape.family,
-        n_layer=shape.n_layer,
-        n_head=shape.n_head,
-        n_embd=shape.n_embd,
-        block_size=shape.seq_len,
-        vocab_size=shape.vocab_size,
-        tie_weights=False,
-    )
+    model_fields(probe.model, shape)
+    probe.model.tie_weights = False
     probe.memory.precision = precision
-    for tp in [t for t in _pow2_upto(min(gpn, shape.n_head)) if shape.n_head % t == 0 and gpus % t == 0]:
+    # tensor parallelism shards whole query and key/value heads and the FFN's width
+    tps = [t for t in _pow2_upto(min(gpn, shape.n_head)) if not (shape.n_head % t or shape.kv % t or shape.ffw % t)]
+    for tp in [t for t in tps if gpus % t == 0]:
         for pp in [p for p in _divisors(gpus // tp) if p <= shape.n_layer]:
             dp = gpus // (tp * pp)
             if global_batch % dp:
@@ -447,8 +483,8 @@ def why_nothing_fits(pl: Plan) -> str:
         f"it would fit on {more} GPUs" if more else f"not even {pl.gpus * 4096} GPUs would do"
     ) + f", or with --gpu-mem >= {need_mem}"
     return (
-        f"plan: nothing fits in {pl.usable / GiB:.1f} GiB per GPU on {pl.gpus} GPUs: the smallest layout ({s.describe()}) needs "
-        f"{e.total / GiB:.1f} GiB; its largest part is {part} ({nbytes / GiB:.1f} GiB); {fix}"
+        f"plan: nothing fits in {pl.usable / GiB:.1f} GiB per GPU on {pl.gpus} GPUs: the smallest layout "
+        f"({s.describe()}) needs {e.total / GiB:.1f} GiB; its largest part is {part} ({nbytes / GiB:.1f} GiB); {fix}"
     )
 
 # %% ../nbs/4_estimate/41_plan.ipynb #cdc2c8d9

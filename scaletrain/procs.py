@@ -113,8 +113,12 @@ _DIST_VARS = {
 
 def child_env(extra: dict | None = None, loopback: bool = False) -> dict:
     """Environment for a job: no inherited torchrun variables, unbuffered output, one thread per rank unless set, Agg
-    plots; `loopback` (a one-machine job on 127.0.0.1): gloo's own sockets on loopback too, whatever the hostname resolves to."""
+    plots; `loopback` (a one-machine job on 127.0.0.1): gloo's own sockets on loopback too, whatever the hostname
+    resolves to."""
+    # a job started from inside a rank (a shipped function, a notebook under scaletrain) is a job of its own: not
+    # torchrun's variables, nor the worker's SCALETRAIN_RUN_DIR / SCALETRAIN_RESUME
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("TORCHELASTIC_")}
+    env = {k: v for k, v in env.items() if k not in ("SCALETRAIN_RUN_DIR", "SCALETRAIN_RESUME")}
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     env["MPLBACKEND"] = "Agg"  # a kernel's inline backend is meaningless in a rank

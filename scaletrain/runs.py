@@ -127,7 +127,7 @@ class Run:
 
     # ---- following the job ----
     def on(self, event: str, fn):
-        "Call `fn` on `output` (rank, line), `metrics` (all records so far) or `exit` (this run); replays what happened already."
+        "Call `fn` on `output` (rank, line), `metrics` (all records so far) or `exit` (this run); replays the past."
         if event not in self._listeners:
             raise ValueError(f"event {event!r}: one of {', '.join(self._listeners)}")
         with self._mutex:
@@ -283,7 +283,7 @@ class Run:
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> str:
-        "Block until the job ends (or `timeout` seconds); returns the status. Interrupting the wait does not stop the job."
+        "Block until the job ends (or `timeout` seconds); returns the status. Interrupting the wait leaves the job."
         self._done.wait(timeout)
         return self.status
 
@@ -374,4 +374,5 @@ class Run:
         return steps[-1] if steps else 0
 
     def __repr__(self):
-        return f"Run({self.run_dir}, {self.kind} {self.target.label}, {self.spec['nproc'] * self.spec['nnodes']} processes, {self.status})"
+        n = self.spec["nproc"] * self.spec["nnodes"]
+        return f"Run({self.run_dir}, {self.kind} {self.target.label}, {n} processes, {self.status})"

@@ -242,7 +242,7 @@ def sweep(
     seed: int = 0,
     config=None,
 ) -> SweepResult:
-    "Run `command` over the search `space` with `fixed` overrides; returns the ranked results (and writes them under `out`)."
+    "Run `command` over the search `space` with `fixed` overrides; returns the ranked results (also written to `out`)."
     if command not in ("finetune", "train"):
         raise ConfigError(f"--command {command}: allowed: finetune | train")
     if parallel < 1:
@@ -312,7 +312,8 @@ def sweep(
         ev = eval_points(r.records, metric)
         b = (max if higher else min)(v for _, v in ev) if ev else None
         bar.write(
-            f"{r.name} {'finished' if r.rc == 0 else f'FAILED (exit {r.rc}, see {r.log})'} in {time.time() - r.t0:.0f}s: "
+            f"{r.name} {'finished' if r.rc == 0 else f'FAILED (exit {r.rc}, see {r.log})'} "
+            f"in {time.time() - r.t0:.0f}s: "
             + " ".join(f"{k}={v}" for k, v in r.values.items())
             + (f" -> best {metric} {b:.4f}" if b is not None else "")
         )

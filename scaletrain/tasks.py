@@ -52,7 +52,7 @@ class Unit:
 
 
 def stdlib_packages(min_files: int = 5) -> dict:
-    "`{package: [library files]}` of the top-level stdlib packages with >= `min_files` files (tests left out), largest first."
+    "`{package: [library files]}` of the top-level stdlib packages with >= `min_files` files (no tests), largest first."
     root, out = stdlib_root(), {}
     for f in stdlib_files():
         rel = f.relative_to(root).parts
@@ -68,7 +68,8 @@ def stdlib_units(n_classes: int) -> list:
     pk = stdlib_packages()
     if n_classes > len(pk):
         raise ConfigError(
-            f"config: finetune.n_classes={n_classes}: this Python's stdlib has only {len(pk)} packages with >= 5 library files"
+            f"config: finetune.n_classes={n_classes}: this Python's stdlib has only {len(pk)} packages "
+            "with >= 5 library files"
         )
     root = stdlib_root()
     return [Unit(f.relative_to(root).as_posix(), name, path=f) for name in list(pk)[:n_classes] for f in pk[name]]
@@ -193,7 +194,8 @@ def split_units(units, val_fraction: float, test_fraction: float, where: str = "
         )
     if len(train_labels) < 2:
         raise DataError(
-            f"{where}: the training data has one class ({', '.join(sorted(train_labels))}); classification needs at least 2"
+            f"{where}: the training data has one class ({', '.join(sorted(train_labels))}); "
+            "classification needs at least 2"
         )
     for s in ("val", "test"):
         unseen = sorted({u.label for u in out[s]} - train_labels)
@@ -379,7 +381,13 @@ class ClassificationTask:
         return build_classifier(cfg.model, self.n_classes, cfg.finetune.pooling, self.labels)
 
     def flops_per_token(self, cfg: Config, model) -> float:
-        return get_spec(cfg.model.family).shape(cfg.model, seq_len=self.seq_len).flops_per_token()
+        "6N + attention over a snippet, N the classifier's own parameters (its head is n_classes wide, and untied)."
+        spec = get_spec(cfg.model.family)
+        shape = spec.shape(cfg.model, seq_len=self.seq_len)
+        lm_n = (
+            shape.n_params() - shape.position_rows * shape.n_embd
+        )  # the language model's N, as flops_per_token counts it
+        return shape.flops_per_token() + 6 * (spec.n_params(model) - lm_n)
 
     def setup(self, global_batch: int, eval_batch: int):
         self.global_batch, self.eval_batch = global_batch, eval_batch

@@ -427,7 +427,7 @@ class Trainer:
             opt.register_step_post_hook(post)
 
     def train_one_step(self):
-        "Launch one optimizer step. Its loss and grad norm stay on the device until `read_steps` (every `run.log_every` steps)."
+        "Launch one optimizer step. Its loss and grad norm stay on the device until `read_steps` (see `run.log_every`)."
         self.fire("before_step")
         if not self._pending:
             self._t_read = time.perf_counter()
@@ -443,7 +443,7 @@ class Trainer:
         self.tokens += self.global_batch * self.task.seq_len
         self._pending.append((self.step, self.tokens, lr, res, len(self.oom_events) > n_oom))
         t = self.cfg.train
-        # a schedule common to all ranks (the stop vote in `fit` happens at reads); one process also reads on a stop request
+        # a schedule common to all ranks (the stop vote in `fit` happens at reads); one process reads on a stop too
         if (
             self.step == 1
             or self.step % self.cfg.run.log_every == 0

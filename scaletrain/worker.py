@@ -80,7 +80,8 @@ def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
         data = cloudpickle.dumps(out)
     except Exception as e:
         print(
-            f"scaletrain: the return value of rank {rank} cannot be pickled ({type(e).__name__}: {e}); results() gives None",
+            f"scaletrain: the return value of rank {rank} cannot be pickled ({type(e).__name__}: {e}); "
+            "results() gives None",
             file=sys.stderr,
         )
         data = cloudpickle.dumps(None)
@@ -183,4 +184,9 @@ class Target:
 if __name__ == "__main__":  # every rank: python -m scaletrain.worker --run-dir D ...
     from scaletrain.worker import worker_main as _worker_main  # the package's module, not a second copy as __main__
 
-    sys.exit(_worker_main())
+    code = _worker_main()  # it records how the rank ended, whatever happened
+    # os._exit, not sys.exit: at interpreter finalisation gloo's worker threads of process groups still referenced
+    # (a DeviceMesh's) can abort (SIGABRT) a rank that finished cleanly; its files are closed by now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -57,3 +57,20 @@ def pretrained(corpus, cache_dir, tmp_path_factory):
     s = Trainer(load_config(overrides=tiny(corpus, cache_dir, out, "run.name=pre")), default_callbacks=False).fit()
     assert s["status"] == "finished"
     return Path(s["run_dir"])
+
+
+LLAMA = ("model.family=llama", "model.bias=false", "model.n_kv_head=1")  # the default family, grouped-query attention
+
+
+@pytest.fixture(scope="module")
+def pretrained_llama(corpus, cache_dir, tmp_path_factory):
+    "Run folder of a 6-step pretraining of a 2-layer llama (one key/value head) on the tiny corpus."
+    from scaletrain.config import load_config
+    from scaletrain.train import Trainer
+
+    out = tmp_path_factory.mktemp("pre_llama")
+    s = Trainer(
+        load_config(overrides=tiny(corpus, cache_dir, out, "run.name=pre", *LLAMA)), default_callbacks=False
+    ).fit()
+    assert s["status"] == "finished"
+    return Path(s["run_dir"])

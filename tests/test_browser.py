@@ -2,7 +2,8 @@
 the panel's Launch clicked, the run followed to 'finished' with points on the plot, and a screenshot of the panel.
 
 Needs Debian's `chromium` (/usr/bin/chromium; `.ci/run` installs it) and the `playwright` Python package, which drives
-that browser directly (no `playwright install`). Set SCALETRAIN_UPDATE_SCREENSHOT=1 to also refresh nbs/images/launch_panel.png."""
+that browser directly (no `playwright install`). Set SCALETRAIN_UPDATE_SCREENSHOT=1 to also refresh
+nbs/images/launch_panel.png."""
 
 import json
 import os
@@ -34,7 +35,7 @@ def write_json(p: Path, d):
 
 @pytest.fixture
 def lab(tmp_path):
-    "JupyterLab on 127.0.0.1 with a token, serving a copy of the tutorial; private config, settings and runtime folders."
+    "JupyterLab on 127.0.0.1 with a token, serving a copy of the tutorial; private config, settings, runtime folders."
     root = tmp_path / "root"
     root.mkdir()
     nb = json.loads(TUTORIAL.read_text())
@@ -169,7 +170,8 @@ def test_tutorial_panel_in_chromium(lab, tmp_path):
                 time.sleep(1)
             assert status == "finished", panel.inner_text()
             page.wait_for_function(
-                "() => { const e = document.querySelector('.scaletrain-points'); return e && parseInt(e.textContent) > 0; }",
+                "() => { const e = document.querySelector('.scaletrain-points'); "
+                "return e && parseInt(e.textContent) > 0; }",
                 timeout=60_000,
             )
             points = int(panel.locator(".scaletrain-points").first.text_content().split()[0])

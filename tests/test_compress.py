@@ -1,4 +1,5 @@
-"Compression: exact sparsity, quantized outputs close to float and smaller files, export -> load identical, the report, bad input."
+"""Compression: exact sparsity, quantized outputs close to float and smaller files, export -> load identical, the
+report, bad input; for a GPT and for a llama classifier."""
 
 import copy
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
+from ft_helpers import ft_overrides, pets, pretrained, pretrained_llama  # noqa: F401 (fixtures)
 from scaletrain.config import load_config, ConfigError
 from scaletrain.finetune import finetune, load_classifier
 from scaletrain.compress import (
@@ -19,8 +20,9 @@ from scaletrain.compress import (
     QUANT_MODES,
 )
 
-# Stated tolerance for int8 (per-channel weights; per-token activations for int8-dynamic): on a batch of real snippets the
-# largest logit difference to the float model is under 5% of the float logits' range, and >= 90% of the predicted labels agree.
+# Stated tolerance for int8 (per-channel weights; per-token activations for int8-dynamic): on a batch of real snippets
+# the largest logit difference to the float model is under 5% of the float logits' range, and >= 90% of the predicted
+# labels agree.
 REL_TOL, AGREE = 0.05, 0.9
 
 
@@ -143,3 +145,50 @@ def test_compress_bad_input_is_one_line(classifier, pretrained, tmp_path):
         r.stderr[-2000:]
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_llama_classifier_pruned_and_quantized_reloads_identically(pets, pretrained_llama, cache_dir, tmp_path):
+    "The default family: its blocks' Linear layers (by the spec) pruned exactly, int8 close, export -> load identical."
+    from scaletrain.compress import compress
+    from scaletrain.models.llama import Llama
+    from scaletrain.models.spec import spec_for
+    from scaletrain.tasks import ClassificationTask
+
+    s = finetune(load_config(overrides=ft_overrides(tmp_path, pretrained_llama, pets, cache_dir, "run.name=ft")))
+    model, cfg = load_classifier(s["run_dir"])
+    x = torch.from_numpy(ClassificationTask(cfg).data.x["val"][:16].astype("int64"))
+    spec = spec_for(model)
+    assert isinstance(model, Llama) and cfg.model.family == "llama"
+    pm = copy.deepcopy(model)
+    reached = prune_model(pm, 0.5)
+    layers = prunable_layers(pm)
+    assert len(layers) == 2 * 7 and set(reached) == set(layers)  # wq wk wv wo and SwiGLU's w1 w2 w3, per block
+    assert all(n.startswith(spec.block_prefixes(range(2))) for n in layers)
+    for n, l in layers.items():
+        assert int((l.weight == 0).sum()) == round(0.5 * l.weight.numel()), n
+    for n, p in pm.named_parameters():  # embeddings, norms and the head are left alone
+        if n.rsplit(".", 1)[0] not in layers:
+            assert torch.equal(p, dict(model.named_parameters())[n]), n
+    f = export_model(pm, tmp_path / "pruned.safetensors", cfg)
+    for mode in QUANT_MODES:
+        q = copy.deepcopy(pm)
+        quantize(q, mode)
+        gap = output_gap(q, pm, x)
+        assert gap["rel_diff"] < REL_TOL and gap["agreement"] >= AGREE, (mode, gap)
+        fq = export_model(q, tmp_path / f"{mode}.safetensors", cfg, mode)
+        assert fq.stat().st_size < 0.75 * f.stat().st_size
+        for path, ref in ((f, pm), (fq, q)):
+            back = load_for_inference(path)
+            with torch.inference_mode():
+                assert torch.equal(back(x), ref(x)), path.name
+            assert isinstance(back, Llama) and back.labels == ["birds", "cats", "dogs"]
+    # the pipeline too: every stage's file loads back as a llama classifier
+    rows = compress(s["run_dir"], tmp_path / "c", sparsity=0.5, repeats=1, batch=8)
+    assert [r["stage"] for r in rows] == [
+        "float",
+        "pruned 50% unstructured",
+        "pruned + int8-weight",
+        "pruned + int8-dynamic",
+    ]
+    assert rows[1]["sparsity"] == 0.5 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert load_for_inference(tmp_path / "c" / rows[-1]["file"]).quant == "int8-dynamic"

@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, tiny
-from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
+from ft_helpers import ft_overrides, pets, pretrained, pretrained_llama  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
 from scaletrain.metrics import read_metrics
 from scaletrain.models.gpt import GPT
+from scaletrain.models.llama import Llama
+from scaletrain.models.spec import build_model, spec_for
 from scaletrain import checkpoint as ckpt
-from scaletrain.finetune import finetune, load_classifier, best_checkpoint
+from scaletrain.finetune import finetune, finetune_param_groups, load_classifier, best_checkpoint, prepare
 from scaletrain.models.heads import PooledHead, build_classifier
 from scaletrain.train import Callback
 
@@ -131,7 +133,9 @@ def test_bad_checkpoints_are_one_line(tmp_path, pets, pretrained, cache_dir):
     from scaletrain.finetune import load_pretrained
     from scaletrain.config import ModelConfig
 
-    other = build_classifier(ModelConfig(family="gpt", n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=257), 3)
+    other = build_classifier(
+        ModelConfig(family="gpt", n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=257), 3
+    )
     with pytest.raises(ckpt.CheckpointError) as e:
         load_pretrained(pretrained, other)
     assert "does not match this model" in str(e.value) and "\n" not in str(e.value)
@@ -144,7 +148,8 @@ def test_bad_checkpoints_are_one_line(tmp_path, pets, pretrained, cache_dir):
 
 
 def test_finetune_from_fsdp_checkpoint_on_two_ranks(tmp_path, pets, corpus, cache_dir):
-    "Pretrain under FSDP on 2 ranks; fine-tune from it in one process and under FSDP on 2 ranks: same weights, same step-0 eval."
+    """Pretrain under FSDP on 2 ranks; fine-tune from it in one process and under FSDP on 2 ranks: same weights, same
+    step-0 eval."""
     r = run_cli(
         "train",
         "--nproc",
@@ -208,7 +213,8 @@ def test_finetune_from_fsdp_checkpoint_on_two_ranks(tmp_path, pets, corpus, cach
 
 
 def test_continued_pretraining_on_one_package_family(tmp_path, pretrained, cache_dir):
-    "finetune.task=lm:<package>: the LM objective on one stdlib family, from the pretrained weights; its checkpoint starts a classifier."
+    """finetune.task=lm:<package>: the LM objective on one stdlib family, from the pretrained weights; its checkpoint
+    starts a classifier."""
     cfg = load_config(
         overrides=[
             f"finetune.init={pretrained}",
@@ -248,8 +254,8 @@ def test_continued_pretraining_on_one_package_family(tmp_path, pretrained, cache
 
 
 def test_finetune_stopped_and_resumed_equals_uninterrupted(tmp_path, pets, pretrained, cache_dir):
-    """A fine-tuning run stopped at step 4 and continued with `scaletrain finetune --resume` ends as the uninterrupted run:
-    same evaluations, same best step and value (its past evaluations are replayed), same weights."""
+    """A fine-tuning run stopped at step 4 and continued with `scaletrain finetune --resume` ends as the uninterrupted
+    run: same evaluations, same best step and value (its past evaluations are replayed), same weights."""
     over = lambda name: ft_overrides(
         tmp_path,
         pretrained,
@@ -300,3 +306,76 @@ def test_finetune_stopped_and_resumed_equals_uninterrupted(tmp_path, pets, pretr
     ):
         r = run_cli("finetune", *args)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and want in r.stderr, r.stderr[-2000:]
+
+
+def test_llama_classifier_from_llama_checkpoint(tmp_path, pets, pretrained, pretrained_llama, cache_dir):
+    """The default family end to end: the body loaded exactly, a new head in the spec's place, frozen blocks unchanged
+    by training, parameter groups by the spec; prepare() and finetune() leave the config they are given unchanged."""
+    from scaletrain.config import ConfigError
+
+    over = lambda init, *extra: ft_overrides(
+        tmp_path, init, pets, cache_dir, "finetune.freeze_blocks=1", "finetune.body_lr_scale=0.25", *extra
+    )
+    with pytest.raises(ConfigError) as e:
+        prepare(load_config(overrides=over(pretrained_llama, "model.family=gpt")))
+    assert "the checkpoint has model.family=llama but the config asks for model.family=gpt" in str(e.value)
+    # the checkpoint's architecture is checked against the rest of the config: its one kv head cannot be split over tp=2
+    want = "checkpoint's architecture, config: model.n_kv_head=1 key/value heads are not divisible by parallel.tp=2"
+    with pytest.raises(ConfigError, match="n_kv_head=1 key/value heads are not divisible") as e:
+        prepare(load_config(overrides=over(pretrained_llama, "parallel.tp=2")))
+    assert want in str(e.value) and "\n" not in str(e.value)
+    r = run_cli("finetune", "--nproc", "2", *over(pretrained_llama, "parallel.tp=2", "run.name=tp"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and want in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "tp").exists()
+    # the family is the checkpoint's: the same (default-llama) config fine-tunes a GPT checkpoint as a GPT
+    gcfg, gtask = prepare(load_config(overrides=over(pretrained)))
+    assert gcfg.model.family == "gpt" and isinstance(gtask.build_model(gcfg), GPT)
+
+    cfg = load_config(overrides=over(pretrained_llama))
+    before = copy.deepcopy(cfg)
+    rc, task = prepare(cfg)
+    assert cfg == before and rc != cfg  # resolved in a copy
+    assert (rc.model.family, rc.model.n_kv_head, rc.finetune.labels) == ("llama", 1, "birds,cats,dogs")
+    model = task.build_model(rc)
+    spec = spec_for(model)
+    head = spec.get_head(model)
+    assert isinstance(model, Llama) and spec.name == "llama" and spec.head == "output"
+    assert isinstance(head, PooledHead) and head.weight.shape == (3, rc.model.n_embd)
+    assert head.weight is not model.tok_embeddings.weight  # the pretrained model ties them; the classifier does not
+    ref = build_model(ckpt.checkpoint_config(pretrained_llama).model)
+    ckpt.load_model_weights(pretrained_llama, ref)
+    P = dict(ref.named_parameters())
+    body = {n: p for n, p in model.named_parameters() if not n.startswith(f"{spec.head}.")}
+    assert set(body) == set(P)  # every pretrained weight is in the body (the tied head is the embedding)
+    for n, p in body.items():
+        assert torch.equal(p, P[n]), n
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n in body if n.startswith(spec.first_prefixes() + spec.block_prefixes([0]))}
+    assert "tok_embeddings.weight" in frozen and any(n.startswith("layers.0.") for n in frozen)
+    groups = finetune_param_groups(model, rc.train.weight_decay, rc.finetune.body_lr_scale)
+    name = {id(p): n for n, p in model.named_parameters()}
+    by = {g["name"]: {name[id(p)] for p in g["params"]} for g in groups}
+    last = {n for n, p in model.named_parameters() if n.startswith(spec.last_prefixes())}
+    assert (
+        by["head"] == {"output.weight"} and by["head_no_decay"] == {"output.bias", "norm.weight"} == last - by["head"]
+    )
+    assert by["body"] | by["body_no_decay"] == set(name.values()) - last - frozen
+    assert all(g["lr_scale"] == (1.0 if g["name"].startswith("head") else 0.25) for g in groups)
+
+    seen = []
+
+    class Lrs(Callback):
+        def after_step(self):
+            seen.append({g["name"]: g["lr"] for g in self.trainer.engine.optimizer.param_groups})
+
+    s = finetune(cfg, callbacks=[Lrs()])
+    assert cfg == before and s["status"] == "finished" and s["labels"] == ["birds", "cats", "dogs"]
+    ft, fcfg = load_classifier(Path(s["run_dir"]) / "checkpoints" / "step_00000006")
+    assert isinstance(ft, Llama) and fcfg.model.n_kv_head == 1
+    for n, p in ft.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, P[n]), f"frozen {n} changed"
+        elif n in P and p.dim() == 2:
+            assert not torch.equal(p, P[n]), f"trainable {n} did not change"
+    assert len(seen) == 6 and all(abs(l["body"] - 0.25 * l["head"]) < 1e-12 for l in seen)
+    assert s["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n not in frozen)

@@ -1,4 +1,5 @@
-"The launcher: torchrun as a subprocess, notebook functions shipped by value, stop/resume, multi-node on one machine, bad input."
+"""The launcher: torchrun as a subprocess, notebook functions shipped by value, stop/resume, multi-node on one machine,
+bad input."""
 
 import json
 import os

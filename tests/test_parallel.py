@@ -1,5 +1,6 @@
 """Every strategy equals single-process training: same per-step losses and final weights for the same
-global batch (fp32, CPU, gloo). One torchrun launch runs all 2-process cases, another the 4-process 2-D ones."""
+global batch (fp32, CPU, gloo), for both model families (gpt, and llama with grouped-query attention).
+One torchrun launch runs all 2-process cases, another the 4-process 2-D ones."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ from scaletrain.config import load_config
 from scaletrain.train import Trainer
 from scaletrain.procs import torchrun_args, child_env
 from scaletrain.checkpoint import latest_checkpoint
+from scaletrain.models.spec import get_spec
 
 STEPS, MICRO = 4, 4
 
@@ -31,7 +33,16 @@ def common(corpus, cache_dir):
     )[3:]
 
 
-# name, overrides, world, data-parallel degree
+# a tiny llama: RMSNorm, rotary, SwiGLU, and 2 key/value heads for 4 query heads (GQA; under tp=2 one kv head per rank)
+LLAMA = ["model.family=llama", "model.bias=false", "model.n_kv_head=2"]
+
+
+def with_llama(cases, skip=()):
+    "Each GPT case again for the llama family (pipeline cases keep their tie_weights=false)."
+    return cases + [(f"llama_{n}", LLAMA + o, dp) for n, o, dp in cases if n not in skip]
+
+
+# name, overrides, data-parallel degree
 CASES_2 = [
     ("ddp", ["parallel.strategy=ddp"], 2),
     ("ddp_accum", ["parallel.strategy=ddp", "train.grad_accum=2", "train.micro_batch=2"], 2),
@@ -46,30 +57,53 @@ CASES_2 = [
     ("pp_1f1b", ["parallel.pp=2", "parallel.pp_schedule=1f1b", "model.tie_weights=false"], 1),
     ("pp_interleaved", ["parallel.pp=2", "parallel.pp_schedule=interleaved1f1b", "model.tie_weights=false"], 1),
 ]
-CASES_4 = [
-    ("fsdp_x_tp", ["parallel.strategy=fsdp", "parallel.tp=2"], 2),
-    ("ddp_x_pp", ["parallel.strategy=ddp", "parallel.pp=2", "model.tie_weights=false"], 2),
-]
-PRECISION = [
-    dict(
-        name=f"prec_{s}_{p}",
-        overrides=[f"parallel.strategy={s}", f"memory.precision={p}", "train.steps=6", "train.lr=3e-3"],
-    )
-    for s in ("ddp", "fsdp")
-    for p in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
-] + [
-    # fp16 under ZeRO: torch's scaler over a sharded optimizer, and fairscale's ShardedGradScaler
-    dict(name=f"prec_{n}_fp16-mixed", overrides=[*o, "memory.precision=fp16-mixed", "train.steps=6", "train.lr=3e-3"])
-    for n, o in (
-        ("zero1", ["parallel.strategy=zero1"]),
-        ("zero2_fairscale", ["parallel.strategy=zero2", "parallel.backend=fairscale"]),
-    )
-]
+CASES_2 = with_llama(CASES_2, skip=("ddp_accum",))
+CASES_4 = with_llama(
+    [
+        ("fsdp_x_tp", ["parallel.strategy=fsdp", "parallel.tp=2"], 2),
+        ("ddp_x_pp", ["parallel.strategy=ddp", "parallel.pp=2", "model.tie_weights=false"], 2),
+    ]
+)
+PRECISION = (
+    [
+        dict(
+            name=f"prec_{s}_{p}",
+            overrides=[f"parallel.strategy={s}", f"memory.precision={p}", "train.steps=6", "train.lr=3e-3"],
+        )
+        for s in ("ddp", "fsdp")
+        for p in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+    ]
+    + [  # every precision for llama too, under fsdp (its mixed precision goes through FSDP2's MixedPrecisionPolicy)
+        dict(
+            name=f"prec_llama_fsdp_{p}",
+            overrides=[*LLAMA, "parallel.strategy=fsdp", f"memory.precision={p}", "train.steps=6", "train.lr=3e-3"],
+        )
+        for p in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+    ]
+    + [
+        # fp16 under ZeRO: torch's scaler over a sharded optimizer, and fairscale's ShardedGradScaler
+        dict(
+            name=f"prec_{n}_fp16-mixed", overrides=[*o, "memory.precision=fp16-mixed", "train.steps=6", "train.lr=3e-3"]
+        )
+        for n, o in (
+            ("zero1", ["parallel.strategy=zero1"]),
+            ("zero2_fairscale", ["parallel.strategy=zero2", "parallel.backend=fairscale"]),
+        )
+    ]
+)
+_LLAMA_FSDP = next(o for n, o, _ in CASES_2 if n == "llama_fsdp")
 CKPT = [  # fsdp on 2 ranks: stop at 2 and resume to 4, against a straight run (ddp_... above are separate runs)
     dict(name="fsdp_straight", overrides=["parallel.strategy=fsdp"]),
     dict(name="fsdp_first", overrides=["parallel.strategy=fsdp"], stop_after=2),
     dict(name="fsdp_resumed", overrides=[], resume_of="fsdp_first"),
+    # llama: the llama_fsdp case above is the straight run
+    dict(name="llama_fsdp_first", overrides=_LLAMA_FSDP, stop_after=2),
+    dict(name="llama_fsdp_resumed", overrides=[], resume_of="llama_fsdp_first"),
 ]
+RESUMES = {
+    "gpt": ("fsdp_straight", "fsdp_first", "fsdp_resumed"),
+    "llama": ("llama_fsdp", *[c["name"] for c in CKPT[3:]]),
+}
 
 
 def launch(nproc, cases, corpus, cache_dir, out):
@@ -125,15 +159,20 @@ def reference(corpus, cache_dir, tmp_path, overrides, dp):
     return _REFERENCES[key]
 
 
-def assert_checkpoint_loads_in_one_process(out, name, w):
-    "The case's final checkpoint, written by every rank of its layout, loads into a plain GPT: the weights the ranks held."
+def assert_checkpoint_loads_in_one_process(out, name, w, family):
+    """The case's final checkpoint, written by every rank of its layout, loads into a plain model of its family
+    (built from the checkpoint's own config): the weights the ranks held."""
     from scaletrain.checkpoint import checkpoint_config, load_model_weights
-    from scaletrain.models.gpt import GPT
+    from scaletrain.models.spec import build_model
 
     run = Path((out / name / "run_dir.txt").read_text())
-    m = GPT(checkpoint_config(run).model)
+    c = checkpoint_config(run).model
+    assert c.family == family, (name, c.family)
+    m = build_model(c)
     load_model_weights(run, m)
-    for k, v in m.state_dict().items():
+    sd = m.state_dict()
+    assert set(w) <= set(sd), set(w) - set(sd)
+    for k, v in sd.items():
         if k in w:
             assert torch.equal(v.float(), w[k]), (name, k)
 
@@ -148,6 +187,10 @@ def merged_weights(res):
     return w
 
 
+# a tied head may be stored once, as the embedding
+TIED_HEADS = {f"{get_spec(f).head}.weight" for f in ("gpt", "llama")}
+
+
 def assert_equivalent(res, ref, ref_w, rtol):
     ref_losses, ref_norms = zip(*ref)
     for r in res:
@@ -158,7 +201,7 @@ def assert_equivalent(res, ref, ref_w, rtol):
         for a, b in zip(r["grad_norms"], ref_norms):
             assert abs(a - b) <= 10 * rtol * abs(b), (r["engine"], r["grad_norms"], ref_norms)
     w = merged_weights(res)
-    keys = {k for k in ref_w if not (k == "lm_head.weight" and "lm_head.weight" not in w)}
+    keys = {k for k in ref_w if not (k in TIED_HEADS and k not in w)}
     assert keys <= set(w), set(ref_w) - set(w)
     for k in keys:
         assert torch.allclose(w[k], ref_w[k], rtol=1e-4, atol=2e-5), (k, (w[k] - ref_w[k]).abs().max())
@@ -171,15 +214,17 @@ def test_two_process_strategy_equals_single_process(two, corpus, cache_dir, tmp_
     res = results(two, name, 2)
     ref_l, ref_w = reference(corpus, cache_dir, tmp_path, overrides, dp)
     assert_equivalent(res, ref_l, ref_w, rtol=1e-5)
-    assert_checkpoint_loads_in_one_process(two, name, merged_weights(res))
+    cfg = load_config(overrides=common(corpus, cache_dir) + overrides)
+    assert_checkpoint_loads_in_one_process(two, name, merged_weights(res), cfg.model.family)
+    if cfg.parallel.tp > 1:  # each rank holds the Megatron split (llama: its share of the key/value heads)
+        shape = get_spec(cfg.model.family).shape(cfg.model, vocab_size=257)
+        split = 4 * (shape.n_layer * shape.block_params(cfg.parallel.tp) + shape.end_params(True, True))
+        assert [r["param_bytes"] for r in res] == [split] * 2, name
     s = res[0]["summary"]
     assert (
         s["world_size"] == 2
         and s["dp"] == dp
-        and s["global_batch"]
-        == dp
-        * int(load_config(overrides=common(corpus, cache_dir) + overrides).train.micro_batch)
-        * load_config(overrides=common(corpus, cache_dir) + overrides).train.grad_accum
+        and s["global_batch"] == dp * int(cfg.train.micro_batch) * cfg.train.grad_accum
     )
 
 
@@ -188,33 +233,39 @@ def test_four_process_2d_equals_single_process(four, corpus, cache_dir, tmp_path
     res = results(four, name, 4)
     ref_l, ref_w = reference(corpus, cache_dir, tmp_path, overrides, dp)
     assert_equivalent(res, ref_l, ref_w, rtol=1e-5)
-    assert_checkpoint_loads_in_one_process(four, name, merged_weights(res))
+    family = load_config(overrides=common(corpus, cache_dir) + overrides).model.family
+    assert_checkpoint_loads_in_one_process(four, name, merged_weights(res), family)
+    assert res[0]["summary"]["world_size"] == 4 and res[0]["summary"]["dp"] == dp
 
 
-def test_sharded_state_is_about_one_over_world(two):
-    ddp = results(two, "ddp", 2)[0]
+@pytest.mark.parametrize("prefix", ["", "llama_"], ids=["gpt", "llama"])
+def test_sharded_state_is_about_one_over_world(two, prefix):
+    ddp = results(two, f"{prefix}ddp", 2)[0]
     for name in ("zero1_torch", "zero1_fairscale", "zero2_torch", "zero2_fairscale", "fsdp"):
-        for r in results(two, name, 2):
+        for r in results(two, prefix + name, 2):
             ratio = r["optim_bytes"] / ddp["optim_bytes"]
             assert 0.3 < ratio < 0.7, (name, ratio)  # ZeRO partitions whole tensors, so not exactly 1/2
-    for r in results(two, "fsdp", 2):
+    for r in results(two, f"{prefix}fsdp", 2):
         assert abs(r["param_bytes"] / ddp["param_bytes"] - 0.5) < 0.02
-    both = sum(r["optim_bytes"] for r in results(two, "fsdp", 2))
+    both = sum(r["optim_bytes"] for r in results(two, f"{prefix}fsdp", 2))
     assert abs(both - ddp["optim_bytes"]) / ddp["optim_bytes"] < 0.02  # the shards add up to the whole
 
 
-def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path):
-    straight = results(two, "fsdp_straight", 2)
-    first, resumed = results(two, "fsdp_first", 2), results(two, "fsdp_resumed", 2)
+@pytest.mark.parametrize("family", list(RESUMES))
+def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path, family):
+    straight_name, first_name, resumed_name = RESUMES[family]
+    straight = results(two, straight_name, 2)
+    first, resumed = results(two, first_name, 2), results(two, resumed_name, 2)
     assert first[0]["summary"]["status"] == "stopped" and first[0]["summary"]["steps"] == 2
     assert first[0]["losses"] + resumed[0]["losses"] == straight[0]["losses"]
     ws, wr = merged_weights(straight), merged_weights(resumed)
     for k in ws:
         assert torch.equal(ws[k], wr[k]), k
     # the final fsdp checkpoint, written by 2 ranks, evaluated in this single process
-    run = Path((two / "fsdp_resumed" / "run_dir.txt").read_text())
+    run = Path((two / resumed_name / "run_dir.txt").read_text())
     assert latest_checkpoint(run).name == f"step_{STEPS:08d}"
     cfg = load_config(run / "config.yaml", [f"run.out_dir={tmp_path}"])
+    assert cfg.model.family == family
     t = Trainer(cfg, run_dir=run, resume=True)
     assert t.engine.name == "single" and t.step == STEPS
     assert abs(t.evaluate() - resumed[0]["val"]) < 1e-5
@@ -224,6 +275,7 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path)
     r = run_cli("export", run, tmp_path / "m.safetensors")
     assert r.returncode == 0, r.stderr
     m = load_safetensors(tmp_path / "m.safetensors")
+    assert type(m) is type(t.model)
     x = torch.randint(0, 257, (2, 16))
     t.model.eval()
     assert torch.equal(m(x), t.model(x))
@@ -231,7 +283,7 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(two, tmp_path)
 
 
 @pytest.mark.parametrize("case", PRECISION, ids=[c["name"] for c in PRECISION])
-def test_every_precision_runs_and_learns_under_ddp_and_fsdp(two, case):
+def test_every_precision_runs_and_learns_under_ddp_and_fsdp(two, case):  # and zero1/zero2 for fp16, and llama
     for r in results(two, case["name"], 2):
         l = r["losses"]
         assert len(l) == 6 and all(x == x for x in l) and l[-1] < l[0] - 0.2, l
@@ -248,7 +300,7 @@ def test_every_precision_runs_and_learns_under_ddp_and_fsdp(two, case):
         assert all("loss_scale" not in x for x in steps)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "llama_fsdp"])
 def test_precision_changes_the_numbers_not_the_result(two, strategy):
     "16-bit compute really happens (the losses differ from fp32's in the low digits) and stays close to fp32."
     fp32 = results(two, f"prec_{strategy}_fp32", 2)[0]["losses"]

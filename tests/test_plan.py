@@ -89,11 +89,13 @@ def test_nothing_fits_names_the_largest_part_and_the_fix():
 
 def test_written_config_trains_and_is_never_overwritten(tmp_path, corpus, cache_dir):
     f = tmp_path / "best.yaml"
-    shape = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32"]
+    # the default family, with grouped-query attention (2 query heads share 1 key/value head)
+    shape = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1", "model.block_size=32"]
     rc, out, err = plan_cli(*shape, "--gpus", "1", "--gpu-mem", "1", "--global-batch", "8", "--write-config", f)
     assert rc == 0, err
     cfg = load_config(f)
-    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (2, 32, 32)
+    assert (cfg.model.family, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_kv_head) == ("llama", 2, 32, 1)
+    assert cfg.model.block_size == 32
     assert cfg.train.micro_batch * cfg.train.grad_accum == 8 and "scaletrain train --config" in out
     before = f.read_text()
     rc, _, err = plan_cli(*shape, "--gpus", "1", "--gpu-mem", "1", "--write-config", f, "--precision", "fp32")
@@ -146,3 +148,42 @@ def test_layouts_from_a_base_config_keep_its_settings_runnable():
     assert pl.layouts and any(l.pp > 1 and l.microbatches > l.pp for l in pl.layouts)
     for l in pl.layouts:
         check(pl.to_config(l), 16)
+
+
+@pytest.mark.parametrize("kv,ffn,tps", [(2, 1536, {1, 2}), (8, 1380, {1, 2, 4}), (8, 1536, {1, 2, 4, 8})])
+def test_llama_layouts_keep_the_shape_and_tp_divides_heads_and_ffn(kv, ffn, tps):
+    # 16 query heads; tensor parallelism must split the key/value heads and the FFN width too (1380 = 4 x 345)
+    base = load_config(
+        overrides=[
+            "model.family=llama",
+            "model.n_layer=4",
+            "model.n_embd=512",
+            "model.n_head=16",
+            f"model.n_kv_head={kv}",
+            f"model.ffn_dim={ffn}",
+            "model.block_size=256",
+            "model.vocab_size=1000",
+        ]
+    )
+    pl = plan(base, gpus=8, gpu_mem=1000, global_batch=64)
+    assert {l.tp for l in pl.layouts} == tps
+    for l in pl.layouts:
+        cfg = pl.to_config(l)
+        check(cfg, 8)
+        m = cfg.model
+        assert (m.family, m.n_head, m.n_kv_head, m.ffn_dim, m.n_embd, m.block_size) == ("llama", 16, kv, ffn, 512, 256)
+        assert estimate_config(cfg, 8).total == l.memory  # the written config is the planned shape
+    assert f"heads 16 ({kv} key/value), swiglu FFN {ffn}" in pl.header()
+
+
+def test_a_shape_its_family_cannot_build_is_refused():
+    from dataclasses import replace
+    from scaletrain.config import ConfigError
+    from scaletrain.models.spec import get_spec
+
+    good = get_spec("llama").shape(load_config(overrides=["model.vocab_size=300"]).model)
+    with pytest.raises(ConfigError, match="model.family=llama does not build a shape with ffn='gelu'"):
+        plan(replace(good, ffn="gelu"), gpus=1, gpu_mem=10, global_batch=4)
+    gpt = get_spec("gpt").shape(load_config(overrides=["model.family=gpt", "model.vocab_size=300"]).model)
+    with pytest.raises(ConfigError, match="model.family=gpt does not build a shape with n_kv_head=2$"):
+        plan(replace(gpt, n_kv_head=2), gpus=1, gpu_mem=10, global_batch=4)

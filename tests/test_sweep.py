@@ -1,4 +1,5 @@
-"Sweeps: runs in parallel processes, the comparison table and plot, best.yaml; a bad key stops everything before it starts."
+"""Sweeps: runs in parallel processes, the comparison table and plot, best.yaml; a bad key stops everything before it
+starts."""
 
 import csv
 import json

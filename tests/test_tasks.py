@@ -162,3 +162,28 @@ def test_pretraining_corpus_leaves_out_held_out_files(tmp_path):
     assert held2 != held
     linked2 = {p.resolve() for p in folder_files(pretraining_corpus(f2, out))}
     assert not (linked2 & {p.resolve() for p in held2}) and len(linked2) == len(stdlib_files()) - len(held2)
+
+
+def test_tasks_leave_the_config_unchanged(tmp_path):
+    "Building a task, resolving and building its model read the config they are given; what they fill in is in a copy."
+    import copy
+    from scaletrain.models.heads import PooledHead
+    from scaletrain.models.spec import spec_for
+
+    make_pets(tmp_path / "pets")
+    tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32"]
+    for over, kind in (
+        ([f"finetune.task={tmp_path / 'pets'}", "finetune.snippet_tokens=16"], ClassificationTask),
+        (["finetune.task=lm:json"], PackageLMTask),
+    ):
+        cfg = load_config(overrides=over + tiny)
+        before = copy.deepcopy(cfg)
+        t = kind(cfg)
+        rc = t.resolved(cfg)
+        model = t.build_model(rc)
+        t.flops_per_token(rc, model)
+        assert cfg == before, kind.__name__
+        assert rc.model.vocab_size == 257 and cfg.model.vocab_size == 0 and spec_for(model).name == "llama"
+        if kind is ClassificationTask:
+            assert rc.finetune.labels == "birds,cats,dogs" and cfg.finetune.labels == ""
+            assert isinstance(spec_for(model).get_head(model), PooledHead)

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 from scaletrain.config import load_config
 from scaletrain.launch import launch
+from scaletrain.models.spec import get_spec
 from scaletrain.procs import pid_alive
+from scaletrain.registry import FAMILIES
 from scaletrain.widgets import LaunchPanel
 from conftest import notebook_function
 
@@ -30,6 +32,8 @@ def test_panel_launch_stop_resume(tmp_path, corpus, cache_dir):
     panel.lr.value = 3e-3
     panel.precision.value = "fp32"
     panel.strategy.value = "ddp"
+    assert panel.family.value == "llama"  # the config's default family
+    panel.family.value = "gpt"
     assert panel.fits and "predicted memory per rank" in panel.memory.value
     panel.launch_button.click()
     run = panel.run
@@ -44,9 +48,10 @@ def test_panel_launch_stop_resume(tmp_path, corpus, cache_dir):
         cfg.train.micro_batch,
         cfg.train.lr,
         cfg.parallel.strategy,
+        cfg.model.family,
         cfg.model.n_layer,
         cfg.model.n_embd,
-    ) == (60, 8, 3e-3, "ddp", 2, 64)
+    ) == (60, 8, 3e-3, "ddp", "gpt", 2, 64)
     panel.launch_button.click()  # a second launch while one runs is refused in the status line
     assert panel.state == "error" and "still running" in panel.status.value and panel.run is run
     while run.last_step() < 3 and not run.done:
@@ -107,6 +112,16 @@ def test_panel_bad_settings_do_not_launch_and_multinode_prepares(tmp_path, corpu
     ] * 8 == pytest.approx(one["optimizer"])
     panel.act_ckpt.value = "full"
     assert panel.prediction["activations"] < one["activations"] / 4
+    # the prediction is the estimator's for the selected family's shape
+    panel.model.value = "medium"
+    totals = {}
+    for fam in FAMILIES.names():
+        panel.family.value = fam
+        assert panel.config().model.family == fam
+        assert panel.prediction["n_params"] == get_spec(fam).shape(panel.config().model).n_params()
+        totals[fam] = panel.prediction["total"]
+    assert len(set(totals.values())) == len(totals)  # the families' shapes differ, so do their predictions
+    assert LaunchPanel(overrides=["model.family=gpt"], out_dir=tmp_path / "runs").family.value == "gpt"
     panel.model.value = "tiny"
     panel.steps.value = 5
     panel.nnodes.value = 2

@@ -110,7 +110,8 @@ class GPT2Adapter(StateDictAdapter):
     def _check(self, shape: ModelShape):
         if not shape.bias or shape.positions != "learned" or shape.ffw != 4 * shape.n_embd:
             raise ConfigError(
-                "model.family=gpt: the GPT-2 format needs model.bias=true and the MLP width 4 x n_embd (model.ffn_dim=0)"
+                "model.family=gpt: the GPT-2 format needs model.bias=true and the MLP width 4 x n_embd "
+                "(model.ffn_dim=0)"
             )
 
     def _pairs(self, shape: ModelShape) -> list:

@@ -130,7 +130,8 @@ TP_STYLES = {
 
 @dataclass(frozen=True)
 class TPPlan:
-    "Module path -> style (`TP_STYLES`): `block` for every block, `first_block` for the first only ('' = the block), `top` for the model."
+    """Module path -> style (`TP_STYLES`): `block` for every block, `first_block` for the first only ('' = the block
+    itself), `top` for the model's own children."""
 
     block: dict
     first_block: dict = field(default_factory=dict)
@@ -210,7 +211,8 @@ class ModelSpec:
         "Refuse a model this spec cannot describe (one line)."
         if not self.accepts(model):
             raise ConfigError(
-                f"model.family={self.name}: the model given is a {type(model).__name__}, not a {self.model_cls.__name__}; "
+                f"model.family={self.name}: the model given is a {type(model).__name__}, "
+                f"not a {self.model_cls.__name__}; "
                 "set model.family to its family"
             )
         self.block_modules(model)
