@@ -1,13 +1,14 @@
 # scaletrain: the two Quick-start commands.
-#   make demo   set up .venv and train the default GPT on the Python stdlib source (CPU: ~3 min)
+#   make demo   set up .venv and train the default Llama-style model on the Python stdlib source (CPU: ~1.5 min)
 #   make test   set up .venv with the dev tools, check notebooks <-> library and style, run every notebook and pytest
+#   make docs   build the documentation site into _site/; make tutorials: run every notebook and store its outputs
 # TORCH picks the torch build: the default pins the CPU wheel CI uses; on a GPU machine use e.g. TORCH=torch.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test setup setup-dev check-sync lint nbtest pytest clean
+.PHONY: demo test setup setup-dev check-sync lint nbtest pytest docs tutorials clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +36,8 @@ check-sync:
 
 # Style (ruff.toml): 120 columns, one statement per line, pyflakes; the exported library, tests, benchmarks and notebooks.
 lint:
-	$(BIN)/ruff format --check --quiet nbs tests benchmarks
-	$(BIN)/ruff check --quiet scaletrain tests benchmarks nbs
+	$(BIN)/ruff format --check --quiet nbs tests benchmarks docs
+	$(BIN)/ruff check --quiet scaletrain tests benchmarks nbs docs
 	@echo "ruff: clean"
 
 nbtest:
@@ -45,7 +46,16 @@ nbtest:
 pytest:
 	$(BIN)/python -m pytest tests
 
+# The documentation site (Sphinx + myst-nb, offline) from the notebooks' stored outputs and the docstrings, in _site/.
+docs: setup-dev
+	$(BIN)/python docs/build_site.py _site
+
+# Run every notebook and store its outputs in it (then strip volatile metadata); commit the result.
+tutorials: setup-dev
+	OMP_NUM_THREADS=1 $(BIN)/python docs/execute.py
+	$(BIN)/nbdev_clean
+
 test: setup-dev check-sync lint nbtest pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info _site _build

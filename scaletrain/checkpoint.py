@@ -4,21 +4,29 @@
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #56f26944
 from __future__ import annotations
+import hashlib
+import json
 import os
+import pickle
 import random
+import re
 import shutil
+import stat
 import warnings
 from pathlib import Path
 import torch
+import torch.distributed as dist
 from .config import from_dict, to_dict
 from .dist import barrier, process_rank
 from .errors import CheckpointError, first_line
 from .files import atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['step_name', 'is_complete', 'pointed_checkpoint', 'latest_checkpoint', 'resolve_checkpoint', 'rng_state',
-           'set_rng_state', 'write_checkpoint', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint',
-           'load_model_weights', 'checkpoint_config', 'export_safetensors', 'load_safetensors', 'safetensors_config']
+__all__ = ['POINTER_FAMILY', 'MANIFEST', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders', 'pointed_checkpoint',
+           'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint', 'read_metadata',
+           'check_tensors', 'rng_state', 'set_rng_state', 'write_checkpoint', 'nonfinite_tensor', 'prune',
+           'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights', 'checkpoint_config',
+           'export_safetensors', 'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -36,23 +44,61 @@ def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / "trainer_state.pt").is_file()
 
 
+POINTER_FAMILY = {"latest": "step", "best": "best"}  # the folders each pointer may name: step_XXXXXXXX, best_XXXXXXXX
+
+
+def checkpoint_step(name: str, family: str = "step") -> int | None:
+    "The step of a checkpoint folder name `<family>_<digits>` (8 or more), else None."
+    m = re.fullmatch(rf"{family}_(\d{{8,}})", name)
+    return int(m.group(1)) if m else None
+
+
+def family_folders(ck: Path, family: str = "step") -> list:
+    "The `<family>_<step>` folders (not links) of a checkpoints folder, by step number (not by name)."
+    found = [(checkpoint_step(d.name, family), d) for d in ck.glob(f"{family}_*") if d.is_dir() and not d.is_symlink()]
+    return [d for n, d in sorted((n, d) for n, d in found if n is not None)]
+
+
 def pointed_checkpoint(run_dir, pointer: str = "latest") -> Path | None:
-    "The complete checkpoint that `checkpoints/<pointer>` names, or None."
-    p = Path(run_dir) / "checkpoints" / pointer
-    if not p.is_file():
+    """The checkpoint that `checkpoints/<pointer>` names, or None when there is no such pointer. The pointer is data:
+    it must name a complete `step_XXXXXXXX` (`best_…` for `best`) folder of this run's checkpoints folder; anything
+    else (a path, `../`, another run's folder, bytes that are not UTF-8, a missing folder) is a `CheckpointError`."""
+    ck = Path(run_dir) / "checkpoints"
+    p = ck / pointer
+    if not os.path.lexists(p):
         return None
-    c = p.parent / p.read_text().strip()
-    return c if is_complete(c) else None
+    family = POINTER_FAMILY.get(pointer, "step")
+    if p.is_symlink() or not p.is_file():
+        raise CheckpointError(f"checkpoint pointer {p}: not a plain file; it must hold a {family}_XXXXXXXX folder name")
+    with open(p, "rb") as f:
+        raw = f.read(257)
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"checkpoint pointer {p}: not UTF-8 text; it must hold a {family}_XXXXXXXX folder name"
+        ) from None
+    if len(raw) > 256 or checkpoint_step(name, family) is None:
+        raise CheckpointError(
+            f"checkpoint pointer {p}: holds {name[:80]!r}; it must name a {family}_XXXXXXXX folder of {ck}"
+        )
+    c = ck / name
+    if c.is_symlink() or not is_complete(c):
+        raise CheckpointError(
+            f"checkpoint pointer {p}: names {name}, which is missing, a link or incomplete in {ck}; "
+            f"point it at one of: {', '.join(d.name for d in family_folders(ck, family) if is_complete(d)) or 'none'}"
+        )
+    return c
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    "The newest complete checkpoint of a run folder (via `checkpoints/latest`, else by name)."
+    "The newest complete checkpoint of a run folder (via `checkpoints/latest`, else the highest step)."
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():
         return None
     if (c := pointed_checkpoint(run_dir)) is not None:
         return c
-    done = sorted(d for d in ck.glob("step_*") if d.is_dir() and is_complete(d))
+    done = [d for d in family_folders(ck) if is_complete(d)]
     return done[-1] if done else None
 
 
@@ -73,6 +119,247 @@ def resolve_checkpoint(path) -> Path:
     raise CheckpointError(
         f"checkpoint {path}: not a scaletrain checkpoint (expected .metadata and trainer_state.pt, or a run folder)"
     )
+
+# %% ../nbs/3_parallel/38_checkpoint.ipynb #a3070b9b
+MANIFEST = "manifest.json"
+
+_DCP_MD = "torch.distributed.checkpoint.metadata"
+_PICKLE_ALLOWED = {
+    (_DCP_MD, n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    "Unpickles DCP metadata and nothing else: any other class or function is refused before it is touched."
+
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+
+
+def _walk(folder: Path):
+    "(relative name, path) of every entry under `folder` but the manifest; links and odd files are refused."
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        mode = p.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(
+                f"checkpoint {folder}: {rel} is a link or not a regular file; a checkpoint holds files"
+            )
+        if rel != MANIFEST:
+            yield rel, p
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder) -> Path:
+    "List every file of checkpoint folder `folder` with its size and SHA-256 in `manifest.json`."
+    folder = Path(folder)
+    files = {rel: dict(size=p.stat().st_size, sha256=_sha256(p)) for rel, p in _walk(folder)}
+    return atomic_write_text(folder / MANIFEST, json.dumps(dict(format=1, files=files), indent=1))
+
+
+_verified = {}  # resolved folder -> the files' (name, size, mtime) when the folder last passed `verify_checkpoint`
+
+
+def _signature(folder: Path) -> tuple:
+    st = [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in _walk(folder)]
+    m = (folder / MANIFEST).stat()
+    return tuple(st) + ((MANIFEST, m.st_size, m.st_mtime_ns),)
+
+
+def _check_manifest(folder: Path) -> None:
+    mf = folder / MANIFEST
+    if not mf.is_file() or mf.is_symlink():
+        raise CheckpointError(
+            f"checkpoint {folder}: no {MANIFEST} (the list of its files and their SHA-256 that scaletrain writes); "
+            "an incomplete copy, or not written by scaletrain"
+        )
+    try:
+        files = json.loads(mf.read_text(encoding="utf-8"))["files"]
+        files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is not a scaletrain manifest") from None
+    present = dict(_walk(folder))
+    if missing := sorted(set(files) - set(present)):
+        raise CheckpointError(f"checkpoint {folder}: {missing[0]} is missing ({MANIFEST} lists it)")
+    if extra := sorted(set(present) - set(files)):
+        raise CheckpointError(f"checkpoint {folder}: {extra[0]} is not one of its files ({MANIFEST} does not list it)")
+    for rel, (size, sha) in sorted(files.items()):
+        p = present[rel]
+        if p.stat().st_size != size or _sha256(p) != sha:
+            raise CheckpointError(
+                f"checkpoint {folder}: {rel} has changed since it was written (its size or SHA-256 differs from "
+                f"{MANIFEST})"
+            )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _verify_here(folder: Path) -> str | None:
+    "None when `folder` matches its manifest (checked again only when a file's size or time changed), else why not."
+    key = folder.resolve()
+    try:
+        sig = _signature(folder)
+    except (CheckpointError, OSError):
+        sig = None
+    if sig is not None and _verified.get(key) == sig:
+        return None
+    _verified.pop(key, None)
+    try:
+        _check_manifest(folder)
+    except CheckpointError as e:
+        return str(e)
+    except OSError as e:
+        return f"checkpoint {folder}: unreadable ({type(e).__name__}: {first_line(e)})"
+    _verified[key] = sig
+    return None
+
+
+def verify_checkpoint(path, collective: bool = False) -> Path:
+    """Check checkpoint folder `path` against its `manifest.json`; returns it, or raises one `CheckpointError` line.
+    With `collective` (every rank calls it under torchrun) rank 0 checks and tells the others."""
+    folder = Path(path)
+    together = collective and _distributed()
+    err = _verify_here(folder) if not together or process_rank() == 0 else None
+    if together:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+        if err is None and process_rank() != 0:
+            _verified[folder.resolve()] = _signature(folder)  # rank 0 checked these files
+    if err is not None:
+        raise CheckpointError(err)
+    return folder
+
+
+def _safe_reader(path: Path):
+    "A DCP `FileSystemReader` for `path` that reads `.metadata` through `_MetadataUnpickler` (see above)."
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    files = {rel for rel, _ in _walk(path)}
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            try:
+                with open(Path(path) / ".metadata", "rb") as f:
+                    md = _MetadataUnpickler(f).load()
+            except Exception as e:  # what a damaged or hostile pickle raises: anything
+                raise CheckpointError(
+                    f"checkpoint {path}: .metadata is not DCP metadata ({type(e).__name__}: {first_line(e)})"
+                ) from None
+            if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+                raise CheckpointError(f"checkpoint {path}: .metadata is not DCP metadata ({type(md).__name__})")
+            for info in md.storage_data.values():
+                if not isinstance(info, _StorageInfo) or info.relative_path not in files or "/" in info.relative_path:
+                    where = getattr(info, "relative_path", type(info).__name__)
+                    raise CheckpointError(
+                        f"checkpoint {path}: .metadata points at {str(where)[:80]!r}, which is not one of its files"
+                    )
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(str(path))
+
+
+def _safe_planner():
+    "DCP's default load planner, reading non-tensor values with `torch.load(weights_only=True)`."
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
+
+
+def read_metadata(path):
+    "The DCP metadata of checkpoint `path`, read safely (after `verify_checkpoint`)."
+    return _safe_reader(Path(path)).read_metadata()
+
+
+def _shapes(sd: dict) -> dict:
+    "{name: global shape} of a flat state dict of tensors (a DTensor's shape is the whole tensor's)."
+    return {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def check_tensors(path, model_sd: dict, exclude: tuple = (), prefix: str = "model.") -> None:
+    """Collective (all ranks, when distributed): refuse checkpoint `path` unless its `model` tensors are exactly
+    those of `model_sd` (this rank's share; the union over ranks is compared): the same names and shapes. Names
+    starting with one of `exclude` are not compared."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    want = _shapes(model_sd)
+    if _distributed():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, want)
+        want = {k: v for d in every for k, v in d.items()}
+    md = read_metadata(path).state_dict_metadata
+    have = {
+        k[len(prefix) :]: tuple(v.size)
+        for k, v in md.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
+    have = {k: v for k, v in have.items() if not k.startswith(exclude)}
+    want = {k: v for k, v in want.items() if not k.startswith(exclude)}
+    if missing := sorted(set(want) - set(have)):
+        raise CheckpointError(
+            f"checkpoint {path}: has no tensor {missing[0]} that this model needs ({len(missing)} missing in all): "
+            "a checkpoint of another model"
+        )
+    if extra := sorted(set(have) - set(want)):
+        raise CheckpointError(
+            f"checkpoint {path}: holds {extra[0]}, which this model does not have ({len(extra)} extra in all): "
+            "a checkpoint of another model"
+        )
+    for k in sorted(want):
+        if want[k] != have[k]:
+            raise CheckpointError(
+                f"checkpoint {path}: {k} has shape {list(have[k])} but this model's is {list(want[k])}: "
+                "a checkpoint of another model"
+            )
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #080780e4
 def rng_state() -> dict:
@@ -106,6 +393,10 @@ def write_checkpoint(
 
     ck = Path(run_dir) / "checkpoints"
     final, tmp = ck / name, ck / f".{name}.tmp"
+    if (bad := nonfinite_tensor(state.get("model", {}))) is not None:
+        raise CheckpointError(
+            f"checkpoint {final}: not written: the model's {bad} holds NaN or Inf values (the last checkpoint stays)"
+        )
     if process_rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -120,6 +411,7 @@ def write_checkpoint(
         _save(trainer_state, tmp / "trainer_state.pt")
     barrier()
     if process_rank() == 0:
+        write_manifest(tmp)  # every rank's files are in: list them before the folder gets its name
         old = ck / f".{name}.old"  # the same step saved again: the name always holds a whole checkpoint
         if final.exists():
             os.replace(final, old)
@@ -127,11 +419,42 @@ def write_checkpoint(
         if old.exists():
             shutil.rmtree(old)
         atomic_write_text(ck / pointer, final.name)
-        family = name.rsplit("_", 1)[0] + "_*"  # step_00000100 -> step_*, best_00000040 -> best_*
-        for old in sorted(d for d in ck.glob(family) if d.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(ck, final, keep)
     barrier()
     return final
+
+
+def nonfinite_tensor(sd: dict) -> str | None:
+    """Collective when distributed: the first name (on any rank) of a floating tensor of `sd` holding NaN or Inf,
+    else None; every rank gets the same answer."""
+    bad = next(
+        (
+            k
+            for k, v in sd.items()
+            if torch.is_tensor(v)
+            and v.is_floating_point()
+            and not bool(torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all())
+        ),
+        None,
+    )
+    if _distributed():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, bad)
+        bad = next((b for b in every if b is not None), None)
+    return bad
+
+
+def prune(ck: Path, kept: Path, keep: int) -> None:
+    """Retention, by step number (not by name): `kept` (just written) and the `keep - 1` newest of its family before
+    it stay. Folders of later steps are from steps a resumed run discarded (it went on from an earlier checkpoint):
+    they go too, so `latest` and the steps on disk tell one story."""
+    family, step = kept.name.rsplit("_", 1)[0], checkpoint_step(kept.name, kept.name.rsplit("_", 1)[0])
+    if step is None:
+        return
+    earlier = [d for d in family_folders(ck, family) if checkpoint_step(d.name, family) < step]
+    later = [d for d in family_folders(ck, family) if checkpoint_step(d.name, family) > step]
+    for d in earlier[: max(0, len(earlier) - (keep - 1))] + later:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:
@@ -142,7 +465,8 @@ def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int =
 
 
 def read_trainer_state(path) -> dict:
-    p = Path(path) / "trainer_state.pt"
+    "The trainer state of checkpoint folder `path` (checked against its manifest first)."
+    p = verify_checkpoint(path) / "trainer_state.pt"
     try:
         return torch.load(p, weights_only=True)
     except Exception as e:
@@ -158,22 +482,23 @@ def _dcp_load(sd: dict, path: Path, what: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(sd, checkpoint_id=str(path))
+            dcp.load(sd, storage_reader=_safe_reader(path), planner=_safe_planner())
     except _load_errors() as e:
         raise CheckpointError(f"checkpoint {path}: {what} ({type(e).__name__}: {first_line(e)})") from None
 
 
 def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     "Collective: load model, optimizer and extra state into `engine`; returns the trainer state."
-    path = resolve_checkpoint(path)
+    path = verify_checkpoint(resolve_checkpoint(path), collective=True)
     st = read_trainer_state(path)
     sd = engine.state_dict()
+    check_tensors(path, sd["model"])
     _dcp_load(sd, path, "cannot be loaded into this model")
     engine.load_state_dict(sd)
     engine.load_extra_state(st.get("engine", {}))
     rf = path / "rng" / f"rank{process_rank()}.pt"
     if restore_rng and rf.is_file():
-        set_rng_state(torch.load(rf, weights_only=True))
+        set_rng_state(torch.load(rf, weights_only=True))  # listed in the manifest, checked above
     return st
 
 
@@ -182,9 +507,10 @@ def load_model_weights(path, model: torch.nn.Module, exclude: tuple = ()) -> dic
     Parameters whose names start with one of `exclude` keep their values (e.g. a new head in place of the LM head)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    path = resolve_checkpoint(path)
+    path = verify_checkpoint(resolve_checkpoint(path), collective=True)
     st = read_trainer_state(path)
     sd = {"model": {k: v for k, v in get_model_state_dict(model).items() if not k.startswith(exclude)}}
+    check_tensors(path, sd["model"], exclude)
     _dcp_load(sd, path, "does not match this model")
     set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=not exclude))
     return st

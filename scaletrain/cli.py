@@ -111,7 +111,7 @@ def run_rank(argv, prog: str, fit):
     """What each rank runs: `fit(cfg, run_dir, resume)` on the config of an already prepared run folder (on resume,
     plus the overrides, which the ranks save once the checkpoint has loaded). User errors are one line; the process
     group is torn down either way."""
-    p = argparse.ArgumentParser(prog=prog)
+    p = OneLineParser(prog=prog)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--resume", action="store_true")
     p.add_argument("overrides", nargs="*", help="with --resume: config changes, saved once the checkpoint has loaded")

@@ -228,7 +228,7 @@ def latency_ms(
 
 @torch.inference_mode()
 def output_gap(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict:
-    "How far `model`'s logits are from `reference`'s on `x`: max |difference|, its share of the logit range, agreement."
+    "How far `model`'s logits are from `reference`'s on `x`: largest difference, its share of the range, agreement."
     a, b = model(x).float(), reference(x).float()
     rng = float(b.max() - b.min())
     d = float((a - b).abs().max())

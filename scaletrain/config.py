@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import typing
+import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
@@ -18,15 +19,22 @@ from .files import atomic_write_text
 from .registry import BACKENDS, FAMILIES, FAMILY_ONLY, LOGGERS, PRECISIONS, STRATEGIES
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ParallelConfig', 'MemoryConfig', 'RunConfig',
-           'FinetuneConfig', 'Config', 'all_keys', 'set_value', 'apply_overrides', 'from_dict', 'load_config',
-           'to_dict', 'to_yaml', 'save_config', 'changed_keys', 'typed_keys', 'config_diff', 'config_hash', 'kv_heads',
-           'ffn_dim_of', 'loggers_of', 'validate']
+__all__ = ['INT_MAX', 'NAME_MAX', 'SECTIONS', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ParallelConfig', 'MemoryConfig',
+           'RunConfig', 'FinetuneConfig', 'Config', 'all_keys', 'split_sources', 'set_value', 'apply_overrides',
+           'from_dict', 'load_config', 'to_dict', 'to_yaml', 'save_config', 'changed_keys', 'typed_keys', 'config_diff',
+           'config_hash', 'kv_heads', 'ffn_dim_of', 'loggers_of', 'validate']
 
 # %% ../nbs/0_core/04_config.ipynb #fbeafd6d
-def _f(default, help="", choices=None, low=None, high=None):
-    "A dataclass field carrying its validation rule and help text."
-    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high))
+INT_MAX = 2**63 - 1  # the largest whole number torch and numpy hold (seeds, sizes, step counts)
+NAME_MAX = 128  # characters of a run folder's name (the file system allows 255 bytes; suffixes are added to it)
+
+
+def _f(default, help="", choices=None, low=None, high=None, finite=True, kind=None):
+    """A dataclass field carrying its validation rule and help text: `choices`, the range `low`..`high`, `finite`
+    (numbers: NaN and infinity refused) and, for text, `kind`: 'name' (one path component), 'path' or 'source'."""
+    return field(
+        default=default, metadata=dict(help=help, choices=choices, low=low, high=high, finite=finite, kind=kind)
+    )
 
 
 @dataclass
@@ -52,11 +60,13 @@ class ModelConfig:
 class DataConfig:
     "Where tokens come from."
 
-    source: str = _f("stdlib", "'stdlib', a folder of text files, or a weighted mix 'stdlib:0.8,docs/:0.2'")
+    source: str = _f(
+        "stdlib", "'stdlib', a folder of text files, or a weighted mix 'stdlib:0.8,docs/:0.2'", kind="source"
+    )
     tokenizer: str = _f("byte", "byte-level (257 ids) or a BPE trained locally", choices=("byte", "bpe"))
     bpe_vocab_size: int = _f(4096, "vocabulary of the BPE tokenizer", low=260, high=65535)
     val_fraction: float = _f(0.05, "share of files held out for validation", low=0.001, high=0.5)
-    cache_dir: str = _f("", "token cache; '' = $SCALETRAIN_CACHE or ~/.cache/scaletrain")
+    cache_dir: str = _f("", "token cache; '' = $SCALETRAIN_CACHE or ~/.cache/scaletrain", kind="path")
 
 
 @dataclass
@@ -66,13 +76,17 @@ class TrainConfig:
     steps: int = _f(250, "optimizer steps", low=1)
     micro_batch: Union[int, str] = _f(16, "sequences per forward pass per data-parallel rank, or 'auto'", low=1)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", low=1)
-    lr: float = _f(2e-3, "peak learning rate", low=0.0)
+    lr: float = _f(2e-3, "peak learning rate", low=0.0, high=10.0)
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak (cosine)", low=0.0, high=1.0)
     warmup_steps: int = _f(20, "linear warm-up steps", low=0)
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)", low=0.0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)", low=0.0, high=10.0)
     beta1: float = _f(0.9, "AdamW beta1", low=0.0, high=0.999999)
     beta2: float = _f(0.95, "AdamW beta2", low=0.0, high=0.999999)
     grad_clip: float = _f(1.0, "max global grad norm; 0 = off", low=0.0)
+    nonfinite: str = _f(
+        "skip", "a step whose loss or grad norm is NaN/Inf: skip its update, or stop", choices=("skip", "stop")
+    )
+    nonfinite_limit: int = _f(3, "with nonfinite=skip: skipped steps in a row before the run stops", low=1)
     eval_every: int = _f(100, "steps between validation passes; 0 = only at start and end", low=0)
     eval_iters: int = _f(8, "validation batches per pass", low=1)
     eval_batch: int = _f(
@@ -115,8 +129,8 @@ class MemoryConfig:
 class RunConfig:
     "Where and how a run is recorded."
 
-    name: str = _f("", "run folder name under out_dir; '' = a fresh timestamped name")
-    out_dir: str = _f("runs", "parent folder of run folders")
+    name: str = _f("", "run folder name under out_dir (one path component); '' = a fresh timestamped name", kind="name")
+    out_dir: str = _f("runs", "parent folder of run folders", kind="path")
     log_every: int = _f(
         1, "steps between metric records; the host reads loss and grad norm from the device this often", low=1
     )
@@ -198,7 +212,7 @@ def _coerce(key: str, value: Any, hint, meta: dict):
     "Turn `value` into the field's type or raise a one-line `ConfigError`."
 
     def bad(what):
-        return ConfigError(f"config: {key}={value!r}: {what}")
+        return ConfigError(f"config: {key}={_show(value)}: {what}")
 
     if isinstance(value, str) and hint is not str:
         try:
@@ -233,7 +247,10 @@ def _coerce(key: str, value: Any, hint, meta: dict):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("expected a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a whole number beyond any float
+            raise bad(f"must be a finite number{_range(meta.get('low'), meta.get('high'))}") from None
     elif hint is str:
         if value is None:
             value = ""
@@ -241,6 +258,14 @@ def _coerce(key: str, value: Any, hint, meta: dict):
             raise bad("expected text")
         value = str(value)
     ch, lo, hi = meta.get("choices"), meta.get("low"), meta.get("high")
+    if hint is int and hi is None:
+        hi = INT_MAX
+    if hint is int and lo is None:
+        lo = -INT_MAX
+    if isinstance(value, float) and meta.get("finite", True) and not math.isfinite(value):
+        raise bad(f"must be a finite number{_range(lo, hi)}")
+    if isinstance(value, str) and meta.get("kind"):
+        _check_text(key, value, meta["kind"])
     if ch and value not in ch:
         raise bad(f"allowed: {' | '.join(ch)}{_suggest(str(value), ch)}")
     if lo is not None and isinstance(value, (int, float)) and value < lo:
@@ -248,6 +273,74 @@ def _coerce(key: str, value: Any, hint, meta: dict):
     if hi is not None and isinstance(value, (int, float)) and value > hi:
         raise bad(f"must be <= {hi}")
     return value
+
+
+def _show(value) -> str:
+    "A value as the one-line message shows it: its repr, shortened."
+    r = repr(value)
+    return r if len(r) <= 80 else f"{r[:60]}...({len(str(value))} characters)"
+
+
+def _range(lo, hi) -> str:
+    return f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+
+
+def _printable(v: str) -> bool:
+    return not any(unicodedata.category(c)[0] == "C" for c in v)
+
+
+def _check_text(key: str, value: str, kind: str) -> None:
+    "The rule of a text field that names a file-system object (`kind` of its `_f`)."
+
+    def bad(what):
+        return ConfigError(f"config: {key}={_show(value)}: {what}")
+
+    if kind == "name":
+        if value and (
+            value in (".", "..")
+            or "/" in value
+            or "\\" in value
+            or value[0] in ".-"
+            or value != value.strip()
+            or len(value) > NAME_MAX
+            or not _printable(value)
+        ):
+            raise bad(
+                f"must be a single folder name under run.out_dir: no '/' or '\\', not '.' or '..', not starting with "
+                f"'.' or '-', no control characters or surrounding spaces, at most {NAME_MAX} characters "
+                "('' = a timestamped name)"
+            )
+    elif kind == "path":
+        if len(value) > 4096 or not _printable(value):
+            raise bad("must be a folder path: printable characters, at most 4096")
+        if key == "run.out_dir" and not value.strip():
+            raise bad("must be a folder path (e.g. runs)")
+    elif kind == "source":
+        if len(value) > 4096 or not _printable(value):
+            raise bad("must be 'stdlib', a folder or a weighted mix 'a:0.7,b:0.3' of printable characters")
+        split_sources(value)
+
+
+def split_sources(spec: str) -> list[tuple]:
+    "`data.source` as `(name, weight)` pairs: 'stdlib', 'path/' or 'stdlib:0.8,docs/:0.2' (`ConfigError` if malformed)."
+    items = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"config: data.source={spec!r}: empty; use 'stdlib', a folder, or 'a:0.7,b:0.3'")
+    out = []
+    for it in items:
+        name, w = it, 1.0
+        if ":" in it:
+            head, tail = it.rsplit(":", 1)
+            try:
+                w, name = float(tail), head
+            except ValueError:
+                pass
+        if not (math.isfinite(w) and w > 0):
+            raise ConfigError(f"config: data.source={spec!r}: weight {w} of {name!r} must be a finite number > 0")
+        if not name.strip():
+            raise ConfigError(f"config: data.source={spec!r}: a weight without a source; use e.g. 'stdlib:0.8'")
+        out.append((name, w))
+    return out
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
@@ -304,9 +397,11 @@ def load_config(path=None, overrides=()) -> Config:
     if path is not None:
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not a text file (not UTF-8); give a YAML config file") from None
         try:
             d = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -341,7 +436,7 @@ def typed_keys(config_path=None, overrides=()) -> set:
     if config_path:
         try:
             d = yaml.safe_load(Path(config_path).read_text()) or {}
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 (load_config refuses it)
             d = {}
         if isinstance(d, dict):
             keys |= {f"{s}.{k}" for s, v in d.items() if isinstance(v, dict) for k in v}

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .config import DataConfig
-from .errors import DataError
+from .config import DataConfig, split_sources
+from .errors import ConfigError, DataError
 from .files import atomic_write_text
 
 # %% auto #0
-__all__ = ['TEXT_SUFFIXES', 'stdlib_root', 'stdlib_files', 'folder_files', 'Source', 'parse_sources', 'is_val_file',
-           'ByteTokenizer', 'BPETokenizer', 'cache_root', 'PreparedData', 'prepare_data', 'BatchSampler']
+__all__ = ['TEXT_SUFFIXES', 'INSTALLED_DIRS', 'stdlib_root', 'stdlib_files', 'folder_files', 'Source', 'parse_sources',
+           'is_val_file', 'ByteTokenizer', 'BPETokenizer', 'cache_root', 'PreparedData', 'cache_folder', 'prepare_data',
+           'check_prepared', 'BatchSampler']
 
 # %% ../nbs/2_data/20_data.ipynb #809bfd01
 TEXT_SUFFIXES = {
@@ -57,19 +58,23 @@ TEXT_SUFFIXES = {
 }
 
 
+INSTALLED_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # installed packages live beside the stdlib
+
+
 def stdlib_root() -> Path:
-    "Folder holding the running interpreter's standard library."
+    "Folder holding the running interpreter's standard library (sysconfig's `stdlib` path)."
     return Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_files() -> list[Path]:
-    "Every `.py` file of the standard library (not site-packages), sorted for determinism."
-    root = stdlib_root()
-    return sorted(
-        p
-        for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file()
-    )
+    """Every `.py` file of the standard library, sorted for determinism. The walk never enters `site-packages` or
+    `dist-packages` (a base interpreter keeps its installed packages inside its stdlib folder, where another process
+    may be installing or removing files right now), and a file or folder that vanishes while it walks is skipped."""
+    root, out = stdlib_root(), []
+    for d, dirs, names in os.walk(root):  # os.walk skips folders it cannot list (or that vanished)
+        dirs[:] = sorted(x for x in dirs if x not in INSTALLED_DIRS)
+        out += [Path(d) / n for n in names if n.endswith(".py")]
+    return sorted(p for p in out if p.is_file())
 
 
 def folder_files(path) -> list[Path]:
@@ -96,20 +101,12 @@ class Source:
 
 def parse_sources(spec: str) -> list[Source]:
     "Parse `data.source` ('stdlib', 'path/', or 'stdlib:0.8,docs/:0.2') and list each source's files."
-    items = [s.strip() for s in str(spec).split(",") if s.strip()]
-    if not items:
-        raise DataError(f"data.source={spec!r}: empty; use 'stdlib', a folder, or 'a:0.7,b:0.3'")
+    try:
+        items = split_sources(spec)  # the syntax and the weights: the config's own rule
+    except ConfigError as e:
+        raise DataError(str(e).removeprefix("config: ")) from None
     out = []
-    for it in items:
-        name, w = it, 1.0
-        if ":" in it:
-            head, tail = it.rsplit(":", 1)
-            try:
-                w, name = float(tail), head
-            except ValueError:
-                pass
-        if not w > 0:
-            raise DataError(f"data.source={spec!r}: weight {w} of {name!r} must be > 0")
+    for name, w in items:
         if name == "stdlib":
             files, root = stdlib_files(), stdlib_root()
         else:
@@ -217,7 +214,10 @@ def _cache_key(cfg: DataConfig, sources: list[Source]) -> str:
     for s in sources:
         h.update(s.spec.encode())
         for f in s.files:
-            st = f.stat()
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # vanished since it was listed: not part of the corpus
+                continue
             h.update(f"{f}|{st.st_size}|{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
 
@@ -255,35 +255,87 @@ def _split_files(src: Source, val_fraction: float):
     return [f for f in src.files if f not in vs], val
 
 
-def _write_tokens(files, tok, out: Path, desc: str, show: bool) -> int:
-    "Stream files through the tokenizer into one uint16 file; returns the token count."
-    n = 0
+def _write_tokens(files, tok, out: Path, desc: str, show: bool) -> tuple:
+    "Stream files through the tokenizer into one uint16 file; returns the token count and the number of text files."
+    n = texts = 0
     eot = np.array([tok.eot], dtype=np.uint16)
     with open(out, "wb") as fh:
         for f in tqdm(files, desc=desc, disable=not show, mininterval=1.0, leave=False):
             try:
                 b = Path(f).read_bytes()
+            except FileNotFoundError:
+                continue  # vanished since it was listed
             except OSError as e:
                 raise DataError(f"data.source: cannot read {f} ({e.strerror})") from None
             if b"\0" in b[:8192]:
                 continue  # binary file
+            texts += bool(b.strip())
             arr = tok.encode_bytes(b)
             fh.write(arr.tobytes())
             fh.write(eot.tobytes())
             n += len(arr) + 1
-    return n
+    return n, texts
 
 
 def _load_tokenizer(kind: str, folder: Path):
     return ByteTokenizer() if kind == "byte" else BPETokenizer.load(folder / "tokenizer.json")
 
 
+def cache_folder(cfg: DataConfig) -> Path:
+    "The cache's `tokens` folder, created; a `DataError` naming `data.cache_dir` if it is not a folder we can write."
+    base = cache_root(cfg)
+    where = f"data.cache_dir={cfg.cache_dir!r}" if cfg.cache_dir else f"the token cache {str(base)!r}"
+    if base.exists() and not base.is_dir():
+        raise DataError(f"{where}: {base} is not a folder; give a folder for the token cache")
+    try:
+        (base / "tokens").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{where}: cannot create {e.filename or base} ({e.strerror}); give a writable folder") from None
+    if not os.access(base / "tokens", os.W_OK | os.X_OK):
+        raise DataError(f"{where}: {base / 'tokens'} is not writable; give a writable folder")
+    return base / "tokens"
+
+
+def _mmap(path: Path):
+    return np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, dtype=np.uint16)
+
+
 def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
     "Tokenize the sources once into the cache (under a lock) and memory-map the result."
     sources = parse_sources(cfg.source)
     key = _cache_key(cfg, sources)
-    root = cache_root(cfg) / "tokens"
+    root = cache_folder(cfg)
     folder = root / key
+    try:
+        _build_cache(cfg, sources, key, root, folder, show_progress)
+    except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile: one line naming the path
+        raise DataError(
+            f"data.cache_dir: cannot write the token cache at {e.filename or folder} ({e.strerror or e})"
+        ) from None
+    meta = json.loads((folder / "meta.json").read_text())
+    tok = _load_tokenizer(meta["tokenizer"], folder)
+    train = [_mmap(folder / f"train_{i}.bin") for i in range(len(meta["sources"]))]
+    val = [_mmap(folder / f"val_{i}.bin") for i in range(len(meta["sources"]))]
+    return PreparedData(folder, tok, train, val, [s["weight"] for s in meta["sources"]], meta)
+
+
+def check_prepared(data: PreparedData, block_size: int) -> None:
+    "Refuse, in one line, a source with no text at all or a split too short for one window of `block_size`."
+    for i, s in enumerate(data.meta["sources"]):
+        if s.get("text_files") == 0:
+            n = s["train_files"] + s["val_files"]
+            raise DataError(
+                f"data.source={s['spec']!r}: no text in its {n} files (all binary or empty); give text files"
+            )
+        for split, arr in (("train", data.train[i]), ("val", data.val[i])):
+            if len(arr) <= block_size + 1:
+                raise DataError(
+                    f"data.source={s['spec']!r}: its {split} split holds {len(arr)} tokens, fewer than "
+                    f"model.block_size+2={block_size + 2}; add text or lower model.block_size"
+                )
+
+
+def _build_cache(cfg: DataConfig, sources, key: str, root: Path, folder: Path, show_progress: bool) -> None:
     with _file_lock(root / f"{key}.lock"):
         if not (folder / "meta.json").exists():
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
@@ -296,10 +348,10 @@ def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
                     tok = ByteTokenizer()
                 meta = dict(tokenizer=cfg.tokenizer, vocab_size=tok.vocab_size, eot=tok.eot, sources=[])
                 for i, (s, (tr, va)) in enumerate(zip(sources, splits)):
-                    ntr = _write_tokens(
+                    ntr, ttr = _write_tokens(
                         tr, tok, tmp / f"train_{i}.bin", f"tokenizing {Path(s.spec).name} train", show_progress
                     )
-                    nva = _write_tokens(
+                    nva, tva = _write_tokens(
                         va, tok, tmp / f"val_{i}.bin", f"tokenizing {Path(s.spec).name} val", show_progress
                     )
                     if nva == 0 or ntr == 0:  # too few files to split by file: split the token stream instead
@@ -324,6 +376,7 @@ def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
                             train_tokens=ntr,
                             val_tokens=nva,
                             split=split,
+                            text_files=ttr + tva,
                         )
                     )
                 atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
@@ -331,12 +384,6 @@ def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((folder / "meta.json").read_text())
-    tok = _load_tokenizer(meta["tokenizer"], folder)
-    mm = lambda n: np.memmap(folder / n, dtype=np.uint16, mode="r")
-    train = [mm(f"train_{i}.bin") for i in range(len(meta["sources"]))]
-    val = [mm(f"val_{i}.bin") for i in range(len(meta["sources"]))]
-    return PreparedData(folder, tok, train, val, [s["weight"] for s in meta["sources"]], meta)
 
 # %% ../nbs/2_data/20_data.ipynb #9e121520
 class BatchSampler:

@@ -137,7 +137,7 @@ class ParallelDims:
 
     @property
     def engine(self) -> str:
-        "The `module:Class` of the engine this layout runs on (pipeline and single-group layouts have their own)."
+        "The engine this layout runs on, its module and class joined by a colon (pipeline and 1-group layouts differ)."
         if self.pp > 1:
             return "scaletrain.pipeline:PipelineEngine"
         if self.dp == 1:

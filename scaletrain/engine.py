@@ -84,11 +84,13 @@ class StepResult:
 
     loss: float | torch.Tensor
     grad_norm: float | torch.Tensor
-    skipped: bool | torch.Tensor = False  # fp16: whether the scaler skipped the step (inf/NaN gradients)
+    skipped: bool | torch.Tensor = False  # whether the update was skipped (fp16's scaler, or a non-finite step)
     loss_scale: float | torch.Tensor | None = None  # fp16: the scale the step ran with
+    nonfinite: bool | torch.Tensor = False  # the loss (or, without a scaler, the grad norm) was NaN/Inf: no update
 
     def resolve(self) -> "StepResult":
         self.loss, self.grad_norm, self.skipped = float(self.loss), float(self.grad_norm), bool(self.skipped)
+        self.nonfinite = bool(self.nonfinite)
         if self.loss_scale is not None:
             self.loss_scale = float(self.loss_scale)
         return self
@@ -175,17 +177,21 @@ class Engine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             scale = _scale_now(self.scaler)
-        norm = self.clip_grad_norm(self.cfg.train.grad_clip)
+        norm = self.clip_grad_norm(self.cfg.train.grad_clip)  # the global norm, also when not clipping (max inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skipped by the scaler when the gradients hold inf/NaN
             self.scaler.update()
             skipped = _scale_now(self.scaler) < scale  # update() lowers the scale only after inf/NaN gradients
+            nonfinite = ~torch.isfinite(loss)  # an overflowing gradient is the scaler's business, a NaN loss is ours
         else:
-            self.optimizer.step()
-            skipped = False
+            # one read of the device per step: the decision must be taken before the optimizer touches the weights
+            nonfinite = not bool(torch.isfinite(loss) & torch.isfinite(norm))
+            if not nonfinite:
+                self.optimizer.step()
+            skipped = nonfinite
         self.zero_grad()
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return StepResult(loss.detach(), norm.detach(), skipped, scale)  # read later: `StepResult.resolve`
+        return StepResult(loss.detach(), norm.detach(), skipped, scale, nonfinite)  # read later: `.resolve()`
 
     @torch.no_grad()
     def eval_loss(self, x, y) -> torch.Tensor:

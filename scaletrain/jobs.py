@@ -5,24 +5,54 @@
 # %% ../nbs/5_runs/52_jobs.ipynb #7e8ff8dc
 from __future__ import annotations
 import copy
+import math
+import os
+import tempfile
 from pathlib import Path
 from .config import Config, config_diff, config_hash, load_config, save_config
 from .errors import ConfigError
 from .files import fresh_folder
 
 # %% auto #0
-__all__ = ['new_run_dir', 'named_for', 'write_run_config', 'run_folder', 'resume_folder', 'is_architecture', 'resume_changes',
-           'resume_config', 'resolve_vocab', 'check_run', 'prepare_run']
+__all__ = ['check_out_dir', 'new_run_dir', 'named_for', 'write_run_config', 'run_folder', 'resume_folder', 'is_architecture',
+           'resume_changes', 'resume_config', 'resolve_vocab', 'check_resources', 'check_run', 'prepare_run']
 
 # %% ../nbs/5_runs/52_jobs.ipynb #fb6d49af
+def check_out_dir(cfg: Config) -> Path:
+    """`run.out_dir`, resolved, refused in one line unless it is (or can become) a folder this process may write, and
+    unless `run.name` stays inside it. Writes nothing."""
+    out = Path(cfg.run.out_dir).expanduser().resolve()
+    if cfg.run.name and (out / cfg.run.name).resolve(strict=False).parent != out:
+        raise ConfigError(f"run.name={cfg.run.name!r}: the run folder would lie outside run.out_dir={cfg.run.out_dir}")
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: {p} is not a folder; give a folder for the run folders")
+    try:  # access() says yes to root on /proc or a read-only mount: an empty folder, removed at once, says it all
+        os.rmdir(tempfile.mkdtemp(dir=p, prefix=".scaletrain-probe-"))
+    except OSError as e:
+        raise ConfigError(
+            f"run.out_dir={cfg.run.out_dir}: cannot create a run folder in it ({e.strerror or e}); "
+            "give a writable folder"
+        ) from None
+    return out
+
+
 def new_run_dir(cfg: Config) -> Path:
     "Create (atomically) and return a fresh run folder for `cfg`: `run.out_dir/run.name`, or a timestamped name."
+    check_out_dir(cfg)
     try:
         return fresh_folder(cfg.run.out_dir, cfg.run.name, tag=config_hash(cfg)[:6])
     except FileExistsError:
         d = Path(cfg.run.out_dir) / cfg.run.name
         raise ConfigError(
             f"run.name={cfg.run.name}: {d} already exists; choose another run.name or continue it with --resume {d}"
+        ) from None
+    except OSError as e:  # /proc, a read-only or full file system: nothing was created
+        raise ConfigError(
+            f"run.out_dir={cfg.run.out_dir}: cannot create a run folder in it ({e.strerror or e}); "
+            "give a writable folder"
         ) from None
 
 
@@ -49,7 +79,14 @@ def run_folder(cfg: Config, nnodes: int = 1, node_rank: int = 0) -> Path:
     if not cfg.run.name:
         raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
     # nodes start together on shared storage, any of them first: the folder is shared, a run already in it is not
-    d = fresh_folder(cfg.run.out_dir, cfg.run.name, exist_ok=True)
+    check_out_dir(cfg)
+    try:
+        d = fresh_folder(cfg.run.out_dir, cfg.run.name, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"run.out_dir={cfg.run.out_dir}: cannot create a run folder in it ({e.strerror or e}); "
+            "give a writable folder"
+        ) from None
     if node_rank == 0 and ((d / "checkpoints").exists() or (d / "metrics.jsonl").exists()):
         raise ConfigError(
             f"run.name={cfg.run.name}: {d} already holds a run; choose another run.name or continue it with "
@@ -119,14 +156,76 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
     return out
 
 # %% ../nbs/5_runs/52_jobs.ipynb #2a2f27b1
-def check_run(cfg: Config, world_size: int) -> None:
-    "Everything about `cfg` that can be refused before a process starts: the layout (against the model) and loggers."
+def _advice(part: str, cfg: Config) -> str:
+    "Which settings shrink the largest part of a memory estimate."
+    m, t = cfg.model, cfg.train
+    if part in ("params", "grads", "optimizer"):
+        return (
+            f"lower model.n_layer={m.n_layer} or model.n_embd={m.n_embd} (or model.vocab_size), or shard the state "
+            "(parallel.strategy=zero1|zero2|fsdp over more processes)"
+        )
+    return (
+        f"lower train.micro_batch={t.micro_batch} (or train.eval_batch={t.eval_batch}) or model.block_size="
+        f"{m.block_size}, or set memory.activation_checkpointing=full"
+    )
+
+
+def check_resources(cfg: Config, world_size: int = 1, local_procs: int | None = None) -> None:
+    """Before anything is allocated: the device `train.device` asks for exists, and the memory one process needs
+    (`scaletrain.memory.estimate_config`, for training and for evaluation) fits what is there: GPU memory on CUDA,
+    available RAM (psutil) shared by this node's processes on CPU. A `ConfigError` names the settings to change."""
+    import psutil
+    import torch
+    from scaletrain.memory import GiB, estimate_config
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    if t.device == "cuda" and not cuda:
+        raise ConfigError(
+            "config: train.device='cuda': no CUDA GPU is visible here (torch.cuda.is_available() is false); "
+            "use train.device=cpu or auto"
+        )
+    on_gpu = t.device == "cuda" or (t.device == "auto" and cuda)
+    c = copy.deepcopy(cfg)
+    if not c.model.vocab_size:  # not resolved yet: the tokenizer's size
+        c.model.vocab_size = c.data.bpe_vocab_size if c.data.tokenizer == "bpe" else 257
+    dp = max(1, world_size // (c.parallel.tp * c.parallel.pp))
+    dev = "cuda" if on_gpu else "cpu"
+    ests = [
+        estimate_config(c, world_size, device=dev),
+        estimate_config(c, world_size, math.ceil(t.eval_batch / dp), dev),
+    ]
+    est = max(ests, key=lambda e: e.total + e.cpu)
+    local = local_procs or world_size
+    if on_gpu:
+        props = torch.cuda.get_device_properties(0)
+        checks = [
+            (est.total, props.total_memory, f"the {props.total_memory / GiB:.1f} GiB of GPU memory of {props.name}")
+        ]
+        checks.append((est.cpu * local, psutil.virtual_memory().available, "the available RAM"))
+    else:
+        have = psutil.virtual_memory().available
+        checks = [((est.total + est.cpu) * local, have, f"the {have / GiB:.1f} GiB of available RAM")]
+    for need, have, what in checks:
+        if need > have:
+            part = est.largest()[0]
+            raise ConfigError(
+                f"config: the run needs about {need / GiB:.1f} GiB ({local} process{'es' if local > 1 else ''}; "
+                f"scaletrain.memory estimate, mostly {part}), more than {what}; {_advice(part, cfg)}"
+            )
+
+
+def check_run(cfg: Config, world_size: int, local_procs: int | None = None) -> None:
+    """Everything about `cfg` that can be refused before a process starts: the layout (against the model), loggers,
+    the device and its memory, and the run folders' parent."""
     from scaletrain.config import loggers_of
     from scaletrain.loggers import check_loggers
     from scaletrain.parallel import check
 
     check(cfg, world_size)
     check_loggers(loggers_of(cfg))
+    check_resources(cfg, world_size, local_procs)
+    check_out_dir(cfg)
 
 
 def prepare_run(config=None, overrides=(), resume=None, nproc: int = 1, nnodes: int = 1, node_rank: int = 0) -> tuple:
@@ -139,7 +238,7 @@ def prepare_run(config=None, overrides=(), resume=None, nproc: int = 1, nnodes: 
         nproc, nnodes, node_rank: the job's layout; node 0 prepares the data and the folder.
 
     Returns: `(cfg, run_dir, resumed)`, `cfg` resolved. Raises a one-line user error; writes nothing then."""
-    from scaletrain.data import parse_sources, prepare_data
+    from scaletrain.data import check_prepared, parse_sources, prepare_data
 
     world = nproc * nnodes
     if resume:
@@ -147,9 +246,11 @@ def prepare_run(config=None, overrides=(), resume=None, nproc: int = 1, nnodes: 
         cfg = resume_config(run_dir, overrides)
     else:
         cfg = load_config(config, overrides)
-    check_run(cfg, world)
+    check_run(cfg, world, nproc)
     if node_rank == 0:  # checks the sources, and builds the token cache once, before any rank starts
-        cfg = resolve_vocab(cfg, prepare_data(cfg.data).vocab_size)
+        data = prepare_data(cfg.data)
+        check_prepared(data, cfg.model.block_size)
+        cfg = resolve_vocab(cfg, data.vocab_size)
     else:
         parse_sources(cfg.data.source)
     # a resumed run's overrides reach the ranks, which save config.yaml only once the checkpoint has loaded

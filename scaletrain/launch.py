@@ -14,7 +14,7 @@ from .errors import LaunchError
 from .files import atomic_write, atomic_write_text, fresh_folder, read_json
 from .procs import check_layout, child_env, split_endpoint, torchrun_args
 from .runs import Run
-from .worker import Target
+from .worker import Target, run_key, sign
 
 # %% auto #0
 __all__ = ['config_overrides', 'prepare_target', 'launch_spec', 'launch', 'resume', 'MultiNode', 'multinode']
@@ -87,7 +87,7 @@ def prepare_target(
         if nnodes > 1 and not name:
             raise LaunchError("name='': a multi-node job needs a run name so every node uses the same folder")
         d = _new_folder(out_dir or "runs", name, exist_ok=node_rank > 0).resolve()
-        atomic_write(d / "function.pkl", data)
+        atomic_write(d / "function.pkl", sign(run_key(d, create=True), data))
         return Target(
             "function", d, ["--function", str(d / "function.pkl")], getattr(target, "__qualname__", "function")
         )

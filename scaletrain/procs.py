@@ -14,7 +14,7 @@ from .errors import LaunchError
 
 # %% auto #0
 __all__ = ['free_port', 'port_is_free', 'split_endpoint', 'torchrun_args', 'child_env', 'loopback_ifname', 'check_layout',
-           'proc_start', 'pid_alive', 'Job', 'run_foreground']
+           'proc_start', 'pid_alive', 'Job', 'run_foreground', 'die_with_parent', 'torchrun_main']
 
 # %% ../nbs/5_runs/50_procs.ipynb #95318447
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,19 +56,23 @@ def torchrun_args(
 ) -> list:
     """`python -m torch.distributed.run ...` as an argument list.
 
-    One node: a static rendezvous on `master_addr` (loopback) and `master_port` (a free one by default).
+    One node: a static rendezvous on `master_addr` (loopback) and `master_port` (a free one by default), through
+    `python -m scaletrain.procs` (see above).
     Several nodes: a c10d rendezvous at `rdzv_endpoint` (required) with the same `rdzv_id` on every node; c10d
     numbers the nodes as they join, so `node_rank` is not passed to torchrun (it decides who prepares the run)."""
+    one_node = nnodes == 1 and not rdzv_endpoint
     cmd = [
         python or sys.executable,
         "-m",
-        "torch.distributed.run",
+        # one node: torchrun that dies with its launcher and binds a loopback store to loopback (see above); several
+        # nodes: plain torchrun, the command a user runs on each node
+        "scaletrain.procs" if one_node else "torch.distributed.run",
         "--nproc-per-node",
         str(nproc),
         "--max-restarts",
         str(max_restarts),
     ]
-    if nnodes == 1 and not rdzv_endpoint:
+    if one_node:
         cmd += [
             "--nnodes",
             "1",
@@ -200,7 +204,8 @@ class Job:
         if isinstance(cmd, str):
             raise TypeError("Job takes an argument list, not a shell string")
         self.cmd = list(cmd)
-        self.proc = subprocess.Popen(self.cmd, env=env or child_env(), start_new_session=True, **popen_kw)
+        env = dict(env or child_env(), SCALETRAIN_LAUNCHER_PID=str(os.getpid()))  # for die_with_parent
+        self.proc = subprocess.Popen(self.cmd, env=env, start_new_session=True, **popen_kw)
 
     @property
     def pid(self) -> int:
@@ -228,24 +233,135 @@ class Job:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def stop(self, timeout: float = 60.0, also=()):
-        "SIGTERM, then SIGKILL after `timeout` seconds (to `also`'s groups too, e.g. ranks in sessions of their own)."
-        if self.poll() is None:
+    def children(self) -> list[int]:
+        "The pids of the job's own children (for torchrun: its ranks), alive now."
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(self.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            return []
+
+    def interrupt(self) -> None:
+        """A graceful stop: SIGTERM to each child's group (torchrun's ranks lead sessions of their own), so they
+        checkpoint and exit 0 and torchrun exits with them; to the job's group when it has no children yet."""
+        leaders = []
+        for pid in self.children():
+            try:
+                if os.getsid(pid) == pid:
+                    leaders.append(pid)
+            except OSError:
+                pass
+        if leaders:
+            for pid in leaders:
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        else:
             self.signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60.0, also=()):
+        """`interrupt`, then SIGKILL after `timeout` seconds to the job's group, its children's groups and `also`'s
+        (e.g. ranks in sessions of their own)."""
+        if self.poll() is None:
+            kids = self.children()
+            self.interrupt()
             if self.wait(timeout) is None:
-                self.signal(signal.SIGKILL, also=also() if callable(also) else also)
+                extra = also() if callable(also) else also
+                self.signal(signal.SIGKILL, also=[*kids, *self.children(), *extra])
                 self.wait(30)
         return self.returncode
 
 
 def run_foreground(cmd: list, env: dict | None = None, stop_timeout: float = 60.0) -> int:
-    "Run `cmd` as a `Job`; SIGINT/SIGTERM here become SIGTERM to its whole group. Returns its exit code."
-    job = Job(cmd, env)
-    old = {s: signal.signal(s, lambda *_: job.signal(signal.SIGTERM)) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Run `cmd` as a `Job`; SIGINT/SIGTERM here become `Job.interrupt` (the ranks checkpoint and exit 0). Returns its
+    exit code."""
+    stopping, job = False, None
+
+    def on_signal(*_):
+        nonlocal stopping
+        stopping = True
+        if job is not None:
+            job.interrupt()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        job = Job(cmd, env)
+        if stopping:  # a signal before the job existed
+            job.interrupt()
         return job.proc.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if job.poll() is None:
+        if job is not None and job.poll() is None:
             job.stop(stop_timeout)
+
+
+_LIBC = []
+
+
+def _prctl_pdeathsig(sig: int) -> None:
+    "Linux: deliver `sig` to this process when the thread that started it ends (a no-op elsewhere)."
+    if sys.platform.startswith("linux"):
+        if not _LIBC:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL(None, use_errno=True))
+        _LIBC[0].prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig=signal.SIGTERM) -> None:
+    "Get `sig` when process `parent` ends; if it has already ended (before this call), get it now."
+    _prctl_pdeathsig(sig)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+_BOUND = []  # loopback sockets handed to a TCP store: kept open as long as this torchrun
+
+
+def _loopback_store(tcp_store):
+    "`TCPStore` for torchrun's static rendezvous: a server on a loopback address listens on that address only."
+
+    def make(host_name, port, world_size=None, is_master=False, *a, **kw):
+        if is_master and host_name in ("127.0.0.1", "localhost", "::1") and "master_listen_fd" not in kw:
+            ip = "127.0.0.1" if host_name == "localhost" else host_name
+            sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, port))
+            sock.listen(128)
+            _BOUND.append(sock)
+            kw["master_listen_fd"] = sock.fileno()
+        return tcp_store(host_name, port, world_size, is_master, *a, **kw)
+
+    return make
+
+
+def torchrun_main(argv=None):
+    """`python -m scaletrain.procs ARGS`: torchrun's `ARGS`, dying with the launcher (`SCALETRAIN_LAUNCHER_PID`), with
+    ranks that die with it, and a loopback rendezvous store bound to loopback."""
+    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as sh
+    import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as st
+    from torch.distributed.run import main
+
+    parent = os.environ.pop("SCALETRAIN_LAUNCHER_PID", "")
+    if parent.isdigit():
+        die_with_parent(int(parent))
+    else:
+        _prctl_pdeathsig(0)  # loads libc before any fork, so a rank's preexec_fn only calls into it
+    st.TCPStore = _loopback_store(st.TCPStore)
+    popen, me = sh.Popen, os.getpid()
+
+    def rank_popen(*a, **kw):
+        return popen(*a, preexec_fn=lambda: die_with_parent(me), **kw)
+
+    sh.Popen = rank_popen
+    return main(argv)
+
+# %% ../nbs/5_runs/50_procs.ipynb #52146da8
+#| eval: false
+if __name__ == "__main__":  # python -m scaletrain.procs <torchrun's arguments>
+    from scaletrain.procs import torchrun_main as _torchrun_main
+
+    _torchrun_main()

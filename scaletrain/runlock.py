@@ -58,6 +58,28 @@ class RunLock:
         "A holder on another host counts as live: we cannot look at its processes."
         return h is not None and (h.get("host") != socket.gethostname() or pid_alive(h["pid"], h.get("start")))
 
+    @staticmethod
+    def writers(run_dir) -> list[int]:
+        "PIDs of live processes here (not this one) started with `--run-dir` naming `run_dir`: a job's torchrun, ranks."
+        import psutil
+
+        want = Path(run_dir).resolve()
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmd = p.info["cmdline"] or []
+            if p.info["pid"] == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE or "--run-dir" not in cmd:
+                continue
+            i = cmd.index("--run-dir")
+            try:
+                d = Path(cmd[i + 1])
+                if not d.is_absolute():
+                    d = Path(p.cwd()) / d
+                if d.resolve() == want:
+                    out.append(p.info["pid"])
+            except (IndexError, OSError, psutil.Error):
+                pass
+        return out
+
     def _acquire(self, pid: int):
         for _ in range(5):
             try:
@@ -71,6 +93,11 @@ class RunLock:
                     raise LaunchError(
                         f"run folder {self.run_dir} is in use by a running job (pid {h['pid']} on {h.get('host')}, "
                         f"since {h.get('time')}); stop it first, or launch into another folder"
+                    ) from None
+                if w := self.writers(self.run_dir):
+                    raise LaunchError(
+                        f"run folder {self.run_dir} is still being written by pid {', '.join(map(str, w))} (its "
+                        "launcher is gone); wait for it to stop, or stop it first"
                     ) from None
                 try:
                     self.path.unlink()  # stale: its process is gone

@@ -19,7 +19,7 @@ from .errors import LaunchError
 from .files import atomic_write_text, read_json
 from .procs import Job, child_env, pid_alive
 from .runlock import RunLock, node_suffix
-from .worker import Target, log_tail
+from .worker import Target, log_tail, run_key, signed_load
 
 # %% auto #0
 __all__ = ['Run']
@@ -305,15 +305,15 @@ class Run:
         return pids
 
     def stop(self, timeout: float = 60.0) -> str:
-        """Graceful stop: SIGTERM to the job's process group (torchrun forwards it to the ranks; the Trainer
-        checkpoints and exits 0); after `timeout` seconds SIGKILL to torchrun and to every rank. Returns the status."""
+        """Graceful stop: SIGTERM to the ranks (`Job.interrupt`: the Trainer checkpoints and exits 0, and torchrun exits
+        0 with them); after `timeout` seconds SIGKILL to torchrun and to every rank. Returns the status."""
         if self.done:
             return self.status
         with self._mutex:
             self._stop_requested = True
             if self.status == "running":
                 self.status = "stopping"
-        self.job.signal(signal.SIGTERM)
+        self.job.interrupt()
         if not self._done.wait(timeout):
             self.job.signal(
                 signal.SIGKILL, also=self._worker_pids()
@@ -360,14 +360,10 @@ class Run:
 
     def results(self) -> list:
         "The return value of a shipped function on every rank (None where a rank returned nothing yet)."
-        import pickle
-
         n = self.spec["nproc"] * self.spec["nnodes"]
-        out = []
-        for r in range(n):
-            p = self.run_dir / "results" / f"rank{r}.pkl"
-            out.append(pickle.loads(p.read_bytes()) if p.exists() else None)
-        return out
+        paths = [self.run_dir / "results" / f"rank{r}.pkl" for r in range(n)]
+        key = run_key(self.run_dir) if any(p.exists() for p in paths) else b""
+        return [signed_load(p, key) if p.exists() else None for p in paths]  # signed by this run, or refused
 
     def last_step(self) -> int:
         steps = [r["step"] for r in self._records if "loss" in r]

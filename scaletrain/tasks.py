@@ -51,6 +51,14 @@ class Unit:
         return self.text if self.text is not None else Path(self.path).read_text(encoding="utf-8", errors="replace")
 
 
+def _size(f: Path) -> int:
+    "A file's size; 0 once it has vanished (the corpus is read while other processes may change the disk)."
+    try:
+        return f.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def stdlib_packages(min_files: int = 5) -> dict:
     "`{package: [library files]}` of the top-level stdlib packages with >= `min_files` files (no tests), largest first."
     root, out = stdlib_root(), {}
@@ -59,7 +67,7 @@ def stdlib_packages(min_files: int = 5) -> dict:
         if len(rel) < 2 or rel[0] == "test" or any(p in TEST_DIRS for p in rel[1:-1]):
             continue
         out.setdefault(rel[0], []).append(f)
-    size = {k: sum(f.stat().st_size for f in v) for k, v in out.items()}
+    size = {k: sum(_size(f) for f in v) for k, v in out.items()}
     return {k: out[k] for k in sorted(out, key=lambda k: (-size[k], k)) if len(out[k]) >= min_files}
 
 

@@ -156,14 +156,18 @@ class SignalCallback(Callback):
     def before_fit(self):
         self.old = None
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGTERM, self._handler)
+            # Ctrl-C (SIGINT) too: a run stopped from the terminal keeps its work; a second Ctrl-C interrupts at once
+            self.old = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.trainer.stop_requested:
+            raise KeyboardInterrupt
         self.trainer.stop_requested = True
 
     def on_exit(self):  # a notebook kernel outlives the run: its own SIGTERM handling comes back
         if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+            for s, h in self.old.items():
+                signal.signal(s, h)
             self.old = None
 
 # %% ../nbs/5_runs/53_train.ipynb #39ba4b8b
@@ -286,6 +290,7 @@ class Trainer:
         self._pending, self._t_read, self._gc_frozen = [], time.perf_counter(), False
         self.last_checkpoint, self.summary, self.status = None, None, "running"
         self.oom_events, self._in_optimizer_step = [], False
+        self.nonfinite_steps, self._nonfinite_run = 0, 0  # skipped non-finite steps: all, and in a row
         self._watch_optimizer()
         self.peak_tflops, self.peak_source = device_peak(
             self.device, self.cfg.memory.precision, self.cfg.run.peak_tflops
@@ -320,7 +325,8 @@ class Trainer:
         return find_micro_batch(self)
 
     def _resume(self):
-        path = ckpt.resolve_checkpoint(self.run_dir)
+        # everything is verified (manifest, config, tensor names and shapes) before the run folder is touched
+        path = ckpt.verify_checkpoint(ckpt.resolve_checkpoint(self.run_dir), collective=True)
         self.changes = resume_changes(ckpt.checkpoint_config(path), self.cfg)  # refuses another architecture
         st = ckpt.load_checkpoint(path, self.engine)
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
@@ -363,6 +369,9 @@ class Trainer:
 
     def save(self):
         self.read_steps()  # a NaN must be caught before its weights are written
+        if (bad := ckpt.nonfinite_tensor(self.engine.model_state_dict())) is not None:  # all ranks agree
+            self.anomaly = f"step {self.step}: the weights hold NaN or Inf ({bad}); no checkpoint written"
+            raise TrainingAnomaly(self.anomaly)
         state = dict(
             step=self.step,
             data_step=self.step,
@@ -467,10 +476,21 @@ class Trainer:
         dt = (time.perf_counter() - self._t_read) / len(pending)
         for step, tokens, lr, res, oom in pending:
             res.resolve()
-            if not math.isfinite(res.loss):
+            bad = res.nonfinite or not math.isfinite(res.loss)  # the engine did not apply this step's update
+            self._nonfinite_run = self._nonfinite_run + 1 if bad else 0
+            if bad and (self.cfg.train.nonfinite == "stop" or self._nonfinite_run >= self.cfg.train.nonfinite_limit):
                 self.step, self.tokens = step - 1, tokens - self.global_batch * self.task.seq_len  # the last good step
-                self.anomaly = f"step {step}: loss is {res.loss}"
+                self.anomaly = f"step {step}: loss {res.loss}, grad norm {res.grad_norm}" + (
+                    f" ({self._nonfinite_run} non-finite steps in a row)" if self._nonfinite_run > 1 else ""
+                )
                 raise TrainingAnomaly(self.anomaly)
+            if bad:
+                self.nonfinite_steps += 1
+                self.print(
+                    f"step {step}: loss {res.loss}, grad norm {res.grad_norm}: update skipped "
+                    f"({self._nonfinite_run} in a row; train.nonfinite_limit={self.cfg.train.nonfinite_limit})",
+                    force=True,
+                )
             self.step, self.tokens = step, tokens  # callbacks see the step they are told about
             if step > 1:
                 self.train_time += dt  # the first step pays for warm-up/compilation
@@ -488,6 +508,8 @@ class Trainer:
             )
             if res.loss_scale is not None:
                 self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
+            if bad:  # logged in metrics.jsonl: the weights did not move at this step
+                self.last.update(skipped=True, nonfinite=True)
             if oom:  # logged in metrics.jsonl: the step ran with a smaller micro-batch
                 self.last.update(oom_recovered=True, micro_batch=self.micro_batch, grad_accum=self.grad_accum)
             self.history.append(self.last)
@@ -559,7 +581,7 @@ class Trainer:
         return self.summary
 
     def _summary(self) -> dict:
-        h = self.history[-10:]
+        h = [r for r in self.history if not r.get("nonfinite")][-10:]
         vals = self.val_history
         return dict(
             status=self.status,
@@ -598,6 +620,7 @@ class Trainer:
             git_commit=git_commit(),
             last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
             anomaly=self.anomaly,
+            nonfinite_steps=self.nonfinite_steps,
         )
 
 # %% ../nbs/5_runs/53_train.ipynb #14cba8c9

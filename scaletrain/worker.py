@@ -13,10 +13,11 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import LaunchError
 from .files import atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['RankContext', 'log_tail', 'worker_main', 'Target']
+__all__ = ['RankContext', 'log_tail', 'run_key', 'sign', 'signed_load', 'worker_main', 'Target']
 
 # %% ../nbs/5_runs/54_worker.ipynb #696fffc9
 @dataclass
@@ -57,13 +58,66 @@ def log_tail(path: Path, n: int = 30) -> str:
         return ""
 
 
-def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
+_MAGIC = b"scaletrain-hmac-sha256\n"
+
+
+def _key_dir() -> Path:
+    return Path(os.environ.get("SCALETRAIN_CACHE", "~/.cache/scaletrain")).expanduser() / "run-keys"
+
+
+def run_key(run_dir, create: bool = False) -> bytes:
+    """The secret of run folder `run_dir`, kept outside it (a private file of this user's cache); `create` makes one.
+    A `LaunchError` (one line) if there is none, or if the file is not this user's alone."""
+    import hashlib
+    import secrets
+
+    d = _key_dir()
+    p = d / hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:32]
+    if create and not p.exists():
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    try:
+        st = p.stat()
+        key = p.read_text().strip()
+    except OSError:
+        raise LaunchError(f"run folder {run_dir}: no key to check its pickles with ({p} is missing)") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise LaunchError(f"run key {p}: must belong to you alone (mode 600); not trusting it")
+    return bytes.fromhex(key)
+
+
+def sign(key: bytes, data: bytes) -> bytes:
+    "`data` with an HMAC-SHA256 signature in front."
+    import hashlib
+    import hmac
+
+    return _MAGIC + hmac.new(key, data, hashlib.sha256).hexdigest().encode() + b"\n" + data
+
+
+def signed_load(path, key: bytes):
+    "Unpickle `path` only if it was signed with `key` (see above); else a one-line `LaunchError`, nothing unpickled."
+    import hashlib
+    import hmac
     import pickle
+
+    raw = Path(path).read_bytes()
+    head, _, data = raw[len(_MAGIC) :].partition(b"\n")
+    good = hmac.new(key, data, hashlib.sha256).hexdigest().encode()
+    if not raw.startswith(_MAGIC) or not hmac.compare_digest(head, good):
+        raise LaunchError(
+            f"{path}: not signed by this run (written by someone else, or damaged); refusing to unpickle it"
+        )
+    return pickle.loads(data)
+
+
+def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
     import cloudpickle
     from scaletrain.dist import env_int, init_distributed
 
-    with open(pkl, "rb") as f:
-        fn, args = pickle.load(f)
+    key = run_key(run_dir)
+    fn, args = signed_load(pkl, key)
     info = init_distributed("auto")  # the process group when world > 1; one process just gets its device
     ctx = RankContext(
         rank,
@@ -87,7 +141,7 @@ def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
         data = cloudpickle.dumps(None)
     res = run_dir / "results"
     res.mkdir(exist_ok=True)
-    atomic_write(res / f"rank{rank}.pkl", data)
+    atomic_write(res / f"rank{rank}.pkl", sign(key, data))
 
 
 def worker_main(argv=None) -> int:

@@ -33,6 +33,10 @@ def main(spec_path, out_dir):
     for case in spec["cases"]:
         cfg = load_config(overrides=spec["common"] + case["overrides"] + [f"run.out_dir={out / case['name']}"])
         cbs = [StopAfter(case["stop_after"])] if case.get("stop_after") else []
+        if case.get("nan_at"):  # a NaN output at these steps (test_hostile_checkpoints: non-finite steps)
+            from test_hostile_checkpoints import NaNAt
+
+            cbs.append(NaNAt(*case["nan_at"]))
         run_dir = None
         if case.get("resume_of"):
             run_dir = Path((out / case["resume_of"] / "run_dir.txt").read_text())

@@ -199,7 +199,9 @@ def test_slurm_script_runs_under_a_fake_slurm(tmp_path):
     env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SLURM_JOB_NODELIST="x", SLURM_JOB_ID="4242")
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = [__import__("pickle").loads((mn.run_dir / "results" / f"rank{i}.pkl").read_bytes()) for i in range(2)]
+    from scaletrain.worker import run_key, signed_load
+
+    res = [signed_load(mn.run_dir / "results" / f"rank{i}.pkl", run_key(mn.run_dir)) for i in range(2)]
     assert sorted(x[:2] for x in res) == [(0, 2), (1, 2)] and sorted(x[2] for x in res) == [0, 1]
 
 

@@ -108,10 +108,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, cache_d
         ),
         callbacks=[Poison()],
     )
-    s = t.fit()
-    assert s["status"] == "anomaly" and "step 5: loss is nan" in s["anomaly"]
-    assert (t.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    assert not (t.run_dir / "checkpoints" / "step_00000005").exists()
+    s = t.fit()  # the weights are NaN before step 4's checkpoint: it is not written, the run stops there
+    assert s["status"] == "anomaly" and "step 4: the weights hold NaN" in s["anomaly"]
+    assert (t.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert not (t.run_dir / "checkpoints" / "step_00000004").exists()
     assert json.loads((t.run_dir / "summary.json").read_text())["status"] == "anomaly"
 
 

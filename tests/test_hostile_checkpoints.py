@@ -1,0 +1,198 @@
+"Hostile and damaged checkpoint folders, pointers and non-finite steps: refused in one line, nothing runs or is lost."
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+import pytest
+import torch
+from conftest import run_cli, tiny
+from scaletrain import checkpoint as ckpt
+from scaletrain.config import load_config
+from scaletrain.errors import CheckpointError
+from scaletrain.train import Callback, Trainer
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus, cache_dir):
+    "A 2-layer run (checkpoints at steps 3 and 6) and a 3-layer one, each trained once."
+    out = tmp_path_factory.mktemp("runs")
+    for name, extra in (("two", []), ("three", ["model.n_layer=3"])):
+        r = run_cli("train", *tiny(corpus, cache_dir, out, f"run.name={name}", *extra))
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def snapshot(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def copy_run(runs, tmp_path, name="two") -> Path:
+    return Path(shutil.copytree(runs / name, tmp_path / name))
+
+
+def one_line_exit_2(r, *words):
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("train:")]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("scaletrain: error:"), r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+class Plant:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("command", ["export", "resume"])
+def test_planted_metadata_runs_nothing(runs, tmp_path, command):
+    run = copy_run(runs, tmp_path)
+    marker = tmp_path / "pwned"
+    ck = run / "checkpoints" / "step_00000006"
+    (ck / ".metadata").write_bytes(pickle.dumps(Plant(marker)))
+    ckpt.write_manifest(ck)  # a planted file with a matching manifest: the unpickler, not the manifest, stops it
+    before = snapshot(run)
+    if command == "export":
+        r = run_cli("export", run, tmp_path / "out.safetensors")
+        assert not (tmp_path / "out.safetensors").exists()
+    else:
+        r = run_cli("train", "--resume", run, "train.steps=9")
+    one_line_exit_2(r, ".metadata is not DCP metadata", "posix.system")
+    assert not marker.exists() and snapshot(run) == before
+
+
+def test_changed_missing_or_extra_file_is_refused(runs, tmp_path):
+    run = copy_run(runs, tmp_path)
+    ck = run / "checkpoints" / "step_00000006"
+    shard = next(ck.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run_cli("export", run, tmp_path / "out.safetensors")
+    one_line_exit_2(r, shard.name, "has changed")
+    shard.unlink()
+    one_line_exit_2(run_cli("export", run, tmp_path / "o.safetensors"), shard.name, "is missing")
+    (ck / "extra.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="extra.pt is not one of its files|is missing"):
+        ckpt.verify_checkpoint(ck)
+    (ck / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        ckpt.read_trainer_state(ck)
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "content", [b"../../three/checkpoints/step_00000006", b"/etc", b"\xff\xfe", b"step_00000099", b"best_00000006"]
+)
+def test_latest_must_name_a_checkpoint_of_the_run(runs, tmp_path, content):
+    run = copy_run(runs, tmp_path)
+    (run / "checkpoints" / "latest").write_bytes(content)
+    before = snapshot(run)
+    one_line_exit_2(run_cli("export", run, tmp_path / "out.safetensors"), "checkpoints/latest")
+    one_line_exit_2(run_cli("train", "--resume", run, "train.steps=9"), "checkpoints/latest")
+    assert snapshot(run) == before and not (tmp_path / "out.safetensors").exists()
+
+
+def test_foreign_checkpoint_is_refused_before_anything_is_deleted(runs, tmp_path):
+    "A 3-layer checkpoint whose trainer state claims the 2-layer config: its tensors give it away."
+    run = copy_run(runs, tmp_path)
+    ck = run / "checkpoints"
+    foreign = Path(shutil.copytree(runs / "three" / "checkpoints" / "step_00000006", ck / "step_00000009"))
+    st = torch.load(foreign / "trainer_state.pt", weights_only=True)
+    st["config"] = torch.load(ck / "step_00000006" / "trainer_state.pt", weights_only=True)["config"]
+    st["step"] = 9
+    torch.save(st, foreign / "trainer_state.pt")
+    ckpt.write_manifest(foreign)
+    (ck / "latest").write_text("step_00000009")
+    before = snapshot(run)
+    one_line_exit_2(run_cli("train", "--resume", run, "train.steps=12"), "blocks.2.", "another model")
+    assert snapshot(run) == before
+
+
+def test_retention_by_step_number_keeps_the_written_one(tmp_path):
+    ck = tmp_path / "checkpoints"
+    for n in (3, 6, 99999999, 100000000):
+        (ck / f"step_{n:08d}").mkdir(parents=True)
+    ckpt.prune(ck, ck / "step_99999999", keep=2)
+    assert sorted(d.name for d in ck.iterdir()) == ["step_00000006", "step_99999999"]
+
+
+class NaNAt(Callback):
+    "Make the model's output NaN at the given steps (1-based)."
+
+    def __init__(self, *steps):
+        self.steps, self.hook = set(steps), None
+
+    def before_step(self):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        if self.trainer.step + 1 in self.steps:
+            self.hook = self.trainer.engine.module.register_forward_hook(lambda m, i, o: o * float("nan"))
+
+
+def finite(run_dir) -> bool:
+    from scaletrain.models.spec import build_model
+
+    c = ckpt.latest_checkpoint(run_dir)
+    m = build_model(ckpt.checkpoint_config(c).model)
+    ckpt.load_model_weights(c, m)
+    return all(bool(torch.isfinite(p).all()) for p in m.parameters())
+
+
+def test_nonfinite_step_is_skipped_and_logged(corpus, cache_dir, tmp_path):
+    from scaletrain.metrics import read_metrics
+
+    t = Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "run.name=skip")), callbacks=[NaNAt(2)])
+    s = t.fit()
+    assert s["status"] == "finished" and s["nonfinite_steps"] == 1
+    recs = {r["step"]: r for r in read_metrics(t.run_dir / "metrics.jsonl") if "loss" in r}
+    assert recs[2]["nonfinite"] and recs[2]["skipped"] and not recs[3].get("nonfinite")
+    assert finite(t.run_dir)
+
+
+def test_nonfinite_stop_leaves_a_checkpoint_that_continues(corpus, cache_dir, tmp_path, capsys):
+    ov = tiny(corpus, cache_dir, tmp_path, "run.name=stop", "train.nonfinite=stop")
+    t = Trainer(load_config(overrides=ov), callbacks=[NaNAt(5)])
+    s = t.fit()
+    assert s["status"] == "anomaly" and s["steps"] == 4
+    assert "Last good checkpoint: " + str(t.run_dir / "checkpoints" / "step_00000003") in capsys.readouterr().err
+    assert finite(t.run_dir)
+    s2 = Trainer(load_config(t.run_dir / "config.yaml"), run_dir=t.run_dir, resume=True).fit()
+    assert s2["status"] == "finished" and s2["steps"] == 6 and finite(t.run_dir)
+
+
+def test_skips_in_a_row_stop_the_run(corpus, cache_dir, tmp_path):
+    ov = tiny(corpus, cache_dir, tmp_path, "run.name=limit", "train.nonfinite_limit=2")
+    s = Trainer(load_config(overrides=ov), callbacks=[NaNAt(4, 5)]).fit()
+    assert s["status"] == "anomaly" and "2 non-finite steps in a row" in s["anomaly"] and s["nonfinite_steps"] == 1
+
+
+def test_nonfinite_weights_are_never_written(tmp_path):
+    w = torch.ones(3)
+    w[1] = float("nan")
+    with pytest.raises(CheckpointError, match="model.*w holds NaN"):
+        ckpt.write_checkpoint(tmp_path, "step_00000001", {"model": {"w": w}}, {"step": 1})
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_fsdp_two_processes_skip_a_nonfinite_step_and_stop_with_finite_checkpoints(corpus, cache_dir, tmp_path):
+    "Under FSDP on 2 processes the grad norm is a global reduction: both ranks skip the same step, or stop together."
+    from test_parallel import launch, results
+
+    fs = ["parallel.strategy=fsdp", "train.ckpt_every=2"]
+    cases = [
+        dict(name="skip", overrides=fs, nan_at=[2]),
+        dict(name="stop", overrides=fs + ["train.nonfinite=stop"], nan_at=[3]),
+    ]
+    out = launch(2, cases, corpus, cache_dir, tmp_path / "dist")
+    skip, stop = results(out, "skip", 2), results(out, "stop", 2)
+    assert all(r["summary"]["status"] == "finished" and r["summary"]["nonfinite_steps"] == 1 for r in skip)
+    assert all(r["summary"]["status"] == "anomaly" and r["summary"]["steps"] == 2 for r in stop)
+    for r in skip + stop:
+        assert all(bool(torch.isfinite(w).all()) for w in r["weights"].values())
+    for name in ("skip", "stop"):
+        assert finite(Path((out / name / "run_dir.txt").read_text()))
