@@ -196,7 +196,9 @@ def test_nan_is_caught_at_its_step_when_reading_every_n_steps(tmp_path, corpus, 
         callbacks=[Poison()],
     )
     s = t.fit()
-    # steps 5 and 6 ran before the read at step 6, but the checkpoint at step 6 is never written
-    assert s["status"] == "anomaly" and "step 5: loss is nan" in s["anomaly"] and s["steps"] == 4
+    # steps 5 and 6 ran before the read at step 6 (their updates skipped: the loss is NaN), but the weights poisoned
+    # outside any update are caught before the checkpoint at step 6, which is never written
+    assert s["status"] == "anomaly" and "step 6: the weights hold NaN or Inf (wte.weight)" in s["anomaly"]
+    assert s["nonfinite_steps"] == 2
     assert (t.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (t.run_dir / "checkpoints" / "step_00000006").exists()
