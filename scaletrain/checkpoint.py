@@ -24,9 +24,9 @@ from .files import atomic_write, atomic_write_text
 # %% auto #0
 __all__ = ['POINTER_FAMILY', 'MANIFEST', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders', 'pointed_checkpoint',
            'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint', 'read_metadata',
-           'check_tensors', 'rng_state', 'set_rng_state', 'write_checkpoint', 'nonfinite_tensor', 'prune',
-           'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights', 'checkpoint_config',
-           'export_safetensors', 'load_safetensors', 'safetensors_config']
+           'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'write_checkpoint', 'nonfinite_tensor',
+           'prune', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights',
+           'checkpoint_config', 'export_safetensors', 'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -384,6 +384,16 @@ def _save(obj, path: Path):  # inside a checkpoint's temporary folder, which is 
     torch.save(obj, path)
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #009f5aad
+class NonFiniteWeights(CheckpointError):
+    "`write_checkpoint` refused: the model's `tensor` holds NaN or Inf, and the last checkpoint stays as it was."
+
+    def __init__(self, tensor: str, folder: Path):
+        self.tensor = tensor
+        super().__init__(
+            f"checkpoint {folder}: not written: the model's {tensor} holds NaN or Inf (the last checkpoint stays)"
+        )
+
+
 def write_checkpoint(
     run_dir, name: str, state: dict, trainer_state: dict, pointer: str = "latest", keep: int = 2, rng: bool = True
 ) -> Path:
@@ -394,9 +404,7 @@ def write_checkpoint(
     ck = Path(run_dir) / "checkpoints"
     final, tmp = ck / name, ck / f".{name}.tmp"
     if (bad := nonfinite_tensor(state.get("model", {}))) is not None:
-        raise CheckpointError(
-            f"checkpoint {final}: not written: the model's {bad} holds NaN or Inf values (the last checkpoint stays)"
-        )
+        raise NonFiniteWeights(bad, final)
     if process_rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -448,11 +456,12 @@ def prune(ck: Path, kept: Path, keep: int) -> None:
     """Retention, by step number (not by name): `kept` (just written) and the `keep - 1` newest of its family before
     it stay. Folders of later steps are from steps a resumed run discarded (it went on from an earlier checkpoint):
     they go too, so `latest` and the steps on disk tell one story."""
-    family, step = kept.name.rsplit("_", 1)[0], checkpoint_step(kept.name, kept.name.rsplit("_", 1)[0])
-    if step is None:
+    family = kept.name.rsplit("_", 1)[0]
+    if (step := checkpoint_step(kept.name, family)) is None:
         return
-    earlier = [d for d in family_folders(ck, family) if checkpoint_step(d.name, family) < step]
-    later = [d for d in family_folders(ck, family) if checkpoint_step(d.name, family) > step]
+    steps = [(checkpoint_step(d.name, family), d) for d in family_folders(ck, family)]
+    earlier = [d for n, d in steps if n < step]
+    later = [d for n, d in steps if n > step]
     for d in earlier[: max(0, len(earlier) - (keep - 1))] + later:
         shutil.rmtree(d, ignore_errors=True)
 

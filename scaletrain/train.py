@@ -369,9 +369,6 @@ class Trainer:
 
     def save(self):
         self.read_steps()  # a NaN must be caught before its weights are written
-        if (bad := ckpt.nonfinite_tensor(self.engine.model_state_dict())) is not None:  # all ranks agree
-            self.anomaly = f"step {self.step}: the weights hold NaN or Inf ({bad}); no checkpoint written"
-            raise TrainingAnomaly(self.anomaly)
         state = dict(
             step=self.step,
             data_step=self.step,
@@ -392,9 +389,13 @@ class Trainer:
             ),
             evaluated=bool(self.val_history) and self.val_history[-1][0] == self.step,
         )
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.run_dir, self.step, self.engine, state, self.cfg.train.keep_checkpoints
-        )
+        try:  # write_checkpoint checks the weights (all ranks agree): a run never saves NaN or Inf
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.run_dir, self.step, self.engine, state, self.cfg.train.keep_checkpoints
+            )
+        except ckpt.NonFiniteWeights as e:
+            self.anomaly = f"step {self.step}: the weights hold NaN or Inf ({e.tensor}); no checkpoint written"
+            raise TrainingAnomaly(self.anomaly) from None
         self.fire("after_save")
 
     def _agree_stop(self) -> bool:

@@ -62,7 +62,10 @@ _MAGIC = b"scaletrain-hmac-sha256\n"
 
 
 def _key_dir() -> Path:
-    return Path(os.environ.get("SCALETRAIN_CACHE", "~/.cache/scaletrain")).expanduser() / "run-keys"
+    from scaletrain.config import DataConfig
+    from scaletrain.data import cache_root  # here: a rank's start-up imports no more than it needs
+
+    return cache_root(DataConfig()) / "run-keys"  # the default cache: $SCALETRAIN_CACHE or ~/.cache/scaletrain
 
 
 def run_key(run_dir, create: bool = False) -> bytes:

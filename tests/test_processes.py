@@ -79,6 +79,14 @@ def test_planted_pickles_are_not_unpickled(tmp_path):
     assert "refusing to unpickle" in again.error and not marker.exists()
 
 
+def _assert_stopped_cleanly(proc, out: str, run_dir):
+    "Exit 0, no traceback, summary 'stopped', and a checkpoint to resume from."
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
+    assert latest_checkpoint(run_dir) is not None
+
+
 def test_rendezvous_listens_on_loopback_and_sigterm_stops_cleanly(corpus, cache_dir, tmp_path):
     proc = _start_cli("train", "--nproc", "2", *tiny(corpus, cache_dir, tmp_path, "train.steps=100000", "run.name=t"))
     run_dir = tmp_path / "t"
@@ -92,10 +100,7 @@ def test_rendezvous_listens_on_loopback_and_sigterm_stops_cleanly(corpus, cache_
         out = proc.communicate(timeout=180)[0]
     finally:
         proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
-    assert latest_checkpoint(run_dir) is not None
+    _assert_stopped_cleanly(proc, out, run_dir)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -108,10 +113,7 @@ def test_ctrl_c_checkpoints_and_exits_0(corpus, cache_dir, tmp_path, nproc):
         out = proc.communicate(timeout=180)[0]
     finally:
         proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
-    assert latest_checkpoint(run_dir) is not None
+    _assert_stopped_cleanly(proc, out, run_dir)
 
 
 def test_run_stop_from_python_checkpoints_and_exits_0(corpus, cache_dir, tmp_path):
