@@ -18,6 +18,12 @@ __all__ = ['check_out_dir', 'new_run_dir', 'named_for', 'write_run_config', 'run
            'resume_changes', 'resume_config', 'resolve_vocab', 'check_resources', 'check_run', 'prepare_run']
 
 # %% ../nbs/5_runs/52_jobs.ipynb #fb6d49af
+def _unwritable(cfg: Config, e: OSError) -> ConfigError:
+    return ConfigError(
+        f"run.out_dir={cfg.run.out_dir}: cannot create a run folder in it ({e.strerror or e}); give a writable folder"
+    )
+
+
 def check_out_dir(cfg: Config) -> Path:
     """`run.out_dir`, resolved, refused in one line unless it is (or can become) a folder this process may write, and
     unless `run.name` stays inside it. Writes nothing."""
@@ -32,10 +38,7 @@ def check_out_dir(cfg: Config) -> Path:
     try:  # access() says yes to root on /proc or a read-only mount: an empty folder, removed at once, says it all
         os.rmdir(tempfile.mkdtemp(dir=p, prefix=".scaletrain-probe-"))
     except OSError as e:
-        raise ConfigError(
-            f"run.out_dir={cfg.run.out_dir}: cannot create a run folder in it ({e.strerror or e}); "
-            "give a writable folder"
-        ) from None
+        raise _unwritable(cfg, e) from None
     return out
 
 
@@ -50,10 +53,7 @@ def new_run_dir(cfg: Config) -> Path:
             f"run.name={cfg.run.name}: {d} already exists; choose another run.name or continue it with --resume {d}"
         ) from None
     except OSError as e:  # /proc, a read-only or full file system: nothing was created
-        raise ConfigError(
-            f"run.out_dir={cfg.run.out_dir}: cannot create a run folder in it ({e.strerror or e}); "
-            "give a writable folder"
-        ) from None
+        raise _unwritable(cfg, e) from None
 
 
 def named_for(cfg: Config, run_dir) -> Config:
@@ -83,10 +83,7 @@ def run_folder(cfg: Config, nnodes: int = 1, node_rank: int = 0) -> Path:
     try:
         d = fresh_folder(cfg.run.out_dir, cfg.run.name, exist_ok=True)
     except OSError as e:
-        raise ConfigError(
-            f"run.out_dir={cfg.run.out_dir}: cannot create a run folder in it ({e.strerror or e}); "
-            "give a writable folder"
-        ) from None
+        raise _unwritable(cfg, e) from None
     if node_rank == 0 and ((d / "checkpoints").exists() or (d / "metrics.jsonl").exists()):
         raise ConfigError(
             f"run.name={cfg.run.name}: {d} already holds a run; choose another run.name or continue it with "
