@@ -36,8 +36,8 @@ check-sync:
 
 # Style (ruff.toml): 120 columns, one statement per line, pyflakes; the exported library, tests, benchmarks and notebooks.
 lint:
-	$(BIN)/ruff format --check --quiet nbs tests benchmarks docs
-	$(BIN)/ruff check --quiet scaletrain tests benchmarks nbs docs
+	$(BIN)/ruff format --check --quiet nbs tests benchmarks docs examples
+	$(BIN)/ruff check --quiet scaletrain tests benchmarks nbs docs examples
 	@echo "ruff: clean"
 
 nbtest:
@@ -50,10 +50,12 @@ pytest:
 docs: setup-dev
 	$(BIN)/python docs/build_site.py _site
 
-# Run every notebook and store its outputs in it (then strip volatile metadata); commit the result.
+# Run every notebook and store its outputs in it (then strip volatile metadata), and take the README's tutorial plot
+# from those outputs (docs/readme_images.py); commit the result.
 tutorials: setup-dev
 	OMP_NUM_THREADS=1 $(BIN)/python docs/execute.py
 	$(BIN)/nbdev_clean
+	$(BIN)/python docs/readme_images.py
 
 test: setup-dev check-sync lint nbtest pytest
 

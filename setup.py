@@ -16,6 +16,9 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+# optional extras: pip install scaletrain[hf] (transformers models) / scaletrain[data] (parquet/arrow through datasets)
+hf_requirements = shlex.split(cfg.get('hf_requirements', ''))
+data_requirements = shlex.split(cfg.get('data_requirements', ''))
 lic = licenses.get(cfg['license'].lower(), cfg['license'])
 min_python = cfg['min_python']
 console_scripts = cfg.get('console_scripts', '').split()
@@ -31,7 +34,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements + hf_requirements + data_requirements,
+                    'hf': hf_requirements, 'data': data_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

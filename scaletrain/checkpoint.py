@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from .config import from_dict, to_dict
-from .dist import barrier, process_rank
-from .errors import CheckpointError, first_line
-from .files import atomic_write, atomic_write_text
+from .dist import process_rank
+from .errors import CheckpointError, DiskFull, first_line
+from .files import atomic_write, atomic_write_text, disk_full_error, free_bytes
 
 # %% auto #0
 __all__ = ['POINTER_FAMILY', 'MANIFEST', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders', 'pointed_checkpoint',
            'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint', 'read_metadata',
-           'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'write_checkpoint', 'nonfinite_tensor',
-           'prune', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights',
-           'checkpoint_config', 'export_safetensors', 'load_safetensors', 'safetensors_config']
+           'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'agree_failure', 'write_checkpoint',
+           'nonfinite_tensor', 'prune', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint',
+           'load_model_weights', 'checkpoint_config', 'export_safetensors', 'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -394,31 +394,80 @@ class NonFiniteWeights(CheckpointError):
         )
 
 
+def agree_failure(err: dict | None) -> dict | None:
+    """Collective when distributed: every rank's outcome of a step that may fail on some ranks only (a write), as one
+    answer: None when every rank succeeded, else the first failure (`err` is a picklable dict or None). It is also
+    the barrier: no rank goes on (or waits forever in a later collective) while another has failed."""
+    if not _distributed():
+        return err
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, err)
+    return next((e for e in every if e is not None), None)
+
+
+def _failure(e: BaseException, where: Path) -> dict:
+    "What a rank tells the others of its failure `e` while writing `where`."
+    full = disk_full_error(e, where)
+    if full is not None:
+        return dict(rank=process_rank(), full=True, path=str(where), free=full.free)
+    return dict(rank=process_rank(), full=False, text=f"{type(e).__name__}: {first_line(e)}")
+
+
 def write_checkpoint(
     run_dir, name: str, state: dict, trainer_state: dict, pointer: str = "latest", keep: int = 2, rng: bool = True
 ) -> Path:
     """Collective: write `state` (DCP, sharded) and `trainer_state` as `checkpoints/<name>`, through a temporary folder
-    and a rename, then point `checkpoints/<pointer>` at it and keep the newest `keep` folders of that family."""
+    and a rename, then point `checkpoints/<pointer>` at it and keep the newest `keep` folders of that family.
+
+    Each step's outcome is agreed by all ranks (`agree_failure`): when one rank's write fails (a full disk, most
+    often), every rank raises, the temporary folder is removed, and the earlier checkpoints and the pointer stay as
+    they were. A full disk is a `DiskFull` on every rank (`all_ranks`); another failure is re-raised where it happened
+    and a `CheckpointError` naming that rank elsewhere."""
     import torch.distributed.checkpoint as dcp
 
     ck = Path(run_dir) / "checkpoints"
     final, tmp = ck / name, ck / f".{name}.tmp"
     if (bad := nonfinite_tensor(state.get("model", {}))) is not None:
         raise NonFiniteWeights(bad, final)
-    if process_rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state, checkpoint_id=str(tmp))
-    if rng:
-        _save(rng_state(), tmp / "rng" / f"rank{process_rank()}.pt")
-    if process_rank() == 0:
-        _save(trainer_state, tmp / "trainer_state.pt")
-    barrier()
-    if process_rank() == 0:
+    me = process_rank()
+
+    def step(fn, where: Path):
+        local = None
+        try:
+            fn()
+        except _load_errors() as e:  # DCP's CheckpointException is a BaseException
+            local = e
+        err = agree_failure(None if local is None else _failure(local, where))
+        if err is None:
+            return
+        if me == 0:  # nothing half-written keeps the space, or a name a reader could take for a checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+        if err["full"]:
+            raise DiskFull(final, free_bytes(ck), all_ranks=True) from None
+        if local is not None:
+            raise local
+        raise CheckpointError(
+            f"checkpoint {final}: not written: rank {err['rank']} failed ({err['text']}); the last checkpoint stays"
+        )
+
+    def start():
+        if me == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+
+    def shards():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save(state, checkpoint_id=str(tmp))
+        if rng:
+            _save(rng_state(), tmp / "rng" / f"rank{me}.pt")
+        if me == 0:
+            _save(trainer_state, tmp / "trainer_state.pt")
+
+    def publish():
+        if me != 0:
+            return
         write_manifest(tmp)  # every rank's files are in: list them before the folder gets its name
         old = ck / f".{name}.old"  # the same step saved again: the name always holds a whole checkpoint
         if final.exists():
@@ -426,9 +475,12 @@ def write_checkpoint(
         os.replace(tmp, final)
         if old.exists():
             shutil.rmtree(old)
-        atomic_write_text(ck / pointer, final.name)
+        atomic_write_text(ck / pointer, final.name)  # last: the pointer moves only to a whole, listed checkpoint
         prune(ck, final, keep)
-    barrier()
+
+    step(start, ck)
+    step(shards, tmp)
+    step(publish, tmp)
     return final
 
 

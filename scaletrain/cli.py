@@ -16,14 +16,14 @@ from .config import load_config, typed_keys
 from .dist import teardown
 from .errors import ConfigError, USER_ERRORS
 from .jobs import check_run, prepare_run, resume_config, resume_folder, run_folder
-from .procs import check_layout, child_env, run_foreground, torchrun_args
+from .procs import check_layout, child_env, restart_resumes, run_foreground, torchrun_args
 from .runlock import RunLock
 
 # %% auto #0
 __all__ = ['COMMANDS', 'fail', 'OneLineParser', 'add_launch_args', 'train_parser', 'check_launch_args', 'launch_ranks',
            'train_main', 'run_rank', 'rank_main', 'export_main', 'plan_parser', 'plan_main', 'launch_parser',
            'launch_main', 'finetune_parser', 'finetune_main', 'finetune_report', 'finetune_rank_main', 'sweep_parser',
-           'sweep_main', 'compress_parser', 'compress_main', 'main']
+           'sweep_main', 'compress_parser', 'compress_main', 'data_parser', 'data_main', 'main']
 
 # %% ../nbs/6_apps/65_cli.ipynb #cad41745
 def fail(msg: str, code: int = 2):
@@ -50,7 +50,12 @@ def add_launch_args(p: argparse.ArgumentParser):
         help="HOST:PORT of the c10d rendezvous (multi-node); default a free loopback port",
     )
     g.add_argument("--rdzv-id", default="", help="rendezvous job id (multi-node); default the run name")
-    g.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts on failure")
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart the job this many times when a rank fails, each time from the latest verified checkpoint",
+    )
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -109,8 +114,9 @@ def train_main(argv) -> int:
 
 def run_rank(argv, prog: str, fit):
     """What each rank runs: `fit(cfg, run_dir, resume)` on the config of an already prepared run folder (on resume,
-    plus the overrides, which the ranks save once the checkpoint has loaded). User errors are one line; the process
-    group is torn down either way."""
+    plus the overrides, which the ranks save once the checkpoint has loaded). A restarted rank (`--max-restarts`)
+    resumes from the checkpoint its supervisor chose, or starts again from step 0 when there is none
+    (`scaletrain.procs.restart_resumes`). User errors are one line; the process group is torn down either way."""
     p = OneLineParser(prog=prog)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--resume", action="store_true")
@@ -118,8 +124,11 @@ def run_rank(argv, prog: str, fit):
     a = p.parse_args(argv)
     try:
         try:
-            return fit(load_config(Path(a.run_dir) / "config.yaml", a.overrides), a.run_dir, a.resume)
+            cfg = load_config(Path(a.run_dir) / "config.yaml", a.overrides)
+            return fit(cfg, a.run_dir, restart_resumes(a.run_dir, a.resume, cfg.train.device))
         except USER_ERRORS as e:
+            if getattr(e, "all_ranks", False) and int(os.environ.get("RANK", 0)):
+                raise SystemExit(2)  # every rank raised it together (a full disk): rank 0's line says it once
             fail(str(e))
     finally:
         teardown()
@@ -148,96 +157,162 @@ def rank_main(argv) -> int:
 # %% ../nbs/6_apps/65_cli.ipynb #9b5ad6f0
 def export_main(argv) -> int:
     p = OneLineParser(
-        prog="scaletrain export", description="Write a plain single-file model (safetensors) from any checkpoint."
+        prog="scaletrain export",
+        description="Write a model from any checkpoint: a Hugging Face folder (config.json, model.safetensors, "
+        "tokenizer, model card) that transformers loads, or one scaletrain .safetensors file.",
     )
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoints/step_* folder")
-    p.add_argument("out", help="output .safetensors file (must not exist unless --force)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT")
+    p.add_argument("out", help="output folder (Hugging Face format) or file.safetensors; must not exist unless --force")
+    p.add_argument(
+        "--format", choices=("auto", "hf", "safetensors"), default="auto", help="auto: safetensors if OUT ends so"
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT")
+    p.add_argument("--no-check", action="store_true", help="hf: skip loading the folder back with transformers")
     a = p.parse_args(argv)
+    fmt = a.format if a.format != "auto" else ("safetensors" if a.out.endswith(".safetensors") else "hf")
     if Path(a.out).exists() and not a.force:
         fail(f"export: {a.out} already exists; pass --force to overwrite it")
     try:
-        from scaletrain.checkpoint import export_safetensors
+        if fmt == "safetensors":
+            from scaletrain.checkpoint import export_safetensors
 
-        out = export_safetensors(a.checkpoint, a.out)
+            out = export_safetensors(a.checkpoint, a.out)
+            print(f"scaletrain: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+            return 0
+        from scaletrain.export import export_hf
+
+        info = export_hf(a.checkpoint, a.out, force=a.force, check=not a.no_check)
     except USER_ERRORS as e:
         fail(str(e))
-    print(f"scaletrain: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    size = sum(f.stat().st_size for f in info["out"].iterdir()) / 2**20
+    checked = (
+        f"transformers loads it with logits equal to ours (max relative difference {info['checked']:.1e})"
+        if info["checked"] is not None
+        else "not checked with transformers (pip install scaletrain[hf] to check)"
+    )
+    print(f"scaletrain: wrote {info['out']} ({size:.1f} MiB, step {info['step']}); {checked}")
     return 0
 
 # %% ../nbs/6_apps/65_cli.ipynb #45c9de24
 def plan_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="scaletrain plan",
-        description="Predict memory per GPU and step time of every layout that "
-        "fits, fastest first. Give the model as --params N or --config FILE [key=value ...].",
+        description="Predict memory per GPU, step time and the bill (days, GPU-hours, kWh, CO2, money) of every "
+        "layout that fits, fastest first. Give the model as --preset NAME, --family F --layers L --hidden H "
+        "--heads A [...], --hf-config config.json, --params N or --config FILE [key=value ...].",
     )
     p.add_argument(
         "overrides", nargs="*", help="with --config: config overrides key=value (model shape, precision, ...)"
     )
     p.add_argument("--params", type=float, help="parameter count, e.g. 7e9 (a GPT-3-family shape is derived)")
     p.add_argument("--config", help="YAML config whose model section gives the shape")
+    p.add_argument("--preset", help="a published shape: llama3-8b | llama3-70b | llama3-405b | gpt3-175b")
+    p.add_argument("--hf-config", help="a Hugging Face config.json (or its folder) giving the shape")
+    p.add_argument("--family", help="model family for a shape from flags (llama, gpt)")
+    p.add_argument("--layers", type=int, help="with --family: transformer blocks")
+    p.add_argument("--hidden", type=int, help="with --family: hidden size")
+    p.add_argument("--heads", type=int, help="with --family: attention (query) heads")
+    p.add_argument("--kv-heads", type=int, default=0, help="with --family: key/value heads (GQA); 0 = heads")
+    p.add_argument("--ffn", type=int, default=0, help="with --family: FFN width; 0 = the family's default")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in total (default 8)")
     p.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU (default: the --gpu's)")
     p.add_argument("--nodes", type=int, help="nodes (default: 8 GPUs a node)")
     p.add_argument(
         "--gpu",
-        default="H100",
-        help="GPU model for peak FLOP/s and links: H100, H200, A100, A100-40GB, L40S (default H100)",
+        default="h100-80gb",
+        help="device: h100-80gb, h200, a100-80gb, a100-40gb, l40s (default h100-80gb)",
     )
     p.add_argument("--peak-tflops", type=float, help="override the GPU's dense 16-bit peak")
-    p.add_argument("--mfu", type=float, default=0.4, help="stated fraction of peak the compute reaches (default 0.4)")
-    p.add_argument("--seq-len", type=int, help="sequence length (default: the config's block_size, or 2048)")
+    p.add_argument("--mfu", type=float, help="a stated fraction of peak for every layout (default: calibrated)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: the model's context, or 2048)")
     p.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step (default 1024)")
-    p.add_argument("--vocab", type=int, help="vocabulary size with --params (default 50304)")
+    p.add_argument("--vocab", type=int, help="vocabulary size (default: the model's; 50304 with --params)")
     p.add_argument(
         "--precision",
         default=None,
-        help="fp32 | bf16-mixed | fp16-mixed | bf16-true (default: the config's, else bf16-mixed)",
+        help="fp32 | bf16-mixed | fp16-mixed | bf16-true | bf16-master (planning only) (default: bf16-mixed)",
     )
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument(
         "--overlap", type=float, default=0.8, help="fraction of compute that hides data-parallel traffic (default 0.8)"
     )
     p.add_argument("--intra-bw", type=float, help="GB/s per GPU inside a node (default: NVLink of the --gpu)")
-    p.add_argument("--inter-bw", type=float, help="GB/s per GPU between nodes (default: InfiniBand NDR 40)")
+    p.add_argument("--inter-bw", type=float, help="GB/s per GPU between nodes (default: the --gpu's NIC)")
     p.add_argument("--intra-lat", type=float, help="microseconds per hop inside a node (default 5)")
     p.add_argument("--inter-lat", type=float, help="microseconds per hop between nodes (default 10)")
+    p.add_argument("--tokens", type=float, help="token budget of the bill (default: 20 tokens per parameter)")
+    p.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour (default 2.0, an assumption)")
+    p.add_argument("--grid", type=float, default=0.48, help="kg CO2 per kWh (default 0.48: world average 2023, Ember)")
+    p.add_argument("--pue", type=float, default=1.2, help="data-centre PUE (default 1.2)")
+    p.add_argument("--power-util", type=float, default=1.0, help="fraction of board power drawn (default 1.0)")
     p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
     p.add_argument(
-        "--write-config", metavar="FILE", help="write the best layout as a config for scaletrain train --config"
+        "--write-config",
+        metavar="FILE",
+        help="write a layout as a config for scaletrain train --config (the best one it runs, or --row N)",
     )
+    p.add_argument("--row", type=int, help="with --write-config: the table row to write")
     p.add_argument("--force", action="store_true", help="overwrite --write-config FILE")
     return p
+
+
+def _plan_model(a):
+    "The model a `scaletrain plan` command line describes (exactly one way), and whether --vocab applies to it."
+    from scaletrain.plan import hf_model, model_config, preset
+
+    ways = [
+        w
+        for w, given in (
+            ("--params", a.params is not None),
+            ("--config/key=value", bool(a.config or a.overrides)),
+            ("--preset", a.preset is not None),
+            ("--hf-config", a.hf_config is not None),
+            ("--family", a.family is not None),
+        )
+        if given
+    ]
+    if not ways:
+        raise ConfigError(
+            "plan: give the model as --params N, --preset NAME, --family F --layers L --hidden H --heads A, "
+            "--hf-config FILE or --config FILE (and/or key=value overrides)"
+        )
+    if len(ways) > 1:
+        raise ConfigError(f"plan: {' and '.join(ways)} describe the model twice; give one")
+    if a.family is None and any(v for v in (a.layers, a.hidden, a.heads, a.kv_heads, a.ffn)):
+        raise ConfigError("plan: --layers/--hidden/--heads/--kv-heads/--ffn need --family")
+    if a.params is not None:
+        return None
+    if a.preset is not None:
+        return preset(a.preset)
+    if a.hf_config is not None:
+        return hf_model(a.hf_config)
+    if a.family is not None:
+        return model_config(a.family, a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, a.seq_len)
+    return load_config(a.config, a.overrides)
 
 
 def plan_main(argv) -> int:
     from scaletrain.config import save_config
     from scaletrain.memory import GiB
-    from scaletrain.plan import Link, plan, why_nothing_fits
+    from scaletrain.plan import Link, get_gpu, plan, why_nothing_fits
 
     a = plan_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        if (a.params is None) == (a.config is None) and not a.overrides:
-            raise ConfigError("plan: give the model as --params N or --config FILE (and/or key=value overrides)")
-        if a.params is not None and (a.config or a.overrides):
-            raise ConfigError("plan: --params and --config/key=value describe the model twice; give one")
         if a.write_config and Path(a.write_config).exists() and not a.force:
             raise ConfigError(f"plan: --write-config {a.write_config} already exists; pass --force to overwrite it")
         if a.top < 1:
             raise ConfigError(f"plan: --top={a.top}: must be >= 1")
+        if a.row is not None and (a.row < 1 or not a.write_config):
+            raise ConfigError(f"plan: --row={a.row}: must be >= 1, with --write-config FILE")
         if a.seq_len is not None and a.seq_len < 2:
             raise ConfigError(f"plan: --seq-len={a.seq_len}: must be >= 2")
-        model = load_config(a.config, a.overrides) if a.params is None else None
-        precision = a.precision or (
-            model.memory.precision if model is not None and model.memory.precision != "fp32" else "bf16-mixed"
-        )
-        from scaletrain.plan import GPUS
-
-        gpu = GPUS.get(a.gpu)
-        if gpu is None:
-            raise ConfigError(f"plan: --gpu={a.gpu}: known: {', '.join(GPUS)}")
+        if a.vocab is not None and a.vocab < 1:
+            raise ConfigError(f"plan: --vocab={a.vocab}: must be >= 1")
+        model = _plan_model(a)
+        cfg_prec = model.memory.precision if hasattr(model, "memory") else "fp32"
+        precision = a.precision or (cfg_prec if cfg_prec != "fp32" else "bf16-mixed")
+        gpu = get_gpu(a.gpu)
         links = {}
         for name, bw, lat in (("intra", a.intra_bw, a.intra_lat), ("inter", a.inter_bw, a.inter_lat)):
             for flag, v in ((f"--{name}-bw", bw), (f"--{name}-lat", lat)):
@@ -250,6 +325,8 @@ def plan_main(argv) -> int:
             if not a.peak_tflops > 0:
                 raise ConfigError(f"plan: --peak-tflops={a.peak_tflops}: must be > 0")
             links["peak_tflops"] = a.peak_tflops
+        if a.tokens is not None and not a.tokens > 0:
+            raise ConfigError(f"plan: --tokens={a.tokens}: must be > 0")
         pl = plan(
             model,
             params=a.params,
@@ -265,6 +342,11 @@ def plan_main(argv) -> int:
             headroom=a.headroom,
             overlap=a.overlap,
             links=links or None,
+            tokens=a.tokens,
+            price=a.price,
+            grid=a.grid,
+            pue=a.pue,
+            power_util=a.power_util,
         )
         if not pl.layouts:
             raise ConfigError(why_nothing_fits(pl))
@@ -272,14 +354,32 @@ def plan_main(argv) -> int:
         print(pl.table(a.top))
         b = pl.best
         print(
-            f"{len(pl.layouts)} layouts fit (best micro-batch of each) out of {pl.considered} considered, in "
+            f"{len(pl.layouts)} layouts fit (best micro-batch of each) out of {pl.considered} considered; "
+            f"{len(pl.infeasible)} cannot train this batch exactly or do not fit; in "
             f"{time.perf_counter() - t0:.1f}s. Best: {b.describe()}: {b.memory / GiB:.1f} GiB per GPU, "
-            f"{b.step_time:.2f} s per step."
+            f"{b.step_time:.2f} s per step, {b.bill.days:.1f} days, {b.bill.gpu_hours:.3g} GPU-hours, "
+            f"{b.bill.kwh:.3g} kWh, {b.bill.t_co2:.3g} t CO2, ${b.bill.cost:.3g}."
         )
         if a.write_config:
-            save_config(pl.to_config(b), a.write_config)
+            if a.row is not None:
+                if a.row > len(pl.layouts):
+                    raise ConfigError(f"plan: --row={a.row}: the plan lists {len(pl.layouts)} layouts")
+                lay = pl.layouts[a.row - 1]
+                cfg = pl.to_config(lay)  # a layout scaletrain train cannot run is refused here, in one line
+            else:
+                lay = pl.best_runnable
+                if lay is None:
+                    raise ConfigError(
+                        f"plan: --write-config: none of the {len(pl.layouts)} layouts is one scaletrain train runs "
+                        f"today (row 1: {b.why_not}); nothing written"
+                    )
+                cfg = pl.to_config(lay)
+                row = pl.layouts.index(lay) + 1
+                if row > 1:
+                    print(f"row 1 is not runnable by scaletrain train yet ({b.why_not}); writing row {row}")
+            save_config(cfg, a.write_config)
             print(
-                f"wrote {a.write_config}; run it with: scaletrain train --config {a.write_config} "
+                f"wrote {a.write_config} ({lay.describe()}); run it with: scaletrain train --config {a.write_config} "
                 f"--nproc {pl.gpus // pl.nodes}"
                 + (f" --nnodes {pl.nodes} --node-rank R --rdzv-endpoint HOST:PORT" if pl.nodes > 1 else "")
             )
@@ -307,7 +407,12 @@ def launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (node 0 prepares the run folder)")
     p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous on node 0 (multi-node)")
     p.add_argument("--rdzv-id", default="", help="rendezvous id (default: the run name)")
-    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restarts when a rank fails, each from the latest verified checkpoint",
+    )
     p.add_argument("--master-port", type=int, default=None, help="single node: rendezvous port (default: a free one)")
     p.add_argument("--master-addr", default="127.0.0.1", help="single node: rendezvous address (default loopback)")
     p.add_argument("--out-dir", default=None, help="parent folder of run folders (scripts; configs use run.out_dir)")
@@ -600,6 +705,53 @@ def compress_main(argv) -> int:
     )
     return 0
 
+# %% ../nbs/6_apps/65_cli.ipynb #ec516ce7
+def data_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="scaletrain data", description="Prepare (clean, deduplicate, mix) and label datasets.")
+    sub = p.add_subparsers(dest="what", required=True, parser_class=OneLineParser)
+    a = sub.add_parser("prepare", help="write a cleaned, deduplicated, mixed dataset folder")
+    a.add_argument("source", help="data.source: 'stdlib', a folder, a file, or a weighted mix 'a:0.7,b:0.3'")
+    a.add_argument("overrides", nargs="*", help="data.*=... and prep.*=... (e.g. prep.near_threshold=0.7)")
+    a.add_argument("--out", default="datasets", help="parent folder of dataset folders (default: datasets)")
+    a.add_argument("--config", help="YAML config file (its data section)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = sub.add_parser("label", help="label every document with a fine-tuned classifier")
+    b.add_argument("run", help="fine-tuned run folder or checkpoint (scaletrain finetune)")
+    b.add_argument("source", help="data.source to label")
+    b.add_argument("overrides", nargs="*", help="data.*=... overrides")
+    b.add_argument("--out", help="labels file to write (default: RUN/labels.jsonl)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def data_main(argv) -> int:
+    "`scaletrain data prepare|label`."
+    from scaletrain.config import prep_config
+    from scaletrain.dataprep import check_prep, prepare
+
+    args = data_parser().parse_args(argv)
+    prep_o = [o for o in args.overrides if o.strip().startswith("prep.")]
+    rest = [o for o in args.overrides if o not in prep_o]
+    try:
+        cfg = load_config(getattr(args, "config", None), [*rest, f"data.source={args.source}"])
+        if args.what == "label":
+            if prep_o:
+                raise ConfigError(f"config: {prep_o[0].split('=')[0]}: prep.* keys belong to 'data prepare'")
+            out = _load("scaletrain.label:label_corpus")(args.run, cfg, out=args.out, show_progress=not args.quiet)
+            print(f"scaletrain: labels written to {out}")
+            return 0
+        prep = check_prep(prep_config(prep_o))
+        held = _load("scaletrain.label:task_held_out")(cfg, prep.tasks) if prep.tasks else {}
+        ds = prepare(cfg, prep, out=args.out, held_out=held, show_progress=not args.quiet)
+    except USER_ERRORS as e:
+        fail(str(e))
+    import json
+
+    st = json.loads((ds / "stats.json").read_text())["stages"]
+    n_in, n_kept = sum(x[0] for x in st["input"]), sum(x[0] for x in st["labels"])
+    print(f"scaletrain: dataset {ds} ({n_kept} of {n_in} documents kept; report.html, manifest.json, fates.jsonl)")
+    return 0
+
 # %% ../nbs/6_apps/65_cli.ipynb #932b7528
 COMMANDS = {
     "train": ("scaletrain.cli:train_main", "train a model (single process or torchrun)"),
@@ -615,6 +767,7 @@ COMMANDS = {
         "scaletrain.cli:compress_main",
         "prune and quantize a fine-tuned model; size/latency/accuracy report",
     ),
+    "data": ("scaletrain.cli:data_main", "prepare (clean, deduplicate, mix) and label datasets"),
     "_rank": ("scaletrain.cli:rank_main", None),
     "_rank_finetune": ("scaletrain.cli:finetune_rank_main", None),
 }

@@ -20,9 +20,10 @@ from .registry import BACKENDS, FAMILIES, FAMILY_ONLY, LOGGERS, PRECISIONS, STRA
 
 # %% auto #0
 __all__ = ['INT_MAX', 'NAME_MAX', 'SECTIONS', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ParallelConfig', 'MemoryConfig',
-           'RunConfig', 'FinetuneConfig', 'Config', 'all_keys', 'split_sources', 'set_value', 'apply_overrides',
-           'from_dict', 'load_config', 'to_dict', 'to_yaml', 'save_config', 'changed_keys', 'typed_keys', 'config_diff',
-           'config_hash', 'kv_heads', 'ffn_dim_of', 'loggers_of', 'validate']
+           'RunConfig', 'FinetuneConfig', 'Config', 'DataPrepConfig', 'prep_config', 'all_keys', 'split_sources',
+           'set_value', 'apply_overrides', 'from_dict', 'load_config', 'to_dict', 'to_yaml', 'save_config',
+           'changed_keys', 'typed_keys', 'config_diff', 'config_hash', 'kv_heads', 'ffn_dim_of', 'loggers_of',
+           'validate']
 
 # %% ../nbs/0_core/04_config.ipynb #fbeafd6d
 INT_MAX = 2**63 - 1  # the largest whole number torch and numpy hold (seeds, sizes, step counts)
@@ -31,7 +32,8 @@ NAME_MAX = 128  # characters of a run folder's name (the file system allows 255 
 
 def _f(default, help="", choices=None, low=None, high=None, finite=True, kind=None):
     """A dataclass field carrying its validation rule and help text: `choices`, the range `low`..`high`, `finite`
-    (numbers: NaN and infinity refused) and, for text, `kind`: 'name' (one path component), 'path' or 'source'."""
+    (numbers: NaN and infinity refused) and, for text, `kind`: 'name' (one path component), 'path', 'source' or
+    'field' (a record field's name)."""
     return field(
         default=default, metadata=dict(help=help, choices=choices, low=low, high=high, finite=finite, kind=kind)
     )
@@ -48,12 +50,15 @@ class ModelConfig:
     n_embd: int = _f(256, "hidden size", low=1)
     ffn_dim: int = _f(0, "MLP hidden width; 0 = the family's default (gpt 4 x n_embd, llama 8/3 x n_embd to 64)", low=0)
     block_size: int = _f(128, "context length in tokens", low=2)
-    vocab_size: int = _f(0, "0 = take it from the tokenizer", low=0, high=65535)
+    vocab_size: int = _f(0, "0 = take it from the tokenizer", low=0, high=2**31 - 1)
     dropout: float = _f(0.0, "dropout probability", low=0.0, high=0.99)
     bias: bool = _f(False, "biases in the Linear layers (and LayerNorms)")
     tie_weights: bool = _f(True, "share the embedding and output matrices")
     rope_theta: float = _f(10000.0, "rotary embedding base (llama)", low=1.0)
     norm_eps: float = _f(1e-5, "epsilon of the normalization layers", low=0.0, high=0.1)
+    hf_path: str = _f(
+        "", "start from this Hugging Face save_pretrained folder (its config.json sets family and shape)", kind="path"
+    )
 
 
 @dataclass
@@ -63,8 +68,16 @@ class DataConfig:
     source: str = _f(
         "stdlib", "'stdlib', a folder of text files, or a weighted mix 'stdlib:0.8,docs/:0.2'", kind="source"
     )
-    tokenizer: str = _f("byte", "byte-level (257 ids) or a BPE trained locally", choices=("byte", "bpe"))
-    bpe_vocab_size: int = _f(4096, "vocabulary of the BPE tokenizer", low=260, high=65535)
+    tokenizer: str = _f(
+        "byte",
+        "byte-level (257 ids), a BPE trained locally, or a tokenizer.json file (data.tokenizer_file)",
+        choices=("byte", "bpe", "file"),
+    )
+    bpe_vocab_size: int = _f(4096, "vocabulary of the BPE tokenizer", low=260, high=2**31 - 1)
+    tokenizer_file: str = _f(
+        "", "with tokenizer=file: a Hugging Face tokenizers `tokenizer.json` (any vocabulary size)", kind="path"
+    )
+    text_field: str = _f("text", "the field that holds the text in .jsonl, .parquet and .arrow records", kind="field")
     val_fraction: float = _f(0.05, "share of files held out for validation", low=0.001, high=0.5)
     cache_dir: str = _f("", "token cache; '' = $SCALETRAIN_CACHE or ~/.cache/scaletrain", kind="path")
 
@@ -123,6 +136,9 @@ class MemoryConfig:
     ac_every: int = _f(2, "with every_k: checkpoint one block in k", low=1)
     ac_offload: bool = _f(False, "offload checkpointed activations to CPU (fairscale checkpoint_wrapper)")
     cpu_offload: bool = _f(False, "fsdp: keep parameters, gradients and optimizer state on CPU")
+    fp8_scaling: str = _f(
+        "tensorwise", "precision=fp8-mixed: torchao's scaling recipe", choices=("tensorwise", "rowwise")
+    )
 
 
 @dataclass
@@ -137,6 +153,19 @@ class RunConfig:
     loggers: str = _f("jsonl", "comma-separated metrics loggers (scaletrain.registry.LOGGERS); jsonl is always on")
     peak_tflops: float = _f(0.0, "device peak for MFU; 0 = look up the GPU, or measure a matmul on CPU", low=0.0)
     log_ranks: str = _f("0", "which ranks print: '0' or 'all'", choices=("0", "all"))
+    # the bill (scaletrain.energy); defaults stated with their sources
+    pue: float = _f(
+        1.2, "data-centre power usage effectiveness (Luccioni et al. 2022, BLOOM's cluster)", low=1.0, high=5.0
+    )
+    grid_gco2_per_kwh: float = _f(
+        480.0, "grid carbon intensity, g CO2 per kWh (Ember 2024: world average of 2023)", low=0.0, high=2000.0
+    )
+    cpu_watts_per_core: float = _f(
+        10.0, "CPU runs: assumed power per core, W (a loaded server CPU's TDP/cores)", low=0.0
+    )
+    price_per_device_hour: float = _f(
+        0.0, "price of one GPU (or CPU machine) hour for the bill; 0 = not priced", low=0.0
+    )
 
 
 @dataclass
@@ -185,6 +214,68 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+# %% ../nbs/0_core/04_config.ipynb #f99e6002
+@dataclass
+class DataPrepConfig:
+    "`scaletrain data prepare`: the cleaning, deduplication, contamination and mixing of a dataset folder."
+
+    rules: str = _f(
+        "length,binary,repeated_lines,repeated_chars,generated,licence",
+        "filter rules, comma-separated (scaletrain.dataprep.RULES); '' = none",
+    )
+    min_chars: int = _f(64, "length: fewest characters a document keeps", low=0)
+    max_chars: int = _f(1_000_000, "length: most characters a document keeps", low=1)
+    max_bad_utf8: float = _f(
+        0.001, "binary: share of bytes that are not UTF-8 (or NUL) a document may hold", low=0.0, high=1.0
+    )
+    max_repeated_lines: float = _f(
+        0.6, "repeated_lines: share of non-blank lines that repeat an earlier line", low=0.0, high=1.0
+    )
+    max_top_char: float = _f(
+        0.3, "repeated_chars: share of the non-space characters that are the commonest one", low=0.0, high=1.0
+    )
+    max_licence: float = _f(0.5, "licence: share of the document that is a licence text", low=0.0, high=1.0)
+    exact_dedup: bool = _f(True, "drop documents whose normalised text (case, whitespace) repeats an earlier one")
+    near_threshold: float = _f(
+        0.8, "near-duplicates: estimated Jaccard similarity of word 5-grams; 1 = off", low=0.05, high=1.0
+    )
+    num_perm: int = _f(128, "near-duplicates: MinHash permutations", low=16, high=1024)
+    shingle_words: int = _f(5, "near-duplicates: words per shingle", low=1, high=64)
+    ngram: int = _f(13, "contamination: words per n-gram compared with the held-out text", low=4, high=64)
+    decontaminate: bool = _f(
+        False, "drop training documents that share an n-gram with held-out text (else only report)"
+    )
+    tasks: str = _f("", "fine-tuning tasks whose held-out files count as held-out text (e.g. stdlib-packages)")
+    mix_tokens: int = _f(0, "training tokens of the mixture; 0 = the tokens kept", low=0)
+    labels: str = _f("", "labels.jsonl written by `scaletrain data label`; '' = none", kind="path")
+    min_confidence: float = _f(0.0, "labels: drop documents labelled with less confidence", low=0.0, high=1.0)
+    keep_labels: str = _f("", "labels: keep only these labels, comma-separated; '' = all")
+    balance_labels: bool = _f(False, "labels: down-sample every label to the tokens of the rarest")
+    keep_ids: str = _f(
+        "",
+        "a file of document ids (one a line, as fates.jsonl names them) kept whatever the rules, contamination, "
+        "duplicates or labels say: the undo of a fate",
+        kind="path",
+    )
+    workers: int = _f(0, "worker processes; 0 = the CPU cores (at most 8)", low=0, high=256)
+    chunk_files: int = _f(32, "files per unit of work (a unit done is never redone after an interruption)", low=1)
+    shard_mb: int = _f(64, "megabytes of text per shard", low=1, high=4096)
+
+
+def prep_config(overrides=()) -> DataPrepConfig:
+    "A `DataPrepConfig` from `prep.name=value` strings, each checked (type, range) like a run's keys."
+    p, fm, hints = DataPrepConfig(), _field_map(DataPrepConfig), _hints(DataPrepConfig)
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"config: override {o!r}: expected key=value, e.g. prep.min_chars=100")
+        k, v = o.split("=", 1)
+        k = k.strip()
+        name = k.removeprefix("prep.")
+        if not k.startswith("prep.") or name not in fm:
+            raise ConfigError(f"config: unknown key '{k}'{_suggest(k, [f'prep.{n}' for n in fm])}")
+        setattr(p, name, _coerce(k, v, hints[name], fm[name].metadata))
+    return p
 
 # %% ../nbs/0_core/04_config.ipynb #ff5a7b8a
 SECTIONS = tuple(f.name for f in fields(Config))
@@ -315,6 +406,9 @@ def _check_text(key: str, value: str, kind: str) -> None:
             raise bad("must be a folder path: printable characters, at most 4096")
         if key == "run.out_dir" and not value.strip():
             raise bad("must be a folder path (e.g. runs)")
+    elif kind == "field":
+        if not value or len(value) > 256 or not _printable(value):
+            raise bad("must be a record field name: 1 to 256 printable characters")
     elif kind == "source":
         if len(value) > 4096 or not _printable(value):
             raise bad("must be 'stdlib', a folder or a weighted mix 'a:0.7,b:0.3' of printable characters")
@@ -519,6 +613,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"config: model.vocab_size={m.vocab_size}: the byte tokenizer needs >= 257 (or 0 = automatic)"
         )
+    if (cfg.data.tokenizer == "file") != bool(cfg.data.tokenizer_file):
+        raise ConfigError(
+            f"config: data.tokenizer={cfg.data.tokenizer} with data.tokenizer_file={cfg.data.tokenizer_file!r}: "
+            "a tokenizer file goes with data.tokenizer=file, and data.tokenizer=file needs the file"
+        )
     if cfg.data.tokenizer == "bpe" and m.vocab_size and m.vocab_size < cfg.data.bpe_vocab_size:
         raise ConfigError(
             f"config: model.vocab_size={m.vocab_size} is smaller than data.bpe_vocab_size={cfg.data.bpe_vocab_size}"
@@ -540,6 +639,11 @@ def validate(cfg: Config) -> Config:
     if p.pp > 1 and m.tie_weights:
         raise ConfigError(
             f"config: model.tie_weights=true with parallel.pp={p.pp}: the embedding and the output head "
-            "live on different stages; set model.tie_weights=false"
+            "live on different stages; "
+            + (
+                "untie them in model.hf_path's config.json (tie_word_embeddings=false)"
+                if m.family == "hf"
+                else "set model.tie_weights=false"
+            )
         )
     return cfg

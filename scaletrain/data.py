@@ -4,7 +4,6 @@
 
 # %% ../nbs/2_data/20_data.ipynb #d74e6895
 from __future__ import annotations
-import fcntl
 import hashlib
 import json
 import os
@@ -13,7 +12,6 @@ import sys
 import sysconfig
 import tempfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -21,12 +19,13 @@ import torch
 from tqdm.auto import tqdm
 from .config import DataConfig, split_sources
 from .errors import ConfigError, DataError
-from .files import atomic_write_text
+from .files import atomic_write_text, disk_full_error
 
 # %% auto #0
-__all__ = ['TEXT_SUFFIXES', 'INSTALLED_DIRS', 'stdlib_root', 'stdlib_files', 'folder_files', 'Source', 'parse_sources',
-           'is_val_file', 'ByteTokenizer', 'BPETokenizer', 'cache_root', 'PreparedData', 'cache_folder', 'prepare_data',
-           'check_prepared', 'BatchSampler']
+__all__ = ['TEXT_SUFFIXES', 'RECORD_SUFFIXES', 'DATA_SUFFIXES', 'INSTALLED_DIRS', 'END_TOKENS', 'stdlib_root', 'stdlib_files',
+           'folder_files', 'Source', 'dataset_shards', 'parse_sources', 'is_val_file', 'documents', 'ByteTokenizer',
+           'token_dtype', 'BPETokenizer', 'cache_root', 'PreparedData', 'data_tokenizer', 'tokenizer_vocab',
+           'cache_folder', 'prepare_data', 'check_prepared', 'BatchSampler']
 
 # %% ../nbs/2_data/20_data.ipynb #809bfd01
 TEXT_SUFFIXES = {
@@ -58,6 +57,9 @@ TEXT_SUFFIXES = {
 }
 
 
+RECORD_SUFFIXES = {".jsonl", ".parquet", ".arrow"}  # files of records: each record's text field is a document
+DATA_SUFFIXES = TEXT_SUFFIXES | RECORD_SUFFIXES
+
 INSTALLED_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # installed packages live beside the stdlib
 
 
@@ -78,12 +80,12 @@ def stdlib_files() -> list[Path]:
 
 
 def folder_files(path) -> list[Path]:
-    "Text files under a folder (hidden folders skipped), sorted."
+    "Text and record files under a folder (hidden folders skipped), sorted."
     root = Path(path)
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).parts
-        if any(s.startswith(".") for s in rel) or not p.is_file() or p.suffix.lower() not in TEXT_SUFFIXES:
+        if any(s.startswith(".") for s in rel) or not p.is_file() or p.suffix.lower() not in DATA_SUFFIXES:
             continue
         out.append(p)
     return out
@@ -93,14 +95,33 @@ def folder_files(path) -> list[Path]:
 class Source:
     "One corpus in a mixture."
 
-    spec: str  # 'stdlib' or the folder's absolute path
+    spec: str  # 'stdlib', or the folder's or file's absolute path
     weight: float
     files: list  # list[Path]
     root: Path = None
+    val: set = None  # a dataset folder's held-out shards (set[Path]); None = split by `is_val_file`
+
+
+def dataset_shards(p: Path):
+    """`(train, val)` shard paths of a folder written by `scaletrain data prepare` (its `manifest.json` says which
+    files are shards and which are held out), or None for any other folder."""
+    m = p / "manifest.json"
+    try:
+        man = json.loads(m.read_text()) if m.is_file() else None
+    except (OSError, ValueError):
+        man = None
+    if not isinstance(man, dict) or man.get("format") != "scaletrain-dataset":
+        return None
+    try:
+        return [p / n for n in man["shards"]["train"]], [p / n for n in man["shards"]["val"]]
+    except (KeyError, TypeError):
+        raise DataError(
+            f"data.source={str(p)!r}: its manifest.json lists no shards; prepare the dataset again"
+        ) from None
 
 
 def parse_sources(spec: str) -> list[Source]:
-    "Parse `data.source` ('stdlib', 'path/', or 'stdlib:0.8,docs/:0.2') and list each source's files."
+    "Parse `data.source` ('stdlib', 'path/', 'file.jsonl' or 'stdlib:0.8,docs/:0.2') and list each source's files."
     try:
         items = split_sources(spec)  # the syntax and the weights: the config's own rule
     except ConfigError as e:
@@ -113,16 +134,28 @@ def parse_sources(spec: str) -> list[Source]:
             p = Path(name).expanduser()
             if not p.exists():
                 raise DataError(
-                    f"data.source={name!r}: no such folder; use 'stdlib' or a readable folder of text files"
+                    f"data.source={name!r}: no such folder or file; use 'stdlib', a readable folder of text files, "
+                    "or a .jsonl/.parquet/.arrow/text file"
                 )
+            if p.is_file():
+                if p.suffix.lower() not in DATA_SUFFIXES or not os.access(p, os.R_OK):
+                    raise DataError(
+                        f"data.source={name!r}: not a readable text or record file "
+                        f"({', '.join(sorted(x for x in DATA_SUFFIXES if x))})"
+                    )
+                out.append(Source(str(p.resolve()), w, [p], p.parent))
+                continue
             if not p.is_dir() or not os.access(p, os.R_OK | os.X_OK):
                 raise DataError(
                     f"data.source={name!r}: not a readable folder; use 'stdlib' or a readable folder of text files"
                 )
+            if (shards := dataset_shards(p)) is not None:  # a prepared dataset: its shards, its own split
+                out.append(Source(str(p.resolve()), w, shards[0] + shards[1], p, set(shards[1])))
+                continue
             files = folder_files(p)
             if not files:
                 raise DataError(
-                    f"data.source={name!r}: contains no text files ({', '.join(sorted(s for s in TEXT_SUFFIXES if s))})"
+                    f"data.source={name!r}: contains no text files ({', '.join(sorted(s for s in DATA_SUFFIXES if s))})"
                 )
             root, name = p, str(p.resolve())
         out.append(Source(name, w, files, root))
@@ -133,6 +166,91 @@ def is_val_file(relpath, val_fraction: float) -> bool:
     "Deterministic split by file: a stable hash of the file's path inside its source decides."
     h = zlib.crc32(Path(relpath).as_posix().encode()) % 100_000
     return h < val_fraction * 100_000
+
+# %% ../nbs/2_data/20_data.ipynb #53655316
+def _record_error(path, where: str, what: str) -> DataError:
+    return DataError(f"data.source: {path}{where}: {what}")
+
+
+def _field_of(rec, path, where: str, field: str) -> bytes:
+    if not isinstance(rec, dict):
+        raise _record_error(path, where, f"a record must be a JSON object with a {field!r} field")
+    if field not in rec:
+        have = ", ".join(sorted(map(str, rec))[:8]) or "none"
+        raise DataError(f"data.text_field={field!r}: {path}{where} has no such field (its fields: {have})")
+    v = rec[field]
+    if v is None:
+        return b""
+    if not isinstance(v, str):
+        raise DataError(f"data.text_field={field!r}: {path}{where} holds a {type(v).__name__}, not text")
+    return v.encode("utf-8", errors="replace")
+
+
+def _arrow_batches(path: Path, field: str):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"data.source: {path} needs pyarrow to read {path.suffix} files; pip install scaletrain[data]"
+        ) from None
+    try:
+        if path.suffix.lower() == ".parquet":
+            f = pq.ParquetFile(path)
+            names = f.schema_arrow.names
+            if field not in names:
+                raise DataError(
+                    f"data.text_field={field!r}: {path} has no such column (its columns: {', '.join(names)})"
+                )
+            yield from f.iter_batches(columns=[field], batch_size=1024)
+            return
+        with pa.memory_map(str(path)) as src:
+            try:
+                reader = pa.ipc.open_stream(src)  # what `datasets` writes
+            except pa.ArrowInvalid:
+                src.seek(0)
+                reader = pa.ipc.open_file(src)
+                reader = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                names = None
+            else:
+                names = reader.schema.names
+            for b in reader:
+                names = names or b.schema.names
+                if field not in names:
+                    raise DataError(
+                        f"data.text_field={field!r}: {path} has no such column (its columns: {', '.join(names)})"
+                    )
+                yield b.select([field])
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"data.source: cannot read {path} as {path.suffix[1:]} ({str(e).splitlines()[0]})") from None
+
+
+def documents(path, text_field: str = "text"):
+    "The documents of one file as UTF-8 bytes: the whole text file, or each record's `text_field`."
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, "rb") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    msg = getattr(e, "msg", "not UTF-8")
+                    raise _record_error(path, f":{i}", f"not a JSON record ({msg}); JSONL holds one object per line")
+                yield _field_of(rec, path, f":{i}", text_field)
+    elif suffix in (".parquet", ".arrow"):
+        for batch in _arrow_batches(path, text_field):
+            col = batch.column(0)
+            if not (str(col.type) in ("string", "large_string") or col.null_count == len(col)):
+                raise DataError(f"data.text_field={text_field!r}: column of {path} holds {col.type}, not text")
+            for v in col.to_pylist():
+                yield (v or "").encode("utf-8", errors="replace")
+    else:
+        b = path.read_bytes()
+        if b"\0" not in b[:8192]:  # a binary file is not text
+            yield b
 
 # %% ../nbs/2_data/20_data.ipynb #df95d70f
 class ByteTokenizer:
@@ -150,18 +268,30 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
+END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]", "<|end|>")
+
+
+def token_dtype(vocab_size: int):
+    "The smallest unsigned type that holds every id of the vocabulary."
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
 class BPETokenizer:
-    "Byte-level BPE (HF tokenizers), trained locally."
+    "A HF `tokenizers` tokenizer: a byte-level BPE trained locally (`kind='bpe'`) or a given `tokenizer.json` ('file')."
 
-    kind = "bpe"
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.eot = tok.token_to_id("<|endoftext|>")
-        self.vocab_size = tok.get_vocab_size()
+    def __init__(self, tok, kind: str = "bpe", where: str = "data.tokenizer_file"):
+        self.tok, self.kind = tok, kind
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eot = next((i for t in END_TOKENS if (i := tok.token_to_id(t)) is not None), None)
+        if self.eot is None:
+            raise DataError(
+                f"{where}: the tokenizer has none of the end-of-text tokens {', '.join(END_TOKENS)}; "
+                "add one to its special tokens"
+            )
 
     @classmethod
-    def train(cls, files, vocab_size: int, path=None):
+    def train(cls, texts, vocab_size: int, path=None):
+        "Train on an iterable of texts (`str`) or of files (paths: their text)."
         from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
 
         tok = Tokenizer(models.BPE())
@@ -173,22 +303,31 @@ class BPETokenizer:
             show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        tok.train_from_iterator((Path(f).read_text(encoding="utf-8", errors="replace") for f in files), tr)
+        read = lambda t: Path(t).read_text(encoding="utf-8", errors="replace") if isinstance(t, os.PathLike) else t
+        tok.train_from_iterator((read(t) for t in texts), tr)
         if path is not None:
             tok.save(str(path))
         return cls(tok)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, kind: str = "bpe", where: str = "data.tokenizer_file"):
+        "Load a `tokenizer.json`; a missing or malformed file is one `DataError` line naming `where`."
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        if not Path(path).is_file():
+            raise DataError(f"{where}={str(path)!r}: no such file; give a tokenizers tokenizer.json")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for anything it cannot parse
+            first = (str(e).splitlines() or ["unreadable"])[0][:200]
+            raise DataError(f"{where}={str(path)!r}: not a tokenizers tokenizer.json ({first})") from None
+        return cls(tok, kind, where)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_bytes(self, b: bytes) -> np.ndarray:
-        return np.asarray(self.encode(b.decode("utf-8", errors="replace")), dtype=np.uint16)
+        return np.asarray(self.encode(b.decode("utf-8", errors="replace")), dtype=token_dtype(self.vocab_size))
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids])
@@ -206,11 +345,17 @@ def _cache_key(cfg: DataConfig, sources: list[Source]) -> str:
                 cfg.tokenizer,
                 cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else 0,
                 round(cfg.val_fraction, 6),
+                cfg.text_field,
                 sys.version,
-                2,
+                3,
             ]
         ).encode()
     )
+    if cfg.tokenizer == "file":  # the file's bytes, not its name: an edited tokenizer.json is another cache
+        try:
+            h.update(hashlib.sha256(Path(cfg.tokenizer_file).expanduser().read_bytes()).digest())
+        except OSError as e:
+            raise DataError(f"data.tokenizer_file={cfg.tokenizer_file!r}: cannot read it ({e.strerror})") from None
     for s in sources:
         h.update(s.spec.encode())
         for f in s.files:
@@ -222,15 +367,12 @@ def _cache_key(cfg: DataConfig, sources: list[Source]) -> str:
     return h.hexdigest()[:16]
 
 
-@contextmanager
 def _file_lock(path: Path):
+    "An exclusive lock between processes (`filelock`: the OS's lock, released when its holder dies, on every platform)."
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 @dataclass
@@ -250,35 +392,56 @@ class PreparedData:
 
 
 def _split_files(src: Source, val_fraction: float):
-    val = [f for f in src.files if is_val_file(f.relative_to(src.root), val_fraction)]
+    if src.val is not None:
+        val = [f for f in src.files if f in src.val]
+    else:
+        val = [f for f in src.files if is_val_file(f.relative_to(src.root), val_fraction)]
     vs = set(val)
     return [f for f in src.files if f not in vs], val
 
 
-def _write_tokens(files, tok, out: Path, desc: str, show: bool) -> tuple:
-    "Stream files through the tokenizer into one uint16 file; returns the token count and the number of text files."
-    n = texts = 0
-    eot = np.array([tok.eot], dtype=np.uint16)
+def _write_tokens(files, tok, out: Path, desc: str, show: bool, text_field: str = "text") -> tuple:
+    """Stream the files' documents through the tokenizer into one file of `token_dtype` ids, an end-of-text id after
+    each document; returns the token count and the number of files that held text."""
+    texts = 0
+    dtype = token_dtype(tok.vocab_size)
+    eot = np.array([tok.eot], dtype=dtype)
     with open(out, "wb") as fh:
         for f in tqdm(files, desc=desc, disable=not show, mininterval=1.0, leave=False):
+            had = False
             try:
-                b = Path(f).read_bytes()
+                for b in documents(f, text_field):
+                    had = had or bool(b.strip())
+                    fh.write(tok.encode_bytes(b).astype(dtype, copy=False).tobytes())
+                    fh.write(eot.tobytes())
             except FileNotFoundError:
                 continue  # vanished since it was listed
             except OSError as e:
                 raise DataError(f"data.source: cannot read {f} ({e.strerror})") from None
-            if b"\0" in b[:8192]:
-                continue  # binary file
-            texts += bool(b.strip())
-            arr = tok.encode_bytes(b)
-            fh.write(arr.tobytes())
-            fh.write(eot.tobytes())
-            n += len(arr) + 1
-    return n, texts
+            texts += had
+    return out.stat().st_size // np.dtype(dtype).itemsize, texts
 
 
 def _load_tokenizer(kind: str, folder: Path):
-    return ByteTokenizer() if kind == "byte" else BPETokenizer.load(folder / "tokenizer.json")
+    if kind == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.load(folder / "tokenizer.json", kind, where=f"the token cache {folder}")
+
+
+def data_tokenizer(cfg: DataConfig):
+    """The tokenizer that `data.tokenizer` names, without preparing any data: bytes, or a `tokenizer.json` given by
+    `data.tokenizer_file` (None for a BPE that is trained with the cache)."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer == "file":
+        return BPETokenizer.load(Path(cfg.tokenizer_file).expanduser(), "file")
+    return None
+
+
+def tokenizer_vocab(cfg: DataConfig) -> int:
+    "The vocabulary size the data will have (for estimates made before the cache exists)."
+    tok = data_tokenizer(cfg)
+    return tok.vocab_size if tok is not None else cfg.bpe_vocab_size
 
 
 def cache_folder(cfg: DataConfig) -> Path:
@@ -296,8 +459,8 @@ def cache_folder(cfg: DataConfig) -> Path:
     return base / "tokens"
 
 
-def _mmap(path: Path):
-    return np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, dtype=np.uint16)
+def _mmap(path: Path, dtype=np.uint16):
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
 
 
 def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
@@ -309,13 +472,19 @@ def prepare_data(cfg: DataConfig, show_progress: bool = True) -> PreparedData:
     try:
         _build_cache(cfg, sources, key, root, folder, show_progress)
     except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile: one line naming the path
+        advice = (
+            "nothing half-written was kept (the cache is built aside and renamed when whole); free space, run again"
+        )
+        if (full := disk_full_error(e, root, advice)) is not None:
+            raise full from None
         raise DataError(
             f"data.cache_dir: cannot write the token cache at {e.filename or folder} ({e.strerror or e})"
         ) from None
     meta = json.loads((folder / "meta.json").read_text())
     tok = _load_tokenizer(meta["tokenizer"], folder)
-    train = [_mmap(folder / f"train_{i}.bin") for i in range(len(meta["sources"]))]
-    val = [_mmap(folder / f"val_{i}.bin") for i in range(len(meta["sources"]))]
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    train = [_mmap(folder / f"train_{i}.bin", dtype) for i in range(len(meta["sources"]))]
+    val = [_mmap(folder / f"val_{i}.bin", dtype) for i in range(len(meta["sources"]))]
     return PreparedData(folder, tok, train, val, [s["weight"] for s in meta["sources"]], meta)
 
 
@@ -337,28 +506,47 @@ def check_prepared(data: PreparedData, block_size: int) -> None:
 
 def _build_cache(cfg: DataConfig, sources, key: str, root: Path, folder: Path, show_progress: bool) -> None:
     with _file_lock(root / f"{key}.lock"):
+        for stale in root.glob(f".{key}.*"):  # under the lock: the build of a process that died; it holds space
+            shutil.rmtree(stale, ignore_errors=True)
         if not (folder / "meta.json").exists():
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
             try:
                 splits = [_split_files(s, cfg.val_fraction) for s in sources]
                 if cfg.tokenizer == "bpe":
-                    train_files = [f for tr, _ in splits for f in tr]
-                    tok = BPETokenizer.train(train_files, cfg.bpe_vocab_size, tmp / "tokenizer.json")
+                    texts = (
+                        b.decode("utf-8", errors="replace")
+                        for tr, _ in splits
+                        for f in tr
+                        for b in documents(f, cfg.text_field)
+                    )
+                    tok = BPETokenizer.train(texts, cfg.bpe_vocab_size, tmp / "tokenizer.json")
+                elif cfg.tokenizer == "file":
+                    shutil.copyfile(Path(cfg.tokenizer_file).expanduser(), tmp / "tokenizer.json")
+                    tok = BPETokenizer.load(tmp / "tokenizer.json", "file")
                 else:
                     tok = ByteTokenizer()
-                meta = dict(tokenizer=cfg.tokenizer, vocab_size=tok.vocab_size, eot=tok.eot, sources=[])
+                dtype = token_dtype(tok.vocab_size)
+                meta = dict(
+                    tokenizer=cfg.tokenizer,
+                    vocab_size=tok.vocab_size,
+                    eot=tok.eot,
+                    dtype=np.dtype(dtype).name,
+                    text_field=cfg.text_field,
+                    sources=[],
+                )
                 for i, (s, (tr, va)) in enumerate(zip(sources, splits)):
+                    name = Path(s.spec).name
                     ntr, ttr = _write_tokens(
-                        tr, tok, tmp / f"train_{i}.bin", f"tokenizing {Path(s.spec).name} train", show_progress
+                        tr, tok, tmp / f"train_{i}.bin", f"tokenizing {name} train", show_progress, cfg.text_field
                     )
                     nva, tva = _write_tokens(
-                        va, tok, tmp / f"val_{i}.bin", f"tokenizing {Path(s.spec).name} val", show_progress
+                        va, tok, tmp / f"val_{i}.bin", f"tokenizing {name} val", show_progress, cfg.text_field
                     )
                     if nva == 0 or ntr == 0:  # too few files to split by file: split the token stream instead
                         allt = np.concatenate(
                             [
-                                np.fromfile(tmp / f"train_{i}.bin", dtype=np.uint16),
-                                np.fromfile(tmp / f"val_{i}.bin", dtype=np.uint16),
+                                np.fromfile(tmp / f"train_{i}.bin", dtype=dtype),
+                                np.fromfile(tmp / f"val_{i}.bin", dtype=dtype),
                             ]
                         )
                         cut = int(len(allt) * (1 - cfg.val_fraction))

@@ -5,7 +5,9 @@
 # %% ../nbs/3_parallel/30_engine.ipynb #559612f7
 from __future__ import annotations
 import contextlib
+import inspect
 import math
+import re
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -14,11 +16,12 @@ from collections import defaultdict
 import torch.distributed as dist
 from .config import Config, TrainConfig
 from .dist import all_reduce_mean
+from .errors import ConfigError
 from .precision import autocast_ctx, make_scaler
 
 # %% auto #0
-__all__ = ['param_groups', 'adamw_kwargs', 'lr_at', 'set_lr', 'lm_loss', 'local_bytes', 'StepResult', 'Engine',
-           'clip_grad_norm_mixed', 'ParallelEngine']
+__all__ = ['param_groups', 'adamw_kwargs', 'lr_at', 'set_lr', 'lm_loss', 'clean_name', 'ctor_kwargs', 'OptimizerRecipe',
+           'local_bytes', 'StepResult', 'Engine', 'clip_grad_norm_mixed', 'ParallelEngine']
 
 # %% ../nbs/3_parallel/30_engine.ipynb #78d2bf7c
 def param_groups(model: nn.Module, weight_decay: float):
@@ -55,8 +58,119 @@ def set_lr(optimizer, lr: float):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    "Mean next-token cross-entropy, computed in fp32."
+    "Mean next-token cross-entropy, computed in fp32 (`logits`: a tensor, or a model output with `.logits`)."
+    logits = getattr(logits, "logits", logits)  # a transformers CausalLMOutput
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+# %% ../nbs/3_parallel/30_engine.ipynb #d93162a9
+_WRAPPER_PARTS = re.compile(r"(^|\.)(_checkpoint_wrapped_module|_orig_mod)(?=\.)")
+
+
+def clean_name(name: str) -> str:
+    "A parameter's name without the parts wrappers insert (activation checkpointing, compile)."
+    return _WRAPPER_PARTS.sub("", name).lstrip(".")
+
+
+def ctor_kwargs(cls, values: dict) -> dict:
+    """The entries of `values` that `cls(...)` accepts as keyword arguments; a constructor taking `**kwargs` passes
+    them on, so its parents' named arguments count too (`class Mine(AdamW): def __init__(self, params, **kw)`)."""
+    P = inspect.Parameter
+    allowed = set()
+    for c in cls.__mro__:
+        if c is object:
+            return {k: v for k, v in values.items() if k != "params"}
+        if "__init__" not in vars(c):
+            continue
+        ps = inspect.signature(c.__init__).parameters
+        allowed |= {k for k, p in ps.items() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+        if not any(p.kind is P.VAR_KEYWORD for p in ps.values()):
+            break
+    return {k: v for k, v in values.items() if k in allowed and k not in ("self", "params")}
+
+
+@dataclass
+class OptimizerRecipe:
+    """How to rebuild the user's optimizer over the parameters a strategy leaves: `cls`, constructor `kwargs`,
+    `groups` (each a dict of hyper-parameters plus `names`, the parameter names it holds) and an optional `factory`.
+
+    Example:
+        >>> m = nn.Linear(2, 2)
+        >>> r = OptimizerRecipe.of(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m)
+        >>> r.cls.__name__, r.kwargs["momentum"], r.groups[0]["names"]
+        ('SGD', 0.9, ['weight', 'bias'])
+    """
+
+    cls: type
+    kwargs: dict
+    groups: list
+    factory: object = None
+    instance: object = None  # the object the user built, kept where the strategy leaves its parameters alone
+
+    @classmethod
+    def of(cls, optimizer, model: nn.Module) -> "OptimizerRecipe":
+        "The recipe of an optimizer instance over `model`'s parameters, or of a factory `f(params) -> Optimizer`."
+        factory = None
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            if not callable(optimizer):
+                raise ConfigError(
+                    f"optimizer: got a {type(optimizer).__name__}; pass a torch.optim.Optimizer built over the model's "
+                    "parameters, or a factory: lambda params: MyOptimizer(params, lr=...)"
+                )
+            factory = optimizer
+            optimizer = factory([p for p in model.parameters() if p.requires_grad])
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise ConfigError(
+                    f"optimizer: the factory returned a {type(optimizer).__name__}, not a torch.optim.Optimizer"
+                )
+        if any(optimizer.state.values()):
+            raise ConfigError(
+                f"optimizer: the {type(optimizer).__name__} given has already stepped (it holds state); "
+                "hand it to setup before training, or load its state from a checkpoint afterwards"
+            )
+        names = {id(p): clean_name(n) for n, p in model.named_parameters()}
+        groups = []
+        for g in optimizer.param_groups:
+            missing = [p for p in g["params"] if id(p) not in names]
+            if missing:
+                raise ConfigError(
+                    f"optimizer: the {type(optimizer).__name__} holds {len(missing)} tensors that are not parameters "
+                    "of the model given; build it over model.parameters()"
+                )
+            groups.append(
+                {**{k: v for k, v in g.items() if k != "params"}, "names": [names[id(p)] for p in g["params"]]}
+            )
+        kw = ctor_kwargs(type(optimizer), optimizer.defaults)
+        return cls(type(optimizer), kw, groups, factory, None if factory is not None else optimizer)
+
+    def param_groups(self, module: nn.Module) -> list:
+        "The groups over `module`'s parameters as they are now (sharded, wrapped), by name; missing names left out."
+        have = {clean_name(n): p for n, p in module.named_parameters()}
+        out = []
+        for g in self.groups:
+            ps = [have[n] for n in g["names"] if n in have]
+            if ps:
+                out.append({**{k: v for k, v in g.items() if k != "names"}, "params": ps})
+        return out
+
+    def group_kwargs(self, group: dict) -> dict:
+        "The constructor keywords for one group: the recipe's, with the group's own hyper-parameters."
+        return {**self.kwargs, **ctor_kwargs(self.cls, {k: v for k, v in group.items() if k != "params"})}
+
+    def build(self, module: nn.Module) -> torch.optim.Optimizer:
+        "The user's optimizer over `module`'s current parameters."
+        groups = self.param_groups(module)
+        now = {id(p) for g in groups for p in g["params"]}
+        if self.instance is not None and now == {id(p) for g in self.instance.param_groups for p in g["params"]}:
+            return self.instance  # the same tensors (one process, DDP): the user's own object
+        if self.factory is not None:  # called again, so a constructor of its own keeps working
+            return self.factory([p for g in groups for p in g["params"]])
+        try:
+            return self.cls(groups, **self.kwargs)
+        except TypeError as e:
+            raise ConfigError(
+                f"optimizer: cannot rebuild {self.cls.__name__} over the sharded parameters ({e}); "
+                f"pass a factory instead: lambda params: {self.cls.__name__}(params, ...)"
+            ) from None
 
 # %% ../nbs/3_parallel/30_engine.ipynb #56348b39
 def local_bytes(tensors) -> int:
@@ -111,8 +225,10 @@ class Engine:
         param_groups_fn=None,
         loss_fn=lm_loss,
         spec=None,
+        optimizer: OptimizerRecipe | None = None,
     ):
         self.cfg, self.device, self.info, self.mesh, self.loss_fn = cfg, device, info, mesh, loss_fn
+        self.recipe = optimizer  # the user's optimizer (None: AdamW from train.*)
         self.spec = spec  # the model family's spec, for engines that reach into the model (FSDP's blocks)
         self.precision = cfg.memory.precision
         self.module = model
@@ -127,6 +243,8 @@ class Engine:
         return model
 
     def build_optimizer(self, groups):
+        if self.recipe is not None:
+            return self.recipe.build(self.module)
         return torch.optim.AdamW(groups, **adamw_kwargs(self.cfg.train, self.device))
 
     def build_scaler(self):
@@ -173,12 +291,23 @@ class Engine:
     def optimizer_step(self, loss: torch.Tensor) -> StepResult:
         if not hasattr(self, "grad_bytes"):  # what this rank holds after backward; the layout is the same every step
             self.grad_bytes = local_bytes(p.grad for p in self.module.parameters())
-        scale = None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            scale = _scale_now(self.scaler)
+        scale = self.unscale()
         norm = self.clip_grad_norm(self.cfg.train.grad_clip)  # the global norm, also when not clipping (max inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return self.apply_step(loss, norm, scale)
+
+    def unscale(self) -> torch.Tensor | None:
+        "fp16-mixed: divide the gradients by the loss scale (once a step); returns that scale (None: no scaler)."
+        if self.scaler is None:
+            return None
+        self.scaler.unscale_(self.optimizer)
+        return _scale_now(self.scaler)
+
+    def apply_step(self, loss: torch.Tensor, norm: torch.Tensor, scale=None) -> StepResult:
+        """The optimizer step on unscaled, clipped gradients of global norm `norm`, unless the step is non-finite
+        (a NaN/Inf loss, or without a loss scaler a NaN/Inf norm: the weights stay as they are); then gradients to
+        None. `scale`: fp16's loss scale before `unscale_`. The Trainer's step and `scaletrain.loop.Loop.step` both
+        end here, so both skip a non-finite step the same way."""
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped by the scaler when the gradients hold inf/NaN
             self.scaler.update()

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'ScaletrainError', 'ConfigError', 'DataError', 'CheckpointError', 'LaunchError', 'first_line']
+__all__ = ['USER_ERRORS', 'ScaletrainError', 'ConfigError', 'DataError', 'CheckpointError', 'LaunchError', 'DiskFull',
+           'first_line']
 
 # %% ../nbs/0_core/00_errors.ipynb #0bcd20b8
 class ScaletrainError(ValueError):
@@ -27,6 +28,27 @@ class CheckpointError(ScaletrainError):
 
 class LaunchError(ConfigError):
     "A job that cannot start as asked: one line naming the option, the value and what is allowed."
+
+
+class DiskFull(ScaletrainError):
+    """A write that failed for want of space (a full disk or an exhausted quota). What was written before it is
+    intact; `advice` says what survives and how to continue. `all_ranks`: every rank of the job raised it together
+    (so one rank's line is enough)."""
+
+    def __init__(self, path, free: int | None = None, advice: str = "", all_ranks: bool = False):
+        self.path, self.free, self.advice, self.all_ranks = str(path), free, advice, all_ranks
+        room = "unknown space" if free is None else f"{_size(free)}"
+        super().__init__(f"disk full: cannot write {path} ({room} free there)" + (f"; {advice}" if advice else ""))
+
+    def __reduce__(self):  # pickles (an exception's default re-calls __init__ with the message alone)
+        return (DiskFull, (self.path, self.free, self.advice, self.all_ranks))
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 USER_ERRORS = (ScaletrainError,)

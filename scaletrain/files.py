@@ -4,14 +4,18 @@
 
 # %% ../nbs/0_core/01_files.ipynb #84ff86f7
 from __future__ import annotations
+import errno
 import json
 import os
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from .errors import DiskFull
 
 # %% auto #0
-__all__ = ['UMASK', 'atomic_write', 'atomic_write_text', 'read_json', 'fresh_folder']
+__all__ = ['UMASK', 'NO_SPACE', 'LOW_SPACE', 'atomic_write', 'atomic_write_text', 'read_json', 'fresh_folder', 'free_bytes',
+           'exception_chain', 'is_disk_full', 'disk_full_error']
 
 # %% ../nbs/0_core/01_files.ipynb #bb7fe007
 UMASK = os.umask(0)  # read once, at import: what we create gets the permissions `open` would give
@@ -79,3 +83,60 @@ def fresh_folder(out_dir, name: str = "", tag: str = "", exist_ok: bool = False)
         except FileExistsError:
             continue
     raise FileExistsError(f"{out_dir}: cannot create a fresh folder (1000 names taken)")
+
+# %% ../nbs/0_core/01_files.ipynb #94bc9975
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 16 * 2**20  # bytes: after a failed write, a file system with less than this free is full for our purpose
+
+
+def free_bytes(path) -> int | None:
+    "Free bytes (for this user) on the file system holding `path` (or its nearest existing parent); None if unknown."
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def exception_chain(e: BaseException):
+    "`e` and every exception behind it: causes, contexts, and the per-rank failures of a DCP `CheckpointException`."
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        inner = getattr(x, "exception", None)  # DCP's WrappedException
+        fails = getattr(x, "failures", None)
+        todo += [x.__cause__, x.__context__, inner if isinstance(inner, BaseException) else None]
+        if isinstance(fails, dict):
+            todo += [
+                getattr(f, "exception", f)
+                for f in fails.values()
+                if isinstance(getattr(f, "exception", f), BaseException)
+            ]
+
+
+def is_disk_full(e: BaseException, path=None) -> bool:
+    """Did `e` come from a full disk or quota: `ENOSPC`/`EDQUOT` anywhere in its chain, or (with `path`, what was
+    being written) any failure while `path`'s file system has under `LOW_SPACE` free?"""
+    if any(isinstance(x, DiskFull) or getattr(x, "errno", None) in NO_SPACE for x in exception_chain(e)):
+        return True
+    free = free_bytes(path) if path is not None else None
+    return free is not None and free < LOW_SPACE
+
+
+def disk_full_error(e: BaseException, path, advice: str = ""):
+    """A `DiskFull` for failure `e` while writing `path` (the file the OS names, when it names one), or None when `e`
+    is not a full disk. A `DiskFull` already in the chain is kept (its path), with `advice` added."""
+    if not is_disk_full(e, path):
+        return None
+    inner = next((x for x in exception_chain(e) if isinstance(x, DiskFull)), None)
+    if inner is not None:
+        return DiskFull(inner.path, inner.free, advice or inner.advice, inner.all_ranks)
+    named = next((x.filename for x in exception_chain(e) if isinstance(x, OSError) and x.filename), None)
+    where = named or path
+    return DiskFull(where, free_bytes(where), advice)

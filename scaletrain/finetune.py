@@ -58,15 +58,16 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
                     f"model.{k}={mine} (a checkpoint of a different architecture); drop the model.{k} setting"
                 )
             setattr(cfg.model, k, theirs)
-        for k in ("tokenizer", "bpe_vocab_size"):
+        for k in ("tokenizer", "bpe_vocab_size", "tokenizer_file"):
             mine, theirs = getattr(cfg.data, k), getattr(ck.data, k)
-            if f"data.{k}" in explicit and mine != theirs and (k == "tokenizer" or ck.data.tokenizer == "bpe"):
+            used = k == "tokenizer" or ck.data.tokenizer == {"bpe_vocab_size": "bpe", "tokenizer_file": "file"}[k]
+            if f"data.{k}" in explicit and mine != theirs and used:
                 raise ConfigError(
                     f"finetune.init={f.init}: the checkpoint was trained with data.{k}={theirs} but the config asks "
                     f"for data.{k}={mine} (a different vocabulary); drop the data.{k} setting"
                 )
         # the BPE tokenizer lives in the pretraining data's cache: point at the same sources
-        for k in ("source", "tokenizer", "bpe_vocab_size", "val_fraction"):
+        for k in ("source", "tokenizer", "bpe_vocab_size", "tokenizer_file", "text_field", "val_fraction"):
             setattr(cfg.data, k, getattr(ck.data, k))
         if "data.cache_dir" not in explicit:
             cfg.data.cache_dir = ck.data.cache_dir
@@ -74,6 +75,11 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
             validate(cfg)
         except ConfigError as e:
             raise ConfigError(f"finetune.init={f.init}: with the checkpoint's architecture, {e}") from None
+    if cfg.model.family == "hf" and kind != "lm":
+        raise ConfigError(
+            f"finetune.task={f.task} with model.family=hf: scaletrain puts classifier heads on its own families only; "
+            "fine-tune an lm: task, or pretrain with model.family=llama|gpt model.hf_path=DIR (the same weights)"
+        )
     if f.freeze_blocks > cfg.model.n_layer:
         raise ConfigError(
             f"config: finetune.freeze_blocks={f.freeze_blocks} is more than the model's {cfg.model.n_layer} blocks"

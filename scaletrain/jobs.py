@@ -7,11 +7,14 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from .config import Config, config_diff, config_hash, load_config, save_config
 from .errors import ConfigError
-from .files import fresh_folder
+from .files import disk_full_error, fresh_folder
+from .data import tokenizer_vocab
+from .models.hub import resolve_hf
 
 # %% auto #0
 __all__ = ['check_out_dir', 'new_run_dir', 'named_for', 'write_run_config', 'run_folder', 'resume_folder', 'is_architecture',
@@ -53,7 +56,7 @@ def new_run_dir(cfg: Config) -> Path:
             f"run.name={cfg.run.name}: {d} already exists; choose another run.name or continue it with --resume {d}"
         ) from None
     except OSError as e:  # /proc, a read-only or full file system: nothing was created
-        raise _unwritable(cfg, e) from None
+        raise (disk_full_error(e, cfg.run.out_dir) or _unwritable(cfg, e)) from None
 
 
 def named_for(cfg: Config, run_dir) -> Config:
@@ -67,6 +70,10 @@ def write_run_config(cfg: Config, run_dir) -> Config:
     "Write `config.yaml` of `run_dir` (`run.name` set to the folder's name); returns what was written."
     cfg = named_for(cfg, run_dir)
     save_config(cfg, Path(run_dir) / "config.yaml")
+    if cfg.model.family == "hf" and cfg.model.hf_path:  # its config.json beside it: rebuilt if the folder moves
+        from scaletrain.models.hf import save_run_config
+
+        save_run_config(cfg.model, run_dir)
     return cfg
 
 
@@ -74,7 +81,11 @@ def run_folder(cfg: Config, nnodes: int = 1, node_rank: int = 0) -> Path:
     "A new run folder with its `config.yaml`; for a multi-node job, the folder `run.name` that every node shares."
     if nnodes == 1:
         d = new_run_dir(cfg)
-        write_run_config(cfg, d)
+        try:
+            write_run_config(cfg, d)
+        except OSError as e:  # a full disk: the folder just made goes again, so nothing is left half-made
+            shutil.rmtree(d, ignore_errors=True)
+            raise (disk_full_error(e, d, "no run folder was made; free space and start again") or e) from None
         return d
     if not cfg.run.name:
         raise ConfigError("run.name is required with --nnodes > 1 so every node writes the same run folder")
@@ -111,7 +122,11 @@ def resume_folder(run_dir, config_file=None) -> Path:
 # %% ../nbs/5_runs/52_jobs.ipynb #d05bd598
 def is_architecture(key: str) -> bool:
     "Settings a checkpoint's weights depend on: the model's shape and family (not dropout), and the tokenizer."
-    return (key.startswith("model.") and key != "model.dropout") or key in ("data.tokenizer", "data.bpe_vocab_size")
+    return (key.startswith("model.") and key != "model.dropout") or key in (
+        "data.tokenizer",
+        "data.bpe_vocab_size",
+        "data.tokenizer_file",
+    )
 
 
 def resume_changes(before: Config, after: Config) -> list[str]:
@@ -174,6 +189,7 @@ def check_resources(cfg: Config, world_size: int = 1, local_procs: int | None = 
     import psutil
     import torch
     from scaletrain.memory import GiB, estimate_config
+    from scaletrain.precision import float8_refusal
 
     t = cfg.train
     cuda = torch.cuda.is_available()
@@ -183,9 +199,11 @@ def check_resources(cfg: Config, world_size: int = 1, local_procs: int | None = 
             "use train.device=cpu or auto"
         )
     on_gpu = t.device == "cuda" or (t.device == "auto" and cuda)
+    if (why := float8_refusal(cfg.memory.precision, "cuda" if on_gpu else "cpu")) is not None:
+        raise ConfigError(f"config: {why}")
     c = copy.deepcopy(cfg)
     if not c.model.vocab_size:  # not resolved yet: the tokenizer's size
-        c.model.vocab_size = c.data.bpe_vocab_size if c.data.tokenizer == "bpe" else 257
+        c.model.vocab_size = tokenizer_vocab(c.data)
     dp = max(1, world_size // (c.parallel.tp * c.parallel.pp))
     dev = "cuda" if on_gpu else "cpu"
     ests = [
@@ -242,7 +260,7 @@ def prepare_run(config=None, overrides=(), resume=None, nproc: int = 1, nnodes: 
         run_dir = resume_folder(resume, config)
         cfg = resume_config(run_dir, overrides)
     else:
-        cfg = load_config(config, overrides)
+        cfg = resolve_hf(load_config(config, overrides))  # a Hugging Face folder's config.json sets the shape
     check_run(cfg, world, nproc)
     if node_rank == 0:  # checks the sources, and builds the token cache once, before any rank starts
         data = prepare_data(cfg.data)

@@ -152,12 +152,21 @@ def launch_spec(
     )
 
 
-def _start(target: Target, spec: dict, ranks, echo, env, resumed: bool = False, overrides=()) -> Run:
+def _start(target: Target, spec: dict, ranks, echo, env, resumed: bool = False, overrides=(), detach=False) -> Run:
     env = child_env(env, loopback=spec["nnodes"] == 1 and spec["master_addr"] in ("127.0.0.1", "localhost"))
     layout = {k: v for k, v in spec.items() if k != "ranks"}  # the spec is torchrun's layout plus whose output to show
     cmd = torchrun_args(target.worker_args(resumed, overrides), **layout)
     return Run(
-        target, cmd, spec, env, ranks=ranks, echo=echo, resume=resumed, node_rank=spec["node_rank"], relaunch=resume
+        target,
+        cmd,
+        spec,
+        env,
+        ranks=ranks,
+        echo=echo,
+        resume=resumed,
+        node_rank=spec["node_rank"],
+        relaunch=resume,
+        detach=detach,
     )
 
 
@@ -178,6 +187,7 @@ def launch(
     ranks="0",
     echo: bool = True,
     env: dict | None = None,
+    detach: bool = False,
 ) -> Run:
     """Start `target` on `nproc` processes (per node) with torchrun, as a subprocess in a session of its own.
 
@@ -185,11 +195,15 @@ def launch(
         target: None (the default config), a `Config` or a config .yaml (with `overrides`), a `script.py` (with
             `args`), or a function, called as `fn(ctx, *args)` on every rank (shipped by value, so one defined in the
             notebook works).
-        nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, max_restarts: torchrun's layout; several nodes need a
-            c10d rendezvous endpoint (`multinode` prints every node's command).
+        nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id: torchrun's layout; several nodes need a c10d rendezvous
+            endpoint (`multinode` prints every node's command).
+        max_restarts: restarts of the job when a rank fails, each from the latest verified checkpoint (a function
+            or script is started again with `ctx.resume=True`).
         master_port, master_addr: one node's static rendezvous (default: a free port on loopback).
         overrides: `key=value` settings for a config target; out_dir, name: the run folder.
         ranks: whose output to show ('0', 'all', 'none' or a list); echo: print it here too; env: extra variables.
+        detach: the job outlives this process (a kernel restart, a closed tab; `Run.attach` follows it again);
+            by default it dies with its launcher.
 
     Returns: the `Run` (status, `wait()`, `stop()`, `resume()`, `metrics`, `logs(rank)`, `results()`). Bad input is
     a one-line `LaunchError`/`ConfigError` before anything is written.
@@ -214,7 +228,7 @@ def launch(
         master_addr,
         ranks,
     )
-    return _start(target_, spec, ranks, echo, env)
+    return _start(target_, spec, ranks, echo, env, detach=detach)
 
 
 def resume(
@@ -225,6 +239,7 @@ def resume(
     ranks=None,
     echo: bool = True,
     env: dict | None = None,
+    detach: bool = False,
     **spec_changes,
 ) -> Run:
     """Relaunch run folder `run_dir` from its last checkpoint (config runs; a function or script is started again with
@@ -255,7 +270,7 @@ def resume(
         check_run(resume_config(run_dir, overrides), spec["nproc"] * spec["nnodes"])
     elif overrides:
         raise LaunchError("resume: overrides apply to scaletrain config runs only")
-    return _start(target, spec, spec["ranks"], echo, env, resumed=True, overrides=overrides)
+    return _start(target, spec, spec["ranks"], echo, env, resumed=True, overrides=overrides, detach=detach)
 
 # %% ../nbs/5_runs/56_launch.ipynb #d89f879b
 @dataclass

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from .activations import checkpointed_blocks
 from .config import Config, ModelConfig
-from .data import ByteTokenizer
+from .data import tokenizer_vocab
 from .dist import vote
 from .errors import ConfigError
 from .models.spec import ModelShape, get_spec, stage_blocks
 
 # %% auto #0
-__all__ = ['GPT3_FAMILY', 'AC_POLICIES', 'FFN_SAVED', 'GiB', 'FAIRSCALE_BUCKET', 'AUTO_MAX_MICRO_BATCH', 'shape_for_params',
-           'Precision', 'fsdp_like', 'precision_bytes', 'norm_bytes_per_token', 'layer_bytes_per_token',
-           'end_bytes_per_token', 'MemoryEstimate', 'estimate', 'config_vocab', 'estimate_config', 'model_state_bytes',
-           'TensorMemoryTracker', 'measure_step', 'available_memory', 'find_micro_batch']
+__all__ = ['GPT3_FAMILY', 'PLAN_PRECISIONS', 'AC_POLICIES', 'FFN_SAVED', 'GiB', 'FAIRSCALE_BUCKET', 'AUTO_MAX_MICRO_BATCH',
+           'shape_for_params', 'Precision', 'fsdp_like', 'precision_bytes', 'norm_bytes_per_token',
+           'layer_bytes_per_token', 'end_bytes_per_token', 'MemoryEstimate', 'estimate', 'config_vocab',
+           'estimate_config', 'model_state_bytes', 'TensorMemoryTracker', 'measure_step', 'available_memory',
+           'find_micro_batch']
 
 # %% ../nbs/4_estimate/40_memory.ipynb #3d677301
 # (layers, hidden, heads): Brown et al. 2020, Table 2.1 (125M ... 175B); (48, 7168, 56) ~30B; (80, 8192, 64) Llama 2 70B
@@ -45,6 +46,9 @@ def shape_for_params(n_params: float, vocab_size: int = 50304, seq_len: int = 20
         raise ConfigError(f"params={n_params}: must be > 0")
     size = lambda L, h: L * (12 * h * h + 13 * h) + (vocab_size + seq_len) * h
     L0, h, a = min(GPT3_FAMILY, key=lambda f: abs(math.log(size(f[0], f[1]) / n_params)))
+    if n_params > 2 * size(96, 12288):  # beyond GPT-3: widen as it did (layers = hidden / 128, heads of 128)
+        h = max(12288, 128 * round((128 / 12 * n_params) ** (1 / 3) / 128))
+        a = h // 128
     L = max(1, round((n_params - (vocab_size + seq_len) * h) / (12 * h * h + 13 * h)))
     return ModelShape(
         n_layer=L,
@@ -75,18 +79,23 @@ def fsdp_like(strategy: str, backend: str = "torch") -> bool:
     return strategy == "fsdp" or (strategy == "zero2" and backend == "torch")
 
 
+PLAN_PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true", "bf16-master", "fp8-mixed")
+
+
 def precision_bytes(
     precision: str, strategy: str = "ddp", backend: str = "torch", accounting: str = "scaletrain"
 ) -> Precision:
     "Bytes per parameter and activation dtypes for a precision (see the table above)."
-    if precision == "fp32":
+    if precision == "bf16-master":  # 16-bit weights and gradients; fp32 master weights + 2 moments in the optimizer
+        p = Precision(2, 2, 12, 2, 2, False, 2)
+    elif precision == "fp32":
         p = Precision(4, 4, 8, 4, 4, False, 4)
     elif precision == "bf16-true":
         p = Precision(2, 2, 4, 2, 2, False, 2)
-    elif precision in ("bf16-mixed", "fp16-mixed"):
+    elif precision in ("bf16-mixed", "fp16-mixed", "fp8-mixed"):  # fp8: bf16-mixed's states, bf16 activations kept
         p = Precision(4, 4, 8, 2, 2, False, 2) if fsdp_like(strategy, backend) else Precision(4, 4, 8, 2, 4, True, 2)
     else:
-        raise ConfigError(f"precision={precision!r}: allowed: fp32 | bf16-mixed | fp16-mixed | bf16-true")
+        raise ConfigError(f"precision={precision!r}: allowed: {' | '.join(PLAN_PRECISIONS)}")
     if accounting == "zero-paper" and precision != "fp32":
         p = replace(p, param=2, grad=2, optim=12)
     elif accounting not in ("scaletrain", "zero-paper"):
@@ -197,6 +206,9 @@ class MemoryEstimate:
     cpu: float = 0.0  # bytes kept in CPU memory instead (cpu_offload, ac_offload)
     rank: str = ""  # which pipeline rank is the worst
     inputs: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # where the backend keeps more than the ZeRO stage it is named after
+    gathered: float = 0.0  # FSDP's gathered parameters and unsharded gradients (part of temporary)
+    bucket_grads: float = 0.0  # gradients kept beyond the shard (fairscale buckets; part of grads)
 
     @property
     def model_states(self):
@@ -235,6 +247,7 @@ class MemoryEstimate:
         )
         if self.cpu:
             rows.append(f"{'(cpu)':<12} {self.cpu / div:>10.3f}  held in host memory")
+        rows += [f"note: {n}" for n in self.notes]
         return "\n".join(rows)
 
     def __repr__(self):
@@ -271,6 +284,8 @@ def estimate(
     dp: int = 1,
     tp: int = 1,
     pp: int = 1,
+    cp: int = 1,
+    dp_shard: int = 0,
     micro_batch: int = 1,
     grad_accum: int = 1,
     ac: str = "none",
@@ -296,8 +311,11 @@ def estimate(
         params: a parameter count instead of a shape (a gpt-family shape of that size, scaled to exactly `params`).
         seq_len, vocab_size: override the shape's context and vocabulary.
         precision: a `precision` registry name ('fp32', 'bf16-mixed', 'fp16-mixed', 'bf16-true').
-        strategy, backend: 'ddp' | 'zero1' | 'zero2' | 'fsdp'; 'torch' or 'fairscale' (ZeRO only).
-        dp, tp, pp: the parallel degrees (whole numbers >= 1).
+        strategy, backend: 'ddp' | 'zero1' | 'zero2' | 'fsdp' | 'hsdp'; 'torch' or 'fairscale' (ZeRO only).
+        dp, tp, pp, cp: the parallel degrees (whole numbers >= 1); `cp` (context parallel) splits each sequence
+            over `cp` ranks, and sharded strategies shard over dp x cp (as torchtitan does).
+        dp_shard: with 'hsdp', the ranks of the data-parallel group the state is sharded over (replicated across
+            the dp / dp_shard groups); default min(dp, 8).
         micro_batch: sequences per forward pass per data-parallel rank; with pp > 1 it is split into
             `pp_microbatches` pipeline micro-batches (default 2·pp) run under `pp_schedule`.
         grad_accum: micro-batches per optimizer step (does not change the peak; kept for the record in `inputs`).
@@ -326,23 +344,30 @@ def estimate(
         shape = shape_for_params(params, vocab_size or 50304, seq_len or 2048)
     else:
         raise ConfigError("estimate: give a model shape (ModelShape, ModelConfig, Config) or params=")
-    for name, v in dict(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch, grad_accum=grad_accum, ac_every=ac_every).items():
+    degrees = dict(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=micro_batch, grad_accum=grad_accum, ac_every=ac_every)
+    for name, v in degrees.items():
         if not (isinstance(v, int) and v >= 1):
             raise ConfigError(f"estimate: {name}={v!r}: must be a whole number >= 1")
-    if strategy not in ("ddp", "zero1", "zero2", "fsdp"):
-        raise ConfigError(f"estimate: strategy={strategy!r}: allowed: ddp | zero1 | zero2 | fsdp")
+    if strategy not in ("ddp", "zero1", "zero2", "fsdp", "hsdp"):
+        raise ConfigError(f"estimate: strategy={strategy!r}: allowed: ddp | zero1 | zero2 | fsdp | hsdp")
+    if strategy == "hsdp":
+        dp_shard = dp_shard or min(dp, 8)
+        if not (isinstance(dp_shard, int) and dp_shard >= 1 and dp % dp_shard == 0):
+            raise ConfigError(f"estimate: dp_shard={dp_shard!r}: must be a whole number >= 1 dividing dp={dp}")
+    user_strategy, strategy = strategy, ("fsdp" if strategy == "hsdp" else strategy)
+    # ranks the sharded state is split over: the data-parallel group (times the context-parallel ranks)
+    nshard = (dp_shard if user_strategy == "hsdp" else dp) * cp
+    reference = precision == "bf16-master" or accounting == "zero-paper"  # the stage definitions, no extras
     prec = precision_bytes(precision, strategy, backend, accounting)
     scale = (
         params / shape.n_params() if (model is None and params is not None) else 1.0
     )  # model state of exactly `params`
     L, h, V, s = shape.n_layer, shape.n_embd, shape.vocab_size, shape.seq_len
     sp = sequence_parallel and tp > 1
-    sharded = fsdp_like(strategy, backend) and dp > 1
-    shard_p = (
-        strategy == "fsdp" or (sharded and accounting == "scaletrain")
-    ) and dp > 1  # FSDP2's zero2 shards params at rest
-    shard_g = strategy in ("zero2", "fsdp") and dp > 1
-    shard_o = strategy in ("zero1", "zero2", "fsdp") and dp > 1
+    sharded = fsdp_like(strategy, backend) and nshard > 1 and not (reference and strategy == "zero2")
+    shard_p = (strategy == "fsdp" or (sharded and not reference)) and nshard > 1  # FSDP2's zero2 shards params at rest
+    shard_g = strategy in ("zero2", "fsdp") and nshard > 1
+    shard_o = strategy in ("zero1", "zero2", "fsdp") and nshard > 1
     n_stages = pp * (2 if pp_schedule == "interleaved1f1b" and pp > 1 else 1)
     n_mb = (pp_microbatches or 2 * pp) if pp > 1 else 1
     b = micro_batch / n_mb  # sequences per pipeline micro-batch
@@ -354,18 +379,18 @@ def estimate(
         first, last = 0 in stages, n_stages - 1 in stages
         psi = (nblk * shape.block_params(tp) + shape.end_params(first, last)) * scale
         n_t = shape.n_tensors(nblk, first, last) if accounting == "scaletrain" else 0
-        P = psi * prec.param / (dp if shard_p else 1)
-        G = psi * prec.grad / (dp if shard_g else 1)
+        P = psi * prec.param / (nshard if shard_p else 1)
+        G = psi * prec.grad / (nshard if shard_g else 1)
         if (
-            shard_g and strategy == "zero2" and backend == "fairscale" and accounting == "scaletrain"
+            shard_g and strategy == "zero2" and backend == "fairscale" and not reference
         ):  # ShardedDDP keeps small grads in per-rank buckets
-            G += (dp - 1) * min(psi / dp, FAIRSCALE_BUCKET) * prec.grad
-        O = (psi * prec.optim + 4 * n_t) / (dp if shard_o else 1)  # + AdamW's fp32 step counter per tensor
+            G += (nshard - 1) * min(psi / nshard, FAIRSCALE_BUCKET) * prec.grad
+        O = (psi * prec.optim + 4 * n_t) / (nshard if shard_o else 1)  # + AdamW's fp32 step counter per tensor
         cpu = 0.0
         if cpu_offload and sharded:
             cpu, P, G, O = P + G + O, 0.0, 0.0, 0.0
         # activations of the blocks on this rank, for the micro-batches in flight
-        tok = b * s
+        tok = b * s / cp  # this rank's share of each sequence
         blk_keys = [k for st in stages for k in blocks[st]]
         ck = set(checkpointed_blocks(blk_keys, ac, ac_every))
         pol = "selective" if ac == "selective" else "full"
@@ -432,7 +457,7 @@ def estimate(
             a_now -= kept[k] * tok
             casts_left -= 0.0 if redo or not prec.autocast else 2 * lin_w
         # fused AdamW on CUDA needs no scratch; the per-tensor CPU AdamW needs ~3 buffers of the largest tensor
-        biggest = max(h * max(h, shape.ffw) / tp, V * h if (first or last) else 0) / (dp if shard_o else 1)
+        biggest = max(h * max(h, shape.ffw) / tp, V * h if (first or last) else 0) / (nshard if shard_o else 1)
         step_tmp = 0.0 if device == "cuda" else 3 * biggest * prec.optim / 2
         if pp > 1 and dp > 1:
             step_tmp += psi * prec.grad  # flat buffer of the dp gradient average
@@ -442,17 +467,21 @@ def estimate(
         else:
             est = MemoryEstimate(P, G, O, A, step_tmp + buckets, st, "optimizer step", cpu)
         est.rank = f"pipeline rank {rank}" if pp > 1 else ""
+        est.gathered, est.bucket_grads = gathered_blocks, G - psi * prec.grad / (nshard if shard_g else 1)
         if worst is None or est.total > worst.total:
             worst = est
+    worst.notes = _backend_notes(worst, user_strategy, backend, precision, reference, nshard, dp, cp, shard_p)
     worst.inputs = dict(
         shape=shape,
         params=params or shape.n_params(),
         precision=precision,
-        strategy=strategy,
+        strategy=user_strategy,
         backend=backend,
         dp=dp,
         tp=tp,
         pp=pp,
+        cp=cp,
+        dp_shard=dp_shard if user_strategy == "hsdp" else 0,
         micro_batch=micro_batch,
         grad_accum=grad_accum,
         ac=ac,
@@ -469,11 +498,46 @@ def estimate(
     return worst
 
 
+def _backend_notes(e, strategy, backend, precision, reference, nshard, dp, cp, shard_p) -> list[str]:
+    "Where this backend keeps more (or less) than the ZeRO stage its strategy is named after."
+    g, notes = lambda x: f"{x / GiB:.2f} GiB", []
+    if reference or nshard <= 1:
+        pass
+    elif strategy == "zero1" and precision in ("bf16-mixed", "fp16-mixed"):
+        notes.append(
+            f"zero1 ({backend}): the fp32 weights are the parameters under {precision}, so they and the fp32 "
+            "gradients stay on every rank; the ZeRO paper's P_os keeps 16-bit copies and counts the fp32 master "
+            "weights in the sharded optimizer state (precision=bf16-master gives its figures)"
+        )
+    elif strategy == "zero2" and backend == "fairscale":
+        notes.append(
+            f"zero2 (fairscale ShardedDDP): per-rank reduce buckets of up to 2^23 elements keep "
+            f"{g(e.bucket_grads)} of gradients beyond the ZeRO-2 shard"
+        )
+    elif strategy == "zero2":
+        notes.append(
+            "zero2 (torch: FSDP2 without resharding after forward): parameters are sharded at rest too (less than "
+            f"ZeRO-2), but each block's gathered copy stays from its forward to its backward: {g(e.gathered)} "
+            "during the step, counted in temporary"
+        )
+    elif strategy in ("fsdp", "hsdp") and shard_p:
+        notes.append(
+            f"{strategy} (torch FSDP2, resharding after forward): two blocks' gathered parameters (prefetch) and "
+            f"one block's unsharded gradients live at a time: {g(e.gathered)}, counted in temporary"
+        )
+    if strategy == "hsdp" and nshard > 1:
+        notes.append(f"hsdp: state sharded over {nshard // cp} ranks and replicated over {dp * cp // nshard} groups")
+    if cp > 1:
+        notes.append(
+            f"context parallel {cp}: each rank keeps 1/{cp} of every sequence's activations"
+            + ("; sharded state is split over dp x cp" if strategy != "ddp" else "")
+        )
+    return notes
+
+
 def config_vocab(cfg: Config) -> int:
     "The vocabulary a run of `cfg` ends up with: `model.vocab_size`, else what its tokenizer sets (as `LMTask` does)."
-    return cfg.model.vocab_size or (
-        ByteTokenizer.vocab_size if cfg.data.tokenizer == "byte" else cfg.data.bpe_vocab_size
-    )
+    return cfg.model.vocab_size or tokenizer_vocab(cfg.data)
 
 
 def estimate_config(

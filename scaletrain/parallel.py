@@ -13,7 +13,7 @@ from .dist import ParallelDims
 from .engine import Engine, lm_loss
 from .errors import ConfigError
 from .models.spec import ModelSpec, get_spec, spec_for
-from .precision import param_dtype
+from .precision import apply_float8, float8_refusal, param_dtype, uses_float8
 from .registry import load_target
 from .tensor_parallel import apply_tensor_parallel, plan_targets
 
@@ -39,10 +39,12 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
     dims = ParallelDims.from_config(cfg, world_size)
     model = model if model is not None else meta_model(cfg)
     spec = spec or spec_for(model)
-    if spec.name != cfg.model.family:
+    if spec.from_config and spec.name != cfg.model.family:  # a model passed in Python has no config family
         raise ConfigError(f"config: model.family={cfg.model.family}, but the model given is of family {spec.name}")
     spec.check_model(model)
     depth = spec.depth(model)
+    if dims.pp > 1:
+        spec.check_pipeline(dims.n_stages, dims.pp_schedule, cfg)
     if dims.pp > 1 and dims.n_stages > depth:
         said = (
             f"model.n_layer={depth}"
@@ -107,6 +109,16 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
     dtype = param_dtype(cfg.memory.precision)
     if dtype != torch.float32:
         model = model.to(dtype)
+    if uses_float8(cfg.memory.precision):  # first, as torchtitan does: the layers are Float8Linear before TP/FSDP
+        if (why := float8_refusal(cfg.memory.precision, device)) is not None:
+            raise ConfigError(why)
+        if dims.tp > 1:
+            raise ConfigError(
+                f"memory.precision={cfg.memory.precision} with parallel.tp={dims.tp}: float8 tensor parallelism is not "
+                "supported yet; use parallel.tp=1 or memory.precision=bf16-mixed"
+            )
+        head = getattr(spec, "head", None)
+        apply_float8(model, cfg.memory.fp8_scaling, (head,) if head else (), "params" in dims.strategy_entry.shards)
     if dims.pp == 1:  # pipeline stages are cut from the whole model and moved to their devices by PipelineEngine
         if not (cfg.memory.cpu_offload and "params" in dims.strategy_entry.shards):
             model = model.to(device)

@@ -25,28 +25,44 @@ class PipelineEngine(ParallelEngine):
         self.pp_rank, self.pp_size = self.pp_mesh.get_local_rank(), dims.pp
         self.n_stages, self.n_mb = dims.n_stages, dims.microbatches
         self.name = f"pp-{dims.pp_schedule}" + ("+ddp" if dims.dp > 1 else "")
-        splits = stage_blocks(spec.depth(model), self.n_stages)
         self.stage_ids = [s for s in range(self.n_stages) if s % self.pp_size == self.pp_rank]
-        mine = [i for s in self.stage_ids for i in splits[s]]
-        holder = spec.stage(model, mine, first=0 in self.stage_ids, last=self.n_stages - 1 in self.stage_ids)
-        holder.to(device)
-        self.stage_modules = [
-            spec.stage(holder, splits[s], first=s == 0, last=s == self.n_stages - 1) for s in self.stage_ids
-        ]
-        self._accum_scale = 1.0
-        super().__init__(holder, cfg, device, info, mesh, spec=spec, **kw)
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-        self.stages = [
-            PipelineStage(m, s, self.n_stages, device, group=self.pp_group)
-            for m, s in zip(self.stage_modules, self.stage_ids)
-        ]
+        if getattr(spec, "pp_split", None) is not None:  # a model passed in Python: torch's tracer cuts it
+            (s,) = self.stage_ids
+            pipe = self._trace(model, spec)
+            holder = pipe.get_stage_module(s).to(device)
+            self.stage_modules = [holder]
+            make_stages = lambda: [pipe.build_stage(s, device, group=self.pp_group)]
+        else:
+            splits = stage_blocks(spec.depth(model), self.n_stages)
+            mine = [i for s in self.stage_ids for i in splits[s]]
+            holder = spec.stage(model, mine, first=0 in self.stage_ids, last=self.n_stages - 1 in self.stage_ids)
+            holder.to(device)
+            self.stage_modules = [
+                spec.stage(holder, splits[s], first=s == 0, last=s == self.n_stages - 1) for s in self.stage_ids
+            ]
+            make_stages = lambda: [
+                PipelineStage(m, s, self.n_stages, device, group=self.pp_group)
+                for m, s in zip(self.stage_modules, self.stage_ids)
+            ]
+        self._accum_scale = 1.0
+        super().__init__(holder, cfg, device, info, mesh, spec=spec, **kw)
+        self.stages = make_stages()
         loss = lambda out, tgt: self.loss_fn(out, tgt) * self._accum_scale
         if dims.pp_schedule == "interleaved1f1b":
             self.schedule = ScheduleInterleaved1F1B(self.stages, self.n_mb, loss_fn=loss, scale_grads=False)
         else:
             cls = ScheduleGPipe if dims.pp_schedule == "gpipe" else Schedule1F1B
             self.schedule = cls(self.stages[0], self.n_mb, loss_fn=loss, scale_grads=False)
+
+    def _trace(self, model, spec):
+        "The whole model traced on one micro-batch of `spec.pp_example` and split at `spec.pp_split`."
+        from torch.distributed.pipelining import SplitPoint, pipeline
+
+        ex = spec.pp_example if isinstance(spec.pp_example, tuple) else (spec.pp_example,)
+        mb = tuple(t.tensor_split(self.n_mb)[0] if torch.is_tensor(t) else t for t in ex)
+        return pipeline(model, mb_args=mb, split_spec={p: SplitPoint.BEGINNING for p in spec.pp_split})
 
     @property
     def is_first(self):

@@ -4,61 +4,104 @@
 
 # %% ../nbs/4_estimate/41_plan.ipynb #559fe523
 from __future__ import annotations
+import json
 import math
 from dataclasses import dataclass, field, replace
-from .config import Config, ModelConfig, ffn_dim_of, validate
+from pathlib import Path
+from .config import Config, ModelConfig, RunConfig, ffn_dim_of, validate
 from .dist import ParallelDims
 from .errors import ConfigError
-from .memory import estimate, shape_for_params, GiB, fsdp_like, config_vocab
+from .memory import GiB, PLAN_PRECISIONS, config_vocab, estimate, fsdp_like, precision_bytes, shape_for_params
 from .models.spec import ModelShape, get_spec
-from .registry import FAMILIES
-from .metrics import gpu_peak_tflops
+from .registry import FAMILIES, PRECISIONS
 
 # %% auto #0
-__all__ = ['GPUS', 'Link', 'GPU', 'all_reduce_time', 'all_gather_time', 'p2p_time', 'Layout', 'step_time', 'Plan', 'model_fields',
-           'plan', 'why_nothing_fits', 'best_layouts']
+__all__ = ['GPUS', 'GPU_ALIASES', 'EFFICIENCY', 'BILL_DEFAULTS', 'PRESETS', 'PUBLISHED_PARAMS', 'Link', 'GPU', 'get_gpu',
+           'all_reduce_time', 'all_gather_time', 'p2p_time', 'compute_efficiency', 'Bill', 'Layout', 'step_time',
+           'bill', 'preset', 'model_config', 'hf_model', 'Plan', 'model_fields', 'evaluate', 'plan', 'why_nothing_fits',
+           'best_layouts']
 
 # %% ../nbs/4_estimate/41_plan.ipynb #9605a095
 @dataclass(frozen=True)
 class Link:
     bandwidth: float  # bytes/s per GPU per direction, as achieved by collectives
-    latency: float  # seconds per ring hop
+    latency: float  # seconds per hop
 
 
 @dataclass(frozen=True)
 class GPU:
     name: str
-    peak_tflops: float
+    peak_tflops: float  # dense 16-bit tensor-core peak
     memory_gib: float
-    intra: Link
-    inter: Link
+    intra: Link  # inside a node (NVLink)
+    inter: Link  # between nodes (the GPU's NIC)
+    power_w: float = 700.0  # maximum board power
+    per_node: int = 8
 
 
 GPUS = {
-    name: GPU(name, gpu_peak_tflops(name), mem, intra, inter)
-    for name, mem, intra, inter in (  # peaks: metrics' table
-        ("H100", 80, Link(360e9, 5e-6), Link(40e9, 10e-6)),
-        ("H200", 141, Link(360e9, 5e-6), Link(40e9, 10e-6)),
-        ("A100", 80, Link(240e9, 5e-6), Link(20e9, 10e-6)),
-        ("A100-40GB", 40, Link(240e9, 5e-6), Link(20e9, 10e-6)),
-        ("L40S", 48, Link(25e9, 10e-6), Link(20e9, 10e-6)),
+    g.name: g
+    for g in (
+        GPU("h100-80gb", 989.0, 79.6, Link(360e9, 5e-6), Link(40e9, 10e-6), 700.0),
+        GPU("h200", 989.0, 140.4, Link(360e9, 5e-6), Link(40e9, 10e-6), 700.0),
+        GPU("a100-80gb", 312.0, 80.0, Link(240e9, 5e-6), Link(20e9, 10e-6), 400.0),
+        GPU("a100-40gb", 312.0, 40.0, Link(240e9, 5e-6), Link(20e9, 10e-6), 400.0),
+        GPU("l40s", 362.0, 45.0, Link(25e9, 10e-6), Link(20e9, 10e-6), 350.0),
     )
 }
+GPU_ALIASES = {"h100": "h100-80gb", "h100-sxm": "h100-80gb", "a100": "a100-80gb", "h200-141gb": "h200"}
+
+
+def get_gpu(name: str) -> GPU:
+    "A device of `GPUS` by name (case-insensitive; old names such as `H100` and `A100` too)."
+    key = str(name).lower()
+    key = GPU_ALIASES.get(key, key)
+    if key not in GPUS:
+        raise ConfigError(f"plan: --gpu={name}: known: {', '.join(GPUS)} (or override --peak-tflops and --gpu-mem)")
+    return GPUS[key]
+
+
+def _hops(p: int) -> int:
+    return min(p - 1, 2 * math.ceil(math.log2(p)))
 
 
 def all_reduce_time(n: float, p: int, link: Link) -> float:
-    return 0.0 if p <= 1 else 2 * (p - 1) * link.latency + 2 * (p - 1) / p * n / link.bandwidth
+    "Ring all-reduce of `n` bytes over `p` ranks: 2(p-1)/p · n/β, plus the latency of its hops."
+    return 0.0 if p <= 1 else 2 * _hops(p) * link.latency + 2 * (p - 1) / p * n / link.bandwidth
 
 
 def all_gather_time(n: float, p: int, link: Link) -> float:
     "Also reduce-scatter; `n` is the size of the full (gathered) tensor."
-    return 0.0 if p <= 1 else (p - 1) * link.latency + (p - 1) / p * n / link.bandwidth
+    return 0.0 if p <= 1 else _hops(p) * link.latency + (p - 1) / p * n / link.bandwidth
 
 
 def p2p_time(n: float, link: Link) -> float:
     return link.latency + n / link.bandwidth
 
 # %% ../nbs/4_estimate/41_plan.ipynb #ebab9363
+EFFICIENCY = dict(ceiling=0.68, width=275.0)  # E and W0: fitted in "Calibration" below
+
+
+def compute_efficiency(shape: ModelShape, tp: int = 1, ceiling: float | None = None, width: float | None = None):
+    "The fraction of peak the matmuls reach on one rank: E · w / (w + W0), w = hidden / tp."
+    E, W0 = ceiling or EFFICIENCY["ceiling"], width or EFFICIENCY["width"]
+    w = shape.n_embd / tp
+    return E * w / (w + W0)
+
+
+@dataclass
+class Bill:
+    "What training on `tokens` costs with one layout."
+
+    tokens: float
+    steps: int
+    days: float
+    gpu_hours: float
+    kwh: float
+    t_co2: float
+    cost: float
+
+
 @dataclass
 class Layout:
     "One way to run the model, with its predicted memory and time."
@@ -73,23 +116,44 @@ class Layout:
     ac: str
     micro_batch: int
     grad_accum: int
+    cp: int = 1
+    dp_shard: int = 0  # hsdp: ranks the state is sharded over
     memory: float = 0.0  # bytes per GPU (worst rank)
     step_time: float = 0.0
     compute_time: float = 0.0
     comm_time: float = 0.0  # exposed communication + pipeline bubble
+    bubble_time: float = 0.0
+    efficiency: float = 0.0  # the matmuls' fraction of peak
     mfu: float = 0.0
+    tflops: float = 0.0  # achieved TFLOP/s per GPU, recomputation included (Megatron's accounting)
     tokens_per_s: float = 0.0
     estimate: object = None
+    runnable: bool = False  # `scaletrain train` runs it today
+    why_not: str = ""  # else, why not (one line)
+    bill: Bill | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp
 
     def describe(self) -> str:
-        parts = [f"{self.strategy} dp={self.dp}"] if self.dp > 1 else []
+        parts = (
+            [f"{self.strategy} dp={self.dp}" + (f"/{self.dp_shard}" if self.dp_shard else "")] if self.dp > 1 else []
+        )
         if self.tp > 1:
             parts.append(f"tp={self.tp}" + (" +sp" if self.sp else ""))
+        if self.cp > 1:
+            parts.append(f"cp={self.cp}")
         if self.pp > 1:
             parts.append(f"pp={self.pp} {self.schedule} x{self.microbatches}")
         return (
             " ".join(parts) or "1 GPU"
         ) + f", AC {self.ac}, micro-batch {self.micro_batch} x accum {self.grad_accum}"
+
+
+def _link(gpu: GPU, span: int, per_node: int) -> Link:
+    "The link a group of `span` consecutive ranks uses: NVLink inside a node, the NIC across nodes."
+    return gpu.intra if span <= per_node else gpu.inter
 
 
 def step_time(
@@ -99,87 +163,199 @@ def step_time(
     gpus: int,
     gpus_per_node: int,
     global_batch: int,
-    mfu: float,
+    mfu: float | None = None,
     precision: str = "bf16-mixed",
     overlap: float = 0.8,
     backend: str = "torch",
 ) -> dict:
-    "Predicted seconds per optimizer step and their parts."
-    from scaletrain.memory import precision_bytes
-
+    "Predicted seconds per optimizer step and their parts (`mfu`: a stated efficiency instead of the calibrated one)."
     s, h, L = shape.seq_len, shape.n_embd, shape.n_layer
+    tp, pp, cp, dp, accum = lay.tp, lay.pp, lay.cp, lay.dp, lay.grad_accum
     tokens = global_batch * s
+    hq = shape.n_head * shape.head_dim
+    block_fwd = 2 * L * shape.block_params() + 4 * L * hq * s  # forward FLOPs per token in the blocks
+    recompute = {"full": block_fwd, "selective": 0.02 * 3 * block_fwd}.get(lay.ac, 0.0)
     f_tok = shape.flops_per_token()
-    block_fwd = 2 * L * shape.block_params() + 4 * L * h * s  # forward FLOPs per token in the blocks
-    recompute = {"none": 0.0, "full": block_fwd, "selective": 0.02 * 3 * block_fwd}.get(lay.ac, 0.0)
-    compute = tokens * (f_tok + recompute) / (gpus * gpu.peak_tflops * 1e12 * mfu)
-    prec = precision_bytes(precision, lay.strategy, backend)
-    # which links each group uses: mesh (pp, dp, tp), tp innermost
-    tp_link = gpu.intra if lay.tp <= gpus_per_node else gpu.inter
-    dp_link = gpu.intra if lay.dp * lay.tp <= gpus_per_node else gpu.inter
-    pp_link = gpu.intra if gpus <= gpus_per_node else gpu.inter
-    psi = shape.n_layer / lay.pp * shape.block_params(lay.tp) + shape.end_params(
-        True, lay.pp == 1
-    )  # params per rank (first stage)
-    n_micro = lay.grad_accum  # forward/backward passes per step per rank
-    # data parallel
-    dp_comm, window = 0.0, compute * 2 / 3  # grads are reduced behind the backward pass
-    if lay.dp > 1:
-        if lay.strategy == "ddp":
-            dp_comm = all_reduce_time(psi * prec.grad, lay.dp, dp_link)
-        elif lay.strategy == "zero1":
-            dp_comm = all_reduce_time(psi * prec.grad, lay.dp, dp_link) + all_gather_time(
-                psi * prec.param, lay.dp, dp_link
-            )
-        elif lay.strategy == "zero2" and not fsdp_like("zero2", backend):
-            dp_comm = 2 * all_gather_time(psi * prec.grad, lay.dp, dp_link)
-        else:
-            gathers = 1 if lay.strategy == "zero2" else 2  # zero2 (FSDP2) keeps gathered params through backward
-            dp_comm = n_micro * gathers * all_gather_time(psi * prec.gathered, lay.dp, dp_link) + all_gather_time(
-                psi * 4, lay.dp, dp_link
-            )
-            window = compute
-    exposed_dp = max(0.0, dp_comm - overlap * window)
-    # tensor parallel: 4 all-reduces per layer and micro-batch (+2 recomputed)
+    eff = mfu or compute_efficiency(shape, tp)
+    rate = gpu.peak_tflops * 1e12 * eff  # FLOP/s of one GPU
+    compute = tokens * (f_tok + recompute) / (gpus * rate)
+    prec = precision_bytes(precision, "fsdp" if lay.strategy == "hsdp" else lay.strategy, backend)
+    n_pipe = lay.microbatches if pp > 1 else 1
+    b_pipe = lay.micro_batch / n_pipe  # sequences per pipeline micro-batch
+    passes = accum * n_pipe  # pipeline micro-batches one rank runs forward and backward per step
+    act = b_pipe * s / cp * h * prec.compute  # one activation tensor of a pipeline micro-batch on one rank
+    layers = L / pp
     tp_comm = 0.0
-    if lay.tp > 1:
-        per = all_reduce_time(
-            lay.micro_batch / max(1, lay.microbatches if lay.pp > 1 else 1) * s * h * prec.compute, lay.tp, tp_link
-        )
+    if tp > 1:
         n_ops = 4 + (2 if lay.ac == "full" else 0)
-        tp_comm = n_micro * (lay.microbatches if lay.pp > 1 else 1) * (L / lay.pp) * n_ops * per
-    # pipeline: bubble per flush, and stage-to-stage traffic
+        tp_comm = passes * layers * n_ops * all_reduce_time(act, tp, _link(gpu, tp, gpus_per_node))
+    cp_comm = 0.0
+    if cp > 1:  # ring attention: each hop moves one key/value block; hidden behind that layer's attention
+        kv = b_pipe * s / cp * 2 * shape.kv_dim * prec.compute
+        ring = (cp - 1) * p2p_time(kv, _link(gpu, tp * cp, gpus_per_node)) * (3 + (lay.ac == "full"))
+        attn = b_pipe * s / cp * 12 * hq * s / tp / rate  # attention FLOPs of the layer on this rank
+        cp_comm = passes * layers * max(0.0, ring - attn)
     bubble = pp_comm = 0.0
-    if lay.pp > 1:
+    if pp > 1:
         v = 2 if lay.schedule == "interleaved1f1b" else 1
-        bubble = compute * (lay.pp - 1) / (v * lay.microbatches)
-        mb_bytes = lay.micro_batch / lay.microbatches * s * h * prec.compute
-        pp_comm = n_micro * lay.microbatches * 2 * v * p2p_time(mb_bytes, pp_link)
-    total = compute + exposed_dp + tp_comm + bubble + pp_comm
+        bubble = compute * (pp - 1) / (v * n_pipe)  # per flush; one flush per accumulation step
+        p2p = act / (tp if lay.sp else 1)
+        pp_comm = passes * 2 * v * p2p_time(p2p, gpu.intra if dp * cp * tp * 2 <= gpus_per_node else gpu.inter)
+    # data parallel over dp x cp (context-parallel ranks hold the same parameters)
+    psi = layers * shape.block_params(tp) + shape.end_params(True, pp == 1)  # parameters on one rank
+    nd, dl = dp * cp, _link(gpu, tp * cp * dp, gpus_per_node)
+    step_window = compute * 2 / 3 / accum  # the last backward
+    dp_comm = window = 0.0
+    if nd > 1:
+        if lay.strategy == "ddp":
+            dp_comm, window = all_reduce_time(psi * prec.grad, nd, dl), step_window
+        elif lay.strategy == "zero1" or (lay.strategy == "zero2" and not fsdp_like("zero2", backend)):
+            dp_comm = all_gather_time(psi * prec.grad, nd, dl) + all_gather_time(psi * prec.param, nd, dl)
+            window = step_window + compute / 3 / accum
+        else:
+            ns = (lay.dp_shard or dp) * cp if lay.strategy == "hsdp" else nd
+            sl = _link(gpu, tp * ns, gpus_per_node)
+            gathers = 1 if lay.strategy == "zero2" else 2  # zero2 (FSDP2) keeps gathered params through backward
+            dp_comm = accum * (
+                gathers * all_gather_time(psi * prec.gathered, ns, sl) + all_gather_time(psi * 4, ns, sl)
+            )
+            if lay.strategy == "hsdp" and nd > ns:
+                dp_comm += all_reduce_time(psi * 4 / ns, nd // ns, dl)  # the shard, across the replicas
+            window = compute
+        if pp > 1:
+            window = min(window, bubble / 2 + step_window / n_pipe)  # after the flush: only its drain hides it
+    exposed_dp = max(0.0, dp_comm - overlap * window)
+    total = compute + exposed_dp + tp_comm + cp_comm + bubble + pp_comm
     return dict(
         step_time=total,
         compute_time=compute,
         comm_time=total - compute,
+        bubble_time=bubble,
+        efficiency=eff,
         tokens_per_s=tokens / total,
         mfu=tokens * f_tok / (total * gpus * gpu.peak_tflops * 1e12),
+        tflops=tokens * (f_tok + recompute) / (total * gpus) / 1e12,
     )
 
+
+# PUE and grid intensity: the run config's defaults (scaletrain.config.RunConfig, sources there), so a plan and the
+# measured bill of a run use the same ones; the price is an assumption
+BILL_DEFAULTS = dict(power_util=1.0, pue=RunConfig.pue, grid=RunConfig.grid_gco2_per_kwh / 1000, price=2.0)
+
+
+def bill(
+    step_s: float,
+    gpus: int,
+    tokens_per_step: float,
+    tokens: float,
+    power_w: float,
+    power_util: float = 1.0,
+    pue: float = 1.2,
+    grid: float = 0.48,
+    price: float = 2.0,
+) -> Bill:
+    """The bill of `tokens` at `step_s` seconds per step of `tokens_per_step` on `gpus` GPUs: days, GPU-hours, kWh
+    (board power × utilisation × PUE), tonnes of CO₂ (`grid` kg per kWh) and money (`price` per GPU-hour)."""
+    steps = math.ceil(tokens / tokens_per_step)
+    seconds = steps * step_s
+    gpu_hours = gpus * seconds / 3600
+    kwh = gpu_hours * power_w * power_util / 1000 * pue
+    return Bill(tokens, steps, seconds / 86400, gpu_hours, kwh, kwh * grid / 1000, gpu_hours * price)
+
+# %% ../nbs/4_estimate/41_plan.ipynb #8e3f1a52
+PRESETS = {
+    "llama3-8b": dict(family="llama", n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, ffn_dim=14336),
+    "llama3-70b": dict(family="llama", n_layer=80, n_embd=8192, n_head=64, n_kv_head=8, ffn_dim=28672),
+    "llama3-405b": dict(family="llama", n_layer=126, n_embd=16384, n_head=128, n_kv_head=8, ffn_dim=53248),
+    "gpt3-175b": dict(family="gpt", n_layer=96, n_embd=12288, n_head=96, vocab_size=50257, block_size=2048, bias=True),
+}
+_LLAMA3 = dict(vocab_size=128256, block_size=8192, tie_weights=False, rope_theta=500000.0, bias=False)
+PUBLISHED_PARAMS = {
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+    "llama3-405b": 405_853_388_800,
+    "gpt3-175b": 175.0e9,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    "The `ModelConfig` of a named preset (`PRESETS`)."
+    if name not in PRESETS:
+        raise ConfigError(f"plan: --preset={name}: known: {', '.join(PRESETS)}")
+    kw = PRESETS[name]
+    return ModelConfig(**({**_LLAMA3, **kw} if kw["family"] == "llama" else kw))
+
+
+def model_config(
+    family: str = "llama",
+    layers: int | None = None,
+    hidden: int | None = None,
+    heads: int | None = None,
+    kv_heads: int = 0,
+    ffn: int = 0,
+    vocab: int | None = None,
+    seq_len: int | None = None,
+    tie: bool | None = None,
+) -> ModelConfig:
+    "A `ModelConfig` from the shape flags of `scaletrain plan` (layers, hidden and heads required)."
+    if family not in FAMILIES.names():
+        raise ConfigError(f"plan: --family={family}: known: {', '.join(FAMILIES.names())}")
+    for flag, v in (("--layers", layers), ("--hidden", hidden), ("--heads", heads)):
+        if v is None:
+            raise ConfigError(f"plan: --family {family} needs {flag} (and --layers, --hidden, --heads)")
+    for flag, v, low in (
+        ("--layers", layers, 1),
+        ("--hidden", hidden, 1),
+        ("--heads", heads, 1),
+        ("--kv-heads", kv_heads, 0),
+        ("--ffn", ffn, 0),
+    ):
+        if not (isinstance(v, int) and v >= low):
+            raise ConfigError(f"plan: {flag}={v}: must be a whole number >= {low}")
+    if hidden % heads or (kv_heads and heads % kv_heads):
+        raise ConfigError(
+            f"plan: --hidden={hidden} --heads={heads} --kv-heads={kv_heads}: "
+            "heads must divide hidden, and kv-heads divide heads"
+        )
+    kw = dict(family=family, n_layer=layers, n_embd=hidden, n_head=heads, n_kv_head=kv_heads, ffn_dim=ffn)
+    kw.update(vocab_size=vocab or (128256 if family == "llama" else 50304), block_size=seq_len or 2048)
+    if tie is not None:
+        kw["tie_weights"] = tie
+    elif family == "llama":
+        kw["tie_weights"] = False
+    return ModelConfig(**kw)
+
+
+def hf_model(path) -> ModelConfig:
+    "A `ModelConfig` from a Hugging Face `config.json` (the file, or its folder); read as JSON, never run."
+    from scaletrain.models.hub import hf_model_config
+
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    try:
+        hf = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"plan: --hf-config={path}: not a readable config.json ({type(e).__name__}: {e})") from None
+    if not isinstance(hf, dict) or "model_type" not in hf:
+        raise ConfigError(f"plan: --hf-config={path}: a Hugging Face config.json has a model_type; this has none")
+    hf = {k: v for k, v in hf.items() if k != "rope_scaling"}  # the shape is what a plan needs
+    m = hf_model_config(hf)
+    seq = hf.get("max_position_embeddings") or hf.get("n_positions") or m.block_size
+    return replace(m, block_size=min(int(seq), 8192))
+
 # %% ../nbs/4_estimate/41_plan.ipynb #5e5cea2e
-def _pow2_upto(n: int) -> list[int]:
-    out, k = [], 1
-    while k <= n:
-        out.append(k)
-        k *= 2
-    return out
-
-
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _pow2_upto(n: int) -> list[int]:
+    return [2**k for k in range(int(math.log2(n)) + 1)] if n >= 1 else []
 
 
 @dataclass
 class Plan:
-    "Feasible layouts, fastest first, and what was asked."
+    "Feasible layouts, fastest first, those that are not (with why), and what was asked."
 
     shape: ModelShape
     gpu: GPU
@@ -188,62 +364,103 @@ class Plan:
     usable: float  # bytes per GPU the planner lets a layout use
     global_batch: int
     precision: str
-    mfu: float
+    mfu: float | None
     layouts: list = field(default_factory=list)
     considered: int = 0
     args: dict = field(default_factory=dict)  # the options `plan` was called with (to re-plan)
     smallest: Layout | None = None  # the least memory-hungry layout, feasible or not
     base: Config | None = None
+    infeasible: list = field(default_factory=list)  # (layout description, reason)
+    tokens: float = 0.0
+    costs: dict = field(default_factory=dict)  # power_util, pue, grid, price
+    vocab_explicit: bool = False
 
     @property
     def best(self) -> Layout | None:
         return self.layouts[0] if self.layouts else None
 
+    @property
+    def best_runnable(self) -> Layout | None:
+        return next((l for l in self.layouts if l.runnable), None)
+
     def header(self) -> str:
-        sh = self.shape
+        sh, c = self.shape, self.costs
         n = sh.n_params()
         heads = f"heads {sh.n_head}" + (f" ({sh.kv} key/value)" if sh.kv != sh.n_head else "")
+        eff = f"a stated MFU of {self.mfu:.2f}" if self.mfu else "the calibrated, layout-dependent efficiency"
         return (f"{sh.family} {n / 1e9:.2f}B" if n >= 1e9 else f"{sh.family} {n / 1e6:.1f}M") + (
-            f" params (layers {sh.n_layer}, hidden {sh.n_embd}, {heads}, {sh.ffn} FFN {sh.ffw}, vocab "
-            f"{sh.vocab_size}), seq {sh.seq_len}, global batch {self.global_batch} x {sh.seq_len} tokens, "
-            f"{self.precision}\n{self.gpus} x {self.gpu.name} ({self.usable / GiB:.1f} GiB usable each) on "
-            f"{self.nodes} node(s); {self.gpu.peak_tflops:.0f} TFLOP/s peak at a stated MFU of {self.mfu:.2f}; "
-            f"links {self.gpu.intra.bandwidth / 1e9:.0f} GB/s in a node, {self.gpu.inter.bandwidth / 1e9:.0f} GB/s "
-            "between nodes"
+            f" params (layers {sh.n_layer}, hidden {sh.n_embd}, {heads}, {sh.ffn} FFN {sh.ffw}, {sh.positions} "
+            f"positions, vocab {sh.vocab_size}), seq {sh.seq_len}, global batch {self.global_batch} x {sh.seq_len} "
+            f"tokens, {self.precision}\n{self.gpus} x {self.gpu.name} ({self.usable / GiB:.1f} GiB usable each) on "
+            f"{self.nodes} node(s); {self.gpu.peak_tflops:.0f} TFLOP/s peak at {eff}; links "
+            f"{self.gpu.intra.bandwidth / 1e9:.0f} GB/s in a node, {self.gpu.inter.bandwidth / 1e9:.0f} GB/s between\n"
+            f"bill for {self.tokens:.3g} tokens: {self.gpu.power_w:.0f} W x {c['power_util']:g} utilisation x PUE "
+            f"{c['pue']:g}, {c['grid']:g} kg CO2/kWh, ${c['price']:g} per GPU-hour"
         )
 
     def table(self, top: int = 10) -> str:
         rows = [
-            f"{'#':>3} {'strategy':<8} {'dp':>5} {'tp':>3} {'sp':>3} {'pp':>3} {'schedule':<15} {'AC':<9} "
-            f"{'micro':>5} {'accum':>5} {'GiB/GPU':>8} {'step s':>9} {'comm s':>8} {'tok/s/GPU':>10} {'MFU':>5}"
+            f"{'#':>3} {'strategy':<8} {'dp':>5} {'tp':>2} {'cp':>2} {'pp':>3} {'schedule':<9} {'AC':<9} "
+            f"{'micro':>5} {'accum':>5} {'GiB/GPU':>7} {'step s':>7} {'MFU':>4} {'days':>7} {'GPU-h':>9} "
+            f"{'kWh':>9} {'t CO2':>8} {'cost $':>10} run"
         ]
         for i, l in enumerate(self.layouts[:top], 1):
-            sched = f"{l.schedule} x{l.microbatches}" if l.pp > 1 else "-"
+            sched = {"1f1b": "1f1b", "interleaved1f1b": "interleav"}[l.schedule] if l.pp > 1 else "-"
+            b = l.bill
             rows.append(
-                f"{i:>3} {l.strategy:<8} {l.dp:>5} {l.tp:>3} {'y' if l.sp else '-':>3} {l.pp:>3} {sched:<15} {l.ac:<9} "
-                f"{l.micro_batch:>5} {l.grad_accum:>5} {l.memory / GiB:>8.1f} {l.step_time:>9.3f} {l.comm_time:>8.3f} "
-                f"{l.tokens_per_s / self.gpus:>10.0f} {l.mfu:>5.2f}"
+                f"{i:>3} {l.strategy:<8} {l.dp:>5} {l.tp:>2} {l.cp:>2} {l.pp:>3} {sched:<9} {l.ac:<9} "
+                f"{l.micro_batch:>5} {l.grad_accum:>5} {l.memory / GiB:>7.1f} {l.step_time:>7.2f} {l.mfu:>4.2f} "
+                f"{b.days:>7.1f} {b.gpu_hours:>9.3g} {b.kwh:>9.3g} {b.t_co2:>8.3g} {b.cost:>10.3g} "
+                f"{'y' if l.runnable else '-'}"
             )
         return "\n".join(rows)
 
     def to_config(self, layout: Layout | None = None) -> Config:
-        "A validated run config for `layout` (default: the best)."
-        l = layout or self.best
+        "A validated run config for `layout` (default: the best one `scaletrain train` runs); others are refused."
+        l = layout or self.best_runnable
         if l is None:
-            raise ConfigError("plan: no feasible layout to write")
-        import copy
+            raise ConfigError(
+                "plan: no listed layout is one scaletrain train runs today"
+                + (f" (the best: {self.best.why_not})" if self.best else "")
+            )
+        if not l.runnable:
+            raise ConfigError(f"plan: cannot write {l.describe()}: {l.why_not}")
+        return _config(self, l)
 
-        cfg = Config() if self.base is None else copy.deepcopy(self.base)
-        m = cfg.model
-        model_fields(m, self.shape, vocab=self.base is None)
-        m.tie_weights = self.shape.tie_weights and l.pp == 1
-        p = cfg.parallel
-        p.strategy, p.tp, p.pp, p.sequence_parallel = l.strategy, l.tp, l.pp, l.sp
-        p.pp_schedule, p.microbatches = (l.schedule, l.microbatches) if l.pp > 1 else (p.pp_schedule, 0)
-        cfg.memory.precision, cfg.memory.activation_checkpointing = self.precision, l.ac
-        cfg.train.micro_batch, cfg.train.grad_accum = l.micro_batch, l.grad_accum
-        cfg.train.eval_batch = _eval_batch(cfg.train.eval_batch, l.dp, l.microbatches)
-        return validate(cfg)
+
+def _config(pl: Plan, l: Layout) -> Config:
+    import copy
+
+    cfg = Config() if pl.base is None else copy.deepcopy(pl.base)
+    m = cfg.model
+    model_fields(m, pl.shape, vocab=pl.base is None or pl.vocab_explicit or not m.vocab_size)
+    m.tie_weights = pl.shape.tie_weights and l.pp == 1
+    p = cfg.parallel
+    p.strategy, p.tp, p.pp, p.sequence_parallel = l.strategy, l.tp, l.pp, l.sp
+    p.pp_schedule, p.microbatches = (l.schedule, l.microbatches) if l.pp > 1 else (p.pp_schedule, 0)
+    cfg.memory.precision, cfg.memory.activation_checkpointing = pl.precision, l.ac
+    cfg.train.micro_batch, cfg.train.grad_accum = l.micro_batch, l.grad_accum
+    cfg.train.eval_batch = _eval_batch(cfg.train.eval_batch, l.dp, l.microbatches)
+    return cfg
+
+
+def _runnable(pl: Plan, l: Layout) -> str:
+    "'' when `scaletrain train` runs `l` today, else the one-line reason (the trainer's own where it has one)."
+    if l.cp > 1:
+        return f"context parallelism (cp={l.cp}) is planned only: scaletrain train has no parallel.cp yet"
+    if l.strategy == "hsdp":
+        return "hsdp is planned only: scaletrain train has no parallel.strategy=hsdp yet"
+    if pl.precision not in PRECISIONS.names():
+        return (
+            f"memory.precision={pl.precision} is planning-only: scaletrain train runs {' | '.join(PRECISIONS.names())}"
+        )
+    try:
+        cfg = _config(pl, l)
+        ParallelDims.from_config(cfg, pl.gpus)
+        validate(cfg)
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 def model_fields(m: ModelConfig, sh: ModelShape, vocab: bool = True) -> ModelConfig:
@@ -283,8 +500,43 @@ def _shape_and_base(model, params, seq_len, vocab_size):
     if isinstance(model, ModelShape):
         return replace(model, seq_len=seq_len or model.seq_len, block_size=seq_len or model.seq_len), None
     if params is None:
-        raise ConfigError("plan: give --params N or --config FILE")
+        raise ConfigError("plan: give --params N, --preset NAME, --family ..., --hf-config FILE or --config FILE")
     return shape_for_params(params, vocab_size or 50304, seq_len or 2048), None
+
+
+def evaluate(
+    shape: ModelShape,
+    lay: Layout,
+    gpu: GPU,
+    gpus: int,
+    global_batch: int,
+    precision: str = "bf16-mixed",
+    overlap: float = 0.8,
+    mfu: float | None = None,
+    gpus_per_node: int | None = None,
+) -> Layout:
+    "Fill in `lay`'s predicted memory per GPU and step time (a published layout, or one the planner made)."
+    e = estimate(
+        shape,
+        precision=precision,
+        strategy=lay.strategy,
+        dp=lay.dp,
+        tp=lay.tp,
+        pp=lay.pp,
+        cp=lay.cp,
+        dp_shard=lay.dp_shard,
+        micro_batch=lay.micro_batch,
+        grad_accum=lay.grad_accum,
+        ac=lay.ac,
+        sequence_parallel=lay.sp,
+        pp_schedule=lay.schedule,
+        pp_microbatches=lay.microbatches,
+    )
+    lay.memory, lay.estimate = e.total, e
+    lay.__dict__.update(
+        step_time(shape, lay, gpu, gpus, gpus_per_node or gpu.per_node, global_batch, mfu, precision, overlap)
+    )
+    return lay
 
 
 def plan(
@@ -294,8 +546,8 @@ def plan(
     gpus: int = 8,
     gpu_mem: float | None = None,
     nodes: int | None = None,
-    gpu: str = "H100",
-    mfu: float = 0.4,
+    gpu: str = "h100-80gb",
+    mfu: float | None = None,
     seq_len: int | None = None,
     global_batch: int = 1024,
     vocab_size: int | None = None,
@@ -304,51 +556,48 @@ def plan(
     overlap: float = 0.8,
     max_micro_batch: int = 64,
     links: dict | None = None,
-    strategies=("ddp", "zero1", "zero2", "fsdp"),
+    strategies=("ddp", "zero1", "zero2", "fsdp", "hsdp"),
     ac_policies=("none", "selective", "full"),
+    tokens: float | None = None,
+    power_util: float = BILL_DEFAULTS["power_util"],
+    pue: float = BILL_DEFAULTS["pue"],
+    grid: float = BILL_DEFAULTS["grid"],
+    price: float = BILL_DEFAULTS["price"],
+    infeasible: bool = True,
 ) -> Plan:
-    """Rank every runnable layout on `gpus` GPUs of `model` (Config / ModelConfig / ModelShape, any family) or `params`.
+    """Rank every layout of `model` (Config / ModelConfig / ModelShape, any family) or `params` on `gpus` GPUs.
 
     Args:
         model, params: what to train (as for `estimate`); a `Config` is also the base `Plan.to_config` edits.
-        gpus, nodes: GPUs in all and machines they sit in (default: 8 per node).
-        gpu, gpu_mem: a name in `GPUS` (its peak, memory and links); `gpu_mem` overrides its GiB.
-        mfu: the model-FLOPs utilisation the compute time assumes (a stated assumption, not a measurement).
+        gpus, nodes: GPUs in all and machines they sit in (default: the GPU's `per_node`, 8).
+        gpu, gpu_mem: a name in `GPUS` (peak, memory, links, power); `gpu_mem` overrides its GiB.
+        mfu: a stated fraction of peak for every layout instead of the calibrated `compute_efficiency`.
         seq_len, global_batch, vocab_size: tokens per sequence, sequences per optimizer step, vocabulary.
-        precision: a `precision` registry name.
+        precision: a `precision` registry name, or `bf16-master` (planning only).
         headroom: the share of each GPU's memory no layout may use (fragmentation, CUDA context).
-        overlap: the share of data-parallel communication hidden behind backward compute.
-        max_micro_batch: the largest micro-batch tried.
-        links: `{'intra': Link, 'inter': Link}` to override the GPU's bandwidth and latency.
+        overlap: the share of data-parallel communication a compute window hides.
+        max_micro_batch: the largest micro-batch tried without a pipeline (with one, up to the per-rank batch).
+        links: `{'intra': Link, 'inter': Link, 'peak_tflops': x}` overrides of the GPU.
         strategies, ac_policies: the candidates enumerated.
+        tokens: the token budget of the bill (default: Chinchilla's 20 tokens per parameter).
+        power_util, pue, grid, price: the bill's board-power fraction, PUE, kg CO2 per kWh and $ per GPU-hour.
+        infeasible: record the layouts that cannot train the batch (with why) in `Plan.infeasible`.
 
     Returns:
-        a `Plan`: the feasible `Layout`s fastest first (`best`), each with predicted memory, step time, exposed
-        communication, tokens/s and MFU; `smallest` when nothing fits; `table()`, `header()` and `to_config()`.
-
-    Every layout is checked with the same `ParallelDims` rules a launch uses, so the planner never proposes a
-    layout `scaletrain train` would refuse."""
-
-    def check(cfg, world):  # the layout against the world size and the shape's depth (no model is built)
-        dims = ParallelDims.from_config(cfg, world)
-        if dims.n_stages > cfg.model.n_layer:
-            raise ConfigError(f"parallel.pp: {dims.n_stages} pipeline stages > model.n_layer={cfg.model.n_layer}")
-        return dims
-
+        a `Plan`: its feasible `Layout`s fastest first, each with memory, step time, MFU, its `Bill` and whether
+        `scaletrain train` runs it; `infeasible`, `smallest`, `table()`, `header()`, `to_config()`."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"plan: --gpus={gpus}: must be a whole number >= 1")
-    nodes = nodes or max(1, math.ceil(gpus / 8))
-    if nodes < 1 or gpus % nodes:
-        raise ConfigError(f"plan: --nodes={nodes}: must divide --gpus={gpus}")
-    if gpu not in GPUS:
-        raise ConfigError(f"plan: --gpu={gpu}: known: {', '.join(GPUS)} (or give --peak-tflops and --gpu-mem)")
-    dev = GPUS[gpu]
+    dev = get_gpu(gpu)
     if links:
         dev = replace(dev, **links)
+    nodes = nodes or max(1, math.ceil(gpus / dev.per_node))
+    if nodes < 1 or gpus % nodes:
+        raise ConfigError(f"plan: --nodes={nodes}: must divide --gpus={gpus}")
     mem = dev.memory_gib if gpu_mem is None else gpu_mem
     if not mem > 0:
         raise ConfigError(f"plan: --gpu-mem={gpu_mem}: must be > 0 (GiB per GPU)")
-    if not 0 < mfu <= 1:
+    if mfu is not None and not 0 < mfu <= 1:
         raise ConfigError(f"plan: --mfu={mfu}: must be in (0, 1]")
     if not (isinstance(global_batch, int) and global_batch >= 1):
         raise ConfigError(f"plan: --global-batch={global_batch}: must be >= 1")
@@ -356,11 +605,23 @@ def plan(
         raise ConfigError(f"plan: --headroom={headroom}: must be in [0, 1)")
     if not 0 <= overlap <= 1:
         raise ConfigError(f"plan: --overlap={overlap}: must be in [0, 1]")
-    if precision not in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true"):
-        raise ConfigError(f"plan: --precision={precision}: allowed: fp32 | bf16-mixed | fp16-mixed | bf16-true")
+    if precision not in PLAN_PRECISIONS:
+        raise ConfigError(f"plan: --precision={precision}: allowed: {' | '.join(PLAN_PRECISIONS)}")
+    for flag, v in (
+        ("--tokens", tokens),
+        ("--power-util", power_util),
+        ("--pue", pue),
+        ("--grid", grid),
+        ("--price", price),
+    ):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"plan: {flag}={v}: must be a finite number >= 0")
+    if pue < 1:
+        raise ConfigError(f"plan: --pue={pue}: must be >= 1 (facility energy / IT energy)")
     shape, base = _shape_and_base(model, params, seq_len, vocab_size)
     gpn = gpus // nodes
     usable = mem * GiB * (1 - headroom)
+    n_params = params or shape.n_params()
     out = Plan(
         shape,
         dev,
@@ -371,6 +632,9 @@ def plan(
         precision,
         mfu,
         base=base,
+        tokens=float(tokens if tokens else 20 * n_params),
+        costs=dict(power_util=power_util, pue=pue, grid=grid, price=price),
+        vocab_explicit=vocab_size is not None,
         args=dict(
             gpu=gpu,
             gpu_mem=mem,
@@ -381,103 +645,125 @@ def plan(
             overlap=overlap,
             links=links,
             strategies=strategies,
+            tokens=tokens,
         ),
     )
-    eval_batch = base.train.eval_batch if base is not None else Config().train.eval_batch
-    probe = Config()
-    model_fields(probe.model, shape)
-    probe.model.tie_weights = False
-    probe.memory.precision = precision
-    # tensor parallelism shards whole query and key/value heads and the FFN's width
+    model_fields(Config().model, shape)  # a shape its family cannot build is refused before planning
+    bad = out.infeasible.append if infeasible else (lambda x: None)
+    prec = precision_bytes(precision, "fsdp")
+    if n_params * (prec.param + prec.grad + prec.optim) / gpus > usable:  # even fully sharded states do not fit:
+        strategies, ac_policies = ("fsdp",), ("full",)  # only the leanest layouts, for the refusal's numbers
+    s = shape.seq_len
+    # tensor parallelism shards whole query and key/value heads and the FFN's width, inside one node
     tps = [t for t in _pow2_upto(min(gpn, shape.n_head)) if not (shape.n_head % t or shape.kv % t or shape.ffw % t)]
+    cps = [1] + [c for c in _pow2_upto(32)[1:] if s % (2 * c) == 0 and s // c >= 4096]
     for tp in [t for t in tps if gpus % t == 0]:
-        for pp in [p for p in _divisors(gpus // tp) if p <= shape.n_layer]:
-            dp = gpus // (tp * pp)
-            if global_batch % dp:
-                continue
-            per_rank = global_batch // dp  # sequences per step per data-parallel rank
-            for strategy in strategies if dp > 1 else ("ddp",):
-                for sp in (False, True) if tp > 1 else (False,):
-                    for sched in ("1f1b", "interleaved1f1b") if pp > 1 else ("1f1b",):
+        sp = tp > 1 and s % tp == 0  # sequence parallelism: same traffic, less memory
+        for cp in [c for c in cps if (gpus // tp) % c == 0]:
+            rest = gpus // (tp * cp)
+            for pp in [p for p in _divisors(rest) if p <= shape.n_layer]:
+                dp = rest // pp
+                where = f"dp={dp} tp={tp} cp={cp} pp={pp}"
+                if global_batch % dp:
+                    bad((where, f"the global batch {global_batch} is not divisible by dp={dp}"))
+                    continue
+                per_rank = global_batch // dp
+                if pp > 1 and per_rank < pp:
+                    bad(
+                        (
+                            where,
+                            f"{per_rank} sequences per data-parallel rank < pp={pp}: "
+                            "1F1B needs a micro-batch per stage",
+                        )
+                    )
+                    continue
+                span = tp * cp * dp > gpn
+                shard = gpn // (tp * cp)
+                strats = [
+                    st
+                    for st in (strategies if dp * cp > 1 else ("ddp",))
+                    if st != "hsdp" or (span and 1 < shard < dp and dp % shard == 0)
+                ]
+                for strategy in strats:
+                    two = pp > 1 and 2 * pp <= shape.n_layer and len(ac_policies) > 1
+                    for sched in ("1f1b", "interleaved1f1b") if two else ("1f1b",):
+                        cap = per_rank if pp > 1 else min(per_rank, max_micro_batch)
+                        micros = [m for m in _divisors(per_rank) if m <= cap and (pp == 1 or m >= pp)]
+                        if sched == "interleaved1f1b":
+                            micros = [m for m in micros if m % pp == 0]
+                        if not micros:
+                            continue
                         for ac in ac_policies:
-                            best = None
-                            for micro in reversed(_pow2_upto(min(per_rank, max_micro_batch))):
-                                n_mb = (
-                                    micro if pp > 1 else 0
-                                )  # one sequence per pipeline micro-batch: smallest bubble and memory
-                                if pp > 1 and n_mb < pp:
-                                    continue
-                                p = probe.parallel
-                                p.strategy, p.tp, p.pp, p.sequence_parallel, p.pp_schedule, p.microbatches = (
+
+                            def make(micro):
+                                out.considered += 1
+                                lay = Layout(
                                     strategy,
+                                    dp,
                                     tp,
                                     pp,
                                     sp,
                                     sched,
-                                    n_mb,
+                                    micro if pp > 1 else 0,
+                                    ac,
+                                    micro,
+                                    per_rank // micro,
+                                    cp,
+                                    shard if strategy == "hsdp" else 0,
                                 )
-                                probe.train.micro_batch = micro
-                                probe.train.eval_batch = _eval_batch(eval_batch, dp, n_mb)
-                                try:
-                                    check(probe, gpus)
-                                except ConfigError:
-                                    continue
-                                accum = per_rank // micro
-                                out.considered += 1
-                                e = estimate(
-                                    shape,
-                                    precision=precision,
-                                    strategy=strategy,
-                                    dp=dp,
-                                    tp=tp,
-                                    pp=pp,
-                                    micro_batch=micro,
-                                    grad_accum=accum,
-                                    ac=ac,
-                                    sequence_parallel=sp,
-                                    pp_schedule=sched,
-                                    pp_microbatches=n_mb,
-                                )
-                                lay = Layout(
-                                    strategy, dp, tp, pp, sp, sched, n_mb, ac, micro, accum, e.total, estimate=e
-                                )
-                                if out.smallest is None or e.total < out.smallest.memory:
-                                    out.smallest = lay
-                                if e.total <= usable:
-                                    lay.__dict__.update(
-                                        step_time(shape, lay, dev, gpus, gpn, global_batch, mfu, precision, overlap)
-                                    )
-                                    # equal predicted time: keep the larger micro-batch (real kernels run better on it)
-                                    best = lay if best is None or lay.step_time < best.step_time * (1 - 1e-9) else best
-                            if best is not None:
-                                out.layouts.append(best)
-    out.layouts.sort(key=lambda l: (round(l.step_time, 6), l.memory))
+                                return evaluate(shape, lay, dev, gpus, global_batch, precision, overlap, mfu, gpn)
+
+                            lo = make(micros[0])
+                            if out.smallest is None or lo.memory < out.smallest.memory:
+                                out.smallest = lo
+                            if lo.memory > usable:
+                                bad((lo.describe(), f"needs {lo.memory / GiB:.1f} GiB per GPU > {usable / GiB:.1f}"))
+                                continue
+                            best, i, j = lo, 0, len(micros) - 1  # bisect: the largest micro-batch that fits
+                            while i < j:
+                                k = (i + j + 1) // 2
+                                t = make(micros[k])
+                                if t.memory <= usable:
+                                    best, i = t, k
+                                else:
+                                    j = k - 1
+                            out.layouts.append(best)
+    out.layouts.sort(key=lambda l: (round(l.step_time, 9), l.memory))
+    for l in out.layouts:
+        l.why_not = _runnable(out, l)
+        l.runnable = not l.why_not
+        l.bill = bill(l.step_time, gpus, global_batch * s, out.tokens, dev.power_w, power_util, pue, grid, price)
     return out
 
 # %% ../nbs/4_estimate/41_plan.ipynb #35bb9860
 def why_nothing_fits(pl: Plan) -> str:
     "One line: what is too big, and what would make it fit."
     if pl.smallest is None:
+        why = f" ({pl.infeasible[0][1]})" if pl.infeasible else ""
         return (
-            f"plan: no layout of {pl.gpus} GPUs divides the global batch of {pl.global_batch} sequences evenly "
-            f"(data-parallel degree must divide it); change --global-batch or --gpus"
+            f"plan: no layout of {pl.gpus} GPUs trains the global batch of {pl.global_batch} sequences exactly{why}; "
+            "change --global-batch or --gpus"
         )
     e, s = pl.smallest.estimate, pl.smallest
     part, nbytes = e.largest()
     need_mem = math.ceil(e.total / GiB / (1 - pl.args.get("headroom", 0.1)))
+    prec = precision_bytes(pl.precision, "fsdp")
+    states = pl.shape.n_params() * (prec.param + prec.grad + prec.optim)  # a lower bound of bytes over all GPUs
     more, g = None, pl.gpus * 2
-    while g <= pl.gpus * 4096 and more is None:  # only the leanest settings: full recomputation, micro-batch 1
-        # the shape carries --seq-len/--vocab; the base config only matters for to_config
-        trial = plan(
-            pl.shape,
-            gpus=g,
-            nodes=pl.nodes * g // pl.gpus,
-            **{**pl.args, "global_batch": max(pl.global_batch, g)},
-            ac_policies=("full",),
-            max_micro_batch=1,
-        )
-        if trial.layouts:
-            more = g
+    while g <= pl.gpus * 4096 and more is None:  # only the leanest settings: fsdp, full recomputation, micro-batch 1
+        if states / g <= pl.usable:
+            args = {**pl.args, "global_batch": max(pl.global_batch, g), "strategies": ("fsdp",)}
+            trial = plan(
+                pl.shape,
+                gpus=g,
+                nodes=pl.nodes * g // pl.gpus,
+                **args,
+                ac_policies=("full",),
+                max_micro_batch=1,
+                infeasible=False,
+            )
+            if trial.layouts:
+                more = g
         g *= 2
     fix = (
         f"it would fit on {more} GPUs" if more else f"not even {pl.gpus * 4096} GPUs would do"

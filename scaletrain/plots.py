@@ -32,10 +32,10 @@ def draw_curves(axes, runs: dict, memory: bool = False):
         if memory and len(axes) > 2:
             x, y = _series(recs, "peak_mem_gb")
             axes[2].plot(x, y, color=color, lw=1, label=label)
-    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
-    ax_tps.set(xlabel="step", ylabel="tokens/s", title="throughput")
+    ax_loss.set(xlabel="optimizer step", ylabel="loss (cross-entropy, nats/token)", title="loss")
+    ax_tps.set(xlabel="optimizer step", ylabel="throughput (tokens/s)", title="throughput")
     if memory and len(axes) > 2:
-        axes[2].set(xlabel="step", ylabel="GiB", title="peak memory")
+        axes[2].set(xlabel="optimizer step", ylabel="peak memory of rank 0 (GiB)", title="peak memory")
     for a in axes:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)

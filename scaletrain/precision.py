@@ -9,7 +9,8 @@ import torch
 from .registry import PRECISIONS
 
 # %% auto #0
-__all__ = ['torch_dtype', 'autocast_dtype', 'autocast_ctx', 'param_dtype', 'needs_scaler', 'make_scaler']
+__all__ = ['torch_dtype', 'autocast_dtype', 'autocast_ctx', 'param_dtype', 'needs_scaler', 'make_scaler', 'uses_float8',
+           'float8_refusal', 'apply_float8']
 
 # %% ../nbs/0_core/03_precision.ipynb #acc09b83
 def torch_dtype(name: str) -> torch.dtype:
@@ -41,3 +42,57 @@ def needs_scaler(precision: str) -> bool:
 def make_scaler(precision: str, device: torch.device):
     "A GradScaler for a precision that needs loss scaling (on whatever device), else None."
     return torch.amp.GradScaler(device.type) if needs_scaler(precision) else None
+
+
+def uses_float8(precision: str) -> bool:
+    return PRECISIONS[precision].float8
+
+
+def float8_refusal(precision: str, device) -> str | None:
+    "Why a run of `precision` cannot use float8 on `device` (None: it can, or the precision has no float8)."
+    if not uses_float8(precision):
+        return None
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return (
+            f"memory.precision={precision}: float8 matmuls need an NVIDIA GPU of compute capability >= 8.9 "
+            f"(H100, H200, L40S, RTX 4090); this run's device is {device.type}; use bf16-mixed"
+        )
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 9):
+        return (
+            f"memory.precision={precision}: {torch.cuda.get_device_name(device)} has compute capability "
+            f"{cc[0]}.{cc[1]}; float8 matmuls need >= 8.9 (H100, H200, L40S, RTX 4090); use bf16-mixed"
+        )
+    return None
+
+
+def apply_float8(model: torch.nn.Module, scaling: str = "tensorwise", skip=(), fsdp: bool = False) -> list[str]:
+    """Swap the `nn.Linear` layers of `model` for torchao's `Float8Linear` (in place), except those named in `skip`
+    (and below them) and those whose sizes are not multiples of 16. `fsdp`: all-gather the weights in float8
+    (tensorwise scaling only). Returns the names of the converted layers."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):  # torchao's optional CUDA kernels log on a CPU-only machine
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig.from_recipe_name(scaling)
+    if fsdp and scaling == "tensorwise":
+        config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+    skip = tuple(skip)
+    done = []
+
+    def keep(m, fqn):
+        ok = (
+            isinstance(m, torch.nn.Linear)
+            and not any(fqn == s or fqn.startswith(s + ".") for s in skip)
+            and m.in_features % 16 == 0
+            and m.out_features % 16 == 0
+        )
+        if ok:
+            done.append(fqn)
+        return ok
+
+    convert_to_float8_training(model, module_filter_fn=keep, config=config)
+    return done

@@ -13,8 +13,9 @@ from pathlib import Path
 from .errors import LaunchError
 
 # %% auto #0
-__all__ = ['free_port', 'port_is_free', 'split_endpoint', 'torchrun_args', 'child_env', 'loopback_ifname', 'check_layout',
-           'proc_start', 'pid_alive', 'Job', 'run_foreground', 'die_with_parent', 'torchrun_main']
+__all__ = ['RESTART_VARS', 'free_port', 'port_is_free', 'split_endpoint', 'torchrun_args', 'child_env', 'loopback_ifname',
+           'check_layout', 'proc_start', 'pid_alive', 'Job', 'run_foreground', 'die_with_parent', 'torchrun_main',
+           'restart_count', 'restart_point', 'job_restarted', 'restart_resumes', 'supervise']
 
 # %% ../nbs/5_runs/50_procs.ipynb #95318447
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,9 +59,13 @@ def torchrun_args(
 
     One node: a static rendezvous on `master_addr` (loopback) and `master_port` (a free one by default), through
     `python -m scaletrain.procs` (see above).
+    `max_restarts`: on one node, restarts of the whole job by `supervise` (a fresh rendezvous each, resuming from the
+    latest verified checkpoint); on several, torchrun's own (c10d holds a new rendezvous round; ranks resume, see
+    `restart_resumes`).
     Several nodes: a c10d rendezvous at `rdzv_endpoint` (required) with the same `rdzv_id` on every node; c10d
     numbers the nodes as they join, so `node_rank` is not passed to torchrun (it decides who prepares the run)."""
     one_node = nnodes == 1 and not rdzv_endpoint
+    # one node: `--max-restarts` is read by scaletrain.procs (`supervise`), which gives torchrun 0 and restarts itself
     cmd = [
         python or sys.executable,
         "-m",
@@ -99,6 +104,9 @@ def torchrun_args(
     return cmd + list(script_args)
 
 
+# what `supervise` tells the ranks of a restarted job: which restart, and the checkpoint step it continues from
+RESTART_VARS = ("SCALETRAIN_RESTART", "SCALETRAIN_RESTART_STEP")
+
 # torchrun sets these for its workers; inherited from a kernel or an outer job they would confuse the new one
 _DIST_VARS = {
     "RANK",
@@ -120,9 +128,9 @@ def child_env(extra: dict | None = None, loopback: bool = False) -> dict:
     plots; `loopback` (a one-machine job on 127.0.0.1): gloo's own sockets on loopback too, whatever the hostname
     resolves to."""
     # a job started from inside a rank (a shipped function, a notebook under scaletrain) is a job of its own: not
-    # torchrun's variables, nor the worker's SCALETRAIN_RUN_DIR / SCALETRAIN_RESUME
+    # torchrun's variables, nor the worker's SCALETRAIN_RUN_DIR / SCALETRAIN_RESUME, nor the restart of its own job
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("TORCHELASTIC_")}
-    env = {k: v for k, v in env.items() if k not in ("SCALETRAIN_RUN_DIR", "SCALETRAIN_RESUME")}
+    env = {k: v for k, v in env.items() if k not in ("SCALETRAIN_RUN_DIR", "SCALETRAIN_RESUME", *RESTART_VARS)}
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     env["MPLBACKEND"] = "Agg"  # a kernel's inline backend is meaningless in a rank
@@ -200,11 +208,14 @@ class Job:
         -15
     """
 
-    def __init__(self, cmd: list, env: dict | None = None, **popen_kw):
+    def __init__(self, cmd: list, env: dict | None = None, detach: bool = False, **popen_kw):
         if isinstance(cmd, str):
             raise TypeError("Job takes an argument list, not a shell string")
         self.cmd = list(cmd)
-        env = dict(env or child_env(), SCALETRAIN_LAUNCHER_PID=str(os.getpid()))  # for die_with_parent
+        env = dict(env or child_env())
+        env.pop("SCALETRAIN_LAUNCHER_PID", None)
+        if not detach:  # `detach`: the job outlives this process (a notebook kernel that restarts)
+            env["SCALETRAIN_LAUNCHER_PID"] = str(os.getpid())  # for die_with_parent
         self.proc = subprocess.Popen(self.cmd, env=env, start_new_session=True, **popen_kw)
 
     @property
@@ -242,9 +253,15 @@ class Job:
         except psutil.Error:
             return []
 
+    @property
+    def supervised(self) -> bool:
+        "Is the job `python -m scaletrain.procs` (torchrun under `supervise`, which restarts failed ranks)?"
+        return self.cmd[1:3] == ["-m", "scaletrain.procs"]
+
     def interrupt(self) -> None:
         """A graceful stop: SIGTERM to each child's group (torchrun's ranks lead sessions of their own), so they
-        checkpoint and exit 0 and torchrun exits with them; to the job's group when it has no children yet."""
+        checkpoint and exit 0 and torchrun exits with them; to the job's group when it has no children yet. A
+        supervised job first gets SIGUSR1: a rank that fails while stopping is not restarted."""
         leaders = []
         for pid in self.children():
             try:
@@ -253,6 +270,11 @@ class Job:
             except OSError:
                 pass
         if leaders:
+            if self.supervised:  # its handler is in place: it has started ranks
+                try:
+                    os.kill(self.pid, signal.SIGUSR1)
+                except (ProcessLookupError, PermissionError):
+                    pass
             for pid in leaders:
                 try:
                     os.killpg(pid, signal.SIGTERM)
@@ -338,12 +360,13 @@ def _loopback_store(tcp_store):
     return make
 
 
-def torchrun_main(argv=None):
+def torchrun_main(argv=None) -> int:
     """`python -m scaletrain.procs ARGS`: torchrun's `ARGS`, dying with the launcher (`SCALETRAIN_LAUNCHER_PID`), with
-    ranks that die with it, and a loopback rendezvous store bound to loopback."""
+    ranks that die with it, a loopback rendezvous store bound to loopback, and `--max-restarts N` done by `supervise`.
+    Returns the exit code: 0 when the ranks succeeded."""
     import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as sh
     import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as st
-    from torch.distributed.run import main
+    from torch.distributed.run import parse_args, run
 
     parent = os.environ.pop("SCALETRAIN_LAUNCHER_PID", "")
     if parent.isdigit():
@@ -357,11 +380,171 @@ def torchrun_main(argv=None):
         return popen(*a, preexec_fn=lambda: die_with_parent(me), **kw)
 
     sh.Popen = rank_popen
-    return main(argv)
+    return supervise(parse_args(argv), run)
+
+# %% ../nbs/5_runs/50_procs.ipynb #1933d5a3
+def restart_count() -> int:
+    """Which attempt of its job this process is: 0 the first, k after k restarts (`supervise`'s `SCALETRAIN_RESTART`
+    on one node, torchrun's `TORCHELASTIC_RESTART_COUNT` on several)."""
+    v = os.environ.get("SCALETRAIN_RESTART") or os.environ.get("TORCHELASTIC_RESTART_COUNT") or "0"
+    return int(v) if v.isdigit() else 0
+
+
+def _reset_metrics(run_dir: Path) -> None:
+    from scaletrain.files import atomic_write_text
+
+    if (m := run_dir / "metrics.jsonl").exists():
+        atomic_write_text(m, "")  # a restart from step 0 logs every step again: one clean log, no duplicates
+
+
+def restart_point(run_dir) -> tuple[int | None, list[str]]:
+    """Before a restart, with no rank running: the step to continue from, and why newer checkpoints were skipped.
+
+    The newest `checkpoints/step_*` that matches its manifest wins: `checkpoints/latest` is pointed at it and
+    `metrics.jsonl` cut back to its step. None when there is no such checkpoint: `metrics.jsonl` is emptied, the
+    restart starts from step 0. Skipped checkpoints are kept (the restarted run prunes them when it saves)."""
+    from scaletrain.checkpoint import checkpoint_step, family_folders, pointed_checkpoint, verify_checkpoint
+    from scaletrain.errors import CheckpointError
+    from scaletrain.files import atomic_write_text
+    from scaletrain.metrics import truncate_metrics
+
+    run_dir, skipped = Path(run_dir), []
+    ck = run_dir / "checkpoints"
+    for d in reversed(family_folders(ck)) if ck.is_dir() else []:
+        try:
+            verify_checkpoint(d)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        try:
+            pointed = pointed_checkpoint(run_dir)
+        except CheckpointError:
+            pointed = None
+        if pointed != d:
+            atomic_write_text(ck / "latest", d.name)
+        step = checkpoint_step(d.name)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+        return step, skipped
+    _reset_metrics(run_dir)
+    return None, skipped
+
+
+def job_restarted(device: str = "auto") -> bool:
+    """Is this attempt a restart of the job (the same answer on every rank)? One node: `SCALETRAIN_RESTART` > 0, set
+    by `supervise` for every rank alike. Several nodes with torchrun's own restarts: torchrun counts a restart only on
+    the node whose rank failed (a node restarted because another node's did sees 0), so the ranks vote, a collective
+    (the process group is started here, on `device`'s backend)."""
+    if "SCALETRAIN_RESTART" in os.environ or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+        return restart_count() > 0
+    from scaletrain.dist import init_distributed, vote
+
+    info = init_distributed(device)
+    return vote(restart_count() > 0, info, info.device, any_rank=True)
+
+
+def restart_resumes(run_dir, resume: bool = False, device: str = "auto") -> bool:
+    """Does this rank continue `run_dir` from a checkpoint? On a first attempt: `resume`, as asked. On a restart
+    (`job_restarted`): when there is a checkpoint to continue from; on one node `supervise` has chosen it
+    (`SCALETRAIN_RESTART_STEP`, empty for none), on several (torchrun's own restarts) the latest one, and with none
+    rank 0 empties `metrics.jsonl`."""
+    if not job_restarted(device):
+        return resume
+    step = os.environ.get("SCALETRAIN_RESTART_STEP")
+    if step is not None:
+        return step != ""
+    from scaletrain.checkpoint import latest_checkpoint
+    from scaletrain.errors import CheckpointError
+
+    try:
+        found = latest_checkpoint(run_dir) is not None
+    except CheckpointError:
+        found = True  # a damaged pointer: resuming reports it (one line) rather than silently starting over
+    if not found and os.environ.get("RANK", "0") == "0":
+        _reset_metrics(Path(run_dir))
+    return found
+
+
+def _root_cause(err) -> tuple[str, int]:
+    """`ChildFailedError` -> ('rank 1: killed by SIGKILL', its exit code). A rank killed by a signal (not torchrun's
+    SIGTERM to the others) comes first, then a rank that exited non-zero, then the earliest."""
+    term = (-int(signal.SIGTERM), -int(signal.SIGINT))
+
+    def order(item):
+        rank, f = item
+        return (0 if f.exitcode < 0 and f.exitcode not in term else 1 if f.exitcode > 0 else 2, f.timestamp, rank)
+
+    rank, f = min(err.failures.items(), key=order)
+    return (
+        f"rank {rank}: killed by {f.signal_name()}" if f.exitcode < 0 else f"rank {rank}: exit code {f.exitcode}"
+    ), (f.exitcode)
+
+
+def _run_dir_of(args) -> Path | None:
+    "The `--run-dir` of the ranks' command line (every scaletrain rank has one)."
+    rest = list(args.training_script_args)
+    if "--run-dir" in rest[:-1]:
+        return Path(rest[rest.index("--run-dir") + 1]).resolve()
+    return None
+
+
+def supervise(args, run) -> int:
+    """Run torchrun (`run(args)`, torch.distributed.run's) up to `1 + args.max_restarts` times, each attempt with
+    torchrun's own restarts off and, after the first, a fresh rendezvous port; returns the exit code (see above)."""
+    import copy
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    def torchrun_stops(signum, frame):  # what torchrun's own handler does: the agent stops the ranks, then re-raises
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    restarts, args.max_restarts = args.max_restarts, 0
+    run_dir = _run_dir_of(args)
+    config_run = run_dir is not None and (run_dir / "config.yaml").is_file()  # a scaletrain run: it has checkpoints
+    stopping = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: stopping.append(signum))  # Job.interrupt: the user stops it
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for attempt in range(restarts + 1):
+        os.environ["SCALETRAIN_RESTART"] = str(attempt)
+        a = copy.copy(args)
+        if attempt:
+            if stopping:
+                print(f"scaletrain: stopped before restart {attempt}/{restarts}", flush=True)
+                return 0
+            a.master_port = free_port(a.master_addr or "127.0.0.1")  # a new TCP store: a fresh rendezvous
+            for s in stops:  # torchrun's own: a signal now stops the attempt as it would the first
+                signal.signal(s, torchrun_stops)
+        try:
+            run(a)
+            return 0
+        except ChildFailedError as e:
+            why, code = _root_cause(e)
+        for s in stops:  # between attempts, no rank running: a stop only means "no more restarts"
+            signal.signal(s, lambda signum, frame: stopping.append(signum))
+        if stopping or code == 2 or attempt == restarts:
+            reason = (
+                "; not restarting a job that is being stopped"
+                if stopping
+                else "; not restarting: exit code 2 is scaletrain's refusal of bad input, which a restart repeats"
+                if code == 2 and restarts
+                else f" after {restarts} restart{'s' if restarts != 1 else ''}; giving up"
+                if restarts
+                else ""
+            )
+            print(f"scaletrain: ranks failed ({why}){reason}", flush=True)
+            return 2 if code == 2 else 1  # bad input stays exit code 2 through torchrun
+        where = "(the ranks run with ctx.resume=True)"
+        if config_run:
+            step, skipped = restart_point(run_dir)
+            os.environ["SCALETRAIN_RESTART_STEP"] = "" if step is None else str(step)
+            where = f"from checkpoint step {step}" if step is not None else "from the start (no checkpoint)"
+            if skipped:
+                where += f"; skipped {len(skipped)} newer checkpoint(s) that failed verification: {skipped[0]}"
+        print(f"scaletrain: ranks failed ({why}); restart {attempt + 1}/{restarts} {where}", flush=True)
+    return 1
 
 # %% ../nbs/5_runs/50_procs.ipynb #52146da8
 #| eval: false
 if __name__ == "__main__":  # python -m scaletrain.procs <torchrun's arguments>
     from scaletrain.procs import torchrun_main as _torchrun_main
 
-    _torchrun_main()
+    sys.exit(_torchrun_main())

@@ -84,6 +84,14 @@ FAMILIES.add(
     )
 )
 FAMILIES.add(Family("gpt", "scaletrain.models.gpt:SPEC", "GPT-2/nanoGPT: LayerNorm, learned positions, GELU MLP"))
+FAMILIES.add(
+    Family(
+        "hf",
+        "scaletrain.models.hf:SPEC",
+        "a transformers causal LM from model.hf_path (its own class; blocks from _no_split_modules)",
+        uses=frozenset({"n_kv_head", "rope_theta"}),
+    )
+)
 
 # %% ../nbs/0_core/02_registry.ipynb #dcebed78
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class Precision:
     autocast: str | None = None
     params: str = "float32"
     scaler: bool = False
+    float8: bool = False  # Linear matmuls in float8 (torchao), scaling from memory.fp8_scaling
 
 
 PRECISIONS = Registry("memory.precision")
@@ -159,6 +168,14 @@ PRECISIONS.add(
     Precision("fp16-mixed", "fp32 weights, fp16 matmuls, dynamic loss scaling", autocast="float16", scaler=True)
 )
 PRECISIONS.add(Precision("bf16-true", "bf16 weights, gradients and optimizer state", params="bfloat16"))
+PRECISIONS.add(
+    Precision(
+        "fp8-mixed",
+        "bf16-mixed, with the blocks' Linear matmuls in float8 (torchao; GPUs of compute capability >= 8.9)",
+        autocast="bfloat16",
+        float8=True,
+    )
+)
 
 # %% ../nbs/0_core/02_registry.ipynb #e0a749ba
 @dataclass(frozen=True)

@@ -17,12 +17,14 @@ from datetime import datetime
 from pathlib import Path
 from .errors import LaunchError
 from .files import atomic_write_text, read_json
-from .procs import Job, child_env, pid_alive
+import socket
+from types import SimpleNamespace
+from .procs import Job, child_env, pid_alive, proc_start
 from .runlock import RunLock, node_suffix
 from .worker import Target, log_tail, run_key, signed_load
 
 # %% auto #0
-__all__ = ['Run']
+__all__ = ['LOST_HINT', 'folder_status', 'Run']
 
 # %% ../nbs/5_runs/55_runs.ipynb #fd87983d
 def _parse_ranks(ranks) -> set | str:
@@ -54,8 +56,73 @@ def _split_glued(raw: str, rank: int) -> list[str]:
     return [p.rstrip() for p in parts if p.strip()]
 
 
+LOST_HINT = (
+    "its processes are gone without a final status (killed, or the machine went down); continue it from its last "
+    "checkpoint with `scaletrain launch --resume {run_dir}` (in Python: `scaletrain.launch.resume(...)`)"
+)
+
+
+def _fresh_exits(run_dir: Path, t_start: float) -> list:
+    "The exit records (`logs/rank*.exit.json`) the ranks of the launch started at `t_start` wrote."
+    out = [read_json(p) for p in (Path(run_dir) / "logs").glob("rank*.exit.json")]
+    return sorted((e for e in out if e and e.get("time", 0) >= t_start), key=lambda e: e["time"])
+
+
+def _fresh_summary(run_dir: Path, t_start: float) -> str | None:
+    "The status in `summary.json` if the launch started at `t_start` wrote it, else None."
+    p = Path(run_dir) / "summary.json"
+    s = read_json(p)
+    try:
+        fresh = p.stat().st_mtime >= t_start
+    except OSError:
+        fresh = False
+    return s.get("status") if isinstance(s, dict) and fresh else None
+
+
+def _unwatched_end(run_dir: Path, launch: dict, kind: str) -> str:
+    """How a launch ended that no launcher saw end (its kernel restarted): the summary it wrote, its ranks' exit
+    records, or `lost` (gone without a final status)."""
+    summary = _fresh_summary(run_dir, launch["start"])
+    if summary in ("finished", "stopped"):
+        return summary
+    if summary == "anomaly":
+        return "failed"
+    exits = _fresh_exits(run_dir, launch["start"])
+    spec = launch.get("spec") or {}
+    if any(e.get("rc") for e in exits):
+        return "failed"
+    n = spec.get("nproc", 1) * spec.get("nnodes", 1)
+    if kind != "train" and len({e["rank"] for e in exits}) >= n:
+        return "finished"
+    return "lost"
+
+
+def folder_status(run_dir) -> str:
+    """The status of run folder `run_dir` as the run table shows it: `running` (a live process holds its lock), the
+    fresh `summary.json`'s status, the end its launcher recorded in `launch.json`, else `lost` (a launch that never
+    recorded an end and whose process is gone), or `prepared` / `?` when nothing was launched."""
+    d = Path(run_dir)
+    if RunLock.is_live(RunLock.holder_of(d)):
+        return "running"
+    rec = read_json(d / "launch.json")
+    launches = rec.get("launches") if isinstance(rec, dict) else None
+    if not launches:
+        s = read_json(d / "summary.json")
+        if isinstance(s, dict) and "status" in s:
+            return s["status"]  # a foreground `scaletrain train` run
+        return "prepared" if isinstance(rec, dict) else "?"
+    last = dict(launches[-1], spec=rec.get("spec"))
+    summary = _fresh_summary(d, last.get("start", 0))
+    if summary is not None:
+        return summary
+    if "end" in last:
+        return last.get("status", "?")
+    return _unwatched_end(d, last, rec.get("kind", "train"))
+
+
 class Run:
-    "A launched job: watch it, wait for it, stop it, resume it."
+    """A launched job: watch it, wait for it, stop it, resume it. `Run.attach(run_dir)` follows one that an earlier
+    kernel (or another process) launched and that is still running."""
 
     def __init__(
         self,
@@ -68,12 +135,87 @@ class Run:
         resume: bool = False,
         node_rank: int = 0,
         relaunch=None,
+        detach: bool = False,
     ):
+        self._setup(target, cmd, spec, ranks, echo, resume, node_rank, relaunch)
+        self.detached = detach
+        self.lock = RunLock(self.run_dir, node_rank)
+        try:
+            self._pos = {
+                int(p.stem[4:]): p.stat().st_size for p in self.logs_dir.glob("rank*.log") if p.stem[4:].isdigit()
+            }
+            self.t_start = time.time()
+            self._agent_log = open(self.logs_dir / f"torchrun{node_suffix(node_rank)}.log", "ab")
+            self._agent_log.write(f"=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
+            self._agent_log.flush()
+            self._agent_pos = self._agent_from = self._agent_log.tell()
+            self._logs_from = dict(self._pos)
+            self.job = Job(
+                cmd,
+                env or child_env(),
+                detach=detach,
+                stdout=self._agent_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            self.proc = self.job.proc
+        except BaseException:
+            self.lock.release()
+            raise
+        self._pid_start = proc_start(self.proc.pid)
+        self.lock.hand_to(self.proc.pid)
+        self.status = "running"
+        self._record_launch()
+        self._start_watching()
+
+    @classmethod
+    def attach(cls, run_dir, ranks="0", echo: bool = True, node_rank: int = 0, relaunch=None) -> "Run":
+        """Follow the job running in `run_dir` that another process launched (a kernel since restarted): its logs
+        from the start of that launch, its metrics, its end; `stop()` stops it. Found through the launch record
+        (`launch.json`) and the lock its torchrun holds (pid and start time, so a reused pid is not taken for it).
+        Raises `LaunchError` when no job of this machine is running there."""
+        run_dir = Path(run_dir).resolve()
+        rec = read_json(run_dir / f"launch{node_suffix(node_rank)}.json")
+        h = RunLock.holder_of(run_dir, f"launch{node_suffix(node_rank)}.lock")
+        last = rec["launches"][-1] if isinstance(rec, dict) and rec.get("launches") else None
+        if (
+            last is None
+            or h is None
+            or h.get("pid") != last.get("pid")
+            or h.get("host") != socket.gethostname()
+            or not pid_alive(h["pid"], h.get("start"))
+        ):
+            raise LaunchError(
+                f"attach {run_dir}: no job of this machine is running there (status: {folder_status(run_dir)})"
+            )
+        self = cls.__new__(cls)
+        target = Target(rec.get("kind", "train"), run_dir, rec.get("args") or [], rec.get("label", ""))
+        self._setup(
+            target, last["cmd"], rec.get("spec") or {}, ranks, echo, last.get("resume", False), node_rank, relaunch
+        )
+        self.attached, self.detached, self.lock, self._agent_log = True, True, None, None
+        self.t_start, self.restarts, self._pid_start = last["start"], last.get("restarts", 0), h.get("start")
+        self.proc = SimpleNamespace(pid=h["pid"], returncode=None)  # not our child: never waited for
+        self.job = Job.__new__(Job)  # signalled (interrupt, SIGKILL) as the launcher's own Job would be
+        self.job.cmd, self.job.proc = list(last["cmd"]), self.proc
+        self._logs_from = {int(r): n for r, n in (last.get("logs_from") or {}).items()}
+        self._pos, self._agent_pos = dict(self._logs_from), last.get("agent_from", 0)
+        self._agent_from = self._agent_pos
+        self.status = "running"
+        self._start_watching()
+        return self
+
+    def _start_watching(self):
+        self._thread = threading.Thread(target=self._watch, name=f"scaletrain-run-{self.run_dir.name}", daemon=True)
+        self._thread.start()
+
+    def _setup(self, target, cmd, spec, ranks, echo, resume, node_rank, relaunch):
         self.target, self.run_dir, self.cmd, self.spec = target, target.run_dir, cmd, spec
         self.kind, self.node_rank, self.resumed = target.kind, node_rank, resume
         self.relaunch = relaunch  # how `resume()` starts this folder again: `scaletrain.launch.resume`
         self.ranks, self.echo = _parse_ranks(ranks), echo
         self.status, self.error, self.returncode = "starting", None, None
+        self.restarts = 0  # restarts of the job by its supervisor so far
         self.lines = deque(maxlen=5000)  # (rank, line) of the shown ranks
         self._records, self._mpos, self._mino = [], 0, None
         self._listeners = {"output": [], "metrics": [], "exit": []}
@@ -83,30 +225,10 @@ class Run:
             False,
             False,
         )
+        self.attached = False  # True: followed by `attach`, not launched here
         self.logs_dir = self.run_dir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.run_dir, node_rank)
-        try:
-            self._pos = {
-                int(p.stem[4:]): p.stat().st_size for p in self.logs_dir.glob("rank*.log") if p.stem[4:].isdigit()
-            }
-            self._partial = {}
-            self.t_start = time.time()
-            self._agent_log = open(self.logs_dir / f"torchrun{node_suffix(node_rank)}.log", "ab")
-            self._agent_log.write(f"=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
-            self._agent_log.flush()
-            self.job = Job(
-                cmd, env or child_env(), stdout=self._agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-            self.proc = self.job.proc
-        except BaseException:
-            self.lock.release()
-            raise
-        self.lock.hand_to(self.proc.pid)
-        self.status = "running"
-        self._record_launch()
-        self._thread = threading.Thread(target=self._watch, name=f"scaletrain-run-{self.run_dir.name}", daemon=True)
-        self._thread.start()
+        self._partial = {}
 
     # ---- bookkeeping in launch.json ----
     def _launch_file(self) -> Path:
@@ -118,7 +240,17 @@ class Run:
                 kind=self.kind, label=self.target.label, args=self.target.args, launches=[]
             )
             rec["spec"] = self.spec
-            entry = dict(start=self.t_start, cmd=self.cmd, resume=self.resumed, pid=self.proc.pid, status=self.status)
+            entry = dict(
+                start=self.t_start,
+                cmd=self.cmd,
+                resume=self.resumed,
+                pid=self.proc.pid,
+                pid_start=self._pid_start,
+                status=self.status,
+                restarts=self.restarts,
+                logs_from={str(r): n for r, n in self._logs_from.items()},  # where this launch's output begins
+                agent_from=self._agent_from,
+            )
             if rec["launches"] and rec["launches"][-1].get("start") == self.t_start:
                 rec["launches"][-1].update(entry, **end)
             else:
@@ -208,9 +340,34 @@ class Run:
                 self._records.extend(new)
                 self._fire("metrics", list(self._records))
 
+    def _pump_agent(self):
+        "The supervisor's own lines (`scaletrain: ...`: a restart, the last failure) in torchrun's log: echo, count."
+        try:
+            with open(self.logs_dir / f"torchrun{node_suffix(self.node_rank)}.log", "rb") as f:
+                f.seek(self._agent_pos)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        self._agent_pos += end
+        for line in data[:end].decode(errors="replace").splitlines():
+            if not line.startswith("scaletrain: "):
+                continue
+            if self.echo:
+                print(line, file=sys.stderr, flush=True)
+            if re.search(r"; restart \d+/\d+ ", line):
+                self.restarts += 1
+                self._record_launch()
+
+    def _alive(self) -> bool:
+        if self.attached:
+            return pid_alive(self.proc.pid, self._pid_start)
+        return self.proc.poll() is None
+
     def _watch(self):
         while True:
-            exited = self.proc.poll() is not None
+            exited = not self._alive()
+            self._pump_agent()
             self._pump_logs()
             self._pump_metrics()
             if exited:
@@ -219,19 +376,13 @@ class Run:
         self._finish()
 
     def _rank_exits(self) -> list:
-        out = [read_json(p) for p in self.logs_dir.glob("rank*.exit.json")]
-        return sorted((e for e in out if e and e.get("time", 0) >= self.t_start), key=lambda e: e["time"])
+        return _fresh_exits(self.run_dir, self.t_start)
 
     def _summary_status(self) -> str | None:
-        s = read_json(self.run_dir / "summary.json")
-        try:
-            fresh = (self.run_dir / "summary.json").stat().st_mtime >= self.t_start
-        except OSError:
-            fresh = False
-        return s.get("status") if s and fresh else None
+        return _fresh_summary(self.run_dir, self.t_start)
 
     def _finish(self):
-        self.returncode = self.proc.returncode
+        self.returncode = self.proc.returncode  # None for an attached job: not our child, its code is unknown
         exits = self._rank_exits()
         # the root cause first: a rank whose error is not just "a peer went away", then the earliest
         failed = sorted(
@@ -254,6 +405,15 @@ class Run:
                 + ":\n"
                 + (first.get("error") or "").rstrip()
             )
+        elif self.attached:  # its exit code is unknown: what it left behind says how it ended
+            status = _unwatched_end(self.run_dir, dict(start=self.t_start, spec=self.spec), self.kind)
+            error = (
+                "training ended with status anomaly"
+                if summary == "anomaly"
+                else LOST_HINT.format(run_dir=self.run_dir)
+                if status == "lost"
+                else None
+            )
         elif self.returncode == 0:
             status, error = (
                 ("failed", f"training ended with status {summary}") if summary == "anomaly" else ("finished", None)
@@ -271,11 +431,22 @@ class Run:
                 self._record_launch(end=time.time(), returncode=self.returncode, error=error)
             except OSError:
                 pass
-            self._agent_log.close()
-            self.lock.release()
+            if self._agent_log is not None:
+                self._agent_log.close()
+            self._release_lock()
             self._finished = True
             self._fire("exit", self)  # before waiters wake up, so what they read next is up to date
         self._done.set()
+
+    def _release_lock(self):
+        "Free the folder, unless a new launch has already taken it since the job ended."
+        p = self.run_dir / f"launch{node_suffix(self.node_rank)}.lock"
+        h = RunLock.holder_of(self.run_dir, p.name)
+        if h is None or h.get("pid") == self.proc.pid:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
 
     # ---- the user's API ----
     @property
@@ -327,7 +498,7 @@ class Run:
             raise LaunchError(f"run {self.run_dir} is still {self.status}; stop() it or wait() for it before resuming")
         if self.relaunch is None:
             raise LaunchError(f"run {self.run_dir}: started without a way to resume it; use scaletrain.launch.resume")
-        kw = {**dict(ranks=self.spec.get("ranks", "0"), echo=self.echo), **kw}
+        kw = {**dict(ranks=self.spec.get("ranks", "0"), echo=self.echo, detach=self.detached), **kw}
         return self.relaunch(self.run_dir, overrides=overrides, **kw)
 
     @property

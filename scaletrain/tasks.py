@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import ConfigError
 from .files import atomic_write_text
-from .data import DataError, ByteTokenizer, stdlib_root, stdlib_files, folder_files, is_val_file
+from scaletrain.data import (
+    DataError,
+    stdlib_root,
+    stdlib_files,
+    folder_files,
+    is_val_file,
+    token_dtype,
+    data_tokenizer,
+)
 from .train import LMTask
 from .jobs import resolve_vocab
 from .models.heads import build_classifier
@@ -337,9 +345,9 @@ def _forward_logits(engine, x):
 
 
 def task_tokenizer(cfg: Config):
-    "The tokenizer of the pretrained model: bytes, or the BPE in the pretraining data's cache."
-    if cfg.data.tokenizer == "byte":
-        return ByteTokenizer()
+    "The tokenizer of the pretrained model: bytes, its tokenizer.json, or the BPE in the pretraining data's cache."
+    if (tok := data_tokenizer(cfg.data)) is not None:
+        return tok
     from scaletrain.data import prepare_data
 
     return prepare_data(cfg.data).tokenizer
@@ -498,12 +506,11 @@ class PackageLMTask(LMTask):
         train = [f for f in files if f not in held]
         if not train:
             raise DataError(f"finetune.task={cfg.finetune.task}: {root} has too few files to split by file")
-        eot = np.array([tok.eot], dtype=np.uint16)
+        dtype = token_dtype(tok.vocab_size)  # a tokenizer.json may have more than 65,536 ids
+        eot = np.array([tok.eot], dtype=dtype)
         cat = lambda fs: np.concatenate(
             [
-                np.concatenate(
-                    [_encode(tok, Path(f).read_text(encoding="utf-8", errors="replace")).astype(np.uint16), eot]
-                )
+                np.concatenate([_encode(tok, Path(f).read_text(encoding="utf-8", errors="replace")).astype(dtype), eot])
                 for f in fs
             ]
         )

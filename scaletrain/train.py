@@ -22,13 +22,16 @@ from . import checkpoint as ckpt
 from .config import Config, config_hash, loggers_of, to_dict
 from .data import BatchSampler, prepare_data
 from .dist import RankPrinter, init_distributed, vote
+from .energy import EnergyMeter, bill
 from .engine import lm_loss, lr_at
-from .errors import ConfigError
-from .files import atomic_write_text
+from .errors import CheckpointError, ConfigError, DiskFull
+from .files import atomic_write_text, disk_full_error, is_disk_full
 from .jobs import named_for, new_run_dir, resolve_vocab, resume_changes, write_run_config
 from .loggers import open_loggers
 from .metrics import device_peak, peak_memory_gb, read_metrics, truncate_metrics
+from .models.hub import load_hf, resolve_hf
 from .models.spec import build_model, get_spec
+from .procs import restart_count
 
 # %% auto #0
 __all__ = ['EVENTS', 'git_commit', 'TrainingAnomaly', 'Callback', 'ProgressCallback', 'MetricsCallback', 'PlotCallback',
@@ -108,8 +111,17 @@ class MetricsCallback(Callback):
         self.loggers = open_loggers(loggers_of(t.cfg), t.run_dir) if t.info.is_main else []
 
     def _write(self, rec: dict):
+        if self.trainer.write_error is not None:
+            return
         for log in self.loggers:
-            log.write(rec)
+            try:
+                log.write(rec)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                e.filename = e.filename or str(getattr(log, "path", self.trainer.run_dir))  # a flush names no file
+                self.trainer.write_error = e  # every rank hears of it at the next agreement (`Trainer._agree_writes`)
+                return
 
     def after_step(self):
         if self.trainer.step % self.trainer.cfg.run.log_every == 0:
@@ -122,9 +134,13 @@ class MetricsCallback(Callback):
         self._write(dict(step=self.trainer.step, anomaly=self.trainer.anomaly))
 
     def on_exit(self):
-        for log in self.loggers:
-            log.close()
-        self.loggers = ()
+        loggers, self.loggers = self.loggers, ()
+        for log in loggers:
+            try:
+                log.close()
+            except OSError:
+                if self.trainer.write_error is None:  # a full disk was already reported: its buffer is lost anyway
+                    raise
 
 
 class PlotCallback(Callback):
@@ -137,7 +153,12 @@ class PlotCallback(Callback):
         if self.trainer.info.is_main and (self.trainer.run_dir / "metrics.jsonl").exists():
             from scaletrain.plots import plot_run
 
-            plot_run(self.trainer.run_dir)  # saved and closed
+            try:
+                plot_run(self.trainer.run_dir)  # saved and closed
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                self.trainer.write_error = self.trainer.write_error or e
             self.last = time.monotonic()
 
     def after_eval(self):
@@ -185,14 +206,16 @@ class LMTask:
         self.data = prepare_data(cfg.data, show_progress=show_progress)
 
     def resolved(self, cfg: Config) -> Config:
-        "`cfg` with `model.vocab_size` the tokenizer's (when 0)."
-        return resolve_vocab(cfg, self.data.vocab_size)
+        "`cfg` with the shape of `model.hf_path` (when set) and `model.vocab_size` the tokenizer's (when 0)."
+        return resolve_vocab(resolve_hf(cfg), self.data.vocab_size)
 
     @property
     def seq_len(self) -> int:
         return self.cfg.model.block_size
 
     def build_model(self, cfg: Config):
+        if cfg.model.hf_path:  # the folder's weights (a resume then loads its own checkpoint over them)
+            return load_hf(cfg.model.hf_path, dropout=cfg.model.dropout)[0].train()
         return build_model(cfg.model)
 
     def flops_per_token(self, cfg: Config, model) -> float:
@@ -291,10 +314,12 @@ class Trainer:
         self.last_checkpoint, self.summary, self.status = None, None, "running"
         self.oom_events, self._in_optimizer_step = [], False
         self.nonfinite_steps, self._nonfinite_run = 0, 0  # skipped non-finite steps: all, and in a row
+        self.write_error = None  # a full disk met by a write of one rank (rank 0's logs), until every rank hears of it
         self._watch_optimizer()
         self.peak_tflops, self.peak_source = device_peak(
             self.device, self.cfg.memory.precision, self.cfg.run.peak_tflops
         )
+        self.energy = EnergyMeter(self.device, watts_per_core=self.cfg.run.cpu_watts_per_core)
         self.callbacks = sorted(
             ([SignalCallback(), ProgressCallback(), MetricsCallback(), PlotCallback()] if default_callbacks else [])
             + list(callbacks),
@@ -315,9 +340,15 @@ class Trainer:
             self.run_dir = Path(d[0])
         self.cfg = named_for(self.cfg, self.run_dir)
         if self.info.is_main:
-            if self.resumed:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # the log reads as one run
-            write_run_config(self.cfg, self.run_dir)  # the resolved config, with any overrides given at resume
+            try:
+                if self.resumed:
+                    truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # the log reads as one run
+                write_run_config(self.cfg, self.run_dir)  # the resolved config, with any overrides given at resume
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                self.write_error = e
+        self._agree_writes()
 
     def _auto_micro_batch(self) -> int:
         from scaletrain.memory import find_micro_batch
@@ -369,6 +400,7 @@ class Trainer:
 
     def save(self):
         self.read_steps()  # a NaN must be caught before its weights are written
+        self._agree_writes()  # and a log the disk had no room for: the checkpoint must not run ahead of it
         state = dict(
             step=self.step,
             data_step=self.step,
@@ -399,8 +431,36 @@ class Trainer:
         self.fire("after_save")
 
     def _agree_stop(self) -> bool:
-        "All ranks stop at the same step, whichever received the signal."
-        return vote(self.stop_requested, self.info, self.device, any_rank=True)
+        "All ranks stop at the same step, whichever received the signal (or met a full disk: then all raise)."
+        if not vote(self.stop_requested or self.write_error is not None, self.info, self.device, any_rank=True):
+            return False
+        self._agree_writes()
+        return True
+
+    def _agree_writes(self) -> None:
+        """Collective: a write that failed on one rank for want of space (rank 0 writes the logs and plots) stops
+        every rank at once with the same `DiskFull`: none waits forever in a collective the others left."""
+        if not vote(self.write_error is not None, self.info, self.device, any_rank=True):
+            return
+        full = disk_full_error(self.write_error, self.run_dir) if self.write_error is not None else None
+        err = ckpt.agree_failure(None if full is None else dict(path=full.path, free=full.free))
+        raise DiskFull(err["path"], err["free"], all_ranks=True)
+
+    def _disk_full(self, e: BaseException) -> DiskFull | None:
+        "A full disk behind `e` as the line the user reads: the path, the space left, what survives, how to go on."
+        if not is_disk_full(e):
+            return None
+        try:
+            last = ckpt.latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        except CheckpointError:
+            last = None
+        advice = (
+            f"earlier checkpoints are intact (latest: {last.name}); free space, then: {self.resume_command} "
+            f"{self.run_dir}"
+            if last
+            else "no checkpoint was written yet; free space and start the run again"
+        )
+        return disk_full_error(e, self.run_dir or self.cfg.run.out_dir, advice)
 
     def _recover_from_oom(self, err) -> None:
         "After an out-of-memory error in forward/backward: free memory, split the micro-batch, same global batch."
@@ -506,6 +566,7 @@ class Trainer:
                 peak_mem_gb=peak_memory_gb(self.device),
                 tokens=tokens,
                 time=time.time() - self.t0,
+                energy_j=self.energy.joules(),  # this rank's device since the start (see energy_source in the summary)
             )
             if res.loss_scale is not None:
                 self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
@@ -522,7 +583,16 @@ class Trainer:
                 self._gc_frozen = True
 
     def fit(self) -> dict:
-        "Train to `train.steps`; returns the summary (also written to `summary.json`)."
+        """Train to `train.steps`; returns the summary (also written to `summary.json`). A full disk is one `DiskFull`
+        (on every rank when it met a collective write), never a half-written checkpoint."""
+        try:
+            return self._fit_all()
+        except Exception as e:
+            if (full := self._disk_full(e)) is None:
+                raise
+            raise full from None
+
+    def _fit_all(self) -> dict:
         self._open_run()
         self.print(
             f"scaletrain {scaletrain.__version__}: {self.run_dir} | {self.cfg.model.family} {self.n_params / 1e6:.2f}M "
@@ -579,12 +649,14 @@ class Trainer:
         if self.info.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=1))
         self.fire("after_fit")
+        if self.write_error is not None:  # rank 0's last writes (summary, plot): the other ranks have finished
+            raise self.write_error
         return self.summary
 
     def _summary(self) -> dict:
         h = [r for r in self.history if not r.get("nonfinite")][-10:]
         vals = self.val_history
-        return dict(
+        d = dict(
             status=self.status,
             run_dir=str(self.run_dir),
             steps=self.step,
@@ -622,6 +694,38 @@ class Trainer:
             last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
             anomaly=self.anomaly,
             nonfinite_steps=self.nonfinite_steps,
+            restarts=restart_count(),  # automatic restarts of this launch it took (--max-restarts)
+        )
+        return d | self._bill(d["wall_time_s"])
+
+    def _bill(self, wall_s: float) -> dict:
+        """Device-hours, energy, CO2 and cost of the run. Rank 0's device is metered (NVML, or an estimate), and the
+        job is that times its devices: every GPU, or every machine for a CPU run (its estimate covers all its cores)."""
+        r = self.cfg.run
+        n = (
+            self.info.world_size
+            if self.device.type == "cuda"
+            else max(1, self.info.world_size // self.info.local_world_size)
+        )
+        unit = "GPU" if self.device.type == "cuda" else "machine"
+        how = {
+            "nvml-counter": "measured: NVML energy counter",
+            "nvml-power": "measured: NVML power, sampled at each logged step",
+            "estimate-gpu-board": f"estimated: datasheet board power {self.energy.watts:.0f} W",
+            "estimate-cpu": f"estimated: {self.energy.watts / r.cpu_watts_per_core if r.cpu_watts_per_core else 0:.0f} "
+            f"cores x {r.cpu_watts_per_core:g} W (run.cpu_watts_per_core)",
+        }[self.energy.source]
+        b = bill(
+            self.energy.joules() * n,
+            n * wall_s / 3600,
+            r.pue,
+            r.grid_gco2_per_kwh,
+            r.price_per_device_hour,
+        )
+        return dict(
+            energy_source=f"{how}, rank 0's {unit} x {n} {unit}{'s' if n > 1 else ''}",
+            energy_measured=self.energy.measured,
+            **b,
         )
 
 # %% ../nbs/5_runs/53_train.ipynb #14cba8c9

@@ -10,21 +10,24 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
+import traceback
 from collections import deque
 from pathlib import Path
 import ipywidgets as W
 from .config import ModelConfig, load_config
 from .errors import USER_ERRORS, ConfigError
-from .launch import launch, multinode
+from .launch import launch, multinode, resume
 from .registry import FAMILIES
 from .runlock import RunLock
+from .runs import LOST_HINT, Run, folder_status
 
 # %% auto #0
-__all__ = ['MODEL_SIZES', 'predict_memory', 'device_capacity', 'run_status', 'list_runs', 'runs_table_html', 'curves_png',
-           'LaunchPanel']
+__all__ = ['MODEL_SIZES', 'TABLE_COLUMNS', 'AXIS_LABELS', 'predict_memory', 'device_capacity', 'list_runs', 'duration',
+           'runs_table_html', 'progress_text', 'curves_figure', 'curves_png', 'LaunchPanel']
 
 # %% ../nbs/6_apps/64_widgets.ipynb #407264c3
 MODEL_SIZES = {
@@ -83,22 +86,11 @@ def _count(n) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
 
 # %% ../nbs/6_apps/64_widgets.ipynb #948bee88
-def run_status(d: Path, summary: dict | None = None) -> str:
-    "running (a live lock), else the summary's status (`summary`: `summary.json`, if read), else the last launch's."
-    if RunLock.is_live(RunLock.holder_of(d)):
-        return "running"
-    if summary is None:
-        try:
-            summary = json.loads((d / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {}
-    if "status" in summary:
-        return summary["status"]
-    try:
-        launches = json.loads((d / "launch.json").read_text())["launches"]
-    except (OSError, ValueError, KeyError):
-        return "?"
-    return launches[-1]["status"] if launches else "prepared"
+def _wall_s(s: dict, status: str, steps: list) -> float | None:
+    "Wall time of the last launch: the summary's once it ended, else the last record's time since its start."
+    if status != "running" and s.get("wall_time_s") is not None:
+        return s["wall_time_s"]
+    return steps[-1].get("time") if steps else None
 
 
 def list_runs(out_dir) -> list[dict]:
@@ -121,14 +113,22 @@ def list_runs(out_dir) -> list[dict]:
             s = json.loads((d / "summary.json").read_text())
         except (OSError, ValueError):
             s = {}
+        status = folder_status(d)
+        mfus = [r["mfu"] for r in steps[1:] if r.get("mfu") is not None]  # the first step pays for warm-up
+        mems = [r["peak_mem_gb"] for r in steps if r.get("peak_mem_gb") is not None]
         rows.append(
             dict(
                 run=d.name,
-                status=run_status(d, s),
+                status=status,
                 steps=steps[-1]["step"] if steps else 0,
                 loss=steps[-1]["loss"] if steps else None,
                 val_loss=vals[-1] if vals else None,
-                tokens_per_s=s.get("tokens_per_s"),
+                tokens_per_s=s.get("tokens_per_s") if status != "running" else None,
+                mfu=s.get("mfu")
+                if status != "running" and s.get("mfu") is not None
+                else (sum(mfus) / len(mfus) if mfus else None),
+                peak_mem_gb=max(mems) if mems else None,
+                wall_s=_wall_s(s, status, steps),
                 processes=s.get("world_size"),
                 strategy=s.get("strategy"),
                 path=str(d),
@@ -137,14 +137,34 @@ def list_runs(out_dir) -> list[dict]:
     return rows
 
 
+def duration(sec) -> str:
+    "Seconds as `m:ss` or `h:mm:ss`."
+    sec = int(round(sec))
+    h, rest = divmod(sec, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+TABLE_COLUMNS = (
+    "run",
+    "status",
+    "steps",
+    "loss",
+    "val loss",
+    "tokens/s",
+    "MFU",
+    "peak memory",
+    "wall time",
+    "procs",
+    "strategy",
+)
+
+
 def runs_table_html(rows) -> str:
+    "The run table; a lost run gets a line under it saying how to continue it."
     f = lambda v, fmt: "" if v is None else format(v, fmt)
-    head = "".join(
-        f"<th style='padding:2px 8px'>{h}</th>"
-        for h in ("run", "status", "steps", "loss", "val loss", "tokens/s", "procs", "strategy")
-    )
+    head = "".join(f"<th style='padding:2px 8px'>{h}</th>" for h in TABLE_COLUMNS)
     body = "".join(
-        "<tr>"
+        f"<tr class='scaletrain-run' data-run='{html.escape(r['run'])}' data-status='{r['status']}'>"
         + "".join(
             f"<td style='padding:2px 8px'>{html.escape(str(c))}</td>"
             for c in (
@@ -154,6 +174,9 @@ def runs_table_html(rows) -> str:
                 f(r["loss"], ".3f"),
                 f(r["val_loss"], ".3f"),
                 f(r["tokens_per_s"], ",.0f"),
+                f(r["mfu"] and r["mfu"] * 100, ".2f") + ("%" if r["mfu"] is not None else ""),
+                f(r["peak_mem_gb"], ".2f") + (" GiB" if r["peak_mem_gb"] is not None else ""),
+                duration(r["wall_s"]) if r["wall_s"] is not None else "",
                 r["processes"] or "",
                 r["strategy"] or "",
             )
@@ -162,25 +185,89 @@ def runs_table_html(rows) -> str:
         for r in rows
     )
     body = body or "<tr><td>no runs yet</td></tr>"
-    return f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{body}</table>"
+    lost = "".join(
+        f"<div class='scaletrain-lost' style='color:#ef6c00;font-size:12px'>&#9888; {html.escape(r['run'])} is lost: "
+        f"{html.escape(LOST_HINT.format(run_dir=r['path']))}</div>"
+        for r in rows
+        if r["status"] == "lost"
+    )
+    return f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{body}</table>{lost}"
+
+
+def progress_text(records, total_steps) -> tuple[int, str]:
+    "(steps done, `step 12/40 · 30% · ETA 0:42`) from the step records; the ETA from their times since the first."
+    steps = [r for r in records if "loss" in r]
+    if not steps:
+        return 0, f"step 0/{total_steps}"
+    last = steps[-1]
+    s = f"step {last['step']}/{total_steps}"
+    if not isinstance(total_steps, int) or total_steps <= 0:
+        return last["step"], s
+    s += f" · {100 * last['step'] / total_steps:.0f}%"
+    first = steps[0]
+    if last["step"] >= total_steps:
+        return last["step"], s
+    if last["step"] > first["step"] and last.get("time") is not None and first.get("time") is not None:
+        per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
+        s += f" · ETA {duration(per_step * (total_steps - last['step']))}"
+    return last["step"], s
 
 # %% ../nbs/6_apps/64_widgets.ipynb #340cc05f
-def curves_png(runs: dict, dpi: int = 72) -> bytes:
-    "PNG of loss, tokens/s and memory for `{label: records}`."
+AXIS_LABELS = (
+    ("loss (cross-entropy, nats/token)", "throughput (tokens/s)", "peak memory of rank 0 (GiB)"),
+    "optimizer step",
+)
+
+
+def curves_figure(runs: dict):
+    "Loss, tokens/s and memory of `{label: records}` on a matplotlib `Figure`, with units on every axis."
     from matplotlib.figure import Figure
     from scaletrain.plots import draw_curves
 
     fig = Figure(figsize=(12, 3.2))
-    draw_curves(fig.subplots(1, 3), runs, memory=True)
+    axes = fig.subplots(1, 3)
+    draw_curves(axes, runs, memory=True)
+    for ax, y in zip(axes, AXIS_LABELS[0]):
+        ax.set(xlabel=AXIS_LABELS[1], ylabel=y)
     fig.tight_layout()
+    return fig
+
+
+def curves_png(runs: dict, dpi: int = 72) -> bytes:
+    "PNG of loss, tokens/s and memory for `{label: records}`."
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    curves_figure(runs).savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 # %% ../nbs/6_apps/64_widgets.ipynb #b7a4e7df
 _COLORS = dict(
-    running="#1565c0", stopping="#ef6c00", finished="#2e7d32", stopped="#6a1b9a", failed="#c62828", error="#c62828"
+    running="#1565c0",
+    stopping="#ef6c00",
+    finished="#2e7d32",
+    stopped="#6a1b9a",
+    failed="#c62828",
+    error="#c62828",
+    lost="#ef6c00",
 )
+
+
+def _one_line(e: BaseException) -> str:
+    "An error as the panel shows it: its message's first line (the type too, unless it is a user error)."
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return msg if isinstance(e, USER_ERRORS) and msg else f"{type(e).__name__}: {msg}".rstrip(": ")
+
+
+def _guarded(fn):
+    "A button's or a listener's work: an error in it becomes one line in the status (and its traceback the log's)."
+
+    @functools.wraps(fn)
+    def run(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except Exception as e:
+            self.show_error(e)
+
+    return run
 
 
 class LaunchPanel(W.VBox):
@@ -255,14 +342,20 @@ class LaunchPanel(W.VBox):
         self.launch_button = W.Button(description="Launch", button_style="success", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.resume_button = W.Button(description="Resume", button_style="info", icon="redo", disabled=True)
-        self.status = W.HTML("<b>idle</b>")
-        self.plot = W.Image(format="png", layout=W.Layout(width="100%", max_width="960px"))
+        self.status = W.HTML("<b class='scaletrain-status'>idle</b>")
+        self.progress = W.IntProgress(value=0, min=0, max=max(1, steps), layout=W.Layout(width="420px"))
+        self.progress_label = W.HTML("")
+        self.progress.add_class("scaletrain-progress")
+        self.progress_label.add_class("scaletrain-progress-label")
+        self.progress_box = W.HBox([self.progress, self.progress_label], layout=W.Layout(display="none"))
+        # hidden until the first plot: an Image without a PNG is a broken-image icon in the browser
+        self.plot = W.Image(format="png", layout=W.Layout(width="100%", max_width="960px", display="none"))
         self.plot_caption = W.HTML("no points yet")
         self.log_pane = W.HTML(self._pre(""))
         self.runs_table = W.HTML()
         self.compare = W.SelectMultiple(options=[], rows=5, description="compare", layout=W.Layout(width="420px"))
         self.compare_button = W.Button(description="Compare curves", icon="line-chart")
-        self.compare_plot = W.Image(format="png", layout=W.Layout(width="100%", max_width="960px"))
+        self.compare_plot = W.Image(format="png", layout=W.Layout(width="100%", max_width="960px", display="none"))
         self.launch_button.on_click(lambda b: self.do_launch())
         self.stop_button.on_click(lambda b: self.do_stop())
         self.resume_button.on_click(lambda b: self.do_resume())
@@ -291,6 +384,7 @@ class LaunchPanel(W.VBox):
                 self.memory,
                 W.HBox([self.launch_button, self.stop_button, self.resume_button]),
                 self.status,
+                self.progress_box,
                 self.plot_caption,
                 self.plot,
                 W.HTML("<b>rank 0 log</b>"),
@@ -304,6 +398,7 @@ class LaunchPanel(W.VBox):
         self.add_class("scaletrain-launch-panel")
         self.update_plan()
         self.refresh_runs()
+        self.reattach()
 
     # ---- controls -> config ----
     def overrides(self) -> list[str]:
@@ -331,6 +426,7 @@ class LaunchPanel(W.VBox):
     def config(self):
         return load_config(overrides=self.overrides())
 
+    @_guarded
     def update_plan(self):
         "Show the predicted memory per rank for the current controls, with a warning when it will not fit."
         world = self.nproc.value * self.nnodes.value
@@ -376,16 +472,33 @@ class LaunchPanel(W.VBox):
             f" &middot; {html.escape(detail)}" if detail else ""
         )
 
+    def show_error(self, e: BaseException):
+        "An error of the panel: one line in the status; an unexpected one's traceback in the log pane."
+        self.set_status("error", _one_line(e))
+        if not isinstance(e, USER_ERRORS):
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            self.log_pane.value = self._pre("\n".join(self._lines)) + self._pre(tb, "#c62828")
+
     def _progress(self) -> str:
         r = self.run
         steps = [x for x in self.records if "loss" in x]
-        s = f"{r.run_dir.name} · {r.spec['nproc'] * r.spec['nnodes']} processes"
+        n = r.spec.get("nproc", 1) * r.spec.get("nnodes", 1)
+        s = f"{r.run_dir.name} · {n} processes" + (" · followed again" if r.attached else "")
         if steps:
             x = steps[-1]
             s += f" · step {x['step']}/{self.total_steps} · loss {x['loss']:.3f}"
             s += f" · {x.get('tokens_per_s', 0):,.0f} tokens/s"
         return s
 
+    def _show_progress(self):
+        done, text = progress_text(self.records, self.total_steps)
+        if isinstance(self.total_steps, int):
+            self.progress.max = max(1, self.total_steps)
+        self.progress.value = min(done, self.progress.max)
+        self.progress_label.value = html.escape(text)
+        self.progress_box.layout.display = None
+
+    @_guarded
     def _on_line(self, rank, line):
         with self._mutex:
             self._lines.append(line)
@@ -408,9 +521,11 @@ class LaunchPanel(W.VBox):
         text = "\n".join(self._lines)
         self.log_pane.value = self._pre(text, "#222") + (self._pre(error, "#c62828") if error else "")
 
+    @_guarded
     def _on_metrics(self, records):
         with self._mutex:
             self.records, self._dirty = records, True
+            self._show_progress()
             if self.run is not None and not self.run.done:
                 self.set_status(self.run.status, self._progress())
             if self._painter is None:  # draw in a thread of its own, so the run's watcher never waits for matplotlib
@@ -424,7 +539,10 @@ class LaunchPanel(W.VBox):
                     self._painter = None
                     return
                 self._dirty = False
-            self.redraw()
+            try:
+                self.redraw()
+            except Exception as e:
+                self.show_error(e)
             time.sleep(self.refresh_s)
 
     def redraw(self):
@@ -440,6 +558,7 @@ class LaunchPanel(W.VBox):
             self._shown = seq
             self.plot.value, self.plot_points = png, len(steps)
             if steps:
+                self.plot.layout.display = None
                 x = steps[-1]
                 self.plot_caption.value = (
                     f"<span class='scaletrain-points'>{len(steps)} points</span> · step {x['step']}"
@@ -447,11 +566,13 @@ class LaunchPanel(W.VBox):
                     f" · {x.get('tokens_per_s', 0):,.0f} tokens/s · peak {x.get('peak_mem_gb', 0):.2f} GiB"
                 )
 
+    @_guarded
     def _on_exit(self, run):
         with self._mutex:
             if run is not self.run:
                 return
             self.records = run.records
+            self._show_progress()
             self.redraw()
             if run.error:
                 self._flush_log(f"run {run.status}: {run.error}")
@@ -461,7 +582,7 @@ class LaunchPanel(W.VBox):
             last = run.error.strip().splitlines()[-1] if run.error else ""
             self.set_status(run.status, self._progress() + (f" · {first}: {last}" if run.error else ""))
             self.launch_button.disabled, self.stop_button.disabled = False, True
-            self.resume_button.disabled = not (run.kind == "train" or run.status == "stopped")
+            self.resume_button.disabled = not (run.kind == "train" or run.status in ("stopped", "lost"))
             self.refresh_runs()
 
     def watch(self, run):
@@ -474,13 +595,31 @@ class LaunchPanel(W.VBox):
                 self.total_steps = "?"
             self.launch_button.disabled, self.stop_button.disabled, self.resume_button.disabled = True, False, True
             self.set_status(run.status, self._progress())
+            self._show_progress()
             self._flush_log()
         run.on("output", self._on_line)
         run.on("metrics", self._on_metrics)
         run.on("exit", self._on_exit)
         return run
 
+    def reattach(self):
+        """Follow the newest run of the runs folder that is still running on this machine (launched by a kernel since
+        restarted, or from a shell); the others stay in the table. Returns its `Run`, or None."""
+        if self.run is not None and not self.run.done:
+            return self.run
+        for row in list_runs(self.out_dir):
+            h = RunLock.holder_of(row["path"])
+            if row["status"] != "running" or h is None or h.get("host") != socket.gethostname():
+                continue
+            try:
+                run = Run.attach(row["path"], ranks="0", echo=False, relaunch=resume)
+            except USER_ERRORS:  # ended meanwhile
+                continue
+            return self.watch(run)
+        return None
+
     # ---- buttons ----
+    @_guarded
     def do_launch(self):
         "What the Launch button does: check, then launch (for several nodes: prepare the commands and a SLURM script)."
         if self.run is not None and not self.run.done:
@@ -502,16 +641,14 @@ class LaunchPanel(W.VBox):
                 return self.set_status(
                     "prepared", f"multi-node run {mn.run_dir.name}: run the command on each node, or sbatch {script}"
                 )
-            run = launch(None, overrides=self.overrides(), nproc=self.nproc.value, ranks="0", echo=False)
+            # detached: the job keeps running through a kernel restart; a new panel follows it again
+            run = launch(None, overrides=self.overrides(), nproc=self.nproc.value, ranks="0", echo=False, detach=True)
         except ConfigError as e:  # LaunchError is one
-            return self.set_status("error", str(e))
-        except Exception as e:
-            if isinstance(e, USER_ERRORS):
-                return self.set_status("error", str(e))
-            raise
+            return self.set_status("error", _one_line(e))
         self.refresh_runs()
         return self.watch(run)
 
+    @_guarded
     def do_stop(self):
         "What the Stop button does: a graceful stop in the background (the kernel stays free)."
         r = self.run
@@ -519,23 +656,24 @@ class LaunchPanel(W.VBox):
             return
         self.set_status("stopping", self._progress())
         self.stop_button.disabled = True
-        threading.Thread(target=r.stop, daemon=True).start()
+        threading.Thread(target=self._guard_stop, args=(r,), daemon=True).start()
 
+    @_guarded
+    def _guard_stop(self, r):
+        r.stop()
+
+    @_guarded
     def do_resume(self):
         "What the Resume button does: continue the last run from its checkpoint, to the panel's number of steps."
         r = self.run
         if r is None or not r.done:
             return
-        try:
-            new = r.resume(
-                overrides=[f"train.steps={self.steps.value}"] if r.kind == "train" else [], ranks="0", echo=False
-            )
-        except Exception as e:
-            if isinstance(e, USER_ERRORS):
-                return self.set_status("error", str(e))
-            raise
+        new = r.resume(
+            overrides=[f"train.steps={self.steps.value}"] if r.kind == "train" else [], ranks="0", echo=False
+        )
         return self.watch(new)
 
+    @_guarded
     def refresh_runs(self):
         rows = list_runs(self.out_dir)
         self.runs_table.value = runs_table_html(rows)
@@ -543,9 +681,11 @@ class LaunchPanel(W.VBox):
         self.compare.options = [r["run"] for r in rows]
         self.compare.value = tuple(keep)
 
+    @_guarded
     def do_compare(self):
         "Plot the curves of the runs selected in the table."
         from scaletrain.metrics import read_metrics
 
         names = self.compare.value or tuple(self.compare.options[:2])
         self.compare_plot.value = curves_png({n: read_metrics(self.out_dir / n / "metrics.jsonl") for n in names})
+        self.compare_plot.layout.display = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .errors import LaunchError
 from .files import atomic_write, atomic_write_text
+from .procs import job_restarted, restart_count
 
 # %% auto #0
 __all__ = ['RankContext', 'log_tail', 'run_key', 'sign', 'signed_load', 'worker_main', 'Target']
@@ -122,6 +123,7 @@ def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
     key = run_key(run_dir)
     fn, args = signed_load(pkl, key)
     info = init_distributed("auto")  # the process group when world > 1; one process just gets its device
+    resume = resume or job_restarted("auto")  # every rank alike, even on a node torchrun restarted with count 0
     ctx = RankContext(
         rank,
         info.world_size,
@@ -167,11 +169,12 @@ def worker_main(argv=None) -> int:
     log = logs / f"rank{rank}.log"
     _redirect_output(log)
     atomic_write_text(logs / f"rank{rank}.pid", str(os.getpid()))
-    os.environ.update(SCALETRAIN_RUN_DIR=str(run_dir), SCALETRAIN_RESUME="1" if a.resume else "0")
+    resume = a.resume or restart_count() > 0  # a restarted job continues what it had done
+    os.environ.update(SCALETRAIN_RUN_DIR=str(run_dir), SCALETRAIN_RESUME="1" if resume else "0")
     rc, err, t_fail = 0, None, None
     try:
         if a.function:
-            _call_function(run_dir, Path(a.function), a.resume, rank)
+            _call_function(run_dir, Path(a.function), resume, rank)
         elif a.script:
             sys.argv = [a.script, *rest]
             sys.path.insert(0, str(Path(a.script).resolve().parent))

@@ -110,3 +110,18 @@ def test_pages_show_text_and_images_in_chromium(site, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "index.png").stat().st_size > 0
+
+
+def test_readme_images_exist_and_come_from_the_project():
+    "Every image of the README is in the repository; the tutorial plot is the PNG stored in the notebook's output."
+    import readme_images  # docs/readme_images.py
+
+    readme = (ROOT / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert "nbs/images/launch_panel.png" in images and set(readme_images.IMAGES) <= set(images)
+    for rel in images:
+        assert (ROOT / rel).is_file() and (ROOT / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
+    for rel, (nb, marker) in readme_images.IMAGES.items():
+        assert (ROOT / rel).read_bytes() == readme_images.stored_png(ROOT / nb, marker), f"{rel}: not {nb}'s output"
+    assert "[`make docs`](Makefile)" in readme
+    assert "docs/readme_images.py" in (ROOT / "Makefile").read_text().split("tutorials: setup-dev", 1)[1]

@@ -137,6 +137,8 @@ def test_only_the_cli_exits():
 GPT_NAMES = {"blocks", "wte", "wpe", "ln_f", "ln_1", "ln_2", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj"}
 GPT_PATHS = {"mlp.fc", "mlp.proj", "attn.q_proj"}
 GPT_FILES = {PKG / "models" / "gpt.py", ROOT / "nbs" / "1_models" / "11_gpt.ipynb"}
+# the hf family describes transformers' own layouts (GPT-2's `transformer.h`, `ln_f`; Llama's `q_proj` ...): its names
+GPT_FILES |= {PKG / "models" / "hf.py", ROOT / "nbs" / "1_models" / "17_hf.ipynb"}
 
 
 def _gpt_names_in(source: str, where: str) -> list[str]:

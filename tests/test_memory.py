@@ -63,14 +63,36 @@ def test_each_rank_holds_what_the_estimate_says():
 
 
 def test_zero_paper_figure_1():
-    gb = {
-        s: round(
-            estimate(params=7.5e9, strategy=s, dp=64, accounting="zero-paper", backend="fairscale").model_states / 1e9,
-            1,
-        )
-        for s in ("ddp", "zero1", "zero2", "fsdp")
+    "Rajbhandari et al. 2019, Figure 1: 7.5B parameters, N_d = 64, K = 12, in the default accounting."
+    est = {
+        s: estimate(params=7.5e9, precision="bf16-master", strategy=s, dp=64) for s in ("ddp", "zero1", "zero2", "fsdp")
     }
+    gb = {s: round(e.model_states / 1e9, 1) for s, e in est.items()}
     assert gb == {"ddp": 120.0, "zero1": 31.4, "zero2": 16.6, "fsdp": 1.9}
+    # the names mean the stages: zero1 shards only the optimizer state, zero2 also gradients, fsdp also parameters
+    z1, z2, z3 = est["zero1"], est["zero2"], est["fsdp"]
+    assert z1.params == est["ddp"].params and z1.grads == est["ddp"].grads and z1.optimizer < est["ddp"].optimizer
+    assert z2.params == z1.params and z2.grads < z1.grads and z3.params < z2.params
+    assert not any(e.notes for e in est.values())
+
+
+def test_backends_say_where_they_keep_more_than_their_stage():
+    n = dict(params=7.5e9, precision="bf16-mixed", dp=64)
+    fair = estimate(**n, strategy="zero2", backend="fairscale")
+    assert (
+        fair.bucket_grads > 0
+        and "reduce buckets" in fair.notes[0]
+        and f"{fair.bucket_grads / 2**30:.2f}" in fair.notes[0]
+    )
+    fsdp2 = estimate(**n, strategy="zero2")
+    assert fsdp2.params < estimate(**n, strategy="zero1").params  # FSDP2 shards parameters at rest
+    assert "without resharding" in fsdp2.notes[0] and fsdp2.gathered > estimate(**n, strategy="fsdp").gathered
+    assert "fp32 master" in estimate(**n, strategy="zero1").notes[0]
+    # hsdp shards over its shard group only; context parallel splits activations and the shard
+    h = estimate(**n, strategy="hsdp", dp_shard=8)
+    assert h.params == estimate(params=7.5e9, precision="bf16-mixed", dp=8, strategy="fsdp").params
+    one, two = (estimate(params=1e9, strategy="fsdp", dp=4, cp=c, micro_batch=2) for c in (1, 2))
+    assert two.activations == pytest.approx(one.activations / 2, rel=0.01) and two.params == one.params / 2
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

@@ -42,7 +42,7 @@ LLAMA = ["model.family=llama", "model.n_layer=2", "model.n_embd=32", "model.n_he
             ["model.family=gpt", "model.rope_theta=500000"],
             "model.rope_theta=500000.0 has no effect on model.family=gpt",
         ),
-        (["model.family=bert"], "model.family='bert': allowed: llama | gpt"),
+        (["model.family=bert"], "model.family='bert': allowed: llama | gpt | hf"),
         (
             [*LLAMA, "memory.activation_checkpointing=every_k", "memory.ac_every=3"],
             "memory.ac_every=3 with activation_checkpointing=every_k checkpoints none of model.n_layer=2 blocks",

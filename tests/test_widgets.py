@@ -1,15 +1,30 @@
 "The launch panel, headless: set the controls, click the buttons, check what was launched and what the panel shows."
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 import pytest
 from scaletrain.config import load_config
 from scaletrain.launch import launch
 from scaletrain.models.spec import get_spec
-from scaletrain.procs import pid_alive
+from scaletrain.errors import LaunchError
+from scaletrain.procs import pid_alive, proc_start
+from scaletrain.runs import Run, folder_status
 from scaletrain.registry import FAMILIES
-from scaletrain.widgets import LaunchPanel
-from conftest import notebook_function
+from scaletrain.widgets import (
+    LaunchPanel,
+    curves_figure,
+    duration,
+    list_runs,
+    progress_text,
+    runs_table_html,
+)
+from conftest import notebook_function, tiny
 
 
 def base(corpus, cache_dir):
@@ -115,7 +130,7 @@ def test_panel_bad_settings_do_not_launch_and_multinode_prepares(tmp_path, corpu
     # the prediction is the estimator's for the selected family's shape
     panel.model.value = "medium"
     totals = {}
-    for fam in FAMILIES.names():
+    for fam in [f for f in FAMILIES.names() if f != "hf"]:  # hf's shape is its model.hf_path folder's
         panel.family.value = fam
         assert panel.config().model.family == fam
         assert panel.prediction["n_params"] == get_spec(fam).shape(panel.config().model).n_params()
@@ -163,3 +178,194 @@ def test_log_lines_of_a_burst_all_reach_the_pane(tmp_path):
     assert "third line" not in panel.log_pane.value  # redrawn at most every 0.5 s
     time.sleep(1.0)
     assert all(s in panel.log_pane.value for s in ("first line", "second line", "third line"))
+
+
+# ---- runs that outlive the kernel: re-attaching, lost runs ----
+
+LAUNCHER = """
+import sys
+from scaletrain.launch import launch
+run = launch(None, overrides=sys.argv[2:], nproc=1, detach=sys.argv[1] == "detach", echo=False)
+while run.last_step() < 2 and not run.done:
+    run.wait(0.05)
+print(run.run_dir, flush=True)
+"""  # a "kernel" that launches, sees the job start, and goes away (exits) without stopping it
+
+
+def launch_and_leave(tmp_path, corpus, cache_dir, name, mode="detach", steps=100000):
+    "Launch a 1-process training from a Python process that then exits, as a kernel restart does; its run folder."
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER)
+    ov = tiny(corpus, cache_dir, tmp_path / "runs", f"run.name={name}", f"train.steps={steps}", "train.eval_every=0")
+    ov += ["train.ckpt_every=0", "run.log_every=1"]
+    r = subprocess.run(
+        [sys.executable, str(script), mode, *ov], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def kill_job(run_dir: Path):
+    "SIGKILL the job's torchrun and its ranks (each leads a session of its own), as the OOM killer or a crash would."
+    pid = json.loads((run_dir / "launch.json").read_text())["launches"][-1]["pid"]
+    ranks = [int(p.read_text()) for p in (run_dir / "logs").glob("rank*.pid")]
+    for p in [*ranks, pid]:
+        try:
+            os.killpg(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in [*ranks, pid]:
+        while pid_alive(p):
+            time.sleep(0.05)
+
+
+def test_a_new_panel_follows_a_detached_run_and_stops_it(tmp_path, corpus, cache_dir):
+    d = launch_and_leave(tmp_path, corpus, cache_dir, "survivor")
+    assert folder_status(d) == "running"  # its launcher is gone; the job is not
+    panel = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
+    run = panel.run
+    assert run is not None and run.attached and run.run_dir == d.resolve(), panel.status.value
+    assert panel.state == "running" and "followed again" in panel.status.value and not panel.stop_button.disabled
+    assert "survivor" in panel.runs_table.value and "data-status='running'" in panel.runs_table.value
+    n = run.last_step()
+    while run.last_step() < n + 3:  # its metrics are followed: the records from step 1 on, and new ones
+        assert not run.done, run.error
+        run.wait(0.05)
+    steps = [r["step"] for r in run.records if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))
+    assert panel.progress_box.layout.display is None and "step " in panel.progress_label.value
+    assert "/100000" in panel.progress_label.value and "ETA" in panel.progress_label.value
+    # the log of this launch from its start (the trainer's first lines), not only what came after attaching
+    assert any("step" in line for _, line in run.lines)
+    panel.stop_button.click()
+    assert run.wait(120) == "stopped", run.error
+    assert panel.state == "stopped" and run.summary["status"] == "stopped"
+    last = json.loads((d / "launch.json").read_text())["launches"][-1]
+    assert last["status"] == "stopped" and "end" in last  # the attached watcher records the end
+    assert not (d / "launch.lock").exists() and folder_status(d) == "stopped"
+    assert not panel.resume_button.disabled and not panel.launch_button.disabled
+
+
+def test_a_killed_run_is_lost_with_how_to_resume(tmp_path, corpus, cache_dir):
+    d = launch_and_leave(tmp_path, corpus, cache_dir, "victim")
+    run = Run.attach(d, echo=False)
+    assert run.status == "running"
+    kill_job(d)
+    assert run.wait(60) == "lost"
+    assert "--resume" in run.error and str(d.resolve()) in run.error
+    assert folder_status(d) == "lost"
+    # killed with nobody watching: its launch record still says running, its process is gone
+    d2 = launch_and_leave(tmp_path, corpus, cache_dir, "unwatched")
+    kill_job(d2)
+    assert json.loads((d2 / "launch.json").read_text())["launches"][-1]["status"] == "running"
+    assert folder_status(d2) == "lost"
+    rows = {r["run"]: r for r in list_runs(tmp_path / "runs")}
+    assert rows["unwatched"]["status"] == "lost" and rows["victim"]["status"] == "lost"
+    table = runs_table_html(list(rows.values()))
+    assert table.count("class='scaletrain-lost'") == 2 and f"scaletrain launch --resume {d2}" in table
+    with pytest.raises(LaunchError, match="no job of this machine is running there"):
+        Run.attach(d2)
+    panel = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
+    assert panel.run is None and "is lost" in panel.runs_table.value  # nothing live to follow
+
+
+def test_a_launcher_that_is_not_detached_takes_its_job_along(tmp_path, corpus, cache_dir):
+    d = launch_and_leave(tmp_path, corpus, cache_dir, "attached-to-kernel", mode="stay")
+    pid = json.loads((d / "launch.json").read_text())["launches"][-1]["pid"]
+    for _ in range(600):
+        if not pid_alive(pid):
+            break
+        time.sleep(0.1)
+    assert not pid_alive(pid)  # the default: the job dies with its launcher (ranks with it)
+
+
+def test_a_reused_pid_is_not_a_live_run(tmp_path):
+    "A lock naming a pid that now belongs to another process (same pid, other start time) is stale."
+    d = tmp_path / "runs" / "old"
+    d.mkdir(parents=True)
+    me = os.getpid()
+    (d / "launch.json").write_text(json.dumps(dict(kind="train", launches=[dict(start=time.time(), pid=me, cmd=[])])))
+    lock = dict(pid=me, start=str(int(proc_start(me)) + 7), host=socket.gethostname(), time="")
+    (d / "launch.lock").write_text(json.dumps(lock))
+    assert pid_alive(me) and not pid_alive(me, lock["start"])
+    assert folder_status(d) == "lost"
+    with pytest.raises(LaunchError, match="status: lost"):
+        Run.attach(d)
+    (d / "launch.lock").write_text(json.dumps(dict(lock, start=proc_start(me))))  # the same process: live
+    assert folder_status(d) == "running"
+
+
+def test_progress_text_and_eta():
+    recs = [dict(step=1, loss=3.0, time=2.0), dict(val_loss=2.9, step=1), dict(step=21, loss=2.0, time=12.0)]
+    assert progress_text(recs, 101) == (21, "step 21/101 · 21% · ETA 0:40")  # 0.5 s a step, 80 steps to go
+    assert progress_text([dict(step=1, loss=3.0, time=2.0)], 10) == (1, "step 1/10 · 10%")  # one point: no rate yet
+    assert progress_text(recs[:1] + [dict(step=10, loss=1.0, time=3.0)], 10) == (10, "step 10/10 · 100%")
+    assert progress_text([], 10) == (0, "step 0/10")
+    assert duration(3725) == "1:02:05" and duration(65) == "1:05"
+
+
+def test_table_has_wall_time_mfu_and_peak_memory(tmp_path):
+    d = tmp_path / "runs" / "done"
+    d.mkdir(parents=True)
+    t0 = time.time() - 100
+    (d / "launch.json").write_text(
+        json.dumps(dict(kind="train", launches=[dict(start=t0, pid=1, cmd=[], status="finished", end=t0 + 70)]))
+    )
+    recs = [dict(step=i, loss=3.0 - i / 10, mfu=0.01 * i, peak_mem_gb=0.25 * i, time=float(i)) for i in (1, 2, 3)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "summary.json").write_text(
+        json.dumps(dict(status="finished", wall_time_s=65.2, mfu=0.025, tokens_per_s=1234.0, world_size=2))
+    )
+    (row,) = list_runs(tmp_path / "runs")
+    assert (row["status"], row["wall_s"], row["mfu"], row["peak_mem_gb"]) == ("finished", 65.2, 0.025, 0.75)
+    table = runs_table_html([row])
+    for col in ("wall time", "MFU", "peak memory"):
+        assert f">{col}</th>" in table
+    assert ">1:05<" in table and ">2.50%<" in table and ">0.75 GiB<" in table and ">1,234<" in table
+    # while it runs: the records' mean MFU (past the first step) and time so far
+    (d / "summary.json").unlink()
+    (d / "launch.lock").write_text(
+        json.dumps(dict(pid=os.getpid(), start=proc_start(os.getpid()), host=socket.gethostname()))
+    )
+    (row,) = list_runs(tmp_path / "runs")
+    assert row["status"] == "running" and row["wall_s"] == 3.0 and row["mfu"] == pytest.approx(0.025)
+
+
+def test_plot_hidden_until_the_first_points_and_axes_have_units(tmp_path):
+    panel = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
+    assert panel.plot.layout.display == "none" and panel.plot.value == b""  # no broken-image icon before a plot
+    assert panel.compare_plot.layout.display == "none" and panel.progress_box.layout.display == "none"
+    panel.records = [
+        dict(step=i, loss=3.0 - i / 10, tokens_per_s=100.0, peak_mem_gb=0.1, time=float(i)) for i in (1, 2)
+    ]
+    panel.redraw()
+    assert panel.plot.layout.display is None and panel.plot.value[:4] == b"\x89PNG" and panel.plot_points == 2
+    fig = curves_figure({"a": panel.records})
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+    assert labels == [
+        ("optimizer step", "loss (cross-entropy, nats/token)"),
+        ("optimizer step", "throughput (tokens/s)"),
+        ("optimizer step", "peak memory of rank 0 (GiB)"),
+    ]
+
+
+def test_errors_are_one_line_in_the_panel(tmp_path, monkeypatch, capsys):
+    import scaletrain.widgets as widgets
+
+    panel = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
+
+    def broken(*a, **kw):
+        raise RuntimeError("the disk caught fire\nsecond line of the message")
+
+    monkeypatch.setattr(widgets, "launch", broken)
+    panel.launch_button.click()  # no exception reaches the notebook
+    assert panel.state == "error" and panel.run is None
+    assert "RuntimeError: the disk caught fire" in panel.status.value and "second line" not in panel.status.value
+    assert "Traceback" in panel.log_pane.value  # the details, inside the panel
+    monkeypatch.setattr(widgets, "launch", lambda *a, **kw: (_ for _ in ()).throw(LaunchError("bad layout\nmore")))
+    panel.launch_button.click()
+    assert "bad layout" in panel.status.value and "more" not in panel.status.value
+    panel._on_metrics([dict(step="x", loss=None)])  # a listener that fails: one line in the status, nothing printed
+    assert panel.state == "error" and "Error" in panel.status.value
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err

@@ -195,6 +195,27 @@ class GPT2Adapter(StateDictAdapter):
             **extra,
         )
 
+    def model_config(self, hf: dict) -> dict:
+        "Our `model.*` settings for a Hugging Face GPT-2 `config.json` (GPT-2's own MLP width and activation only)."
+        d = hf["n_embd"]
+        if hf.get("n_inner") not in (None, 4 * d) or hf.get("activation_function", "gelu_new") != "gelu_new":
+            raise ConfigError(
+                f"Hugging Face config (model_type='gpt2'): n_inner={hf.get('n_inner')}, activation_function="
+                f"{hf.get('activation_function')!r}; the gpt family needs 4 x n_embd and gelu_new"
+            )
+        return dict(
+            family="gpt",
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=d,
+            block_size=hf.get("n_positions", 1024),
+            vocab_size=hf["vocab_size"],
+            bias=True,
+            tie_weights=bool(hf.get("tie_word_embeddings", True)),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            dropout=float(hf.get("resid_pdrop", 0.0)),
+        )
+
 
 class GPTSpec(ModelSpec):
     "The spec of `GPT`: see `scaletrain.models.spec.ModelSpec`."

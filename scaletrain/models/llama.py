@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..config import ModelConfig, ffn_dim_of, kv_heads
+from ..errors import ConfigError
 from .spec import ModelShape, ModelSpec, StateDictAdapter, TPPlan
 
 # %% auto #0
@@ -186,6 +187,43 @@ class LlamaAdapter(StateDictAdapter):
             attention_dropout=shape.dropout,
             tie_word_embeddings=shape.tie_weights,
             **extra,
+        )
+
+    def model_config(self, hf: dict) -> dict:
+        """Our `model.*` settings for a Hugging Face `config.json` of a Llama (or a Mistral without sliding
+        window): what we cannot express (rope scaling, another activation, biases on only some layers) is refused."""
+        where = f"Hugging Face config (model_type={hf.get('model_type')!r})"
+        h, heads = hf["hidden_size"], hf["num_attention_heads"]
+        refuse = [
+            (hf.get("rope_scaling") not in (None, {}), f"rope_scaling={hf.get('rope_scaling')!r} (only plain RoPE)"),
+            (hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu)"),
+            (
+                bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)),
+                "attention_bias and mlp_bias differ (model.bias covers both)",
+            ),
+            (hf.get("head_dim") not in (None, h // heads), f"head_dim={hf.get('head_dim')} is not hidden/heads"),
+            (
+                hf.get("sliding_window") not in (None, 0),
+                f"sliding_window={hf.get('sliding_window')} (full attention only)",
+            ),
+        ]
+        for bad, what in refuse:
+            if bad:
+                raise ConfigError(f"{where}: {what}; the llama family cannot represent it")
+        return dict(
+            family="llama",
+            n_layer=hf["num_hidden_layers"],
+            n_head=heads,
+            n_kv_head=hf.get("num_key_value_heads") or heads,
+            n_embd=h,
+            ffn_dim=hf["intermediate_size"],
+            block_size=hf.get("max_position_embeddings", 2048),
+            vocab_size=hf["vocab_size"],
+            bias=bool(hf.get("attention_bias", False)),
+            tie_weights=bool(hf.get("tie_word_embeddings", False)),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            dropout=float(hf.get("attention_dropout", 0.0)),
         )
 
 

@@ -167,6 +167,7 @@ class ModelSpec:
     position_modules: tuple = ()
     head = ""
     adapter = None
+    from_config = True  # built from `model.*` of a config (False: a model passed in Python, see models.generic)
 
     # ---- family-specific: implement these ----
     def build(self, c: ModelConfig) -> nn.Module:
@@ -248,6 +249,9 @@ class ModelSpec:
     def flops_per_token(self, c: ModelConfig, seq_len: int | None = None) -> float:
         return self.shape(c, seq_len).flops_per_token()
 
+    def check_pipeline(self, n_stages: int, schedule: str, cfg) -> None:
+        "Refuse a pipeline layout this spec cannot cut (one line); a family's own spec cuts any."
+
     def stage(self, model: nn.Module, keep, first: bool, last: bool) -> "Stage":
         "A pipeline stage holding blocks `keep` (global keys) of `model`, and the ends if `first`/`last`."
         return Stage(self, model, keep, first, last)
@@ -268,7 +272,7 @@ def spec_for(model: nn.Module) -> ModelSpec:
     for fam in FAMILIES:
         spec = FAMILIES.load(fam.name)
         if isinstance(model, spec.model_cls):
-            return spec
+            return spec.for_model(model) if hasattr(spec, "for_model") else spec  # hf: the spec of this one model
     raise ConfigError(
         f"model: no registered family ({', '.join(FAMILIES.names())}) describes a {type(model).__name__}; "
         "build the model with scaletrain.models.spec.build_model or pass its family's spec"

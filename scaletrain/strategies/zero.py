@@ -14,9 +14,32 @@ from .ddp import DDPEngine
 __all__ = ['ShardedOptimizerMixin', 'ZeRO1Engine', 'OSSEngine', 'ShardedDDPEngine']
 
 # %% ../../nbs/3_parallel/34_zero.ipynb #e63665a4
+def _materialize_state(opt) -> None:
+    """Give an optimizer of any class its state entries without changing a parameter: one step at lr 0 over zero
+    gradients (what torch's `get_state_dict` does for an optimizer that has not stepped), so a checkpoint's state
+    has something of the right structure to load into."""
+    grads = {p: p.grad for g in opt.param_groups for p in g["params"]}
+    lrs = [g["lr"] for g in opt.param_groups]
+    try:
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        with torch.no_grad():
+            opt.step()
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        for p, gr in grads.items():
+            p.grad = gr
+
+
 def _local_opt_state_dict(local_opt, names: dict) -> dict:
     "The local (sharded) optimizer's state keyed by parameter name (zeros where there is none yet, to load into)."
     out = {}
+    adam = type(local_opt) in (torch.optim.AdamW, torch.optim.Adam)
+    if not adam and any(not local_opt.state.get(p) for g in local_opt.param_groups for p in g["params"]):
+        _materialize_state(local_opt)  # a user's optimizer: its own state layout, whatever it is
     for g in local_opt.param_groups:
         for p in g["params"]:
             st = local_opt.state.get(p)
@@ -52,6 +75,9 @@ class ShardedOptimizerMixin:
     def _oss(self, groups):
         from fairscale.optim import OSS
 
+        if self.recipe is not None:  # the user's class and hyper-parameters, sharded by OSS
+            r = self.recipe
+            return OSS(r.param_groups(self.module), optim=r.cls, group=self.dp_group, **r.kwargs)
         return OSS(groups, optim=torch.optim.AdamW, group=self.dp_group, **adamw_kwargs(self.cfg.train, self.device))
 
     def state_dict(self):
@@ -77,15 +103,16 @@ class ZeRO1Engine(ShardedOptimizerMixin, DDPEngine):
     def build_optimizer(self, groups):
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        groups = [g for g in groups if g["params"]]
-        opt = ZeroRedundancyOptimizer(
-            groups[0]["params"],
-            optimizer_class=torch.optim.AdamW,
-            process_group=self.dp_group,
-            weight_decay=groups[0]["weight_decay"],
-            **adamw_kwargs(self.cfg.train, self.device),
-        )
-        opt.param_groups[0]["lr_scale"] = groups[0].get("lr_scale", 1.0)
+        if self.recipe is not None:  # the user's optimizer class, its keywords and its groups' hyper-parameters
+            r = self.recipe
+            groups = r.param_groups(self.module)
+            cls, kw = r.cls, r.group_kwargs(groups[0])
+        else:
+            groups = [g for g in groups if g["params"]]
+            cls = torch.optim.AdamW
+            kw = dict(adamw_kwargs(self.cfg.train, self.device), weight_decay=groups[0]["weight_decay"])
+        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=cls, process_group=self.dp_group, **kw)
+        opt.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
         for g in groups[1:]:
             opt.add_param_group(dict(g))
         return opt

@@ -1,0 +1,33 @@
+"""Run under torchrun by test_hf_family.py: each case of a JSON spec trains a saved `transformers` model with the
+user's own loop on `scaletrain.loop.setup`, and every rank records what it saw (see hf_family_helpers.run_case).
+
+usage: torchrun --nproc-per-node N hf_family_worker.py SPEC.json OUT_DIR
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_family_helpers import run_case  # noqa: E402
+from scaletrain.dist import teardown  # noqa: E402
+
+
+def main(spec_path, out_dir):
+    out = Path(out_dir)
+    for case in json.loads(Path(spec_path).read_text()):
+        res = run_case(case["folder"], case["overrides"])
+        (out / case["name"]).mkdir(parents=True, exist_ok=True)
+        torch.save(res, out / case["name"] / f"rank{dist.get_rank()}.pt")
+        dist.barrier()
+    teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as dist_worker.py: gloo's threads at interpreter finalisation can abort a finished rank
