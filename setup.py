@@ -19,6 +19,7 @@ dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 # optional extras: pip install scaletrain[hf] (transformers models) / scaletrain[data] (parquet/arrow through datasets)
 hf_requirements = shlex.split(cfg.get('hf_requirements', ''))
 data_requirements = shlex.split(cfg.get('data_requirements', ''))
+gpu_requirements = shlex.split(cfg.get('gpu_requirements', ''))  # scaletrain[gpu]: NVML energy readings
 lic = licenses.get(cfg['license'].lower(), cfg['license'])
 min_python = cfg['min_python']
 console_scripts = cfg.get('console_scripts', '').split()
@@ -35,7 +36,7 @@ setuptools.setup(
     include_package_data=True,
     install_requires=requirements,
     extras_require={'dev': dev_requirements + hf_requirements + data_requirements,
-                    'hf': hf_requirements, 'data': data_requirements},
+                    'hf': hf_requirements, 'data': data_requirements, 'gpu': gpu_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
