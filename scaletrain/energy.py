@@ -8,6 +8,7 @@ import os
 import time
 import torch
 from .config import RunConfig
+from .metrics import by_device_name
 
 # %% auto #0
 __all__ = ['GRID_GCO2_PER_KWH', 'PUE', 'CPU_WATTS_PER_CORE', 'GPU_BOARD_WATTS', 'board_watts', 'EnergyMeter', 'bill']
@@ -38,10 +39,7 @@ GPU_BOARD_WATTS = {  # maximum board power, datasheets (SXM modules unless named
 
 def board_watts(name: str) -> float | None:
     "Datasheet board power for a CUDA device name, or None when unknown."
-    for k in sorted(GPU_BOARD_WATTS, key=len, reverse=True):
-        if k in name:
-            return GPU_BOARD_WATTS[k]
-    return None
+    return by_device_name(GPU_BOARD_WATTS, name)
 
 # %% ../nbs/2_data/25_energy.ipynb #96d7eadc
 def _nvml_handle(device: torch.device):

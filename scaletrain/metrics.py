@@ -15,8 +15,8 @@ from .files import atomic_write_text
 from .precision import autocast_dtype
 
 # %% auto #0
-__all__ = ['GPU_PEAK_TFLOPS', 'gpu_peak_tflops', 'measure_peak_tflops', 'device_peak', 'peak_memory_gb', 'read_metrics',
-           'eval_points', 'truncate_metrics']
+__all__ = ['GPU_PEAK_TFLOPS', 'by_device_name', 'gpu_peak_tflops', 'measure_peak_tflops', 'device_peak', 'peak_memory_gb',
+           'read_metrics', 'eval_points', 'truncate_metrics']
 
 # %% ../nbs/2_data/22_metrics.ipynb #6ed01652
 GPU_PEAK_TFLOPS = {  # dense, 16-bit tensor-core peak, datasheet
@@ -38,12 +38,14 @@ GPU_PEAK_TFLOPS = {  # dense, 16-bit tensor-core peak, datasheet
 }
 
 
+def by_device_name(table: dict, name: str):
+    "The value of the longest key of `table` found in a CUDA device name ('NVIDIA H100 PCIe' -> 'H100 PCIe'), or None."
+    return next((table[k] for k in sorted(table, key=len, reverse=True) if k in name), None)
+
+
 def gpu_peak_tflops(name: str) -> float | None:
     "Datasheet peak for a CUDA device name, or None when unknown."
-    for k in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
-        if k in name:
-            return GPU_PEAK_TFLOPS[k]
-    return None
+    return by_device_name(GPU_PEAK_TFLOPS, name)
 
 
 @functools.lru_cache(maxsize=None)  # a device's matmul rate does not change within a process
