@@ -170,12 +170,19 @@ def export_hf(path, out, force: bool = False, check: bool = True) -> dict:
     own = cfg.model.family == "hf"  # a transformers model trained as itself: its own save_pretrained
     if not own and (adapter is None or not adapter.hf_model_type):
         raise CheckpointError(f"export: model.family={cfg.model.family} has no Hugging Face format")
+    tok = run_tokenizer(cfg)
+    eot = ByteTokenizer.eot if cfg.data.tokenizer == "byte" else BPETokenizer(tok, "file").eot
     if own:
         from scaletrain.models.hf import rebuild
 
         model = rebuild(cfg.model, ck.parent.parent)  # model.hf_path's class, or the run's copy of its config.json
         load_model_weights(ck, model)
-        return _export_own(ck, cfg, model, out, check)
+        model.config.update(dict(bos_token_id=eot, eos_token_id=eot, use_cache=True))  # as published: with a cache
+
+        def write_model(tmp: Path):
+            model.save_pretrained(tmp, safe_serialization=True)
+
+        return _publish(ck, cfg, model, model.config.model_type, tok, eot, out, check, write_model)
     model = build_model(cfg.model)
     load_model_weights(ck, model)
     shape = spec.shape(cfg.model)
@@ -183,54 +190,26 @@ def export_hf(path, out, force: bool = False, check: bool = True) -> dict:
     if shape.tie_weights:  # a tied matrix is stored once (under the embedding's name); transformers ties it on load
         seen = set()
         sd = {k: v for k, v in sd.items() if not (v.data_ptr() in seen or seen.add(v.data_ptr()))}
-    tok = run_tokenizer(cfg)
-    eot = ByteTokenizer.eot if cfg.data.tokenizer == "byte" else BPETokenizer(tok, "file").eot
     kw = {"rope_theta": cfg.model.rope_theta} if "rope_theta" in inspect.signature(adapter.hf_config).parameters else {}
     hfc = adapter.hf_config(shape, eps=cfg.model.norm_eps, **kw) | dict(
         bos_token_id=eot, eos_token_id=eot, torch_dtype="float32"
     )
-    facts = _run_facts(ck, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+
+    def write_model(tmp: Path):
         atomic_write_text(tmp / "config.json", json.dumps(hfc, indent=2))
         save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
-        tok.save(str(tmp / "tokenizer.json"))
-        eot_text = tok.id_to_token(eot)
-        tc = dict(
-            tokenizer_class="PreTrainedTokenizerFast",
-            bos_token=eot_text,
-            eos_token=eot_text,
-            model_max_length=cfg.model.block_size,
-            clean_up_tokenization_spaces=False,
-        )
-        atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tc, indent=2))
-        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        atomic_write_text(tmp / "README.md", model_card(cfg, facts, n_params, adapter.hf_model_type))
-        rel = check_with_transformers(tmp, model, shape.vocab_size, cfg.model.block_size) if check else None
-        old = None
-        if out.exists():  # --force: the old folder goes only once the new one is complete
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dict(out=out, checked=rel, n_params=n_params, **facts)
+
+    return _publish(ck, cfg, model, adapter.hf_model_type, tok, eot, out, check, write_model)
 
 
-def _export_own(ck: Path, cfg: Config, model, out: Path, check: bool) -> dict:
-    "`model.family=hf`: the trained transformers model's `save_pretrained`, the tokenizer and the card, then checked."
-    tok = run_tokenizer(cfg)
-    eot = ByteTokenizer.eot if cfg.data.tokenizer == "byte" else BPETokenizer(tok, "file").eot
-    model.config.update(dict(bos_token_id=eot, eos_token_id=eot, use_cache=True))  # as published: generation caches
+def _publish(ck: Path, cfg: Config, model, hf_type: str, tok, eot: int, out: Path, check: bool, write_model) -> dict:
+    """Into a temporary folder beside `out`: the model (`write_model(tmp)`), the tokenizer and the card; checked by
+    `transformers` (when `check`); then moved into place at once (a replaced `out` goes only once the new is whole)."""
     facts = _run_facts(ck, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write_model(tmp)
         tok.save(str(tmp / "tokenizer.json"))
         eot_text = tok.id_to_token(eot)
         tc = dict(
@@ -242,10 +221,14 @@ def _export_own(ck: Path, cfg: Config, model, out: Path, check: bool) -> dict:
         )
         atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tc, indent=2))
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        atomic_write_text(tmp / "README.md", model_card(cfg, facts, n_params, model.config.model_type))
-        rel = check_with_transformers(tmp, model, cfg.model.vocab_size, cfg.model.block_size) if check else None
+        atomic_write_text(tmp / "README.md", model_card(cfg, facts, n_params, hf_type))
+        rel = (
+            check_with_transformers(tmp, model, cfg.model.vocab_size or tok.get_vocab_size(), cfg.model.block_size)
+            if check
+            else None
+        )
         old = None
-        if out.exists():  # --force: the old folder goes only once the new one is complete
+        if out.exists():  # --force
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
             os.replace(out, old / "x")
         os.replace(tmp, out)

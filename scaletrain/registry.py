@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 # %% auto #0
 __all__ = ['FAMILY_ONLY', 'FAMILIES', 'STRATEGIES', 'BACKENDS', 'PRECISIONS', 'LOGGERS', 'load_target', 'Registry', 'Family',
-           'Strategy', 'Precision', 'Logger']
+           'shape_families', 'Strategy', 'Precision', 'Logger']
 
 # %% ../nbs/0_core/02_registry.ipynb #13e8547f
 def load_target(target: str):
@@ -68,6 +68,12 @@ class Family:
     uses: frozenset = frozenset()
     ffn_mult: float = 4.0
     ffn_multiple: int = 1
+    from_folder: bool = False  # its shape and weights come from model.hf_path, not from the model.* settings
+
+
+def shape_families() -> tuple:
+    "The families a model can be built for from the `model.*` settings alone (not from a saved folder)."
+    return tuple(f.name for f in FAMILIES if not f.from_folder)
 
 
 FAMILY_ONLY = ("n_kv_head", "rope_theta")  # model.* settings that some families ignore
@@ -90,6 +96,7 @@ FAMILIES.add(
         "scaletrain.models.hf:SPEC",
         "a transformers causal LM from model.hf_path (its own class; blocks from _no_split_modules)",
         uses=frozenset({"n_kv_head", "rope_theta"}),
+        from_folder=True,
     )
 )
 

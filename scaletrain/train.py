@@ -214,7 +214,9 @@ class LMTask:
         return self.cfg.model.block_size
 
     def build_model(self, cfg: Config):
-        if cfg.model.hf_path:  # the folder's weights (a resume then loads its own checkpoint over them)
+        # the folder's weights in our family (model.family=hf: the transformers class itself, through its spec's
+        # build); a resume then loads its own checkpoint over them
+        if cfg.model.hf_path and cfg.model.family != "hf":
             return load_hf(cfg.model.hf_path, dropout=cfg.model.dropout)[0].train()
         return build_model(cfg.model)
 

@@ -7,13 +7,13 @@ import torch
 from scaletrain.config import ModelConfig, load_config
 from scaletrain.errors import ConfigError
 from scaletrain.models.spec import build_model, get_spec
-from scaletrain.registry import FAMILIES
+from scaletrain.registry import shape_families
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency (pip install -e .[dev])")
 
 
 # families built from the config's shape alone; `hf` builds a saved transformers folder (tests/test_hf_family.py)
-FROM_SHAPE = [f for f in FAMILIES.names() if f != "hf"]
+FROM_SHAPE = shape_families()
 
 
 @pytest.mark.parametrize("family", FROM_SHAPE)

@@ -15,7 +15,7 @@ from scaletrain.models.spec import get_spec
 from scaletrain.errors import LaunchError
 from scaletrain.procs import pid_alive, proc_start
 from scaletrain.runs import Run, folder_status
-from scaletrain.registry import FAMILIES
+from scaletrain.registry import shape_families
 from scaletrain.widgets import (
     LaunchPanel,
     curves_figure,
@@ -130,7 +130,7 @@ def test_panel_bad_settings_do_not_launch_and_multinode_prepares(tmp_path, corpu
     # the prediction is the estimator's for the selected family's shape
     panel.model.value = "medium"
     totals = {}
-    for fam in [f for f in FAMILIES.names() if f != "hf"]:  # hf's shape is its model.hf_path folder's
+    for fam in shape_families():  # hf's shape is its model.hf_path folder's
         panel.family.value = fam
         assert panel.config().model.family == fam
         assert panel.prediction["n_params"] == get_spec(fam).shape(panel.config().model).n_params()

@@ -362,6 +362,9 @@ def rebuild(c: ModelConfig, run_dir=None) -> nn.Module:
             f"model.hf_path={c.hf_path!r} is gone and the run has no {RUN_CONFIG}/config.json copy; "
             "put the folder back or set model.hf_path"
         )
-    with torch.device("meta"):
-        model = SPEC.build(replace(c, hf_path=str(copy)))
-    return model.to_empty(device="cpu")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(copy, local_files_only=True)
+    conf.use_cache = False
+    # initialised on the CPU, not the meta device: non-persistent buffers (rotary tables) are not in the checkpoint
+    return AutoModelForCausalLM.from_config(conf, **_float32()).train()
