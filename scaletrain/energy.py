@@ -71,7 +71,7 @@ class EnergyMeter:
 
     def __init__(self, device, cores: int | None = None, watts_per_core: float = CPU_WATTS_PER_CORE):
         self.device = torch.device(device)
-        self.handle, self.source, self.watts = None, "estimate-cpu", 0.0
+        self.handle, self.source, self.watts, self.cores = None, "estimate-cpu", 0.0, 0
         if self.device.type == "cuda":
             self.handle = _nvml_handle(self.device)
             if self.handle is not None and self._counter() is not None:
@@ -83,7 +83,8 @@ class EnergyMeter:
                 name = torch.cuda.get_device_name(self.device)
                 self.source, self.watts = "estimate-gpu-board", board_watts(name) or 0.0
         else:
-            self.watts = (cores or os.cpu_count() or 1) * watts_per_core
+            self.cores = cores or os.cpu_count() or 1
+            self.watts = self.cores * watts_per_core
         self.start()
 
     @property

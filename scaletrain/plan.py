@@ -4,10 +4,8 @@
 
 # %% ../nbs/4_estimate/41_plan.ipynb #559fe523
 from __future__ import annotations
-import json
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from .config import Config, ModelConfig, RunConfig, ffn_dim_of, validate
 from .dist import ParallelDims
 from .errors import ConfigError
@@ -328,16 +326,9 @@ def model_config(
 
 def hf_model(path) -> ModelConfig:
     "A `ModelConfig` from a Hugging Face `config.json` (the file, or its folder); read as JSON, never run."
-    from scaletrain.models.hub import hf_model_config
+    from scaletrain.models.hub import hf_model_config, read_hf_config
 
-    p = Path(path)
-    p = p / "config.json" if p.is_dir() else p
-    try:
-        hf = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"plan: --hf-config={path}: not a readable config.json ({type(e).__name__}: {e})") from None
-    if not isinstance(hf, dict) or "model_type" not in hf:
-        raise ConfigError(f"plan: --hf-config={path}: a Hugging Face config.json has a model_type; this has none")
+    hf = read_hf_config(path, where=f"plan: --hf-config={path}")
     hf = {k: v for k, v in hf.items() if k != "rope_scaling"}  # the shape is what a plan needs
     m = hf_model_config(hf)
     seq = hf.get("max_position_embeddings") or hf.get("n_positions") or m.block_size

@@ -714,8 +714,8 @@ class Trainer:
             "nvml-counter": "measured: NVML energy counter",
             "nvml-power": "measured: NVML power, sampled at each logged step",
             "estimate-gpu-board": f"estimated: datasheet board power {self.energy.watts:.0f} W",
-            "estimate-cpu": f"estimated: {self.energy.watts / r.cpu_watts_per_core if r.cpu_watts_per_core else 0:.0f} "
-            f"cores x {r.cpu_watts_per_core:g} W (run.cpu_watts_per_core)",
+            "estimate-cpu": f"estimated: {self.energy.cores} cores x {r.cpu_watts_per_core:g} W "
+            "(run.cpu_watts_per_core)",
         }[self.energy.source]
         b = bill(
             self.energy.joules() * n,

@@ -20,17 +20,20 @@ __all__ = ['HF_FAMILIES', 'SHAPE_KEYS', 'read_hf_config', 'hf_family', 'hf_model
 HF_FAMILIES = {"llama": "llama", "mistral": "llama", "gpt2": "gpt"}  # model_type -> the family that reads it
 
 
-def read_hf_config(folder) -> dict:
-    "The `config.json` of a `save_pretrained` folder, as a dict; a missing or malformed file is one line."
-    p = Path(folder) / "config.json"
+def read_hf_config(folder, where: str | None = None) -> dict:
+    """The `config.json` of a `save_pretrained` folder (or the file itself), as a dict; a missing or malformed file is
+    one line starting with `where` (default: `model.hf_path=FOLDER`)."""
+    where = where or f"model.hf_path={str(folder)!r}"
+    p = Path(folder)
+    p = p if p.suffix == ".json" else p / "config.json"
     if not p.is_file():
-        raise CheckpointError(f"model.hf_path={str(folder)!r}: no config.json there (a save_pretrained folder has one)")
+        raise CheckpointError(f"{where}: no config.json there (a save_pretrained folder has one)")
     try:
         hf = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"model.hf_path={str(folder)!r}: config.json is not readable JSON ({e})") from None
+        raise CheckpointError(f"{where}: config.json is not readable JSON ({e})") from None
     if not isinstance(hf, dict) or "model_type" not in hf:
-        raise CheckpointError(f"model.hf_path={str(folder)!r}: config.json has no model_type")
+        raise CheckpointError(f"{where}: config.json has no model_type")
     return hf
 
 
