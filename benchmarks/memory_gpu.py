@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import torch
 from scaletrain.config import Config, ModelConfig
+from scaletrain.loop import Loop
 from scaletrain.models.spec import build_model, get_spec
 from scaletrain.parallel import build_engine
 from scaletrain.memory import estimate_config, measure_step, TensorMemoryTracker, GiB
@@ -64,7 +65,7 @@ def measure(eng, batch, steps: int, warmup: int) -> dict:
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     for _ in range(warmup):
-        eng.train_step([batch], 1e-4)
+        Loop.of(eng).train_step([batch], 1e-4)
     sync()
     # activation memory: allocated after forward + loss, minus before; and what the blocks alone leave behind
     tracker = None if cuda else TensorMemoryTracker(dev).track(eng.module, eng.optimizer, *batch)
@@ -95,7 +96,7 @@ def measure(eng, batch, steps: int, warmup: int) -> dict:
     peak = measure_step(eng, [batch], 1e-4, warm=False)["peak"]  # of a whole step
     t0 = time.perf_counter()
     for _ in range(steps):
-        eng.train_step([batch], 1e-4)
+        Loop.of(eng).train_step([batch], 1e-4)
     sync()
     return dict(peak=peak, act=act, blocks_act=marks["out"] - marks["in"], step_time=(time.perf_counter() - t0) / steps)
 

@@ -234,6 +234,11 @@ def plan_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument(
+        "--runnable",
+        action="store_true",
+        help="list only the layouts scaletrain train runs (not context parallelism, which is planned only)",
+    )
+    p.add_argument(
         "--overlap", type=float, default=0.8, help="fraction of compute that hides data-parallel traffic (default 0.8)"
     )
     p.add_argument("--intra-bw", type=float, help="GB/s per GPU inside a node (default: NVLink of the --gpu)")
@@ -350,16 +355,30 @@ def plan_main(argv) -> int:
         )
         if not pl.layouts:
             raise ConfigError(why_nothing_fits(pl))
+        if a.runnable:
+            first = pl.layouts[0]
+            pl.layouts = [l for l in pl.layouts if l.runnable]
+            if not pl.layouts:
+                raise ConfigError(
+                    f"plan: --runnable: none of the layouts that fit is one scaletrain train runs (the best: "
+                    f"{first.why_not})"
+                )
         print(pl.header())
         print(pl.table(a.top))
         b = pl.best
+        costs = lambda l: (
+            f"{l.memory / GiB:.1f} GiB per GPU, {l.step_time:.2f} s per step, {l.bill.days:.1f} days, "
+            f"{l.bill.gpu_hours:.3g} GPU-hours, {l.bill.kwh:.3g} kWh, {l.bill.t_co2:.3g} t CO2, ${l.bill.cost:.3g}"
+        )
         print(
             f"{len(pl.layouts)} layouts fit (best micro-batch of each) out of {pl.considered} considered; "
             f"{len(pl.infeasible)} cannot train this batch exactly or do not fit; in "
-            f"{time.perf_counter() - t0:.1f}s. Best: {b.describe()}: {b.memory / GiB:.1f} GiB per GPU, "
-            f"{b.step_time:.2f} s per step, {b.bill.days:.1f} days, {b.bill.gpu_hours:.3g} GPU-hours, "
-            f"{b.bill.kwh:.3g} kWh, {b.bill.t_co2:.3g} t CO2, ${b.bill.cost:.3g}."
+            f"{time.perf_counter() - t0:.1f}s. Best: {b.describe()}: {costs(b)}."
         )
+        r = pl.best_runnable
+        if not b.runnable and r is not None:  # say which one `scaletrain train` would run (what --write-config writes)
+            row = pl.layouts.index(r) + 1
+            print(f"Best that scaletrain train runs (row {row}): {r.describe()}: {costs(r)}. Row 1: {b.why_not}.")
         if a.write_config:
             if a.row is not None:
                 if a.row > len(pl.layouts):

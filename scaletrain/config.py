@@ -56,6 +56,9 @@ class ModelConfig:
     tie_weights: bool = _f(True, "share the embedding and output matrices")
     rope_theta: float = _f(10000.0, "rotary embedding base (llama)", low=1.0)
     norm_eps: float = _f(1e-5, "epsilon of the normalization layers", low=0.0, high=0.1)
+    fused_qkv: bool = _f(
+        False, "one Linear for q, k and v (one GEMM, not three); other parameter names, so off by default (gpt, llama)"
+    )
     hf_path: str = _f(
         "", "start from this Hugging Face save_pretrained folder (its config.json sets family and shape)", kind="path"
     )
@@ -119,6 +122,12 @@ class ParallelConfig:
     strategy: str = _f("ddp", "data-parallel dimension", choices=STRATEGIES.names())
     tp: int = _f(1, "tensor-parallel degree", low=1)
     pp: int = _f(1, "pipeline-parallel degree", low=1)
+    cp: int = _f(1, "context-parallel degree (planned only: refused above 1, see scaletrain.dist)", low=1)
+    dp_shard: int = _f(
+        0,
+        "hsdp: ranks the state is sharded over within a replica group (dp = replicas x dp_shard); 0 = one node's",
+        low=0,
+    )
     pp_schedule: str = _f("1f1b", "pipeline schedule", choices=("gpipe", "1f1b", "interleaved1f1b"))
     microbatches: int = _f(0, "pipeline micro-batches per step; 0 = 2 x pp", low=0)
     backend: str = _f("torch", "implementation of zero1/zero2", choices=BACKENDS)
@@ -592,10 +601,16 @@ def _check_model(m: ModelConfig, tp: int) -> None:
         )
     if m.n_head % tp:
         raise ConfigError(f"config: model.n_head={m.n_head} is not divisible by parallel.tp={tp}")
-    if kv % tp:
+    if m.fused_qkv and fam.from_folder:
         raise ConfigError(
-            f"config: model.n_kv_head={kv} key/value heads are not divisible by parallel.tp={tp}: each tensor-parallel "
-            "rank needs whole key/value heads; use a tp that divides them"
+            f"config: model.fused_qkv=true with model.family={m.family}: a transformers class keeps its own q/k/v "
+            "layout; fuse them in model.family=llama or gpt (model.hf_path reads into those too)"
+        )
+    if kv % tp:
+        fused = " (model.fused_qkv=true shards the fused q/k/v by whole key/value groups)" if m.fused_qkv else ""
+        raise ConfigError(
+            f"config: model.n_kv_head={kv} key/value heads are not divisible by parallel.tp={tp}{fused}: each "
+            "tensor-parallel rank needs whole key/value heads; use a tp that divides them"
         )
     if ffn % tp:
         raise ConfigError(f"config: the MLP width {ffn} (model.ffn_dim) is not divisible by parallel.tp={tp}")

@@ -5,6 +5,7 @@
 # %% ../nbs/0_core/05_dist.ipynb #bf4a5bf9
 from __future__ import annotations
 import gc
+import math
 import os
 import sys
 import warnings
@@ -16,8 +17,8 @@ from .errors import ConfigError
 from .registry import PRECISIONS, STRATEGIES
 
 # %% auto #0
-__all__ = ['MESH_DIMS', 'DistInfo', 'pick_device', 'env_int', 'init_distributed', 'teardown', 'vote', 'barrier', 'process_rank',
-           'ParallelDims', 'RankPrinter', 'all_reduce_mean']
+__all__ = ['MESH_DIMS', 'HSDP_MESH_DIMS', 'DistInfo', 'pick_device', 'env_int', 'init_distributed', 'teardown', 'vote', 'barrier',
+           'process_rank', 'hsdp_shard', 'ParallelDims', 'RankPrinter', 'all_reduce_mean']
 
 # %% ../nbs/0_core/05_dist.ipynb #b7e4fc06
 @dataclass
@@ -100,6 +101,22 @@ def process_rank() -> int:
 
 # %% ../nbs/0_core/05_dist.ipynb #e43aeb5f
 MESH_DIMS = ("pp", "dp", "tp")  # outermost first: a tensor-parallel group is consecutive ranks (one node)
+HSDP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")  # hsdp: dp split in two; "dp" is their flattening
+
+
+def hsdp_shard(dp_shard: int, dp: int, tp: int, local_world: int | None = None) -> int:
+    """The ranks `hsdp` shards over: `dp_shard`, or with 0 the data-parallel ranks of one node, as many of the
+    `local_world` ranks per node (torchrun's LOCAL_WORLD_SIZE; all ranks when unset) as there are tp groups, and a
+    divisor of `dp`.
+
+    Example:
+        >>> hsdp_shard(0, dp=16, tp=2, local_world=8), hsdp_shard(2, dp=16, tp=2)
+        (4, 2)
+    """
+    if dp_shard:
+        return dp_shard
+    local = local_world or env_int("LOCAL_WORLD_SIZE", 0) or dp * tp
+    return math.gcd(dp, max(1, local // tp))
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,12 @@ class ParallelDims:
     pp_schedule: str = "1f1b"
     microbatches: int = 1  # pipeline micro-batches per micro-batch (1 without a pipeline)
     sequence_parallel: bool = False
+    dp_shard: int = 0  # hsdp: ranks the state is sharded over (dp = dp // dp_shard replicas x dp_shard); else 0
+
+    @property
+    def dp_replicate(self) -> int:
+        "hsdp: how many copies of the sharded state there are (1 for every other strategy)."
+        return self.dp // self.dp_shard if self.dp_shard else 1
 
     @property
     def n_stages(self) -> int:
@@ -145,7 +168,8 @@ class ParallelDims:
         return STRATEGIES[self.strategy].engines[self.backend]
 
     def describe(self) -> str:
-        parts = [f"{self.strategy} dp={self.dp}"] if self.dp > 1 else []
+        shard = f" ({self.dp_replicate} x {self.dp_shard})" if self.dp_shard else ""
+        parts = [f"{self.strategy} dp={self.dp}{shard}"] if self.dp > 1 else []
         if self.tp > 1:
             parts.append(f"tp={self.tp}" + (" +sp" if self.sequence_parallel else ""))
         if self.pp > 1:
@@ -157,17 +181,32 @@ class ParallelDims:
         return dict(pp=rank // (self.dp * self.tp), dp=(rank // self.tp) % self.dp, tp=rank % self.tp)
 
     def mesh(self, device_type: str = "cpu"):
-        "One DeviceMesh with dims ('pp', 'dp', 'tp'), or None in a single process."
+        """One DeviceMesh with dims ('pp', 'dp', 'tp'), or None in a single process; under hsdp ('pp',
+        'dp_replicate', 'dp_shard', 'tp') with the two data-parallel dims also reachable, flattened, as 'dp'."""
         if self.world_size == 1:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        if not self.dp_shard:
+            return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=HSDP_MESH_DIMS)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")  # registered on the root: mesh["dp"] from now on
+        # the engines slice the data-parallel group as mesh["dp"]; torch 2.13 warns on every such slice of a
+        # flattened dimension (a future torch wants the flattened mesh kept by hand) although it works
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh", category=UserWarning)
+        return mesh
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> "ParallelDims":
         "The degrees of `cfg` (a `Config`) on `world_size` processes; a layout that cannot run is a ConfigError."
         p, m, t = cfg.parallel, cfg.model, cfg.train
+        if p.cp > 1:
+            raise ConfigError(
+                f"parallel.cp={p.cp}: context parallelism is planned only; torch's context_parallel needs CUDA SDPA "
+                "kernels (flash / memory-efficient attention), not available on CPU/gloo, and scaletrain train has no "
+                "implementation of it; use parallel.cp=1"
+            )
         if world_size % (p.tp * p.pp):
             raise ConfigError(
                 f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}"
@@ -203,18 +242,29 @@ class ParallelDims:
                 f"parallel.tp={p.tp} with a data-parallel degree of {dp} needs parallel.strategy={ok}; "
                 f"{p.strategy} does not handle tensor-parallel (DTensor) parameters"
             )
+        if p.dp_shard and p.strategy != "hsdp":
+            raise ConfigError(
+                f"parallel.dp_shard={p.dp_shard} is read by parallel.strategy=hsdp only (got {p.strategy}); "
+                "drop it or use parallel.strategy=hsdp"
+            )
+        dp_shard = 0
+        if p.strategy == "hsdp":
+            dp_shard = hsdp_shard(p.dp_shard, dp, p.tp)
+            if dp % dp_shard:
+                raise ConfigError(
+                    f"parallel.dp_shard={p.dp_shard} does not divide the data-parallel degree {dp} "
+                    f"(world size {world_size} / (parallel.tp x parallel.pp)); use a divisor of {dp}"
+                )
         if t.eval_batch % dp:
             raise ConfigError(f"train.eval_batch={t.eval_batch} is not divisible by the data-parallel degree {dp}")
         mb = 1
         if p.pp > 1:
             mb = p.microbatches or 2 * p.pp
-            if p.tp > 1:
-                raise ConfigError("parallel.pp > 1 with parallel.tp > 1 (3-D) is not supported; use pp or tp")
             if dp > 1 and not strategy.with_pp:
                 ok = " | ".join(s.name for s in STRATEGIES if s.with_pp)
                 raise ConfigError(
-                    f"parallel.pp={p.pp} with a data-parallel degree of {dp} needs parallel.strategy={ok} ({ok} x pp), "
-                    f"got {p.strategy}"
+                    f"parallel.pp={p.pp} with a data-parallel degree of {dp} needs parallel.strategy={ok} (the "
+                    f"strategies that compose with pipeline stages), got {p.strategy}"
                 )
             if p.pp_schedule in ("1f1b", "interleaved1f1b") and mb < p.pp:
                 raise ConfigError(
@@ -241,7 +291,9 @@ class ParallelDims:
                     "stages "
                     "is not supported; use bf16-mixed or bf16-true"
                 )
-        return cls(world_size, dp, p.tp, p.pp, p.strategy, p.backend, p.pp_schedule, mb, p.sequence_parallel)
+        return cls(
+            world_size, dp, p.tp, p.pp, p.strategy, p.backend, p.pp_schedule, mb, p.sequence_parallel, dp_shard=dp_shard
+        )
 
 # %% ../nbs/0_core/05_dist.ipynb #4b7731f3
 class RankPrinter:

@@ -14,7 +14,7 @@ from .config import Config, config_diff, config_hash, load_config, save_config
 from .errors import ConfigError
 from .files import disk_full_error, fresh_folder
 from .data import tokenizer_vocab
-from .models.hub import resolve_hf
+from .models.hub import is_run_copy, resolve_hf, resume_source, save_run_copy
 
 # %% auto #0
 __all__ = ['check_out_dir', 'new_run_dir', 'named_for', 'write_run_config', 'run_folder', 'resume_folder', 'is_architecture',
@@ -70,10 +70,7 @@ def write_run_config(cfg: Config, run_dir) -> Config:
     "Write `config.yaml` of `run_dir` (`run.name` set to the folder's name); returns what was written."
     cfg = named_for(cfg, run_dir)
     save_config(cfg, Path(run_dir) / "config.yaml")
-    if cfg.model.family == "hf" and cfg.model.hf_path:  # its config.json beside it: rebuilt if the folder moves
-        from scaletrain.models.hf import save_run_config
-
-        save_run_config(cfg.model, run_dir)
+    save_run_copy(cfg.model, run_dir)  # model.hf_path's config.json beside it: the run rebuilds if the folder moves
     return cfg
 
 
@@ -139,6 +136,8 @@ def resume_changes(before: Config, after: Config) -> list[str]:
         return []
     diffs = config_diff(before, after)
     for key, old, new in diffs:
+        if key == "model.hf_path" and is_run_copy(new):
+            continue  # the folder moved: the same architecture, from the run's copy of its config.json
         if is_architecture(key):
             raise ConfigError(
                 f"--resume: the checkpoint was trained with {key}={old!r} but the config asks for {key}={new!r}; a "
@@ -148,10 +147,12 @@ def resume_changes(before: Config, after: Config) -> list[str]:
 
 
 def resume_config(run_dir, overrides=()) -> Config:
-    "The config a resumed run will have: its `config.yaml` plus `overrides`, checked against its checkpoint."
+    """The config a resumed run will have: its `config.yaml` plus `overrides`, checked against its checkpoint. A
+    `model.hf_path` folder that has moved is replaced by the run's copy of its config.json (`hub.resume_source`)."""
     from scaletrain.checkpoint import checkpoint_config, resolve_checkpoint
 
     cfg = load_config(Path(run_dir) / "config.yaml", overrides)
+    cfg.model = resume_source(cfg.model, run_dir)
     resume_changes(checkpoint_config(resolve_checkpoint(run_dir)), cfg)
     return cfg
 

@@ -12,14 +12,14 @@ import torch.nn as nn
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config
 from .dist import DistInfo, ParallelDims, init_distributed
-from .engine import Engine, OptimizerRecipe, StepResult
+from .engine import Engine, OptimizerRecipe, StepResult, set_lr
 from .errors import ConfigError
 from .models.generic import GenericSpec
 from .models.spec import spec_for
 from .parallel import build_engine
 
 # %% auto #0
-__all__ = ['split_batch', 'Loop', 'setup']
+__all__ = ['split_batch', 'Loop', 'prepare', 'setup']
 
 # %% ../nbs/3_parallel/39_loop.ipynb #2cbf5b5f
 def split_batch(obj, n: int, i: int):
@@ -60,6 +60,12 @@ class Loop:
         self._unscaled = False
         self._averaged = False
         self._norm = self._scale = None  # this step's global grad norm and fp16 loss scale, once measured
+
+    @classmethod
+    def of(cls, engine: Engine) -> "Loop":
+        "The Loop over an engine built directly (`parallel.build_engine`, or an `Engine` in one process)."
+        info = engine.info if engine.info is not None else DistInfo(device=engine.device)
+        return cls(engine, engine.spec, info, ParallelDims.from_config(engine.cfg, info.world_size))
 
     # ---- the objects ----
     @property
@@ -104,6 +110,15 @@ class Loop:
     def autocast(self):
         "The forward's precision context (`memory.precision`; FSDP2 casts by its own policy, so a no-op there)."
         return self.engine.forward_ctx()
+
+    def forward_loss(self, inputs, target, loss_fn=None) -> torch.Tensor:
+        """`loss_fn(model(inputs), target)` with the forward under `autocast()`; default the engine's loss
+        (`Engine.forward_loss`, which strategies and tests may override, e.g. to simulate running out of memory)."""
+        if loss_fn is None:
+            return self.engine.forward_loss(inputs, target)
+        with self.autocast():
+            out = self.model(inputs)
+        return loss_fn(out, target)
 
     def backward(self, loss: torch.Tensor) -> None:
         "`loss.backward()`, scaled under fp16-mixed."
@@ -153,21 +168,54 @@ class Loop:
         return res
 
     def zero_grad(self) -> None:
+        "Gradients to None, and this step's measurements forgotten (a step abandoned half-way starts afresh)."
         self.engine.zero_grad()
+        self._unscaled = self._averaged = False
+        self._norm = self._scale = None
+
+    def set_lr(self, lr: float) -> None:
+        "The learning rate of every parameter group: `lr` times the group's `lr_scale` (1 unless set)."
+        set_lr(self.optimizer, lr)
+
+    def train_step(self, micro_batches, lr: float | None = None, loss_fn=None) -> StepResult:
+        """One optimizer step over `micro_batches` `[(inputs, target), ...]` (gradients accumulated over them), made of
+        the calls above and nothing else: `accumulate` + `forward_loss` + `backward` per micro-batch (or
+        `pipeline_step`), then `clip_grad_norm(train.grad_clip)` and `step`. This is the step the `Trainer` runs,
+        so a loop of one's own written with these calls trains exactly as the Trainer does. `loss_fn(output,
+        target)`: default the engine's (next-token cross-entropy, or `setup(loss_fn=)`); a pipeline always uses the
+        engine's (its last stage runs it inside the schedule). Returns the `StepResult` (device tensors)."""
+        if lr is not None:
+            self.set_lr(lr)
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        if self.pipelined:
+            for x, y in micro_batches:
+                total += self.pipeline_step(x, y, accum=n, reduce=False)
+            total = self.engine._pp_sum(total)  # one collective per step: the loss lives on the last stage
+        else:
+            for i, (x, y) in enumerate(micro_batches):
+                with self.accumulate(last=i == n - 1):
+                    loss = self.forward_loss(x, y, loss_fn) / n
+                    self.backward(loss)
+                total += loss.detach()
+        self.clip_grad_norm(self.engine.cfg.train.grad_clip)
+        return self.step(self.reduce(total))
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         "The mean of `t` over the data-parallel group (a loss to log)."
         return self.engine.reduce(t.detach())
 
-    def pipeline_step(self, inputs, target, accum: int = 1) -> torch.Tensor:
+    def pipeline_step(self, inputs, target, accum: int = 1, reduce: bool = True) -> torch.Tensor:
         """Pipeline parallel: run the schedule on one batch (forward and backward of every micro-batch, `loss_fn` on
         the last stage, gradients scaled to the batch mean, `/ accum` for accumulation over `accum` calls). Returns
-        the batch's loss on every rank. Call `step()` after it (or after `accum` of them)."""
+        the batch's loss on every rank (`reduce=False`: the loss `/ accum`, on the last stage only and 0 elsewhere,
+        without a collective). Call `step()` after it (or after `accum` of them)."""
         if not self.pipelined:
             raise ConfigError("pipeline_step needs parallel.pp > 1; with one stage call the model and loop.backward")
         e = self.engine
         e._accum_scale = 1.0 / (e.n_mb * accum)
-        return e._pp_sum(e._run(inputs, target, train=True)) * accum
+        loss = e._run(inputs, target, train=True)  # the micro-batches' losses, each scaled by _accum_scale
+        return e._pp_sum(loss) * accum if reduce else loss
 
     @torch.no_grad()
     def pipeline_eval(self, inputs, target) -> torch.Tensor:
@@ -175,17 +223,20 @@ class Loop:
         return self.engine.eval_loss(inputs, target)
 
     # ---- checkpoints ----
-    def save(self, folder, step: int, **extra) -> Path:
+    def save(self, folder, step: int, keep: int = 2, **extra) -> Path:
         """Collective: a sharded checkpoint `folder/checkpoints/step_<step>` (DCP: each rank writes its shards; loads
-        under any other layout), with `extra` (plain values, tensors) kept beside it. Returns the checkpoint folder."""
-        return save_checkpoint(folder, step, self.engine, dict(step=int(step), extra=extra))
+        under any other layout), with `extra` (plain values, tensors) kept beside it; the `keep` newest are kept.
+        Returns the checkpoint folder. The Trainer's checkpoints are these, its state being the `extra`."""
+        return save_checkpoint(folder, step, self.engine, dict(extra, step=int(step)), keep=keep)
 
     def load(self, path) -> dict:
-        """Collective: model, optimizer and RNG state from a checkpoint (or a folder's latest); returns `step`, `extra`.
-        An optimizer that has not stepped yet first runs one step at lr 0 over zero gradients, to create the state
-        the checkpoint's is loaded into (torch's `get_state_dict` does the same); no parameter changes."""
+        """Collective: model, optimizer and RNG state from a checkpoint (or a folder's latest); returns `step` and the
+        `extra` it was saved with. An optimizer that has not stepped yet first runs one step at lr 0 over zero
+        gradients, to create the state the checkpoint's is loaded into (torch's `get_state_dict` does the same); no
+        parameter changes."""
         st = load_checkpoint(path, self.engine)
-        return dict(st.get("extra", {}), step=st.get("step", 0))
+        nested = st.get("extra") if isinstance(st.get("extra"), dict) else {}  # the first layout of setup's own
+        return dict(nested, **{k: v for k, v in st.items() if k not in ("engine", "extra")})
 
     @staticmethod
     def latest(folder) -> Path | None:
@@ -236,6 +287,20 @@ def _spec(model, block_cls, tp_plan, pp_split, pp_example):
     return GenericSpec(model, block_cls=block_cls, tp_plan=tp_plan, pp_split=pp_split, pp_example=pp_example)
 
 
+def prepare(model: nn.Module, cfg: Config, info: DistInfo, spec, build=None, **kw) -> Loop:
+    """The one way a model is made ready to train, for `setup` and for the `Trainer` alike: the layout's degrees and
+    DeviceMesh, rank 0's weights on every rank, then `build` (default `parallel.build_engine`: tensor parallel ->
+    activation checkpointing -> compile -> data parallel or pipeline stages) with `kw` (`optimizer=` an
+    `OptimizerRecipe`, else AdamW from `train.*`; `loss_fn=`; `param_groups_fn=`). Returns the `Loop`."""
+    dims = ParallelDims.from_config(cfg, info.world_size)
+    mesh = dims.mesh(info.device.type)
+    if info.distributed:
+        _broadcast_weights(model, info.device)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    engine = (build or build_engine)(model, cfg, info.device, info, mesh, spec=spec, **kw)
+    return Loop(engine, spec, info, dims)
+
+
 def setup(
     model: nn.Module,
     optimizer,
@@ -278,12 +343,7 @@ def setup(
     if dims.pp > 1 and loss_fn is None:
         raise ConfigError("parallel.pp > 1: pass loss_fn=(output, target) -> loss to setup; the last stage runs it")
     recipe = OptimizerRecipe.of(optimizer, model)
-    mesh = dims.mesh(info.device.type)
-    if info.distributed:
-        _broadcast_weights(model, info.device)
-    kw = dict(optimizer=recipe) | (dict(loss_fn=loss_fn) if loss_fn is not None else {})
-    engine = build_engine(model, cfg, info.device, info, mesh, spec=spec, **kw)
-    loop = Loop(engine, spec, info, dims)
+    loop = prepare(model, cfg, info, spec, optimizer=recipe, loss_fn=loss_fn)
     if verbose:
         blocks = spec.describe() if hasattr(spec, "describe") else f"{spec.depth(model)} blocks (family {spec.name})"
         loop.print(

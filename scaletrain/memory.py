@@ -13,7 +13,7 @@ import torch
 from .activations import checkpointed_blocks
 from .config import Config, ModelConfig
 from .data import tokenizer_vocab
-from .dist import vote
+from .dist import hsdp_shard, vote
 from .errors import ConfigError
 from .models.spec import ModelShape, get_spec, stage_blocks
 
@@ -153,7 +153,8 @@ def layer_bytes_per_token(
     if policy != "none":
         raise ConfigError(f"activation_checkpointing={policy!r}: allowed: {' | '.join(AC_POLICIES)}")
     norms = 2 * norm_bytes_per_token(shape, prec, device) / spd
-    lin_inputs = ((2 + m) if prec.autocast else 2) * c * h  # autocast casts one copy per projection reading a norm
+    # autocast casts one copy per projection reading a norm (fused q/k/v: one projection where there were three)
+    lin_inputs = ((m if shape.fused_qkv else 2 + m) if prec.autocast else 2) * c * h
     attn = c * (2 * h + 2 * kvd) + 4 * a  # q, k, v (kv_dim wide), the output, an fp32 log-sum-exp per head
     ffn = FFN_SAVED[shape.ffn] * c * f
     rope = 8 * shape.head_dim / micro_batch if shape.positions == "rope" else 0  # fp32 cos and sin (T, Q) per layer
@@ -459,7 +460,7 @@ def estimate(
         # fused AdamW on CUDA needs no scratch; the per-tensor CPU AdamW needs ~3 buffers of the largest tensor
         biggest = max(h * max(h, shape.ffw) / tp, V * h if (first or last) else 0) / (nshard if shard_o else 1)
         step_tmp = 0.0 if device == "cuda" else 3 * biggest * prec.optim / 2
-        if pp > 1 and dp > 1:
+        if pp > 1 and dp > 1 and not shard_g:  # FSDP2 stages reduce-scatter their gradients in backward instead
             step_tmp += psi * prec.grad  # flat buffer of the dp gradient average
         fb, st = bwd, P + G + O + step_tmp + buckets
         if fb >= st:
@@ -553,6 +554,7 @@ def estimate_config(
         strategy=p.strategy,
         backend=p.backend,
         dp=dp,
+        dp_shard=hsdp_shard(p.dp_shard, dp, p.tp) if p.strategy == "hsdp" else 0,  # as the run resolves it
         tp=p.tp,
         pp=p.pp,
         micro_batch=int(mb),
@@ -648,22 +650,26 @@ class TensorMemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def measure_step(engine, micro_batches, lr: float = 1e-3, warm: bool = True) -> dict:
-    """Peak tensor bytes (tracked) and wall time of one `engine.train_step` (after one warm-up step when `warm`), with
-    the bytes of parameters, gradients (as held after backward) and optimizer state (`Engine.state_bytes`)."""
+    """Peak tensor bytes (tracked) and wall time of one training step (`Loop.train_step`, the Trainer's; after one
+    warm-up step when `warm`), with the bytes of parameters, gradients (as held after backward) and optimizer state
+    (`Engine.state_bytes`)."""
+    from scaletrain.loop import Loop  # the step itself (imported here: planning needs no training code)
+
+    step = Loop.of(engine).train_step
     if warm:
-        engine.train_step(micro_batches, lr)
+        step(micro_batches, lr)
     dev = engine.device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        engine.train_step(micro_batches, lr)
+        step(micro_batches, lr)
         torch.cuda.synchronize(dev)
         return dict(peak=torch.cuda.max_memory_allocated(dev), time=time.perf_counter() - t0, **engine.state_bytes())
     tr = TensorMemoryTracker(dev).track(engine.module, engine.optimizer, *[t for mb in micro_batches for t in mb])
     t0 = time.perf_counter()
     with tr:
-        engine.train_step(micro_batches, lr)
+        step(micro_batches, lr)
     dt = time.perf_counter() - t0
     return dict(peak=tr.peak, time=dt, **engine.state_bytes())
 
@@ -730,7 +736,7 @@ def find_micro_batch(trainer, max_micro_batch: int | None = None, headroom: floa
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            eng.train_step([(x_all[:m], y_all[:m])], 0.0)
+            trainer.loop.train_step([(x_all[:m], y_all[:m])], 0.0)
             if dev.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(dev)
                 ok = peak <= budget

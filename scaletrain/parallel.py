@@ -18,7 +18,7 @@ from .registry import load_target
 from .tensor_parallel import apply_tensor_parallel, plan_targets
 
 # %% auto #0
-__all__ = ['meta_model', 'check', 'compile_blocks', 'compiled_loss', 'build_engine']
+__all__ = ['meta_model', 'check', 'compile_blocks', 'compiled_loss', 'prepare_stage', 'build_engine']
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #dfb6e54f
 def meta_model(cfg: Config) -> nn.Module:
@@ -83,6 +83,21 @@ def compiled_loss(loss_fn=lm_loss):
     return torch.compile(loss_fn)
 
 
+def prepare_stage(stage: nn.Module, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims) -> nn.Module:
+    """Steps 1–3 on one rank's pipeline stage(s), in place: tensor parallel, activation checkpointing, compile. The
+    checkpointing policy counts blocks by their global index, so a stage holding none of the chosen blocks keeps
+    all of its own (the whole model was checked to wrap some)."""
+    if dims.tp > 1:
+        apply_tensor_parallel(stage, spec, mesh["tp"], dims.sequence_parallel)
+    mem = cfg.memory
+    keys = spec.block_modules(stage).keys()
+    if mem.activation_checkpointing != "none" and checkpointed_blocks(keys, mem.activation_checkpointing, mem.ac_every):
+        apply_activation_checkpointing(stage, mem, spec)
+    if cfg.train.compile:
+        compile_blocks(stage, spec)
+    return stage
+
+
 def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: ModelSpec | None = None, **kw) -> Engine:
     """This rank's engine for `model`: tensor parallel -> activation checkpointing -> compile -> data parallel (or
     pipeline stages), as `cfg` says.
@@ -96,11 +111,11 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
         spec: the model's family spec (default: found from the model's class).
         **kw: passed to the engine (`loss_fn`, `param_groups_fn`).
 
-    Returns: an `Engine`; `engine.train_step(micro_batches, lr)` runs one optimizer step.
+    Returns: an `Engine`; `Loop.of(engine).train_step(micro_batches, lr)` (`scaletrain.loop`) runs one optimizer step.
 
     Example:
         >>> engine = build_engine(build_model(cfg.model), cfg, torch.device("cpu"), None)
-        >>> engine.train_step([(x, y)], lr=1e-3).resolve().loss
+        >>> Loop.of(engine).train_step([(x, y)], lr=1e-3).resolve().loss
     """
     spec = spec or spec_for(model)
     dims = check(cfg, info.world_size if info is not None else 1, model, spec)
@@ -119,7 +134,11 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
             )
         head = getattr(spec, "head", None)
         apply_float8(model, cfg.memory.fp8_scaling, (head,) if head else (), "params" in dims.strategy_entry.shards)
-    if dims.pp == 1:  # pipeline stages are cut from the whole model and moved to their devices by PipelineEngine
+    if dims.pp > 1 and getattr(spec, "pp_split", None) is None:
+        # the engine cuts the stages, moves this rank's to its device and then runs steps 1-3 on them alone
+        kw["prepare"] = lambda stage: prepare_stage(stage, cfg, spec, mesh, dims)
+        return load_target(dims.engine)(model, cfg, device, info, mesh, spec=spec, **kw)
+    if dims.pp == 1:  # a traced pipeline is cut from the whole model and moved to its devices by PipelineEngine
         if not (cfg.memory.cpu_offload and "params" in dims.strategy_entry.shards):
             model = model.to(device)
         if dims.tp > 1:

@@ -4,11 +4,14 @@
 
 # %% ../nbs/3_parallel/36_pipeline.ipynb #ee3f2ba6
 from __future__ import annotations
+import contextlib
 import torch
 import torch.distributed as dist
 from .dist import ParallelDims
-from .engine import ParallelEngine, clip_grad_norm_mixed, set_lr
+from .engine import ParallelEngine, clip_grad_norm_mixed
+from .errors import ConfigError
 from .models.spec import spec_for, stage_blocks
+from .strategies.fsdp import data_mesh, shard_model
 
 # %% auto #0
 __all__ = ['PipelineEngine']
@@ -17,18 +20,29 @@ __all__ = ['PipelineEngine']
 class PipelineEngine(ParallelEngine):
     "One or two pipeline stages on this rank, optionally data-parallel over the dp group."
 
-    def __init__(self, model, cfg, device, info, mesh, spec=None, **kw):
+    def __init__(self, model, cfg, device, info, mesh, spec=None, prepare=None, **kw):
         spec = spec or spec_for(model)
         dims = ParallelDims.from_config(cfg, info.world_size)
         self.pp_mesh = mesh["pp"]
         self.pp_group = self.pp_mesh.get_group()
         self.pp_rank, self.pp_size = self.pp_mesh.get_local_rank(), dims.pp
         self.n_stages, self.n_mb = dims.n_stages, dims.microbatches
-        self.name = f"pp-{dims.pp_schedule}" + ("+ddp" if dims.dp > 1 else "")
+        # FSDP2 on every stage: the strategies that shard gradients, on more than one data-parallel rank
+        self.fsdp = dims.dp > 1 and "grads" in dims.strategy_entry.shards
+        self.reshard_after_forward = dims.strategy != "zero2"
+        self.name = (
+            f"pp-{dims.pp_schedule}" + (f"+{dims.strategy}" if dims.dp > 1 else "") + ("+tp" if dims.tp > 1 else "")
+        )
         self.stage_ids = [s for s in range(self.n_stages) if s % self.pp_size == self.pp_rank]
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         if getattr(spec, "pp_split", None) is not None:  # a model passed in Python: torch's tracer cuts it
+            if self.fsdp or dims.tp > 1:
+                raise ConfigError(
+                    f"parallel.pp={dims.pp} with pp_split (a traced model) runs with parallel.strategy=ddp and "
+                    f"parallel.tp=1 only (got {dims.strategy}, tp={dims.tp}); a model of a registered family composes "
+                    "with all of them"
+                )
             (s,) = self.stage_ids
             pipe = self._trace(model, spec)
             holder = pipe.get_stage_module(s).to(device)
@@ -39,6 +53,8 @@ class PipelineEngine(ParallelEngine):
             mine = [i for s in self.stage_ids for i in splits[s]]
             holder = spec.stage(model, mine, first=0 in self.stage_ids, last=self.n_stages - 1 in self.stage_ids)
             holder.to(device)
+            if prepare is not None:  # tensor parallel, activation checkpointing, compile: on this rank's blocks only
+                prepare(holder)
             self.stage_modules = [
                 spec.stage(holder, splits[s], first=s == 0, last=s == self.n_stages - 1) for s in self.stage_ids
             ]
@@ -55,6 +71,24 @@ class PipelineEngine(ParallelEngine):
         else:
             cls = ScheduleGPipe if dims.pp_schedule == "gpipe" else Schedule1F1B
             self.schedule = cls(self.stages[0], self.n_mb, loss_fn=loss, scale_grads=False)
+
+    def wrap(self, model):
+        "FSDP2 on every stage module (its blocks, then itself) when the strategy shards; `model` holds them all."
+        if self.fsdp:
+            for m in self.stage_modules:
+                shard_model(
+                    m,
+                    self.spec,
+                    data_mesh(self.mesh),
+                    self.precision,
+                    self.reshard_after_forward,
+                    self.cfg.memory.cpu_offload,
+                )
+        return model
+
+    def forward_ctx(self):
+        # under FSDP2 the MixedPrecisionPolicy casts the parameters; autocast would cast again
+        return contextlib.nullcontext() if self.fsdp else super().forward_ctx()
 
     def _trace(self, model, spec):
         "The whole model traced on one micro-batch of `spec.pp_example` and split at `spec.pp_split`."
@@ -84,18 +118,13 @@ class PipelineEngine(ParallelEngine):
         dist.all_reduce(tot, group=self.pp_group)  # the loss lives on the last stage; everyone logs it
         return tot
 
-    def train_step(self, micro_batches, lr):
-        set_lr(self.optimizer, lr)
-        n = len(micro_batches)
-        # scale_grads=False and a loss of mean/(microbatches*accum): gradients add up to the batch mean
-        self._accum_scale = 1.0 / (self.n_mb * n)
-        total = self._pp_sum(sum(self._run(x, y, train=True) for x, y in micro_batches))  # one collective per step
-        if self.dp_size > 1:
-            self._average_grads()
-        return self.optimizer_step(self.reduce(total))
-
     def _average_grads(self):
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        "Average the gradients over the data-parallel group (a no-op under FSDP2, which reduce-scattered them)."
+        if self.fsdp:
+            return
+        # a tensor-parallel gradient is averaged by its local shard: the ranks of a dp group hold the same shard
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.parameters()]
+        grads = [g for g in grads if g is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.dp_group)
         flat /= self.dp_size

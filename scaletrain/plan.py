@@ -16,8 +16,8 @@ from .registry import FAMILIES, PRECISIONS
 # %% auto #0
 __all__ = ['GPUS', 'GPU_ALIASES', 'EFFICIENCY', 'BILL_DEFAULTS', 'PRESETS', 'PUBLISHED_PARAMS', 'Link', 'GPU', 'get_gpu',
            'all_reduce_time', 'all_gather_time', 'p2p_time', 'compute_efficiency', 'Bill', 'Layout', 'step_time',
-           'bill', 'preset', 'model_config', 'hf_model', 'Plan', 'model_fields', 'evaluate', 'plan', 'why_nothing_fits',
-           'best_layouts']
+           'bill', 'preset', 'model_config', 'hf_model', 'Plan', 'model_fields', 'config_shape', 'evaluate', 'plan',
+           'why_nothing_fits', 'best_layouts']
 
 # %% ../nbs/4_estimate/41_plan.ipynb #9605a095
 @dataclass(frozen=True)
@@ -428,6 +428,7 @@ def _config(pl: Plan, l: Layout) -> Config:
     m.tie_weights = pl.shape.tie_weights and l.pp == 1
     p = cfg.parallel
     p.strategy, p.tp, p.pp, p.sequence_parallel = l.strategy, l.tp, l.pp, l.sp
+    p.cp, p.dp_shard = l.cp, (l.dp_shard if l.strategy == "hsdp" else 0)
     p.pp_schedule, p.microbatches = (l.schedule, l.microbatches) if l.pp > 1 else (p.pp_schedule, 0)
     cfg.memory.precision, cfg.memory.activation_checkpointing = pl.precision, l.ac
     cfg.train.micro_batch, cfg.train.grad_accum = l.micro_batch, l.grad_accum
@@ -437,10 +438,6 @@ def _config(pl: Plan, l: Layout) -> Config:
 
 def _runnable(pl: Plan, l: Layout) -> str:
     "'' when `scaletrain train` runs `l` today, else the one-line reason (the trainer's own where it has one)."
-    if l.cp > 1:
-        return f"context parallelism (cp={l.cp}) is planned only: scaletrain train has no parallel.cp yet"
-    if l.strategy == "hsdp":
-        return "hsdp is planned only: scaletrain train has no parallel.strategy=hsdp yet"
     if pl.precision not in PRECISIONS.names():
         return (
             f"memory.precision={pl.precision} is planning-only: scaletrain train runs {' | '.join(PRECISIONS.names())}"
@@ -481,11 +478,16 @@ def _eval_batch(eval_batch: int, dp: int, n_mb: int) -> int:
     return unit * math.ceil(eval_batch / unit)
 
 
+def config_shape(cfg: Config, seq_len: int | None = None, vocab_size: int | None = None) -> ModelShape:
+    "The `ModelShape` the planner sees for a run's config (the vocabulary its tokenizer will set, unless given)."
+    c = cfg.model
+    V = vocab_size or config_vocab(cfg)
+    return replace(get_spec(c.family).shape(c, seq_len, V), block_size=seq_len or c.block_size)
+
+
 def _shape_and_base(model, params, seq_len, vocab_size):
     if isinstance(model, Config):
-        c = model.model
-        V = vocab_size or config_vocab(model)
-        return replace(get_spec(c.family).shape(c, seq_len, V), block_size=seq_len or c.block_size), model
+        return config_shape(model, seq_len, vocab_size), model
     if isinstance(model, ModelConfig):
         return _shape_and_base(replace(Config(), model=model), params, seq_len, vocab_size)
     if isinstance(model, ModelShape):

@@ -142,6 +142,7 @@ STRATEGIES.add(
             "torch": "scaletrain.strategies.fsdp:ZeRO2Engine",
             "fairscale": "scaletrain.strategies.zero:ShardedDDPEngine",
         },
+        with_pp=True,
     )
 )
 STRATEGIES.add(
@@ -151,6 +152,17 @@ STRATEGIES.add(
         shards=("optim", "grads", "params"),
         engines={"torch": "scaletrain.strategies.fsdp:FSDPEngine"},
         with_tp=True,
+        with_pp=True,
+    )
+)
+STRATEGIES.add(
+    Strategy(
+        "hsdp",
+        "HSDP: FSDP2 sharded over parallel.dp_shard ranks, replicated over the dp / dp_shard groups",
+        shards=("optim", "grads", "params"),
+        engines={"torch": "scaletrain.strategies.fsdp:HSDPEngine"},
+        with_tp=True,
+        with_pp=True,
     )
 )
 BACKENDS = tuple(dict.fromkeys(b for s in STRATEGIES for b in s.engines))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn as nn
 from .engine import ParallelEngine
 from .errors import ConfigError
-from .models.spec import TP_STYLES, ModelSpec, TPPlan
+from .models.spec import TP_STYLES, ModelSpec, Stage, TPPlan
 
 # %% auto #0
 __all__ = ['SHARDING_STYLES', 'plan_targets', 'tp_style', 'apply_tensor_parallel', 'TPEngine']
@@ -29,13 +29,18 @@ def _resolve(root: nn.Module, path: str, where: str, family: str) -> nn.Module:
 
 
 def plan_targets(model: nn.Module, spec: ModelSpec, plan: TPPlan) -> list[tuple]:
-    "`(module, path, style)` for every entry of `plan` on `model`, in the order they are applied; refused in one line."
+    """`(module, path, style)` for every entry of `plan` on `model`, in the order they are applied; refused in one line.
+
+    `model` may be a pipeline `Stage`: the `first_block` entries then apply only on the stage that holds the model's
+    first block (later stages receive the residual stream already laid out by it), and the `top` entries only where
+    the stage holds that child (the final norm on the last stage)."""
     blocks = spec.block_modules(model)
+    staged = isinstance(model, Stage)
     out = []
     for name, style in plan.top.items():
         if style not in TP_STYLES:
             raise ConfigError(f"parallel.tp: unknown style '{style}' for '{name}'; allowed: {' | '.join(TP_STYLES)}")
-    first = next(iter(blocks))
+    first = next(iter(blocks)) if not staged or model.is_first else None
     for key, blk in blocks.items():
         entries = (list(plan.first_block.items()) if key == first else []) + list(plan.block.items())
         for path, style in entries:
@@ -51,6 +56,8 @@ def plan_targets(model: nn.Module, spec: ModelSpec, plan: TPPlan) -> list[tuple]
                 )
             out.append((mod, f"{spec.block_container}.{key}.{path}".rstrip("."), style))
     for path, style in plan.top.items():
+        if staged and not hasattr(model, path.split(".")[0]):
+            continue  # that child lives on another pipeline stage
         out.append((_resolve(model, path, "the model", spec.name), path, style))
     sharded = sum(p.numel() for mod, _, style in out if style in SHARDING_STYLES for p in mod.parameters(recurse=False))
     if not sharded:
@@ -88,7 +95,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sequence_p
     """Shard `model` in place over `tp_mesh` by its spec's plan; returns the model.
 
     Args:
-        model: a whole model of the spec's family, on its device.
+        model: a whole model of the spec's family, or a pipeline `Stage` of one, on its device.
         spec: the family's `ModelSpec`.
         tp_mesh: the `tp` dimension of the DeviceMesh.
         sequence_parallel: shard norms and the residual stream over the sequence too.
@@ -102,7 +109,12 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sequence_p
 
 
 class TPEngine(ParallelEngine):
-    "Tensor (and sequence) parallel only: every rank of the tp group sees the same batch; nothing to average."
+    """Tensor (and sequence) parallel only: every rank of the tp group sees the same batch; nothing to average.
+
+    The embeddings, the final norm and the output head stay replicated (only the blocks' matmuls are split), so every
+    rank of the group computes the same logits and the same loss from them: the loss needs no reduction, and the
+    head's and embeddings' gradients are the same on every rank. A pipeline stage (`scaletrain.pipeline`) computes its
+    loss the same way on every tensor-parallel rank of the last stage."""
 
     name = "tp"
 

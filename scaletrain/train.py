@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -28,8 +29,9 @@ from .errors import CheckpointError, ConfigError, DiskFull
 from .files import atomic_write_text, disk_full_error, is_disk_full
 from .jobs import named_for, new_run_dir, resolve_vocab, resume_changes, write_run_config
 from .loggers import open_loggers
+from .loop import prepare
 from .metrics import device_peak, peak_memory_gb, read_metrics, truncate_metrics
-from .models.hub import load_hf, resolve_hf
+from .models.hub import is_run_copy, load_hf, resolve_hf, resume_source
 from .models.spec import build_model, get_spec
 from .procs import restart_count
 
@@ -216,8 +218,9 @@ class LMTask:
     def build_model(self, cfg: Config):
         # the folder's weights in our family (model.family=hf: the transformers class itself, through its spec's
         # build); a resume then loads its own checkpoint over them
-        if cfg.model.hf_path and cfg.model.family != "hf":
-            return load_hf(cfg.model.hf_path, dropout=cfg.model.dropout)[0].train()
+        if cfg.model.hf_path and cfg.model.family != "hf" and not is_run_copy(cfg.model.hf_path):
+            m = cfg.model
+            return load_hf(m.hf_path, dropout=m.dropout, block_size=m.block_size, fused_qkv=m.fused_qkv)[0].train()
         return build_model(cfg.model)
 
     def flops_per_token(self, cfg: Config, model) -> float:
@@ -260,6 +263,9 @@ class Trainer:
 
     Building a Trainer starts the process group (under torchrun), builds the task, model and engine, and reads the
     checkpoint when resuming; it writes nothing. `fit()` makes the run folder, writes `config.yaml`, and trains.
+    Underneath it is a `scaletrain.loop.Loop`, the object a loop of one's own gets from `setup`: `loop.prepare`
+    builds the engine, every step is `Loop.train_step` (accumulate, backward, clip, step), checkpoints are
+    `Loop.save` / `Loop.load`. The Trainer adds data, schedule, logging, evaluation and the run folder.
 
     Returns (from `fit()`): the summary dict, also written to `summary.json`.
 
@@ -287,18 +293,19 @@ class Trainer:
         self.info = init_distributed(cfg.train.device)
         self.device = self.info.device
         self.print = RankPrinter(self.info, cfg.run.log_ranks == "all")
+        if resume and run_dir is not None:  # a model.hf_path folder that has moved: the run's copy of its config.json
+            cfg = replace(cfg, model=resume_source(cfg.model, run_dir))
         self.task = task if task is not None else LMTask(cfg, show_progress=self.info.is_main)
         self.cfg = self.task.resolved(cfg)  # the run's config: derived values filled in; `cfg` itself is untouched
         self.spec = get_spec(self.cfg.model.family)
-        self.dims = parallel.check(self.cfg, self.info.world_size, model)
-        self.mesh = self.dims.mesh(self.device.type)
+        self.dims = parallel.check(self.cfg, self.info.world_size, model)  # refused before any model is built
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank
         self.model = model if model is not None else self.task.build_model(self.cfg)
         self.n_params = self.spec.n_params(self.model)
         self.flops_per_token = self.task.flops_per_token(self.cfg, self.model)
-        self.engine = (build_engine or parallel.build_engine)(
-            self.model, self.cfg, self.device, self.info, self.mesh, loss_fn=self.task.loss_fn
-        )
+        # the same preparation, step, checkpoints as a loop of one's own written with `scaletrain.loop.setup`
+        self.loop = prepare(self.model, self.cfg, self.info, None, build=build_engine, loss_fn=self.task.loss_fn)
+        self.engine = self.loop.engine
         if resume and run_dir is None:
             raise ConfigError("resume=True needs the run folder to resume")
         self.run_dir, self.resumed = (Path(run_dir) if run_dir is not None else None), resume
@@ -361,7 +368,7 @@ class Trainer:
         # everything is verified (manifest, config, tensor names and shapes) before the run folder is touched
         path = ckpt.verify_checkpoint(ckpt.resolve_checkpoint(self.run_dir), collective=True)
         self.changes = resume_changes(ckpt.checkpoint_config(path), self.cfg)  # refuses another architecture
-        st = ckpt.load_checkpoint(path, self.engine)
+        st = self.loop.load(path)
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
         # a stop can come before its step's evaluation: do it first (unless an earlier resume already logged it)
         self.eval_owed = not st.get("evaluated", True) and not any(
@@ -424,8 +431,8 @@ class Trainer:
             evaluated=bool(self.val_history) and self.val_history[-1][0] == self.step,
         )
         try:  # write_checkpoint checks the weights (all ranks agree): a run never saves NaN or Inf
-            self.last_checkpoint = ckpt.save_checkpoint(
-                self.run_dir, self.step, self.engine, state, self.cfg.train.keep_checkpoints
+            self.last_checkpoint = self.loop.save(
+                self.run_dir, state.pop("step"), self.cfg.train.keep_checkpoints, **state
             )
         except ckpt.NonFiniteWeights as e:
             self.anomaly = f"step {self.step}: the weights hold NaN or Inf ({e.tensor}); no checkpoint written"
@@ -472,7 +479,7 @@ class Trainer:
         n_mb = getattr(self.engine, "n_mb", 1)
         if self._in_optimizer_step or not new or new % n_mb:
             raise err  # the optimizer step itself, or nothing left to split: a smaller micro-batch cannot help
-        self.engine.zero_grad()  # drop the partial gradients of the failed attempt
+        self.loop.zero_grad()  # drop the partial gradients (and measurements) of the failed attempt
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -507,7 +514,7 @@ class Trainer:
         n_oom = len(self.oom_events)
         while True:  # out of memory in forward/backward: same step again with a smaller micro-batch
             try:
-                res = self.engine.train_step(self.micro_batches(self.step), lr)
+                res = self.loop.train_step(self.micro_batches(self.step), lr)
                 break
             except torch.OutOfMemoryError as e:
                 self._recover_from_oom(e)

@@ -49,7 +49,7 @@ def load(folder):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder).float()  # (dtype= is torch_dtype= before 4.56)
     m.config.use_cache = False
     return m.train()
 

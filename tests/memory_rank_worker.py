@@ -5,6 +5,8 @@ attention with fewer key/value heads than query heads) and every layout it build
 `scaletrain.parallel.build_engine`, runs one step (so AdamW's state exists) and one more forward/backward with
 gradient sync (so gradients exist), then counts the bytes of this rank's parameters, gradients and optimizer state
 (local shards of DTensors). Rank 0 prints one JSON line per layout with every rank's counts and the estimate.
+The layouts depend on the world size: the 1-D and 2-D ones on 2 ranks, the 3-D ones (tp x pp, FSDP2 x pp, hsdp) on 4,
+fsdp x tp x pp on 8.
 """
 
 import json
@@ -15,6 +17,7 @@ import torch.distributed as dist
 from scaletrain.config import Config
 from scaletrain.dist import ParallelDims, init_distributed
 from scaletrain.models.spec import build_model
+from scaletrain.loop import Loop
 from scaletrain.parallel import build_engine
 from scaletrain.memory import estimate_config, model_state_bytes
 
@@ -33,12 +36,22 @@ LAYOUTS = [
     dict(strategy="zero1", backend="fairscale"),
     dict(strategy="zero2", backend="fairscale"),
 ]
+LAYOUTS_BY_WORLD = {
+    2: LAYOUTS,
+    4: [
+        dict(strategy="ddp", tp=2, pp=2, tie=False),
+        dict(strategy="fsdp", pp=2, tie=False, precisions=("fp32", "bf16-true")),
+        dict(strategy="zero2", pp=2, tie=False),
+        dict(strategy="hsdp", dp_shard=2),
+    ],
+    8: [dict(strategy="fsdp", tp=2, pp=2, tie=False), dict(strategy="hsdp", dp_shard=2, tp=2)],
+}
 
 
 def main():
     info = init_distributed("cpu")
     for family, shape in FAMILIES.items():
-        for lay in LAYOUTS:
+        for lay in LAYOUTS_BY_WORLD[info.world_size]:
             for precision in lay.get("precisions", ("fp32",)):
                 one(info, family, shape, lay, precision)
     dist.destroy_process_group()
@@ -53,11 +66,12 @@ def one(info, family: str, shape: dict, lay: dict, precision: str):
     m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size = 4, 4, 64, 32, 257
     m.tie_weights = lay.get("tie", True)
     p = cfg.parallel
-    p.strategy, p.tp, p.pp, p.backend = (
+    p.strategy, p.tp, p.pp, p.backend, p.dp_shard = (
         lay["strategy"],
         lay.get("tp", 1),
         lay.get("pp", 1),
         lay.get("backend", "torch"),
+        lay.get("dp_shard", 0),
     )
     cfg.memory.precision = precision
     cfg.train.micro_batch = 4
@@ -67,7 +81,7 @@ def one(info, family: str, shape: dict, lay: dict, precision: str):
     g = torch.Generator().manual_seed(eng.dp_rank)
     x = torch.randint(0, 257, (4, 32), generator=g)
     y = torch.randint(0, 257, (4, 32), generator=g)
-    eng.train_step([(x, y)], 1e-3)
+    Loop.of(eng).train_step([(x, y)], 1e-3)
     held = model_state_bytes(eng.module, eng.optimizer)
     # the step ends with zero_grad: gradients are made again by a forward/backward with gradient sync
     if hasattr(eng, "schedule"):  # pipeline: gradients come from a schedule step; keep them by skipping the optimizer

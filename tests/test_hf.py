@@ -165,3 +165,30 @@ def test_export_never_overwrites_without_force(tmp_path, corpus, cache_dir):
         "tokenizer_config.json",
     ]
     assert not list(tmp_path.glob(".export.*"))  # no temporary folder left beside it
+
+
+def test_shorter_sequences_than_the_folders_maximum(tmp_path, corpus, cache_dir):
+    "Rotary positions: block_size 16 on a 32-position Llama trains the same weights; GPT-2's position table refuses."
+    hf = hf_llama(tmp_path / "hf", tie=True)
+    run = train(
+        tmp_path, corpus, cache_dir, tmp_path / "hf", "model.block_size=16", "train.lr=0", "train.weight_decay=0"
+    )
+    assert load_config(run / "config.yaml").model.block_size == 16
+    assert run_cli("export", run, tmp_path / "export").returncode == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    want, got = hf.state_dict(), back.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    (tmp_path / "hf").rename(tmp_path / "moved")  # the folder moves: the run resumes from its copy of config.json
+    r = run_cli("train", "--resume", run, "train.steps=4")
+    assert r.returncode == 0 and "hf_config" in r.stdout + r.stderr, r.stderr[-3000:]
+    hf_gpt2(tmp_path / "gpt")
+    out = tmp_path / "gpt_runs"
+    r = run_cli(
+        "train",
+        f"model.hf_path={tmp_path / 'gpt'}",
+        "model.block_size=16",
+        f"data.source={corpus}",
+        f"run.out_dir={out}",
+    )
+    one_line_exit_2(r, "model.block_size=16", "block_size=32")
+    assert "a smaller one" not in r.stderr and (not out.exists() or not any(out.iterdir()))

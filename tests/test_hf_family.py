@@ -239,6 +239,11 @@ def test_scaletrain_train_family_hf_trains_resumes_and_exports(tmp_path, corpus,
     assert r.returncode == 0, r.stderr[-3000:]
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export2")
     assert torch.equal(_logits(again, x), b)
+    # and resumes: the structure from the copy, the weights and optimizer state from the checkpoint
+    r = run_cli("train", "--resume", first, "train.steps=7")
+    assert r.returncode == 0 and "hf_config" in r.stdout + r.stderr, r.stderr[-3000:]
+    after = _losses(first)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6, 7] and {k: after[k] for k in straight} == straight
 
 
 def one_line_exit_2(r, *expect):

@@ -143,10 +143,16 @@ def finite(run_dir) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in m.parameters())
 
 
-def test_nonfinite_step_is_skipped_and_logged(corpus, cache_dir, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_step_is_skipped_and_logged(corpus, cache_dir, tmp_path, monkeypatch, fused):
+    "With the fused AdamW (the default), which skips the update on the device without a host read, and without."
+    from scaletrain import engine
     from scaletrain.metrics import read_metrics
 
+    kw = engine.adamw_kwargs
+    monkeypatch.setattr(engine, "adamw_kwargs", lambda t, d: dict(kw(t, d), fused=fused))
     t = Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "run.name=skip")), callbacks=[NaNAt(2)])
+    assert getattr(t.engine.optimizer, "_step_supports_amp_scaling", False) == fused
     s = t.fit()
     assert s["status"] == "finished" and s["nonfinite_steps"] == 1
     recs = {r["step"]: r for r in read_metrics(t.run_dir / "metrics.jsonl") if "loss" in r}

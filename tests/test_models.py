@@ -18,7 +18,8 @@ FROM_SHAPE = shape_families()
 
 @pytest.mark.parametrize("family", FROM_SHAPE)
 @pytest.mark.parametrize("bias,tie", [("true", "true"), ("false", "false")])
-def test_every_family_builds_and_its_shape_counts_its_parameters(family, bias, tie):
+@pytest.mark.parametrize("fused", ["false", "true"], ids=["qkv", "fused_qkv"])
+def test_every_family_builds_and_its_shape_counts_its_parameters(family, bias, tie, fused):
     "What the estimator counts (parameters, tensors, per block and in all) is what the built model holds."
     ov = [
         f"model.family={family}",
@@ -26,6 +27,7 @@ def test_every_family_builds_and_its_shape_counts_its_parameters(family, bias, t
         "model.n_layer=3",
         f"model.bias={bias}",
         f"model.tie_weights={tie}",
+        f"model.fused_qkv={fused}",
     ]
     c = load_config(overrides=ov).model
     m = build_model(c)
@@ -92,9 +94,12 @@ def _hf_gpt2(tmp_path):
 CASES = [("llama", dict(tie=False, bias=False)), ("llama", dict(tie=True, bias=True)), ("gpt", {})]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["qkv", "fused_qkv"])
 @pytest.mark.parametrize("family,kw", CASES, ids=["llama-gqa", "llama-tied-bias", "gpt2"])
-def test_hugging_face_weights_give_our_model_the_same_logits(tmp_path, family, kw):
+def test_hugging_face_weights_give_our_model_the_same_logits(tmp_path, family, kw, fused):
+    "Either layout of ours (separate or fused q/k/v) reads and writes the same Hugging Face weights."
     hf, c = _hf_llama(tmp_path, **kw) if family == "llama" else _hf_gpt2(tmp_path)
+    c.fused_qkv = fused
     spec = get_spec(family)
     shape = spec.shape(c)
     ours = build_model(c).eval()

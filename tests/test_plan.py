@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 import pytest
 from conftest import run_cli, tiny
 from scaletrain.config import ConfigError, load_config
@@ -98,10 +99,21 @@ def test_3d_and_4d_layouts_keep_tp_inside_a_node():
     kinds = {(l.strategy, l.tp > 1, l.pp > 1, l.cp > 1) for l in pl.layouts}
     assert any(tp and pp for _, tp, pp, _ in kinds) and any(cp for *_, cp in kinds)
     assert any(s in ("fsdp", "zero2") and pp for s, _, pp, _ in kinds)
-    hsdp = [l for l in plan(params=7e9, gpus=64, gpu_mem=80).layouts if l.strategy == "hsdp"]
+    pl64 = plan(params=7e9, gpus=64, gpu_mem=80)
+    hsdp = [l for l in pl64.layouts if l.strategy == "hsdp"]
     assert hsdp and all(l.dp_shard * l.tp * l.cp == 8 and l.dp % l.dp_shard == 0 for l in hsdp)
     assert all(l.tp <= 8 for l in pl.layouts) and all(l.dp * l.tp * l.cp * l.pp == 16384 for l in pl.layouts)
-    assert all(not l.runnable and l.why_not for l in pl.layouts if l.cp > 1 or l.strategy == "hsdp")
+    # context parallelism is planned only (refused by the trainer); hsdp, tp x pp and FSDP2 x pp run
+    # (tests/test_layouts_3d.py), so the planner marks them runnable
+    assert all(not l.runnable and "parallel.cp=" in l.why_not for l in pl.layouts if l.cp > 1)
+    assert all(l.runnable for l in hsdp) and any(l.runnable and l.tp > 1 and l.pp > 1 for l in pl64.layouts)
+    assert any(l.runnable and l.tp > 1 and l.pp > 1 and l.strategy == "fsdp" and l.dp > 1 for l in pl64.layouts)
+    assert any(l.runnable and l.strategy == "zero2" and l.pp > 1 and l.dp > 1 for l in pl64.layouts)
+    for l in hsdp:  # the config it writes is the planned 2-D data-parallel mesh, and estimates the same
+        cfg = pl64.to_config(l)
+        dims = check(cfg, 64)
+        assert (cfg.parallel.strategy, dims.dp_shard, dims.dp_replicate) == ("hsdp", l.dp_shard, l.dp // l.dp_shard)
+        assert estimate_config(cfg, 64).total == l.memory
 
 
 def shape_of(name, seq=None):
@@ -322,3 +334,20 @@ def test_a_shape_its_family_cannot_build_is_refused():
     gpt = get_spec("gpt").shape(load_config(overrides=["model.family=gpt", "model.vocab_size=300"]).model)
     with pytest.raises(ConfigError, match="model.family=gpt does not build a shape with n_kv_head=2$"):
         plan(replace(gpt, n_kv_head=2), gpus=1, gpu_mem=10, global_batch=4)
+
+
+def test_the_best_runnable_layout_is_named_and_runnable_lists_only_those(capsys):
+    "Context parallelism is planned only: when it wins, the runnable best is named too; --runnable lists only those."
+    args = ["--preset", "llama3-70b", "--gpus", "1024", "--gpu", "h100-80gb", "--tokens", "15e12"]
+    assert plan_main(args) == 0
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if re.match(r"\s*\d+ (ddp|zero1|zero2|fsdp|hsdp) ", l)]
+    assert rows[0].rstrip().endswith("-") and "Best: " in out and " cp=2 " in out.split("Best: ")[1].split(":")[0]
+    named = out.split("Best that scaletrain train runs (row ")[1]
+    row, desc = int(named.split(")")[0]), named.split("): ")[1].split(":")[0]
+    assert row > 1 and "parallel.cp=2" in named and "cp=" not in desc
+    assert plan_main([*args, "--runnable"]) == 0
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if re.match(r"\s*\d+ (ddp|zero1|zero2|fsdp|hsdp) ", l)]
+    assert rows and all(l.rstrip().endswith("y") for l in rows), rows[:3]
+    assert out.split("Best: ")[1].split(":")[0] == desc and "Best that scaletrain train runs" not in out

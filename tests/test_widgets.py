@@ -369,3 +369,141 @@ def test_errors_are_one_line_in_the_panel(tmp_path, monkeypatch, capsys):
     assert panel.state == "error" and "Error" in panel.status.value
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
+
+
+# ---- the bill before launch: scaletrain.plan's numbers for the panel's layout ----
+
+
+def bill_panel(tmp_path, **kw):
+    "A GPT-2-sized panel priced on 4 A100s (4 processes, micro-batch 8: a global batch of 32 x 1024 tokens)."
+    args = dict(out_dir=tmp_path / "runs", model="gpt2", nproc=4, steps=300, micro_batch=8, gpu="a100-80gb")
+    panel = LaunchPanel(**{**args, **kw})
+    panel.precision.value = "bf16-mixed"
+    panel.strategy.value = "zero2"
+    panel.act_ckpt.value = "selective"
+    return panel
+
+
+def planned(cfg, gpus: int, gpu: str, steps: int):
+    "What `scaletrain plan --config` gives for `cfg`'s own layout (the run's PUE, grid and price) on `gpus` GPUs."
+    from scaletrain import plan
+
+    r, t = cfg.run, cfg.train
+    batch = t.micro_batch * t.grad_accum * gpus
+    pl = plan.plan(
+        cfg,
+        gpus=gpus,
+        gpu=gpu,
+        global_batch=batch,
+        precision=cfg.memory.precision,
+        strategies=(cfg.parallel.strategy,),
+        ac_policies=(cfg.memory.activation_checkpointing,),
+        tokens=steps * batch * cfg.model.block_size,
+        pue=r.pue,
+        grid=r.grid_gco2_per_kwh / 1000,
+        price=r.price_per_device_hour,
+    )
+    (lay,) = [l for l in pl.layouts if (l.dp, l.tp, l.pp, l.micro_batch) == (gpus, 1, 1, t.micro_batch)]
+    return pl, lay
+
+
+def test_the_panels_bill_is_the_planners(tmp_path):
+    from scaletrain import plan
+
+    panel = bill_panel(tmp_path, price=1.5)
+    cfg = panel.config()
+    assert cfg.run.price_per_device_hour == 1.5 and "run.price_per_device_hour=1.5" in panel.overrides()
+    b = panel.bill_prediction
+    pl, ref = planned(cfg, 4, "a100-80gb", 300)  # the planner's own enumeration finds the same layout
+    assert (b["gpu"], b["gpus"], b["steps"], b["precision"]) == ("a100-80gb", 4, 300, "bf16-mixed")
+    assert b["step_s"] == ref.step_time and b["mfu"] == ref.mfu and b["memory"] == ref.memory
+    want = ref.bill
+    assert (b["wall_s"], b["device_hours"], b["kwh"], b["co2_kg"], b["cost"]) == (
+        want.days * 86400,
+        want.gpu_hours,
+        want.kwh,
+        want.t_co2 * 1000,
+        want.cost,
+    )
+    # by hand: the same layout through plan.evaluate and plan.bill, with the run's own PUE, grid and price
+    hand = plan.Layout("zero2", 4, 1, 1, False, "1f1b", 0, "selective", 8, 1)
+    plan.evaluate(pl.shape, hand, plan.get_gpu("a100-80gb"), 4, 32, "bf16-mixed", gpus_per_node=4)
+    by_hand = plan.bill(hand.step_time, 4, 32 * 1024, 300 * 32 * 1024, 400.0, 1.0, 1.2, 0.48, 1.5)
+    assert hand.step_time == b["step_s"] and by_hand == want
+    assert by_hand.gpu_hours == pytest.approx(4 * 300 * hand.step_time / 3600)
+    assert by_hand.kwh == pytest.approx(by_hand.gpu_hours * 0.4 * 1.2) and by_hand.cost == by_hand.gpu_hours * 1.5
+    # the line shows those numbers, with units
+    line = panel.bill.value
+    assert f"{want.gpu_hours:.3g} GPU-hours" in line and "4 × 400 W × PUE 1.2" in line and "(480 g/kWh)" in line
+    assert f"${want.cost:,.2f} at $1.5 per GPU-hour" in line or f"${want.cost:.2g} at $1.5" in line
+    assert f"{ref.step_time * 1e3:.3g} ms" in line and "300 steps in " in line
+
+
+def test_the_bill_follows_the_controls(tmp_path):
+    panel = bill_panel(tmp_path, price=2.0)
+    one = dict(panel.bill_prediction)
+    panel.steps.value = 600  # twice the steps: twice the time, device-hours, energy, CO2 and money
+    two = panel.bill_prediction
+    assert two["step_s"] == one["step_s"] and two["steps"] == 600
+    for k in ("wall_s", "device_hours", "kwh", "co2_kg", "cost"):
+        assert two[k] == 2 * one[k], k
+    panel.price.value = 4.0  # twice the price: twice the money, the same energy
+    assert panel.bill_prediction["cost"] == 2 * two["cost"] and panel.bill_prediction["kwh"] == two["kwh"]
+    assert panel.config().run.price_per_device_hour == 4.0
+    panel.price.value = 0.0
+    assert "not priced (run.price_per_device_hour=0)" in panel.bill.value
+    panel.nproc.value = 8  # more GPUs, the same micro-batch: a larger global batch, and the planner's step time
+    cfg = panel.config()
+    _, ref = planned(cfg, 8, "a100-80gb", 600)
+    eight = panel.bill_prediction
+    assert eight["gpus"] == 8 and eight["step_s"] == ref.step_time and eight["device_hours"] == ref.bill.gpu_hours
+    assert "8 × 400 W" in panel.bill.value
+    panel.gpu_type.value = "h100-80gb"  # another GPU of the planner's table: its peak and power
+    _, ref = planned(cfg, 8, "h100-80gb", 600)
+    assert panel.bill_prediction["step_s"] == ref.step_time < eight["step_s"] and "8 × 700 W" in panel.bill.value
+    base = ["run.pue=1.5", "run.grid_gco2_per_kwh=100"]  # the run's own PUE and grid intensity
+    other = LaunchPanel(overrides=base, out_dir=tmp_path / "runs", model="gpt2", nproc=4, steps=300, micro_batch=8)
+    other.gpu_type.value, other.precision.value = "a100-80gb", "bf16-mixed"
+    other.strategy.value, other.act_ckpt.value = "zero2", "selective"
+    o = other.bill_prediction
+    assert o["kwh"] == pytest.approx(one["kwh"] * 1.5 / 1.2) and o["co2_kg"] == pytest.approx(o["kwh"] * 0.1)
+    assert "PUE 1.5" in other.bill.value and "(100 g/kWh)" in other.bill.value
+
+
+def test_the_bill_says_what_if_and_what_it_cannot_plan(tmp_path, monkeypatch):
+    import scaletrain.widgets as widgets
+
+    monkeypatch.setattr(widgets, "_smallest_gpu", lambda: None)  # a machine without GPUs, wherever the test runs
+    panel = bill_panel(tmp_path)
+    panel.precision.value = "fp32"  # planned at bf16-mixed, as scaletrain plan --config does, and said so
+    fp32 = panel.bill_prediction
+    assert fp32["precision"] == "bf16-mixed" and "priced at bf16-mixed" in panel.bill.value
+    panel.precision.value = "bf16-mixed"
+    assert panel.bill_prediction["step_s"] == fp32["step_s"]
+    # this machine runs the test on CPU: a what-if bill, and how a CPU run's energy is recorded
+    assert "what-if" in panel.bill.value and "no CPU step-time model" in panel.bill.value
+    assert "run.cpu_watts_per_core" in panel.bill.value and "summary.json" in panel.bill.value
+    # settings the planner does not model: one line, no numbers
+    panel.act_ckpt.value = "every_k"
+    assert panel.bill_prediction is None and "<br>" not in panel.bill.value
+    assert "not planned: memory.activation_checkpointing=every_k" in panel.bill.value and " ms" not in panel.bill.value
+    panel.act_ckpt.value = "none"
+    panel.base.append("parallel.backend=fairscale")
+    panel.update_plan()
+    assert panel.bill_prediction is None and "not planned: parallel.backend=fairscale" in panel.bill.value
+    panel.base[-1] = "parallel.tp=3"  # a config that does not validate: its error in the memory line, no bill
+    panel.update_plan()
+    assert panel.bill.value == "" and panel.bill_prediction is None and "parallel.tp=3" in panel.memory.value
+    # on a GPU machine: its GPU mapped to the planner's table by name; another is a what-if
+    assert widgets.plan_gpu_of("NVIDIA H100 80GB HBM3") == "h100-80gb" and widgets.plan_gpu_of("NVIDIA H200") == "h200"
+    assert widgets.plan_gpu_of("NVIDIA H100 PCIe") is None and widgets.plan_gpu_of("NVIDIA GH200 480GB") is None
+    assert widgets.plan_gpu_of("NVIDIA A100-SXM4-40GB") == "a100-40gb" and widgets.plan_gpu_of("NVIDIA A10G") is None
+    monkeypatch.setattr(widgets, "_smallest_gpu", lambda: (143771.0, "NVIDIA H200"))
+    here = LaunchPanel(out_dir=tmp_path / "runs", model="gpt2", nproc=8, micro_batch=8)
+    assert here.gpu_type.value == "h200" and "h200 (this machine)" in [l for l, _ in here.gpu_type.options]
+    assert "predicted bill on 8 × h200:" in here.bill.value and "what-if" not in here.bill.value
+    here.gpu_type.value = "l40s"
+    assert "what-if</b>: this machine has h200" in here.bill.value
+    monkeypatch.setattr(widgets, "_smallest_gpu", lambda: (23028.0, "NVIDIA A10G"))
+    other = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
+    assert other.gpu_type.value == "h100-80gb" and "NVIDIA A10G is not in the planner" in other.bill.value

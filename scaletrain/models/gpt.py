@@ -10,25 +10,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..config import ModelConfig, ffn_dim_of
 from ..errors import ConfigError
-from .spec import ModelShape, ModelSpec, StateDictAdapter, TPPlan
+from scaletrain.models.spec import (
+    ModelShape,
+    ModelSpec,
+    StateDictAdapter,
+    TPPlan,
+    fuse_qkv_state,
+    split_qkv,
+    unfuse_qkv_state,
+)
 
 # %% auto #0
-__all__ = ['SPEC', 'CausalSelfAttention', 'MLP', 'Block', 'GPT', 'GPT2Adapter', 'GPTSpec']
+__all__ = ['QKV', 'FUSED_QKV', 'SPEC', 'CausalSelfAttention', 'MLP', 'Block', 'GPT', 'fuse_state_dict', 'unfuse_state_dict',
+           'GPT2Adapter', 'GPTSpec']
 
 # %% ../../nbs/1_models/11_gpt.ipynb #6ef1a0f9
 class CausalSelfAttention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         d = c.n_embd
-        self.head_dim, self.dropout = d // c.n_head, c.dropout
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=c.bias) for _ in range(3))
+        self.head_dim, self.dropout, self.fused = d // c.n_head, c.dropout, c.fused_qkv
+        if c.fused_qkv:
+            self.qkv_proj = nn.Linear(d, 3 * d, bias=c.bias)  # rows grouped per head: [q_h; k_h; v_h]
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=c.bias) for _ in range(3))
         self.o_proj = nn.Linear(d, d, bias=c.bias)
         self.resid_drop = nn.Dropout(c.dropout)
 
     def forward(self, x):
         B, T, _ = x.shape
         # (B, T, d) -> (B, heads, T, head_dim); the number of heads follows from the projection's width
-        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.fused:
+            q, k, v = split_qkv(self.qkv_proj(x), 1, self.head_dim)  # one query head per group
+        else:
+            q, k, v = (
+                p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+            )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))  # (B, T, d)
 
@@ -100,6 +117,20 @@ class GPT(nn.Module):
             x = blk(x)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
+# %% ../../nbs/1_models/11_gpt.ipynb #a123490f
+QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+FUSED_QKV = "attn.qkv_proj"
+
+
+def fuse_state_dict(sd: dict, shape: ModelShape) -> dict:
+    "A state dict of the separate q/k/v layout in the fused one (`model.fused_qkv=true`)."
+    return fuse_qkv_state(sd, QKV, FUSED_QKV, shape.n_head, shape.kv)
+
+
+def unfuse_state_dict(sd: dict, shape: ModelShape) -> dict:
+    "A state dict of the fused q/k/v layout in the separate one."
+    return unfuse_qkv_state(sd, QKV, FUSED_QKV, shape.n_head, shape.kv)
+
 # %% ../../nbs/1_models/11_gpt.ipynb #af828edf
 class GPT2Adapter(StateDictAdapter):
     """Our GPT <-> Hugging Face's `GPT2LMHeadModel`. GPT-2 fuses q, k and v into one `c_attn` and stores its
@@ -135,7 +166,7 @@ class GPT2Adapter(StateDictAdapter):
 
     def to_hf(self, sd: dict, shape: ModelShape) -> dict:
         self._check(shape)
-        sd = dict(sd)
+        sd = unfuse_state_dict(sd, shape) if shape.fused_qkv else dict(sd)  # GPT-2's [q; k; v] is not grouped
         out = {}
         for i in range(shape.n_layer):
             a, b = f"blocks.{i}.attn.", f"transformer.h.{i}.attn."
@@ -173,7 +204,7 @@ class GPT2Adapter(StateDictAdapter):
         out["lm_head.weight"] = head if head is not None and not shape.tie_weights else out["wte.weight"]
         if sd:
             raise ConfigError(f"GPT-2 weights: unexpected keys {sorted(sd)[:4]}")
-        return out
+        return fuse_state_dict(out, shape) if shape.fused_qkv else out
 
     def hf_config(self, shape: ModelShape, eps: float = 1e-5, **extra) -> dict:
         self._check(shape)
@@ -229,6 +260,14 @@ class GPTSpec(ModelSpec):
     head = "lm_head"
     adapter = GPT2Adapter()
 
+    def __init__(self, fused_qkv: bool = False):
+        self.fused_qkv = fused_qkv  # the layout of the tensor-parallel plan
+
+    def for_model(self, model: nn.Module, from_config: bool | None = None) -> "GPTSpec":
+        "The spec of one model: its own attention layout's (separate or fused q/k/v)."
+        fused = bool(getattr(getattr(model, "config", None), "fused_qkv", False))
+        return self if fused == self.fused_qkv else GPTSpec(fused)
+
     def build(self, c: ModelConfig) -> GPT:
         return GPT(c)
 
@@ -246,10 +285,11 @@ class GPTSpec(ModelSpec):
             dropout=c.dropout,
             ffn_dim=ffn_dim_of(c),
             family=self.name,
+            fused_qkv=c.fused_qkv,
         )
 
     def tp_plan(self, sequence_parallel: bool = False) -> TPPlan:
-        qkv = {"attn.q_proj": "colwise", "attn.k_proj": "colwise", "attn.v_proj": "colwise"}
+        qkv = {FUSED_QKV: "colwise"} if self.fused_qkv else dict.fromkeys(QKV, "colwise")
         if not sequence_parallel:
             return TPPlan(
                 block={

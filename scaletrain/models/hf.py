@@ -4,7 +4,6 @@
 
 # %% ../../nbs/1_models/17_hf.ipynb #4a74cbe4
 from __future__ import annotations
-import json
 from dataclasses import replace
 from pathlib import Path
 import torch
@@ -12,11 +11,11 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from .generic import Blocks, find_blocks
-from .hub import HF_FAMILIES, read_hf_config, read_hf_weights
+from .hub import HF_FAMILIES, RUN_COPY, is_run_copy, read_hf_config, read_hf_weights, resume_source
 from .spec import ModelSpec, TPPlan, get_spec
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'DECODER_TP', 'RUN_CONFIG', 'SPEC', 'layout_of', 'HFStage', 'HFSpec', 'save_run_config', 'rebuild']
+__all__ = ['LAYOUTS', 'DECODER_TP', 'RUN_CONFIG', 'SPEC', 'layout_of', 'HFStage', 'HFSpec', 'rebuild']
 
 # %% ../../nbs/1_models/17_hf.ipynb #2ea359b2
 # a layout: where the base model, its blocks, first-stage modules and last-stage modules are (attribute names)
@@ -33,8 +32,7 @@ DECODER_TP = {  # the Llama / Qwen2 / Mistral decoder layer
     "mlp.up_proj": "colwise",
     "mlp.down_proj": "rowwise",
 }
-# run-folder copy of the model's config.json, so a run can be rebuilt when model.hf_path has moved
-RUN_CONFIG = "hf_config"
+RUN_CONFIG = RUN_COPY  # the run folder's copy of the model's config.json (models.hub)
 
 
 def layout_of(model: nn.Module) -> str | None:
@@ -119,7 +117,7 @@ class HFStage(nn.Module):
         if self.spec.layout == "decoder":
             kw["position_embeddings"] = base.rotary_emb(h, position_ids=pos)
         for blk in self.blocks.values():
-            h = blk(h, **kw)
+            h = _hidden(blk(h, **kw))
         if not self.is_last:
             return h
         return self.lm_head(getattr(base, lay["norm"])(h))
@@ -198,6 +196,10 @@ class HFSpec(ModelSpec):
                 if hasattr(conf, k):
                     setattr(conf, k, c.dropout)
         conf.use_cache = False  # training: no key/value cache
+        if is_run_copy(folder):
+            # a resumed run whose folder moved: the structure alone, initialised (not on the meta device outside a
+            # check: non-persistent buffers such as rotary tables are not in the checkpoint); weights: the checkpoint
+            return AutoModelForCausalLM.from_config(conf, **_float32())
         if torch.get_default_device().type == "meta" or not _has_weights(folder):
             if torch.get_default_device().type != "meta":
                 raise CheckpointError(
@@ -331,6 +333,11 @@ def _has_weights(folder) -> bool:
     return any((f / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
 
 
+def _hidden(out):
+    "A decoder layer's hidden states: transformers 5 returns them, 4.x a tuple starting with them."
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _first(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
@@ -338,33 +345,9 @@ def _first(e: Exception) -> str:
 SPEC = HFSpec()
 
 # %% ../../nbs/1_models/17_hf.ipynb #72edb88a
-def save_run_config(c: ModelConfig, run_dir) -> Path | None:
-    "Copy `model.hf_path`'s config.json into the run folder (`hf_config/`), so the run rebuilds when the folder moves."
-    from scaletrain.files import atomic_write_text
-
-    if c.family != "hf" or not c.hf_path:
-        return None
-    dst = Path(run_dir) / RUN_CONFIG / "config.json"
-    atomic_write_text(dst, json.dumps(read_hf_config(c.hf_path), indent=2))
-    return dst
-
-
 def rebuild(c: ModelConfig, run_dir=None) -> nn.Module:
     """The model of a run's config: `model.hf_path`'s, else (the folder gone) the structure from the run's copy of
-    config.json (its weights then come from the run's checkpoint)."""
+    config.json (`hub.resume_source`; its weights then come from the run's checkpoint)."""
     if c.family != "hf":
         return get_spec(c.family).build(c)
-    if c.hf_path and (Path(c.hf_path) / "config.json").is_file():
-        return SPEC.build(c)
-    copy = Path(run_dir) / RUN_CONFIG if run_dir is not None else None
-    if copy is None or not (copy / "config.json").is_file():
-        raise CheckpointError(
-            f"model.hf_path={c.hf_path!r} is gone and the run has no {RUN_CONFIG}/config.json copy; "
-            "put the folder back or set model.hf_path"
-        )
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    conf = AutoConfig.from_pretrained(copy, local_files_only=True)
-    conf.use_cache = False
-    # initialised on the CPU, not the meta device: non-persistent buffers (rotary tables) are not in the checkpoint
-    return AutoModelForCausalLM.from_config(conf, **_float32()).train()
+    return SPEC.build(resume_source(c, run_dir) if run_dir is not None else c)

@@ -13,8 +13,9 @@ from ..errors import CheckpointError, ConfigError
 from .spec import build_model, get_spec
 
 # %% auto #0
-__all__ = ['HF_FAMILIES', 'SHAPE_KEYS', 'read_hf_config', 'hf_family', 'hf_model_config', 'read_hf_weights', 'check_hf',
-           'load_hf', 'hf_shape_config', 'resolve_hf']
+__all__ = ['HF_FAMILIES', 'SHAPE_KEYS', 'RUN_COPY', 'read_hf_config', 'hf_family', 'hf_model_config', 'read_hf_weights',
+           'check_hf', 'load_hf', 'hf_shape_config', 'shorter_ok', 'is_run_copy', 'save_run_copy', 'resume_source',
+           'resolve_hf']
 
 # %% ../../nbs/1_models/15_hub.ipynb #0c78fad2
 HF_FAMILIES = {"llama": "llama", "mistral": "llama", "gpt2": "gpt"}  # model_type -> the family that reads it
@@ -165,21 +166,69 @@ def hf_shape_config(hf: dict, path: str, mine: ModelConfig, explicit) -> ModelCo
         theirs = replace(theirs, rope_theta=d.rope_theta)
     for k in SHAPE_KEYS[1:] + ("tie_weights",):
         if f"model.{k}" in explicit and getattr(mine, k) != getattr(theirs, k):
-            raise ConfigError(
-                f"config: model.{k}={getattr(mine, k)} but model.hf_path={path!r} has {k}={getattr(theirs, k)}; "
-                f"drop the model.{k} setting (the folder's config.json decides the shape)"
-            )
-    return replace(theirs, family="hf", hf_path=path, dropout=mine.dropout)
+            if k == "block_size" and mine.block_size < theirs.block_size:
+                continue  # the model's own class takes any length up to its maximum: train on shorter sequences
+            raise ConfigError(_disagree(k, getattr(mine, k), path, getattr(theirs, k), shorter=True))
+    keep = dict(block_size=mine.block_size) if "model.block_size" in explicit else {}
+    return replace(theirs, family="hf", hf_path=path, dropout=mine.dropout, **keep)
+
+
+def _disagree(k, mine, path, theirs, shorter: bool = False) -> str:
+    extra = " (or a smaller one: shorter sequences than the model's maximum)" if k == "block_size" and shorter else ""
+    return (
+        f"config: model.{k}={mine} but model.hf_path={path!r} has {k}={theirs}; drop the model.{k} setting{extra} "
+        "(the folder's config.json decides the shape)"
+    )
+
+
+def shorter_ok(family: str) -> bool:
+    """Whether a family's weights are the same for any sequence length up to the folder's maximum: rotary positions
+    (llama) have no table; GPT-2's learned position table has exactly `block_size` rows."""
+    return get_spec(family).shape(ModelConfig(family=family)).positions == "rope"
 
 
 SHAPE_KEYS = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_dim", "block_size", "vocab_size", "bias")
+
+
+RUN_COPY = "hf_config"  # a run folder's copy of model.hf_path's config.json: the run rebuilds when the folder moves
+
+
+def is_run_copy(folder) -> bool:
+    "Whether `folder` is a run folder's copy of a model's config.json (the structure only; no weights)."
+    f = Path(folder)
+    return f.name == RUN_COPY and (f / "config.json").is_file() and (f.parent / "config.yaml").is_file()
+
+
+def save_run_copy(c: ModelConfig, run_dir) -> Path | None:
+    "Copy `model.hf_path`'s config.json into the run folder (`hf_config/`), so the run rebuilds when the folder moves."
+    from scaletrain.files import atomic_write_text
+
+    if not c.hf_path or is_run_copy(c.hf_path):
+        return None
+    dst = Path(run_dir) / RUN_COPY / "config.json"
+    atomic_write_text(dst, json.dumps(read_hf_config(c.hf_path), indent=2))
+    return dst
+
+
+def resume_source(c: ModelConfig, run_dir) -> ModelConfig:
+    """The model section a resumed (or exported) run rebuilds from: `c` while `model.hf_path` still holds its
+    config.json; else (the folder moved or was deleted) `c` pointing at the run's own copy, from which the structure
+    is built, the weights coming from the run's checkpoint. Neither there: one line."""
+    if not c.hf_path or (Path(c.hf_path) / "config.json").is_file():
+        return c
+    copy = Path(run_dir) / RUN_COPY
+    if not is_run_copy(copy):
+        raise CheckpointError(
+            f"model.hf_path={c.hf_path!r} is gone and {run_dir} has no {RUN_COPY}/config.json copy; put the folder back"
+        )
+    return replace(c, hf_path=str(copy))
 
 
 def resolve_hf(cfg: Config, explicit=None) -> Config:
     """`cfg` with its model section taken from `model.hf_path` (when set). `explicit`: the `model.*` keys the user
     gave (default: those whose value is not the default), which must agree with the folder."""
     path = cfg.model.hf_path
-    if not path:
+    if not path or is_run_copy(path):  # a resumed run's copy: config.yaml holds the shape, the checkpoint the weights
         return cfg
     if explicit is None:
         d = ModelConfig()
@@ -189,13 +238,16 @@ def resolve_hf(cfg: Config, explicit=None) -> Config:
         cfg.model = hf_shape_config(hf, path, cfg.model, explicit)
         return cfg
     theirs = hf_model_config(hf, hf_path=path)
+    shorter = False
     for k in SHAPE_KEYS + ("tie_weights", "rope_theta", "norm_eps"):
         mine = getattr(cfg.model, k)
         if f"model.{k}" in explicit and mine != getattr(theirs, k):
-            raise ConfigError(
-                f"config: model.{k}={mine} but model.hf_path={path!r} has {k}={getattr(theirs, k)}; "
-                f"drop the model.{k} setting (the folder's config.json decides the shape)"
-            )
+            if k == "block_size" and mine < theirs.block_size and shorter_ok(theirs.family):
+                shorter = True  # rotary positions: the same weights train on shorter sequences
+                continue
+            raise ConfigError(_disagree(k, mine, path, getattr(theirs, k), shorter_ok(theirs.family)))
     keep = {"dropout": cfg.model.dropout} if "model.dropout" in explicit else {}  # training choices stay the user's
+    keep |= {"block_size": cfg.model.block_size} if shorter else {}
+    keep |= {"fused_qkv": True} if cfg.model.fused_qkv else {}  # our layout choice: the adapter fuses the folder's
     cfg.model = check_hf(path, hf_model_config(hf, hf_path=path, **keep))
     return cfg

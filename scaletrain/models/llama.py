@@ -10,10 +10,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..config import ModelConfig, ffn_dim_of, kv_heads
 from ..errors import ConfigError
-from .spec import ModelShape, ModelSpec, StateDictAdapter, TPPlan
+from scaletrain.models.spec import (
+    ModelShape,
+    ModelSpec,
+    StateDictAdapter,
+    TPPlan,
+    fuse_qkv_state,
+    split_qkv,
+    unfuse_qkv_state,
+)
 
 # %% auto #0
-__all__ = ['SPEC', 'rotary', 'apply_rotary', 'Attention', 'FeedForward', 'TransformerBlock', 'Llama', 'LlamaAdapter', 'LlamaSpec']
+__all__ = ['QKV', 'FUSED_QKV', 'SPEC', 'rotary', 'apply_rotary', 'Attention', 'FeedForward', 'TransformerBlock', 'Llama',
+           'fuse_state_dict', 'unfuse_state_dict', 'LlamaAdapter', 'LlamaSpec']
 
 # %% ../../nbs/1_models/12_llama.ipynb #95f4b7ae
 def rotary(T: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,18 +48,25 @@ class Attention(nn.Module):
         super().__init__()
         d, kv = c.n_embd, kv_heads(c)
         self.head_dim, self.theta, self.dropout = d // c.n_head, c.rope_theta, c.dropout
-        self.wq = nn.Linear(d, c.n_head * self.head_dim, bias=c.bias)
-        self.wk = nn.Linear(d, kv * self.head_dim, bias=c.bias)
-        self.wv = nn.Linear(d, kv * self.head_dim, bias=c.bias)
+        self.group, self.fused = c.n_head // kv, c.fused_qkv  # query heads per key/value head
+        if c.fused_qkv:  # rows grouped per key/value head: [its g query heads; k; v]
+            self.wqkv = nn.Linear(d, (c.n_head + 2 * kv) * self.head_dim, bias=c.bias)
+        else:
+            self.wq = nn.Linear(d, c.n_head * self.head_dim, bias=c.bias)
+            self.wk = nn.Linear(d, kv * self.head_dim, bias=c.bias)
+            self.wv = nn.Linear(d, kv * self.head_dim, bias=c.bias)
         self.wo = nn.Linear(c.n_head * self.head_dim, d, bias=c.bias)
         self.resid_drop = nn.Dropout(c.dropout)
 
     def forward(self, x):
         B, T, _ = x.shape
         # (B, T, d) -> (B, heads, T, head_dim); the number of heads follows from each projection's width
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, kv heads, T, head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.fused:
+            q, k, v = split_qkv(self.wqkv(x), self.group, self.head_dim)
+        else:
+            q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, kv heads, T, head_dim)
+            v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         cos, sin = rotary(T, self.head_dim, self.theta, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(
@@ -132,6 +148,20 @@ class Llama(nn.Module):
             h = layer(h)
         return self.output(self.norm(h))  # (B, T, vocab)
 
+# %% ../../nbs/1_models/12_llama.ipynb #709ca34e
+QKV = ("attention.wq", "attention.wk", "attention.wv")
+FUSED_QKV = "attention.wqkv"
+
+
+def fuse_state_dict(sd: dict, shape: ModelShape) -> dict:
+    "A state dict of the separate wq/wk/wv layout in the fused `wqkv` one (`model.fused_qkv=true`)."
+    return fuse_qkv_state(sd, QKV, FUSED_QKV, shape.n_head, shape.kv)
+
+
+def unfuse_state_dict(sd: dict, shape: ModelShape) -> dict:
+    "A state dict of the fused `wqkv` layout in the separate wq/wk/wv one."
+    return unfuse_qkv_state(sd, QKV, FUSED_QKV, shape.n_head, shape.kv)
+
 # %% ../../nbs/1_models/12_llama.ipynb #d3e343fd
 class LlamaAdapter(StateDictAdapter):
     "Our Llama <-> Hugging Face's `LlamaForCausalLM`: a rename (the rotary convention is already theirs)."
@@ -158,6 +188,7 @@ class LlamaAdapter(StateDictAdapter):
         return out + [("norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")]
 
     def to_hf(self, sd: dict, shape: ModelShape) -> dict:
+        sd = unfuse_state_dict(sd, shape) if shape.fused_qkv else sd  # Hugging Face's q, k, v are separate
         return self.rename(sd, self._table(shape), "export to Llama")
 
     def from_hf(self, sd: dict, shape: ModelShape) -> dict:
@@ -165,7 +196,8 @@ class LlamaAdapter(StateDictAdapter):
         if "lm_head.weight" not in sd:  # a tied checkpoint may store the matrix once
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer older versions saved
-        return self.rename(sd, [(b, a) for a, b in self._table(shape)], "Llama weights")
+        ours = self.rename(sd, [(b, a) for a, b in self._table(shape)], "Llama weights")
+        return fuse_state_dict(ours, shape) if shape.fused_qkv else ours
 
     def hf_config(self, shape: ModelShape, eps: float = 1e-5, rope_theta: float = 10000.0, **extra) -> dict:
         return dict(
@@ -238,6 +270,14 @@ class LlamaSpec(ModelSpec):
     head = "output"
     adapter = LlamaAdapter()
 
+    def __init__(self, fused_qkv: bool = False):
+        self.fused_qkv = fused_qkv  # the layout of the tensor-parallel plan
+
+    def for_model(self, model: nn.Module, from_config: bool | None = None) -> "LlamaSpec":
+        "The spec of one model: its own attention layout's (separate or fused q/k/v)."
+        fused = bool(getattr(getattr(model, "config", None), "fused_qkv", False))
+        return self if fused == self.fused_qkv else LlamaSpec(fused)
+
     def build(self, c: ModelConfig) -> Llama:
         return Llama(c)
 
@@ -258,10 +298,11 @@ class LlamaSpec(ModelSpec):
             positions="rope",
             norm="rmsnorm",
             family=self.name,
+            fused_qkv=c.fused_qkv,
         )
 
     def tp_plan(self, sequence_parallel: bool = False) -> TPPlan:
-        attn = {"attention.wq": "colwise", "attention.wk": "colwise", "attention.wv": "colwise"}
+        attn = {FUSED_QKV: "colwise"} if self.fused_qkv else dict.fromkeys(QKV, "colwise")
         ffn = {"feed_forward.w1": "colwise", "feed_forward.w3": "colwise"}
         if not sequence_parallel:
             return TPPlan(

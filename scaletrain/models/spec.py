@@ -13,8 +13,9 @@ from ..errors import ConfigError
 from ..registry import FAMILIES
 
 # %% auto #0
-__all__ = ['FFN_KINDS', 'TP_STYLES', 'ModelShape', 'TPPlan', 'ModelSpec', 'get_spec', 'spec_for', 'build_model', 'Stage',
-           'stage_blocks', 'StateDictAdapter', 'generate']
+__all__ = ['FFN_KINDS', 'TP_STYLES', 'ModelShape', 'group_qkv', 'ungroup_qkv', 'split_qkv', 'fuse_qkv_state', 'unfuse_qkv_state',
+           'TPPlan', 'ModelSpec', 'get_spec', 'spec_for', 'build_model', 'Stage', 'stage_blocks', 'StateDictAdapter',
+           'generate']
 
 # %% ../../nbs/1_models/10_spec.ipynb #380ab94f
 FFN_KINDS = {"gelu": 2, "swiglu": 3}  # matrices of the MLP: fc + proj, or gate + up + down
@@ -45,6 +46,7 @@ class ModelShape:
     positions: str = "learned"  # learned | rope
     norm: str = "layernorm"  # layernorm | rmsnorm
     family: str = "gpt"
+    fused_qkv: bool = False  # q, k and v in one Linear (the grouped layout of `group_qkv`)
 
     @property
     def kv(self) -> int:
@@ -102,7 +104,8 @@ class ModelShape:
         "How many parameter tensors `blocks` blocks and the ends hold (AdamW keeps a step counter per tensor)."
         b = int(self.bias)
         norm = 2 if self.norm == "layernorm" and self.bias else 1
-        n = blocks * ((4 + self.n_ffn_mats) * (1 + b) + 2 * norm)
+        attn = 2 if self.fused_qkv else 4  # q, k, v and the output, or the fused q/k/v and the output
+        n = blocks * ((attn + self.n_ffn_mats) * (1 + b) + 2 * norm)
         if first:
             n += 1 + (self.positions == "learned")
         if last:
@@ -114,6 +117,63 @@ class ModelShape:
         T = seq_len or self.seq_len
         n = self.n_params() - self.position_rows * self.n_embd
         return 6 * n + 12 * self.n_layer * self.n_head * self.head_dim * T
+
+# %% ../../nbs/1_models/10_spec.ipynb #0861d14b
+def group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv_head: int) -> torch.Tensor:
+    "Separate q, k, v weights `(rows, in)` (or biases `(rows,)`) as one tensor, rows grouped per key/value head."
+    parts = [t.reshape(n_kv_head, -1, *t.shape[1:]) for t in (q, k, v)]  # (groups, rows per group, ...)
+    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+
+
+def ungroup_qkv(w: torch.Tensor, n_head: int, n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "The inverse of `group_qkv`: the q, k and v weights (or biases) of a grouped tensor, each contiguous."
+    g = n_head // n_kv_head
+    head_dim = w.shape[0] // (n_kv_head * (g + 2))
+    grouped = w.reshape(n_kv_head, (g + 2) * head_dim, *w.shape[1:])
+    q, k, v = grouped.split([g * head_dim, head_dim, head_dim], dim=1)
+    return tuple(t.reshape(-1, *w.shape[1:]).clone() for t in (q, k, v))
+
+
+def split_qkv(y: torch.Tensor, group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q `(B, heads, T, Q)`, k and v `(B, kv heads, T, Q)` from the fused projection's output `(B, T, rows)`; the
+    number of groups follows from the width, so a tensor-parallel rank holding some groups runs the same code."""
+    B, T, _ = y.shape
+    y = y.view(B, T, -1, group + 2, head_dim)  # (B, T, groups, g + 2, Q)
+    q = y[:, :, :, :group].reshape(B, T, -1, head_dim)  # query head h of group j is head j*g + h, as unfused
+    k, v = y[:, :, :, group], y[:, :, :, group + 1]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def fuse_qkv_state(sd: dict, parts: tuple, fused: str, n_head: int, n_kv_head: int) -> dict:
+    """`sd` with every block's separate q, k, v (module names `parts`, e.g. `("attn.wq", "attn.wk", "attn.wv")`)
+    replaced by one tensor under `fused`; weights and biases alike, every other key unchanged and in order."""
+    out = {}
+    for key, t in sd.items():
+        for suffix in ("weight", "bias"):
+            if key.endswith(f".{parts[0]}.{suffix}"):
+                pre = key[: -len(f"{parts[0]}.{suffix}")]
+                qkv = [sd.get(f"{pre}{p}.{suffix}") for p in parts]
+                if any(x is None for x in qkv):
+                    raise ConfigError(f"fused q/k/v: '{key}' has no {' and '.join(parts[1:])} {suffix} beside it")
+                out[f"{pre}{fused}.{suffix}"] = group_qkv(*qkv, n_kv_head)
+                break
+        else:
+            if not any(key.endswith(f".{p}.{s}") for p in parts[1:] for s in ("weight", "bias")):
+                out[key] = t
+    return out
+
+
+def unfuse_qkv_state(sd: dict, parts: tuple, fused: str, n_head: int, n_kv_head: int) -> dict:
+    "The inverse of `fuse_qkv_state`: every `fused` tensor split back into `parts`."
+    out = {}
+    for key, t in sd.items():
+        pre, _, suffix = key.rpartition(f"{fused}.")
+        if _ and suffix in ("weight", "bias") and (not pre or pre.endswith(".")):
+            for p, x in zip(parts, ungroup_qkv(t, n_head, n_kv_head)):
+                out[f"{pre}{p}.{suffix}"] = x
+        else:
+            out[key] = t
+    return out
 
 # %% ../../nbs/1_models/10_spec.ipynb #82ebeb05
 TP_STYLES = {
