@@ -148,6 +148,13 @@ class MemoryConfig:
     fp8_scaling: str = _f(
         "tensorwise", "precision=fp8-mixed: torchao's scaling recipe", choices=("tensorwise", "rowwise")
     )
+    chunked_loss: str = _f(
+        "auto",
+        "the output layer's cross-entropy in chunks of tokens, never holding all (tokens, vocab) logits "
+        "(scaletrain.models.loss.loss_chunk: auto = where it applies and saves memory)",
+        choices=("auto", "on", "off"),
+    )
+    loss_chunk: int = _f(0, "tokens per chunk of the chunked loss; 0 = fp32 logits of one chunk within 256 MiB", low=0)
 
 
 @dataclass

@@ -5,6 +5,7 @@
 # %% ../nbs/3_parallel/30_engine.ipynb #559612f7
 from __future__ import annotations
 import contextlib
+import functools
 import inspect
 import math
 import re
@@ -17,11 +18,12 @@ import torch.distributed as dist
 from .config import Config, TrainConfig
 from .dist import all_reduce_mean
 from .errors import ConfigError
-from .precision import autocast_ctx, make_scaler
+from .models.loss import chunked_cross_entropy
+from .precision import autocast_ctx, make_scaler, needs_scaler
 
 # %% auto #0
-__all__ = ['param_groups', 'adamw_kwargs', 'lr_at', 'set_lr', 'lm_loss', 'clean_name', 'ctor_kwargs', 'OptimizerRecipe',
-           'local_bytes', 'StepResult', 'Engine', 'clip_grad_norm_mixed', 'ParallelEngine']
+__all__ = ['param_groups', 'adamw_kwargs', 'lr_at', 'split_by_kind', 'set_lr', 'lm_loss', 'clean_name', 'ctor_kwargs',
+           'OptimizerRecipe', 'local_bytes', 'StepResult', 'Engine', 'clip_grad_norm_mixed', 'ParallelEngine']
 
 # %% ../nbs/3_parallel/30_engine.ipynb #78d2bf7c
 def param_groups(model: nn.Module, weight_decay: float):
@@ -35,9 +37,12 @@ def param_groups(model: nn.Module, weight_decay: float):
     ]
 
 
-def adamw_kwargs(t: TrainConfig, device: torch.device) -> dict:
+def adamw_kwargs(t: TrainConfig, device: torch.device, precision: str = "fp32") -> dict:
+    "AdamW's keyword arguments for `train.*` on `device` (`precision`: the run's, for the CPU fp16 exception)."
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-    if device.type in ("cuda", "cpu"):
+    # torch 2.13: the CPU GradScaler's found_inf (shape (1,)) breaks the fused AdamW's step-count update
+    cpu_scaled = device.type == "cpu" and needs_scaler(precision)
+    if device.type in ("cuda", "cpu") and not cpu_scaled:
         # one fused kernel over every tensor: 3-4x faster than the per-tensor loop on a CPU (benchmarks/RESULTS.md),
         # and it skips a non-finite step on the device (`Engine.apply_step`), so no wait for the GPU per step
         kw["fused"] = True
@@ -52,6 +57,20 @@ def lr_at(step: int, t: TrainConfig) -> float:
     progress = min(1.0, (step - t.warmup_steps) / decay_steps)
     lo = t.lr * t.min_lr_ratio
     return lo + 0.5 * (t.lr - lo) * (1 + math.cos(math.pi * progress))
+
+
+def split_by_kind(groups: list) -> list:
+    """Each parameter group split in two where it mixes DTensors and plain tensors (tensor parallelism shards the
+    blocks, not the embeddings): a fused optimizer takes one kind per kernel call. Hyper-parameters are kept."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for g in groups:
+        kinds = {}
+        for p in g["params"]:
+            kinds.setdefault(isinstance(p, DTensor), []).append(p)
+        out += [dict(g, params=ps) for ps in kinds.values()] or [g]
+    return out
 
 
 def set_lr(optimizer, lr: float):
@@ -167,7 +186,7 @@ class OptimizerRecipe:
         if self.factory is not None:  # called again, so a constructor of its own keeps working
             return self.factory([p for g in groups for p in g["params"]])
         try:
-            return self.cls(groups, **self.kwargs)
+            return self.cls(split_by_kind(groups) if self.kwargs.get("fused") else groups, **self.kwargs)
         except TypeError as e:
             raise ConfigError(
                 f"optimizer: cannot rebuild {self.cls.__name__} over the sharded parameters ({e}); "
@@ -228,8 +247,10 @@ class Engine:
         loss_fn=lm_loss,
         spec=None,
         optimizer: OptimizerRecipe | None = None,
+        loss_chunk: int = 0,
     ):
         self.cfg, self.device, self.info, self.mesh, self.loss_fn = cfg, device, info, mesh, loss_fn
+        self.loss_chunk = loss_chunk  # > 0: the model's loss head, chunked (`models.loss.loss_chunk`)
         self.recipe = optimizer  # the user's optimizer (None: AdamW from train.*)
         self.spec = spec  # the model family's spec, for engines that reach into the model (FSDP's blocks)
         self.precision = cfg.memory.precision
@@ -247,7 +268,8 @@ class Engine:
     def build_optimizer(self, groups):
         if self.recipe is not None:
             return self.recipe.build(self.module)
-        return torch.optim.AdamW(groups, **adamw_kwargs(self.cfg.train, self.device))
+        kw = adamw_kwargs(self.cfg.train, self.device, self.precision)
+        return torch.optim.AdamW(split_by_kind(groups), **kw)
 
     def build_scaler(self):
         return make_scaler(self.precision, self.device)
@@ -276,6 +298,10 @@ class Engine:
     # ---- the step ----
     def forward_loss(self, x, y):
         with self.forward_ctx():
+            if self.loss_chunk:  # the loss from the final hidden states, chunked: no (tokens, vocab) logits
+                return self.model(
+                    x, loss_head=functools.partial(chunked_cross_entropy, targets=y, chunk=self.loss_chunk)
+                )
             logits = self.model(x)
         return self.loss_fn(logits, y)
 
@@ -299,7 +325,7 @@ class Engine:
             skipped = _scale_now(self.scaler) < scale  # update() lowers the scale only after inf/NaN gradients
             nonfinite = ~torch.isfinite(loss)  # an overflowing gradient is the scaler's business, a NaN loss is ours
         else:
-            ok = torch.isfinite(loss) & torch.isfinite(norm)
+            ok = (torch.isfinite(loss) & torch.isfinite(norm)).reshape(())  # a norm may come as shape (1,)
             opt = self.optimizer
             if getattr(opt, "_step_supports_amp_scaling", False):
                 # a fused optimizer (AdamW(fused=True), the Trainer's on CUDA) skips the update on the device when

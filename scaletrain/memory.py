@@ -15,6 +15,7 @@ from .config import Config, ModelConfig
 from .data import tokenizer_vocab
 from .dist import hsdp_shard, vote
 from .errors import ConfigError
+from .models.loss import loss_chunk
 from .models.spec import ModelShape, get_spec, stage_blocks
 
 # %% auto #0
@@ -171,6 +172,7 @@ def end_bytes_per_token(
     sp: bool = False,
     model: str = "scaletrain",
     device: str = "cuda",
+    chunked: bool = False,
 ) -> float:
     "Bytes saved outside the blocks per token: token ids (first stage); final norm, head input, log-softmax (last)."
     h, V, c = shape.n_embd, shape.vocab_size, prec.compute
@@ -184,9 +186,9 @@ def end_bytes_per_token(
     if first:
         n += 8 + (h if shape.dropout > 0 else 0)  # int64 ids kept by the embedding
     if last:
-        n += (
-            norm_bytes_per_token(shape, prec, device) + c * h + 4 * V + 8
-        )  # final norm, head input, log-softmax, targets
+        # final norm, head input (the chunked loss: the gradient of h, computed in its forward), log-softmax (not
+        # with the chunked loss), targets
+        n += norm_bytes_per_token(shape, prec, device) + c * h + (0 if chunked else 4 * V) + 8
     return n
 
 # %% ../nbs/4_estimate/40_memory.ipynb #ea0e45f6
@@ -299,6 +301,7 @@ def estimate(
     device: str = "cuda",
     accounting: str = "scaletrain",
     activations: str = "scaletrain",
+    loss_chunk: int = 0,
 ) -> MemoryEstimate:
     """Bytes per rank for training `model` (a `ModelShape`, `ModelConfig` or `Config` of any family) or a gpt-family
     model of `params` parameters (`shape_for_params`).
@@ -324,8 +327,9 @@ def estimate(
             for 'selective', and saved activations kept in CPU memory.
         sequence_parallel: shard the norms' activations over tp (tp > 1).
         cpu_offload: FSDP parameters, gradients and optimizer state in CPU memory.
-        device: 'cuda' (fused AdamW, caching allocator) or 'cpu' (the non-fused AdamW's temporaries).
+        device: 'cuda' (caching allocator) or 'cpu'.
         accounting, activations: which bookkeeping to follow ('scaletrain' is what our engine allocates).
+        loss_chunk: tokens per chunk of the chunked output-layer loss (`models.loss.loss_chunk`); 0 = full logits.
 
     Returns:
         a `MemoryEstimate`: params, grads, optimizer, activations and temporary bytes of the worst rank, their
@@ -409,7 +413,11 @@ def estimate(
         last_inflight = 1 if pp_schedule != "gpipe" else n_mb
         A = per_tok_blocks * tok * inflight
         A += end_bytes_per_token(shape, prec, first, False, tp, sp, activations, device) * tok * inflight
-        end_last = end_bytes_per_token(shape, prec, False, True, tp, sp, activations, device) * tok if last else 0.0
+        chunked = bool(loss_chunk) and last
+        end_last = (
+            end_bytes_per_token(shape, prec, False, True, tp, sp, activations, device, chunked) * tok if last else 0.0
+        )
+        end_last += 4 * V * h if chunked else 0.0  # the chunked loss keeps the head's fp32 gradient from forward on
         A += end_last * last_inflight
         # temporaries
         c = prec.compute
@@ -422,6 +430,9 @@ def estimate(
         logits = c * V * tok if last else 0
         loss_fwd = logits + (4 * V * tok if (last and c != 4) else 0)
         loss_bwd = 8 * V * tok if last else 0  # two fp32 V-wide gradients at the start of backward
+        if chunked:  # one chunk's logits (and fp32 copy) and softmax gradient; backward: the kept gradients, scaled
+            logits = loss_fwd = (c + 8) * V * min(loss_chunk, tok)
+            loss_bwd = c * h * tok + 4 * V * h
         gathered_blocks = 0.0
         if shard_p:
             per_block_full = shape.block_params(tp)
@@ -457,9 +468,7 @@ def estimate(
             g += g_blk
             a_now -= kept[k] * tok
             casts_left -= 0.0 if redo or not prec.autocast else 2 * lin_w
-        # fused AdamW on CUDA needs no scratch; the per-tensor CPU AdamW needs ~3 buffers of the largest tensor
-        biggest = max(h * max(h, shape.ffw) / tp, V * h if (first or last) else 0) / (nshard if shard_o else 1)
-        step_tmp = 0.0 if device == "cuda" else 3 * biggest * prec.optim / 2
+        step_tmp = 0.0  # the fused AdamW (CUDA and CPU alike) updates in place: no scratch
         if pp > 1 and dp > 1 and not shard_g:  # FSDP2 stages reduce-scatter their gradients in backward instead
             step_tmp += psi * prec.grad  # flat buffer of the dp gradient average
         fb, st = bwd, P + G + O + step_tmp + buckets
@@ -567,6 +576,9 @@ def estimate_config(
         pp_microbatches=p.microbatches,
         cpu_offload=mem.cpu_offload,
         device=device,
+        loss_chunk=loss_chunk(
+            replace(cfg, train=replace(cfg.train, micro_batch=int(mb))), vocab_size=config_vocab(cfg)
+        ),
     )
 
 # %% ../nbs/4_estimate/40_memory.ipynb #7518ecf5

@@ -12,6 +12,7 @@ from .config import Config
 from .dist import ParallelDims
 from .engine import Engine, lm_loss
 from .errors import ConfigError
+from .models.loss import loss_chunk
 from .models.spec import ModelSpec, get_spec, spec_for
 from .precision import apply_float8, float8_refusal, param_dtype, uses_float8
 from .registry import load_target
@@ -66,6 +67,7 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
             f"memory.ac_every={mem.ac_every} "
             f"wraps none of the model's {depth} blocks; use ac_every <= {depth}"
         )
+    loss_chunk(cfg, spec)  # memory.chunked_loss=on where it cannot run: refused here, before launch
     return dims
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #97f51aac
@@ -119,6 +121,7 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
     """
     spec = spec or spec_for(model)
     dims = check(cfg, info.world_size if info is not None else 1, model, spec)
+    kw.setdefault("loss_chunk", loss_chunk(cfg, spec, lm_loss=kw.get("loss_fn", lm_loss) is lm_loss))
     if cfg.train.compile:
         kw["loss_fn"] = compiled_loss(kw.get("loss_fn", lm_loss))
     dtype = param_dtype(cfg.memory.precision)

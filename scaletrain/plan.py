@@ -10,6 +10,7 @@ from .config import Config, ModelConfig, RunConfig, ffn_dim_of, validate
 from .dist import ParallelDims
 from .errors import ConfigError
 from .memory import GiB, PLAN_PRECISIONS, config_vocab, estimate, fsdp_like, precision_bytes, shape_for_params
+from .models.loss import default_chunk
 from .models.spec import ModelShape, get_spec
 from .registry import FAMILIES, PRECISIONS
 
@@ -524,6 +525,8 @@ def evaluate(
         sequence_parallel=lay.sp,
         pp_schedule=lay.schedule,
         pp_microbatches=lay.microbatches,
+        # the run's default (memory.chunked_loss=auto) where it applies: no tp, no pipeline
+        loss_chunk=default_chunk(shape.vocab_size, lay.micro_batch * shape.seq_len) if lay.tp == lay.pp == 1 else 0,
     )
     lay.memory, lay.estimate = e.total, e
     lay.__dict__.update(

@@ -90,3 +90,82 @@ def test_bad_chunk_is_refused():
     h, W, y = case()
     with pytest.raises(ValueError, match="chunk=0"):
         chunked_cross_entropy(h, W, y, chunk=0)
+
+
+# ---- wired into training: memory.chunked_loss ----
+
+CHUNKED = [
+    "memory.chunked_loss=on",
+    "memory.loss_chunk=16",
+    "model.vocab_size=2000",
+]  # 2,000 ids: logits worth chunking
+
+
+def _fit(corpus, cache_dir, out, *extra):
+    from conftest import tiny
+    from scaletrain.config import load_config
+    from scaletrain.train import Trainer
+
+    ov = tiny(corpus, cache_dir, out, "train.steps=4", "train.eval_every=0", "train.ckpt_every=0", *extra)
+    t = Trainer(load_config(overrides=ov), default_callbacks=False)
+    t.fit()
+    return t
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_trainer_with_the_chunked_loss_trains_as_with_full_logits(corpus, cache_dir, tmp_path, family):
+    on = _fit(corpus, cache_dir, tmp_path, f"model.family={family}", *CHUNKED)
+    off = _fit(corpus, cache_dir, tmp_path, f"model.family={family}", *CHUNKED[1:], "memory.chunked_loss=off")
+    assert on.engine.loss_chunk == 16 and off.engine.loss_chunk == 0
+    a, b = [r["loss"] for r in on.history], [r["loss"] for r in off.history]
+    assert a == pytest.approx(b, rel=1e-6) and a[-1] < a[0]
+    sa, sb = on.model.state_dict(), off.model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6) for k in sa)
+    assert on.last_val == pytest.approx(off.last_val, rel=1e-6)  # evaluation goes through it too (no gradients)
+
+
+def test_auto_turns_it_on_only_where_it_saves_memory():
+    from scaletrain.config import load_config
+    from scaletrain.models.loss import loss_chunk
+
+    assert loss_chunk(load_config()) == 0  # the byte-level default: a micro-batch's logits fit one chunk
+    big = ["model.vocab_size=50257", "model.block_size=1024", "train.micro_batch=8"]
+    assert loss_chunk(load_config(overrides=big)) == 1024
+    pp = ["parallel.pp=2", "model.tie_weights=false"]
+    for off in (["parallel.tp=2"], pp, ["train.compile=true"], ["memory.chunked_loss=off"]):
+        assert loss_chunk(load_config(overrides=big + off)) == 0, off
+    assert loss_chunk(load_config(overrides=big + ["memory.loss_chunk=100"])) == 100
+
+
+def test_fsdp_with_the_chunked_loss_equals_one_process_with_full_logits(corpus, cache_dir, tmp_path):
+    "The head's weight is gathered inside the model's own forward (its loss_head), so FSDP2 shards it as usual."
+    from test_parallel import assert_equivalent, launch, reference, results
+
+    ov = ["parallel.strategy=fsdp", *CHUNKED]
+    out = launch(2, [dict(name="chunked", overrides=ov)], corpus, cache_dir, tmp_path / "dist")
+    ref, ref_w = reference(corpus, cache_dir, tmp_path, [*CHUNKED[1:], "memory.chunked_loss=off"], dp=2)
+    assert_equivalent(results(out, "chunked", 2), ref, ref_w, rtol=1e-5)
+
+
+def test_on_where_it_cannot_run_is_one_line_and_writes_nothing(corpus, cache_dir, tmp_path):
+    from conftest import run_cli, tiny
+
+    out = tmp_path / "runs"
+    r = run_cli("train", "--nproc", "2", *tiny(corpus, cache_dir, out, "parallel.tp=2", "memory.chunked_loss=on"))
+    errs = [l for l in r.stderr.splitlines() if l.startswith("scaletrain: error: ")]
+    assert r.returncode == 2 and len(errs) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "memory.chunked_loss=on" in errs[0] and "parallel.tp=2" in errs[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_estimate_counts_one_chunk_not_the_logits():
+    from scaletrain.config import load_config
+    from scaletrain.memory import estimate, estimate_config
+
+    big = ["model.vocab_size=50257", "model.block_size=1024", "train.micro_batch=8", "memory.precision=bf16-mixed"]
+    full = estimate_config(load_config(overrides=big + ["memory.chunked_loss=off"]))
+    part = estimate_config(load_config(overrides=big))
+    assert part.total < full.total and part.temporary < full.temporary / 4, (part.parts(), full.parts())
+    cfg = load_config(overrides=big)
+    same = estimate(cfg, precision="bf16-mixed", micro_batch=8, loss_chunk=1024)
+    assert same.total == part.total

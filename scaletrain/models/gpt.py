@@ -109,13 +109,16 @@ class GPT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, idx):
+    def forward(self, idx, loss_head=None):
         T = idx.shape[1]
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))  # (B, T, d)
         for blk in self.blocks.values():
             x = blk(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)  # (B, T, d)
+        if loss_head is not None:  # the loss straight from the hidden states: no (B, T, vocab) logits
+            return loss_head(x, self.lm_head.weight)
+        return self.lm_head(x)  # (B, T, vocab)
 
 # %% ../../nbs/1_models/11_gpt.ipynb #a123490f
 QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
@@ -253,6 +256,7 @@ class GPTSpec(ModelSpec):
 
     name = "gpt"
     model_cls, block_cls = GPT, Block
+    loss_head = True
     block_container = "blocks"
     first_modules = ("wte", "wpe", "drop")
     last_modules = ("ln_f", "lm_head")

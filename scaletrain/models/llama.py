@@ -139,14 +139,17 @@ class Llama(nn.Module):
             elif isinstance(m, nn.RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward(self, idx):
+    def forward(self, idx, loss_head=None):
         assert idx.shape[1] <= self.config.block_size, (
             f"sequence of {idx.shape[1]} tokens > block_size {self.config.block_size}"
         )
         h = self.drop(self.tok_embeddings(idx))  # (B, T, d)
         for layer in self.layers.values():
             h = layer(h)
-        return self.output(self.norm(h))  # (B, T, vocab)
+        h = self.norm(h)  # (B, T, d)
+        if loss_head is not None:  # the loss straight from the hidden states: no (B, T, vocab) logits
+            return loss_head(h, self.output.weight)
+        return self.output(h)  # (B, T, vocab)
 
 # %% ../../nbs/1_models/12_llama.ipynb #709ca34e
 QKV = ("attention.wq", "attention.wk", "attention.wv")
@@ -264,6 +267,7 @@ class LlamaSpec(ModelSpec):
 
     name = "llama"
     model_cls, block_cls = Llama, TransformerBlock
+    loss_head = True
     block_container = "layers"
     first_modules = ("tok_embeddings", "drop")
     last_modules = ("norm", "output")

@@ -4,10 +4,13 @@
 
 # %% ../../nbs/1_models/16_loss.ipynb #4324ca19
 from __future__ import annotations
+import math
 import torch
+from ..errors import ConfigError
 
 # %% auto #0
-__all__ = ['ChunkedCrossEntropy', 'chunked_cross_entropy', 'logits_bytes']
+__all__ = ['LOSS_CHUNK_BYTES', 'LOSS_CHUNK_MODES', 'ChunkedCrossEntropy', 'chunked_cross_entropy', 'logits_bytes', 'auto_chunk',
+           'default_chunk', 'loss_chunk']
 
 # %% ../../nbs/1_models/16_loss.ipynb #2e152332
 def _chunks(n: int, chunk: int):
@@ -82,3 +85,54 @@ class _NoGrad:
 def logits_bytes(tokens: int, vocab: int, chunk: int | None = None) -> int:
     "Bytes of fp32 logits held at once: all of them, or one chunk's."
     return 4 * vocab * (tokens if chunk is None else min(chunk, tokens))
+
+# %% ../../nbs/1_models/16_loss.ipynb #ff182610
+LOSS_CHUNK_BYTES = 2**28  # memory.loss_chunk=0: one chunk's fp32 logits stay within 256 MiB
+LOSS_CHUNK_MODES = ("auto", "on", "off")
+
+
+def auto_chunk(vocab_size: int) -> int:
+    "Tokens per chunk: the largest power of two whose fp32 logits fit `LOSS_CHUNK_BYTES` (at least 128)."
+    return max(128, 2 ** int(math.log2(max(1, LOSS_CHUNK_BYTES // (4 * max(1, vocab_size))))))
+
+
+def default_chunk(vocab_size: int, tokens: int, chunk: int = 0) -> int:
+    "`memory.chunked_loss=auto` where it applies: `chunk` (0: `auto_chunk`) when a micro-batch's `tokens` exceed it."
+    chunk = chunk or auto_chunk(vocab_size)
+    return chunk if tokens > chunk else 0
+
+
+def loss_chunk(cfg, spec=None, vocab_size: int | None = None, lm_loss: bool = True) -> int:
+    """Tokens per chunk of the output layer's cross-entropy for the run `cfg`; 0 = the plain loss on full logits.
+
+    `memory.chunked_loss=auto`: chunked where it applies (a family with a loss head, tp=1, pp=1, no compile, the
+    language-model loss) and a micro-batch's logits exceed one chunk; `on`: wherever it applies, a one-line
+    `ConfigError` elsewhere; `off`: never. `spec`: the model's spec (default the family's); `vocab_size`: default
+    `model.vocab_size`; `lm_loss`: whether the run's loss is next-token cross-entropy (a classifier's is not)."""
+    from scaletrain.models.spec import get_spec
+
+    m, mem = cfg.model, cfg.memory
+    if mem.chunked_loss == "off":
+        return 0
+    V = vocab_size or m.vocab_size or 257
+    chunk = mem.loss_chunk or auto_chunk(V)
+    spec = spec or get_spec(m.family)
+    why = None
+    if not getattr(spec, "loss_head", False):
+        why = f"model.family={m.family}: its forward returns logits only (no loss_head)"
+    elif cfg.parallel.tp > 1:
+        why = f"parallel.tp={cfg.parallel.tp}: the head is sharded over the vocabulary"
+    elif cfg.parallel.pp > 1:
+        why = f"parallel.pp={cfg.parallel.pp}: the last stage's loss runs inside the pipeline schedule"
+    elif cfg.train.compile:
+        why = "train.compile=true: inductor fuses the loss already"
+    elif not lm_loss:
+        why = "the run's loss is not next-token cross-entropy"
+    if why is not None:
+        if mem.chunked_loss == "on":
+            raise ConfigError(f"memory.chunked_loss=on: {why}; use memory.chunked_loss=auto or off")
+        return 0
+    micro = cfg.train.micro_batch if cfg.train.micro_batch != "auto" else 1
+    if mem.chunked_loss == "auto":  # one chunk holding the whole micro-batch would save nothing
+        return default_chunk(V, int(micro) * m.block_size, chunk)
+    return chunk

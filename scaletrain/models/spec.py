@@ -210,6 +210,9 @@ class ModelSpec:
         last_modules: top-level children the last stage holds (final norm, output head).
         position_modules: children holding a learned position table (not counted as "non-embedding" parameters).
         head: the child that is the output projection.
+        loss_head: whether the model's forward takes `loss_head=f`: then it returns `f(h, weight)` — the loss from
+            the final hidden states and the head's weight — instead of the logits (the chunked cross-entropy of
+            `models.loss` never holds the `(tokens, vocab)` logits).
 
     Example:
         >>> spec = get_spec("gpt")
@@ -226,6 +229,7 @@ class ModelSpec:
     last_modules: tuple = ()
     position_modules: tuple = ()
     head = ""
+    loss_head = False
     adapter = None
     from_config = True  # built from `model.*` of a config (False: a model passed in Python, see models.generic)
 

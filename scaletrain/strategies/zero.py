@@ -78,7 +78,12 @@ class ShardedOptimizerMixin:
         if self.recipe is not None:  # the user's class and hyper-parameters, sharded by OSS
             r = self.recipe
             return OSS(r.param_groups(self.module), optim=r.cls, group=self.dp_group, **r.kwargs)
-        return OSS(groups, optim=torch.optim.AdamW, group=self.dp_group, **adamw_kwargs(self.cfg.train, self.device))
+        return OSS(
+            groups,
+            optim=torch.optim.AdamW,
+            group=self.dp_group,
+            **adamw_kwargs(self.cfg.train, self.device, self.precision),
+        )
 
     def state_dict(self):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -110,7 +115,7 @@ class ZeRO1Engine(ShardedOptimizerMixin, DDPEngine):
         else:
             groups = [g for g in groups if g["params"]]
             cls = torch.optim.AdamW
-            kw = dict(adamw_kwargs(self.cfg.train, self.device), weight_decay=groups[0]["weight_decay"])
+            kw = dict(adamw_kwargs(self.cfg.train, self.device, self.precision), weight_decay=groups[0]["weight_decay"])
         opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=cls, process_group=self.dp_group, **kw)
         opt.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
         for g in groups[1:]:
