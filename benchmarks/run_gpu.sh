@@ -10,3 +10,4 @@ timeout 330 python3 benchmarks/overhead_gpu.py --out "$OUT" 2>&1 | tee "$OUT/ove
 timeout 150 python3 benchmarks/memory_gpu.py --all-precisions --out "$OUT" 2>&1 | tee "$OUT/memory_gpu.log"
 timeout 200 python3 benchmarks/memory_gpu.py --compile --precisions bf16-mixed --out "$OUT" 2>&1 | tee "$OUT/memory_gpu_compiled.log"
 timeout 90 python3 benchmarks/scaling_cpu.py --only "1 process" --device auto --steps 20 --json "$OUT/scaling_gpu.json" 2>&1 | tee "$OUT/scaling_gpu.log"
+timeout 90 python3 benchmarks/loss_speed.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/loss_speed.log"
