@@ -150,7 +150,7 @@ def test_nonfinite_step_is_skipped_and_logged(corpus, cache_dir, tmp_path, monke
     from scaletrain.metrics import read_metrics
 
     kw = engine.adamw_kwargs
-    monkeypatch.setattr(engine, "adamw_kwargs", lambda t, d: dict(kw(t, d), fused=fused))
+    monkeypatch.setattr(engine, "adamw_kwargs", lambda *a: dict(kw(*a), fused=fused))
     t = Trainer(load_config(overrides=tiny(corpus, cache_dir, tmp_path, "run.name=skip")), callbacks=[NaNAt(2)])
     assert getattr(t.engine.optimizer, "_step_supports_amp_scaling", False) == fused
     s = t.fit()

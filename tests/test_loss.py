@@ -119,9 +119,18 @@ def test_the_trainer_with_the_chunked_loss_trains_as_with_full_logits(corpus, ca
     assert on.engine.loss_chunk == 16 and off.engine.loss_chunk == 0
     a, b = [r["loss"] for r in on.history], [r["loss"] for r in off.history]
     assert a == pytest.approx(b, rel=1e-6) and a[-1] < a[0]
-    sa, sb = on.model.state_dict(), off.model.state_dict()
-    assert all(torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6) for k in sa)
     assert on.last_val == pytest.approx(off.last_val, rel=1e-6)  # evaluation goes through it too (no gradients)
+    # the gradients of one more step, through each engine's forward_loss (weights after Adam are not compared: its
+    # first steps are ~lr * sign(g), so rounding on a near-zero gradient can flip a weight by 2 lr)
+    off.model.load_state_dict(on.model.state_dict())
+    x, y = on.micro_batches(0)[0]
+    grads = []
+    for t in (on, off):
+        t.engine.zero_grad()
+        t.engine.forward_loss(x, y).backward()
+        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters()})
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-5, atol=1e-7), n
 
 
 def test_auto_turns_it_on_only_where_it_saves_memory():
