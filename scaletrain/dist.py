@@ -18,7 +18,7 @@ from .registry import PRECISIONS, STRATEGIES
 
 # %% auto #0
 __all__ = ['MESH_DIMS', 'HSDP_MESH_DIMS', 'DistInfo', 'pick_device', 'env_int', 'init_distributed', 'teardown', 'vote', 'barrier',
-           'process_rank', 'hsdp_shard', 'ParallelDims', 'RankPrinter', 'all_reduce_mean']
+           'process_rank', 'hsdp_shard', 'ParallelDims', 'dp_mesh', 'RankPrinter', 'all_reduce_mean']
 
 # %% ../nbs/0_core/05_dist.ipynb #b7e4fc06
 @dataclass
@@ -191,10 +191,7 @@ class ParallelDims:
             return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=HSDP_MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")  # registered on the root: mesh["dp"] from now on
-        # the engines slice the data-parallel group as mesh["dp"]; torch 2.13 warns on every such slice of a
-        # flattened dimension (a future torch wants the flattened mesh kept by hand) although it works
-        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh", category=UserWarning)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")  # registered on the root: `dp_mesh(mesh)` from now on
         return mesh
 
     @classmethod
@@ -294,6 +291,15 @@ class ParallelDims:
         return cls(
             world_size, dp, p.tp, p.pp, p.strategy, p.backend, p.pp_schedule, mb, p.sequence_parallel, dp_shard=dp_shard
         )
+
+
+def dp_mesh(mesh):
+    """The data-parallel dimension of a `ParallelDims.mesh` (under hsdp the flattened `dp_replicate x dp_shard`).
+    torch 2.13 warns on every slice of a flattened dimension from the root mesh (a later torch wants the flattened
+    mesh kept by hand), although it works: the warning is silenced here, for this slice only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh", category=UserWarning)
+        return mesh["dp"]
 
 # %% ../nbs/0_core/05_dist.ipynb #4b7731f3
 class RankPrinter:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from collections import defaultdict
 import torch.distributed as dist
 from .config import Config, TrainConfig
-from .dist import all_reduce_mean
+from .dist import all_reduce_mean, dp_mesh
 from .errors import ConfigError
 from .models.loss import chunked_cross_entropy
 from .precision import autocast_ctx, make_scaler, needs_scaler
@@ -441,7 +441,7 @@ class ParallelEngine(Engine):
     "Common pieces of the multi-process engines: the dp group, loss reduction, mixed-shard clipping."
 
     def __init__(self, model, cfg, device, info, mesh, **kw):
-        self.dp_mesh = mesh["dp"] if mesh is not None else None
+        self.dp_mesh = dp_mesh(mesh) if mesh is not None else None
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
         super().__init__(model, cfg, device, info, mesh, **kw)
 

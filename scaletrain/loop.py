@@ -287,18 +287,19 @@ def _spec(model, block_cls, tp_plan, pp_split, pp_example):
     return GenericSpec(model, block_cls=block_cls, tp_plan=tp_plan, pp_split=pp_split, pp_example=pp_example)
 
 
-def prepare(model: nn.Module, cfg: Config, info: DistInfo, spec, build=None, **kw) -> Loop:
+def prepare(model: nn.Module, cfg: Config, info: DistInfo, spec, build=None, broadcast: bool = True, **kw) -> Loop:
     """The one way a model is made ready to train, for `setup` and for the `Trainer` alike: the layout's degrees and
-    DeviceMesh, rank 0's weights on every rank, then `build` (default `parallel.build_engine`: tensor parallel ->
+    DeviceMesh, rank 0's weights on every rank (`broadcast`; the Trainer skips it for a model it built itself from
+    the same seed on every rank, which would only cost start-up time), then `build` (default `parallel.build_engine`: tensor parallel ->
     activation checkpointing -> compile -> data parallel or pipeline stages) with `kw` (`optimizer=` an
     `OptimizerRecipe`, else AdamW from `train.*`; `loss_fn=`; `param_groups_fn=`). Returns the `Loop`."""
     dims = ParallelDims.from_config(cfg, info.world_size)
     mesh = dims.mesh(info.device.type)
-    if info.distributed:
+    if info.distributed and broadcast:
         _broadcast_weights(model, info.device)
     kw = {k: v for k, v in kw.items() if v is not None}
     engine = (build or build_engine)(model, cfg, info.device, info, mesh, spec=spec, **kw)
-    return Loop(engine, spec, info, dims)
+    return Loop(engine, engine.spec, info, dims)
 
 
 def setup(

@@ -86,9 +86,9 @@ def compiled_loss(loss_fn=lm_loss):
 
 
 def prepare_stage(stage: nn.Module, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims) -> nn.Module:
-    """Steps 1–3 on one rank's pipeline stage(s), in place: tensor parallel, activation checkpointing, compile. The
-    checkpointing policy counts blocks by their global index, so a stage holding none of the chosen blocks keeps
-    all of its own (the whole model was checked to wrap some)."""
+    """Steps 1–3, in place, on the whole model or on one rank's pipeline stage(s): tensor parallel, activation
+    checkpointing, compile. The checkpointing policy counts blocks by their global index, so a stage holding none of
+    the chosen blocks keeps all of its own (the whole model was checked to wrap some)."""
     if dims.tp > 1:
         apply_tensor_parallel(stage, spec, mesh["tp"], dims.sequence_parallel)
     mem = cfg.memory
@@ -140,13 +140,9 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
     if dims.pp > 1 and getattr(spec, "pp_split", None) is None:
         # the engine cuts the stages, moves this rank's to its device and then runs steps 1-3 on them alone
         kw["prepare"] = lambda stage: prepare_stage(stage, cfg, spec, mesh, dims)
-        return load_target(dims.engine)(model, cfg, device, info, mesh, spec=spec, **kw)
-    if dims.pp == 1:  # a traced pipeline is cut from the whole model and moved to its devices by PipelineEngine
-        if not (cfg.memory.cpu_offload and "params" in dims.strategy_entry.shards):
+    else:  # the whole model (a traced pipeline is cut from it and moved to its devices by PipelineEngine)
+        if dims.pp == 1 and not (cfg.memory.cpu_offload and "params" in dims.strategy_entry.shards):
             model = model.to(device)
-        if dims.tp > 1:
-            apply_tensor_parallel(model, spec, mesh["tp"], dims.sequence_parallel)
-    apply_activation_checkpointing(model, cfg.memory, spec)
-    if cfg.train.compile:
-        compile_blocks(model, spec)
+        if dims.pp == 1 or dims.tp == 1:  # a traced pipeline under tp is refused by its engine
+            prepare_stage(model, cfg, spec, mesh, dims)
     return load_target(dims.engine)(model, cfg, device, info, mesh, spec=spec, **kw)

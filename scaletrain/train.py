@@ -300,11 +300,14 @@ class Trainer:
         self.spec = get_spec(self.cfg.model.family)
         self.dims = parallel.check(self.cfg, self.info.world_size, model)  # refused before any model is built
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank
+        built = model is None  # built here from the same seed on every rank: identical, nothing to broadcast
         self.model = model if model is not None else self.task.build_model(self.cfg)
         self.n_params = self.spec.n_params(self.model)
         self.flops_per_token = self.task.flops_per_token(self.cfg, self.model)
         # the same preparation, step, checkpoints as a loop of one's own written with `scaletrain.loop.setup`
-        self.loop = prepare(self.model, self.cfg, self.info, None, build=build_engine, loss_fn=self.task.loss_fn)
+        self.loop = prepare(
+            self.model, self.cfg, self.info, None, build=build_engine, broadcast=not built, loss_fn=self.task.loss_fn
+        )
         self.engine = self.loop.engine
         if resume and run_dir is None:
             raise ConfigError("resume=True needs the run folder to resume")

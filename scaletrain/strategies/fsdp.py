@@ -6,6 +6,7 @@
 from __future__ import annotations
 import contextlib
 import torch
+from ..dist import dp_mesh
 from ..engine import ParallelEngine
 from ..precision import autocast_dtype, needs_scaler
 
@@ -17,7 +18,7 @@ def data_mesh(mesh):
     "The mesh FSDP2 shards over: `(dp_replicate, dp_shard)` under hsdp, else the `dp` dimension."
     if "dp_shard" in (mesh.mesh_dim_names or ()):
         return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp"]
+    return dp_mesh(mesh)
 
 
 def shard_model(model, spec, mesh, precision: str, reshard_after_forward: bool = True, cpu_offload: bool = False):
