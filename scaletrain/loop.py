@@ -290,9 +290,10 @@ def _spec(model, block_cls, tp_plan, pp_split, pp_example):
 def prepare(model: nn.Module, cfg: Config, info: DistInfo, spec, build=None, broadcast: bool = True, **kw) -> Loop:
     """The one way a model is made ready to train, for `setup` and for the `Trainer` alike: the layout's degrees and
     DeviceMesh, rank 0's weights on every rank (`broadcast`; the Trainer skips it for a model it built itself from
-    the same seed on every rank, which would only cost start-up time), then `build` (default `parallel.build_engine`: tensor parallel ->
-    activation checkpointing -> compile -> data parallel or pipeline stages) with `kw` (`optimizer=` an
-    `OptimizerRecipe`, else AdamW from `train.*`; `loss_fn=`; `param_groups_fn=`). Returns the `Loop`."""
+    the same seed on every rank, which would only cost start-up time), then `build` (default
+    `parallel.build_engine`: tensor parallel -> activation checkpointing -> compile -> data parallel or pipeline
+    stages) with `kw` (`optimizer=` an `OptimizerRecipe`, else AdamW from `train.*`; `loss_fn=`;
+    `param_groups_fn=`). Returns the `Loop`."""
     dims = ParallelDims.from_config(cfg, info.world_size)
     mesh = dims.mesh(info.device.type)
     if info.distributed and broadcast:
