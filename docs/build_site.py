@@ -22,7 +22,7 @@ NBS = ROOT / "nbs"
 STAGE = ROOT / "_build" / "docs"
 
 LAYERS = [
-    ("0_core", "Core: errors, files, registries, config, the parallel degrees"),
+    ("0_core", "Core: errors, files, registries, config, the parallel degrees, context parallelism"),
     ("1_models", "Models: the model spec and the families"),
     ("2_data", "Data, loggers, metrics, plots"),
     ("3_parallel", "Parallelism: engine, strategies, pipeline, checkpoints"),

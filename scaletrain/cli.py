@@ -236,7 +236,7 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runnable",
         action="store_true",
-        help="list only the layouts scaletrain train runs (not context parallelism, which is planned only)",
+        help="list only the layouts scaletrain train runs (all of them, except under a planning-only --precision)",
     )
     p.add_argument(
         "--overlap", type=float, default=0.8, help="fraction of compute that hides data-parallel traffic (default 0.8)"

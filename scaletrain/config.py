@@ -122,7 +122,7 @@ class ParallelConfig:
     strategy: str = _f("ddp", "data-parallel dimension", choices=STRATEGIES.names())
     tp: int = _f(1, "tensor-parallel degree", low=1)
     pp: int = _f(1, "pipeline-parallel degree", low=1)
-    cp: int = _f(1, "context-parallel degree (planned only: refused above 1, see scaletrain.dist)", low=1)
+    cp: int = _f(1, "context-parallel degree: every sequence split over cp ranks (scaletrain.context_parallel)", low=1)
     dp_shard: int = _f(
         0,
         "hsdp: ranks the state is sharded over within a replica group (dp = replicas x dp_shard); 0 = one node's",

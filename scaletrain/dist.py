@@ -18,7 +18,8 @@ from .registry import PRECISIONS, STRATEGIES
 
 # %% auto #0
 __all__ = ['MESH_DIMS', 'HSDP_MESH_DIMS', 'DistInfo', 'pick_device', 'env_int', 'init_distributed', 'teardown', 'vote', 'barrier',
-           'process_rank', 'hsdp_shard', 'ParallelDims', 'dp_mesh', 'RankPrinter', 'all_reduce_mean']
+           'process_rank', 'mesh_dims', 'hsdp_shard', 'ParallelDims', 'dp_mesh', 'batch_mesh', 'RankPrinter',
+           'all_reduce_mean']
 
 # %% ../nbs/0_core/05_dist.ipynb #b7e4fc06
 @dataclass
@@ -104,6 +105,12 @@ MESH_DIMS = ("pp", "dp", "tp")  # outermost first: a tensor-parallel group is co
 HSDP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")  # hsdp: dp split in two; "dp" is their flattening
 
 
+def mesh_dims(hsdp: bool, cp: bool) -> tuple:
+    "The mesh's dimension names, outermost first: a `cp` dimension (context parallel) sits between dp and tp."
+    dims = HSDP_MESH_DIMS if hsdp else MESH_DIMS
+    return dims[:-1] + ("cp", "tp") if cp else dims
+
+
 def hsdp_shard(dp_shard: int, dp: int, tp: int, local_world: int | None = None) -> int:
     """The ranks `hsdp` shards over: `dp_shard`, or with 0 the data-parallel ranks of one node, as many of the
     `local_world` ranks per node (torchrun's LOCAL_WORLD_SIZE; all ranks when unset) as there are tp groups, and a
@@ -142,6 +149,13 @@ class ParallelDims:
     microbatches: int = 1  # pipeline micro-batches per micro-batch (1 without a pipeline)
     sequence_parallel: bool = False
     dp_shard: int = 0  # hsdp: ranks the state is sharded over (dp = dp // dp_shard replicas x dp_shard); else 0
+    cp: int = 1  # context parallel: ranks every sequence is split over (they share their data-parallel batch)
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that average their gradients (and shard the state, under a sharding strategy): dp × cp, since the
+        cp ranks of a data-parallel rank hold the same weights and each computes the loss of part of its batch."""
+        return self.dp * self.cp
 
     @property
     def dp_replicate(self) -> int:
@@ -163,13 +177,15 @@ class ParallelDims:
         "The engine this layout runs on, its module and class joined by a colon (pipeline and 1-group layouts differ)."
         if self.pp > 1:
             return "scaletrain.pipeline:PipelineEngine"
-        if self.dp == 1:
+        if self.replicas == 1:
             return "scaletrain.tensor_parallel:TPEngine" if self.tp > 1 else "scaletrain.engine:Engine"
         return STRATEGIES[self.strategy].engines[self.backend]
 
     def describe(self) -> str:
         shard = f" ({self.dp_replicate} x {self.dp_shard})" if self.dp_shard else ""
         parts = [f"{self.strategy} dp={self.dp}{shard}"] if self.dp > 1 else []
+        if self.cp > 1:
+            parts.append(f"cp={self.cp}")
         if self.tp > 1:
             parts.append(f"tp={self.tp}" + (" +sp" if self.sequence_parallel else ""))
         if self.pp > 1:
@@ -177,38 +193,48 @@ class ParallelDims:
         return " x ".join(parts) or "one process"
 
     def coords(self, rank: int) -> dict:
-        "This rank's position `{pp, dp, tp}` in the mesh (no process group needed)."
-        return dict(pp=rank // (self.dp * self.tp), dp=(rank // self.tp) % self.dp, tp=rank % self.tp)
+        "This rank's position `{pp, dp, tp}` (and `cp` when above 1) in the mesh (no process group needed)."
+        c = dict(pp=rank // (self.dp * self.cp * self.tp), dp=(rank // (self.cp * self.tp)) % self.dp)
+        if self.cp > 1:
+            c["cp"] = (rank // self.tp) % self.cp
+        return dict(c, tp=rank % self.tp)
 
     def mesh(self, device_type: str = "cpu"):
         """One DeviceMesh with dims ('pp', 'dp', 'tp'), or None in a single process; under hsdp ('pp',
-        'dp_replicate', 'dp_shard', 'tp') with the two data-parallel dims also reachable, flattened, as 'dp'."""
+        'dp_replicate', 'dp_shard', 'tp') with the two data-parallel dims also reachable, flattened, as 'dp'. With
+        `cp` > 1 a 'cp' dimension comes before 'tp', and the gradient group dp × cp is flattened as 'dp_cp' (under
+        hsdp also 'dp_shard_cp', what FSDP2 shards over, as torchtitan does)."""
         if self.world_size == 1:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        if not self.dp_shard:
-            return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
-        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=HSDP_MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")  # registered on the root: `dp_mesh(mesh)` from now on
+        cp = self.cp > 1
+        names = mesh_dims(bool(self.dp_shard), cp)
+        dp = (self.dp_replicate, self.dp_shard) if self.dp_shard else (self.dp,)
+        shape = (self.pp, *dp, *((self.cp,) if cp else ()), self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        # flattened dims are registered on the root: `mesh["dp"]` etc. from now on
+        if self.dp_shard:
+            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        if cp and self.dp_shard:
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+            mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        elif cp:
+            mesh["dp", "cp"]._flatten("dp_cp")
         return mesh
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> "ParallelDims":
         "The degrees of `cfg` (a `Config`) on `world_size` processes; a layout that cannot run is a ConfigError."
         p, m, t = cfg.parallel, cfg.model, cfg.train
-        if p.cp > 1:
+        if world_size % (p.tp * p.pp * p.cp):
             raise ConfigError(
-                f"parallel.cp={p.cp}: context parallelism is planned only; torch's context_parallel needs CUDA SDPA "
-                "kernels (flash / memory-efficient attention), not available on CPU/gloo, and scaletrain train has no "
-                "implementation of it; use parallel.cp=1"
+                f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
+                f"{p.tp} x {p.pp} x {p.cp}"
             )
-        if world_size % (p.tp * p.pp):
-            raise ConfigError(
-                f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}"
-            )
-        dp = world_size // (p.tp * p.pp)
+        dp = world_size // (p.tp * p.pp * p.cp)
+        replicas = dp * p.cp  # the ranks that average gradients: the strategy's group
+        cp_said = f" x parallel.cp={p.cp}" if p.cp > 1 else ""
         strategy = STRATEGIES[p.strategy]
         if p.backend not in strategy.engines:
             has = [s.name for s in STRATEGIES if p.backend in s.engines]
@@ -217,9 +243,15 @@ class ParallelDims:
                 f"{' and '.join(has)} here (fairscale: OSS, ShardedDataParallel + OSS; its FSDP needs CUDA); "
                 f"use parallel.backend={' | '.join(strategy.engines)}"
             )
-        if p.backend != "torch" and (p.tp > 1 or p.pp > 1):
+        if p.backend != "torch" and (p.tp > 1 or p.pp > 1 or p.cp > 1):
             raise ConfigError(
-                f"parallel.backend={p.backend} works with data parallelism only (parallel.tp=1, parallel.pp=1)"
+                f"parallel.backend={p.backend} works with data parallelism only (parallel.tp=1, parallel.pp=1, "
+                "parallel.cp=1)"
+            )
+        if p.cp > 1 and m.block_size % (2 * p.cp):
+            raise ConfigError(
+                f"parallel.cp={p.cp}: model.block_size={m.block_size} is not divisible by 2 x parallel.cp = "
+                f"{2 * p.cp} (each rank holds two chunks of every sequence)"
             )
         if cfg.memory.cpu_offload and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
             raise ConfigError(
@@ -228,15 +260,16 @@ class ParallelDims:
             )
         if p.sequence_parallel and p.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-        if p.sequence_parallel and m.block_size % p.tp:
+        if p.sequence_parallel and (m.block_size // p.cp) % p.tp:
             raise ConfigError(
-                f"parallel.sequence_parallel=true: model.block_size={m.block_size} is not divisible by "
-                f"parallel.tp={p.tp}"
+                f"parallel.sequence_parallel=true: model.block_size={m.block_size}"
+                + (f" / parallel.cp={p.cp}" if p.cp > 1 else "")
+                + f" is not divisible by parallel.tp={p.tp}"
             )
-        if p.tp > 1 and dp > 1 and not strategy.with_tp:
+        if p.tp > 1 and replicas > 1 and not strategy.with_tp:
             ok = " | ".join(s.name for s in STRATEGIES if s.with_tp)
             raise ConfigError(
-                f"parallel.tp={p.tp} with a data-parallel degree of {dp} needs parallel.strategy={ok}; "
+                f"parallel.tp={p.tp} with a data-parallel degree of {dp}{cp_said} needs parallel.strategy={ok}; "
                 f"{p.strategy} does not handle tensor-parallel (DTensor) parameters"
             )
         if p.dp_shard and p.strategy != "hsdp":
@@ -246,7 +279,7 @@ class ParallelDims:
             )
         dp_shard = 0
         if p.strategy == "hsdp":
-            dp_shard = hsdp_shard(p.dp_shard, dp, p.tp)
+            dp_shard = hsdp_shard(p.dp_shard, dp, p.tp * p.cp)
             if dp % dp_shard:
                 raise ConfigError(
                     f"parallel.dp_shard={p.dp_shard} does not divide the data-parallel degree {dp} "
@@ -257,10 +290,10 @@ class ParallelDims:
         mb = 1
         if p.pp > 1:
             mb = p.microbatches or 2 * p.pp
-            if dp > 1 and not strategy.with_pp:
+            if replicas > 1 and not strategy.with_pp:
                 ok = " | ".join(s.name for s in STRATEGIES if s.with_pp)
                 raise ConfigError(
-                    f"parallel.pp={p.pp} with a data-parallel degree of {dp} needs parallel.strategy={ok} (the "
+                    f"parallel.pp={p.pp} with a data-parallel degree of {dp}{cp_said} needs parallel.strategy={ok} (the "
                     f"strategies that compose with pipeline stages), got {p.strategy}"
                 )
             if p.pp_schedule in ("1f1b", "interleaved1f1b") and mb < p.pp:
@@ -289,17 +322,38 @@ class ParallelDims:
                     "is not supported; use bf16-mixed or bf16-true"
                 )
         return cls(
-            world_size, dp, p.tp, p.pp, p.strategy, p.backend, p.pp_schedule, mb, p.sequence_parallel, dp_shard=dp_shard
+            world_size,
+            dp,
+            p.tp,
+            p.pp,
+            p.strategy,
+            p.backend,
+            p.pp_schedule,
+            mb,
+            p.sequence_parallel,
+            dp_shard=dp_shard,
+            cp=p.cp,
         )
 
 
-def dp_mesh(mesh):
-    """The data-parallel dimension of a `ParallelDims.mesh` (under hsdp the flattened `dp_replicate x dp_shard`).
-    torch 2.13 warns on every slice of a flattened dimension from the root mesh (a later torch wants the flattened
-    mesh kept by hand), although it works: the warning is silenced here, for this slice only."""
+def _slice(mesh, name):
+    # torch 2.13 warns on every slice of a flattened dimension from the root mesh (a later torch wants the flattened
+    # mesh kept by hand), although it works: the warning is silenced here, for this slice only
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh", category=UserWarning)
-        return mesh["dp"]
+        return mesh[name]
+
+
+def dp_mesh(mesh):
+    """The ranks of a `ParallelDims.mesh` that average gradients and split the loss: the data-parallel dimension
+    (under hsdp the flattened `dp_replicate x dp_shard`), times `cp` when there is one (the flattened `dp_cp`)."""
+    return _slice(mesh, "dp_cp" if "cp" in (mesh.mesh_dim_names or ()) else "dp")
+
+
+def batch_mesh(mesh):
+    """The data-parallel dimension the batch is split over, `mesh["dp"]`: the cp ranks of one data-parallel rank share
+    its sequences (each takes part of every sequence)."""
+    return _slice(mesh, "dp")
 
 # %% ../nbs/0_core/05_dist.ipynb #4b7731f3
 class RankPrinter:

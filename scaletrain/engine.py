@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from collections import defaultdict
 import torch.distributed as dist
 from .config import Config, TrainConfig
-from .dist import all_reduce_mean, dp_mesh
+from .context_parallel import ContextParallel
+from .dist import all_reduce_mean, batch_mesh, dp_mesh
 from .errors import ConfigError
 from .models.loss import chunked_cross_entropy
 from .precision import autocast_ctx, make_scaler, needs_scaler
@@ -235,6 +236,7 @@ class Engine:
     "Single-process training step; strategies override the hooks."
 
     name = "single"
+    cp = None  # a `context_parallel.ContextParallel` when parallel.cp > 1 (set by ParallelEngine)
 
     def __init__(
         self,
@@ -296,8 +298,17 @@ class Engine:
         return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm if max_norm > 0 else float("inf"))
 
     # ---- the step ----
+    def cp_context(self):
+        "The context a forward and its backward run in: context parallelism's, or nothing."
+        return self.cp if self.cp is not None else contextlib.nullcontext()
+
+    def cp_shard(self, *batch):
+        "This rank's part of every sequence of `batch`'s `(B, T)` tensors under context parallelism (else as given)."
+        return batch if self.cp is None else tuple(self.cp.shard(t) for t in batch)
+
     def forward_loss(self, x, y):
-        with self.forward_ctx():
+        x, y = self.cp_shard(x, y)  # the full sequences in, this rank's tokens through the model
+        with self.forward_ctx(), self.cp_context():
             if self.loss_chunk:  # the loss from the final hidden states, chunked: no (tokens, vocab) logits
                 return self.model(
                     x, loss_head=functools.partial(chunked_cross_entropy, targets=y, chunk=self.loss_chunk)
@@ -438,20 +449,26 @@ def clip_grad_norm_mixed(params, max_norm: float, sum_group=None) -> torch.Tenso
 
 # %% ../nbs/3_parallel/30_engine.ipynb #e3f9bbb7
 class ParallelEngine(Engine):
-    "Common pieces of the multi-process engines: the dp group, loss reduction, mixed-shard clipping."
+    """Common pieces of the multi-process engines: the gradient group (`dp_mesh`, dp × cp), the batch's split
+    (`dp_rank`, `dp_size`: over dp), loss reduction, mixed-shard clipping, and context parallelism's context."""
 
     def __init__(self, model, cfg, device, info, mesh, **kw):
         self.dp_mesh = dp_mesh(mesh) if mesh is not None else None
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
+        self.batch_mesh = batch_mesh(mesh) if mesh is not None else None
+        if mesh is not None and "cp" in mesh.mesh_dim_names:
+            self.cp = ContextParallel(mesh["cp"].get_group())
         super().__init__(model, cfg, device, info, mesh, **kw)
 
     @property
     def dp_rank(self):
-        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+        "This rank's place in the batch's split (the cp ranks of one data-parallel rank share it)."
+        return self.batch_mesh.get_local_rank() if self.batch_mesh is not None else 0
 
     @property
     def dp_size(self):
-        return self.dp_mesh.size() if self.dp_mesh is not None else 1
+        "How many parts the batch is split into: the data-parallel degree."
+        return self.batch_mesh.size() if self.batch_mesh is not None else 1
 
     def reduce(self, t):
         return all_reduce_mean(t, self.dp_group)

@@ -289,6 +289,11 @@ def plot_confusion(cm, labels, out=None, title: str = "confusion matrix"):
 # %% ../nbs/6_apps/61_finetune.ipynb #69784b84
 def make_task(cfg: Config, show_progress: bool = False, pretrained: bool = True):
     "The task of `finetune.task`: a `ClassificationTask`, or a `PackageLMTask` for `lm:`."
+    if cfg.parallel.cp > 1 and task_kind(cfg.finetune.task) != "lm":  # a classifier reads a snippet's last token
+        raise ConfigError(
+            f"parallel.cp={cfg.parallel.cp} with finetune.task={cfg.finetune.task}: a classification task is not "
+            "split over the sequence; use parallel.cp=1 (continued pretraining, lm:..., runs with cp)"
+        )
     tok, model_fn = task_tokenizer(cfg), lambda c: build_model(c, pretrained)  # pretrained body, blocks frozen
     if task_kind(cfg.finetune.task) == "lm":
         return PackageLMTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)

@@ -116,7 +116,8 @@ class Loop:
         (`Engine.forward_loss`, which strategies and tests may override, e.g. to simulate running out of memory)."""
         if loss_fn is None:
             return self.engine.forward_loss(inputs, target)
-        with self.autocast():
+        inputs, target = self.engine.cp_shard(inputs, target)  # parallel.cp > 1: this rank's part of each sequence
+        with self.autocast(), self.engine.cp_context():
             out = self.model(inputs)
         return loss_fn(out, target)
 
@@ -125,7 +126,8 @@ class Loop:
         if self.pipelined:
             raise ConfigError("parallel.pp > 1: the pipeline runs backward itself; call loop.pipeline_step(x, y)")
         s = self.engine.scaler
-        (s.scale(loss) if s is not None else loss).backward()
+        with self.engine.cp_context():  # activation checkpointing re-runs the forward in here
+            (s.scale(loss) if s is not None else loss).backward()
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -139,7 +141,7 @@ class Loop:
         return contextlib.nullcontext() if last else self.no_sync()
 
     def _pp_average(self):
-        if self.pipelined and self.dp_size > 1 and not self._averaged:
+        if self.pipelined and self.dims.replicas > 1 and not self._averaged:
             self.engine._average_grads()
         self._averaged = True
 

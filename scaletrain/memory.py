@@ -412,6 +412,8 @@ def estimate(
         per_tok_blocks = sum(kept.values())
         last_inflight = 1 if pp_schedule != "gpipe" else n_mb
         A = per_tok_blocks * tok * inflight
+        if cp > 1:  # attention keeps the whole sequence's gathered keys and values (its own 1/cp counted above)
+            A += (len(blk_keys) - len(ck)) * (1 - 1 / cp) * b * s * 2 * shape.kv_dim / tp * prec.compute * inflight
         A += end_bytes_per_token(shape, prec, first, False, tp, sp, activations, device) * tok * inflight
         chunked = bool(loss_chunk) and last
         end_last = (
@@ -556,16 +558,17 @@ def estimate_config(
     "The estimate for a run's config on `world_size` ranks (micro-batch from the config unless given)."
     p, mem = cfg.parallel, cfg.memory
     mb = micro_batch or (cfg.train.micro_batch if cfg.train.micro_batch != "auto" else 1)
-    dp = max(1, world_size // (p.tp * p.pp))
+    dp = max(1, world_size // (p.tp * p.pp * p.cp))
     return estimate(
         cfg,
         precision=mem.precision,
         strategy=p.strategy,
         backend=p.backend,
         dp=dp,
-        dp_shard=hsdp_shard(p.dp_shard, dp, p.tp) if p.strategy == "hsdp" else 0,  # as the run resolves it
+        dp_shard=hsdp_shard(p.dp_shard, dp, p.tp * p.cp) if p.strategy == "hsdp" else 0,  # as the run resolves it
         tp=p.tp,
         pp=p.pp,
+        cp=p.cp,
         micro_batch=int(mb),
         grad_accum=cfg.train.grad_accum,
         ac=mem.activation_checkpointing,

@@ -43,6 +43,11 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
     if spec.from_config and spec.name != cfg.model.family:  # a model passed in Python has no config family
         raise ConfigError(f"config: model.family={cfg.model.family}, but the model given is of family {spec.name}")
     spec.check_model(model)
+    if dims.cp > 1 and not spec.context_parallel:
+        raise ConfigError(
+            f"parallel.cp={dims.cp} with a model of family {spec.name}: context parallelism needs a family whose "
+            "attention and positions go through scaletrain.context_parallel (gpt, llama); use parallel.cp=1"
+        )
     depth = spec.depth(model)
     if dims.pp > 1:
         spec.check_pipeline(dims.n_stages, dims.pp_schedule, cfg)

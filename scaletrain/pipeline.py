@@ -28,10 +28,13 @@ class PipelineEngine(ParallelEngine):
         self.pp_rank, self.pp_size = self.pp_mesh.get_local_rank(), dims.pp
         self.n_stages, self.n_mb = dims.n_stages, dims.microbatches
         # FSDP2 on every stage: the strategies that shard gradients, on more than one data-parallel rank
-        self.fsdp = dims.dp > 1 and "grads" in dims.strategy_entry.shards
+        self.fsdp = dims.replicas > 1 and "grads" in dims.strategy_entry.shards
         self.reshard_after_forward = dims.strategy != "zero2"
         self.name = (
-            f"pp-{dims.pp_schedule}" + (f"+{dims.strategy}" if dims.dp > 1 else "") + ("+tp" if dims.tp > 1 else "")
+            f"pp-{dims.pp_schedule}"
+            + (f"+{dims.strategy}" if dims.replicas > 1 else "")
+            + ("+tp" if dims.tp > 1 else "")
+            + ("+cp" if dims.cp > 1 else "")
         )
         self.stage_ids = [s for s in range(self.n_stages) if s % self.pp_size == self.pp_rank]
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -107,10 +110,11 @@ class PipelineEngine(ParallelEngine):
         return self.n_stages - 1 in self.stage_ids
 
     def _run(self, x, y, train: bool):
+        x, y = self.cp_shard(x, y)  # every stage runs on this rank's part of the sequences
         losses = [] if self.is_last else None
         args = (x,) if self.is_first else ()
         kw = dict(target=y, losses=losses) if self.is_last else {}
-        with self.forward_ctx():
+        with self.forward_ctx(), self.cp_context():
             (self.schedule.step if train else self.schedule.eval)(*args, **kw)
         return torch.stack(losses).sum().float().detach() if self.is_last else torch.zeros((), device=self.device)
 
@@ -127,7 +131,7 @@ class PipelineEngine(ParallelEngine):
         grads = [g for g in grads if g is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.dp_size
+        flat /= self.dp_mesh.size()  # dp × cp ranks
         for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             g.copy_(f)
 

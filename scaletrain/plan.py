@@ -12,7 +12,7 @@ from .errors import ConfigError
 from .memory import GiB, PLAN_PRECISIONS, config_vocab, estimate, fsdp_like, precision_bytes, shape_for_params
 from .models.loss import default_chunk
 from .models.spec import ModelShape, get_spec
-from .registry import FAMILIES, PRECISIONS
+from .registry import FAMILIES, PRECISIONS, STRATEGIES
 
 # %% auto #0
 __all__ = ['GPUS', 'GPU_ALIASES', 'EFFICIENCY', 'BILL_DEFAULTS', 'PRESETS', 'PUBLISHED_PARAMS', 'Link', 'GPU', 'get_gpu',
@@ -189,11 +189,10 @@ def step_time(
         n_ops = 4 + (2 if lay.ac == "full" else 0)
         tp_comm = passes * layers * n_ops * all_reduce_time(act, tp, _link(gpu, tp, gpus_per_node))
     cp_comm = 0.0
-    if cp > 1:  # ring attention: each hop moves one key/value block; hidden behind that layer's attention
-        kv = b_pipe * s / cp * 2 * shape.kv_dim * prec.compute
-        ring = (cp - 1) * p2p_time(kv, _link(gpu, tp * cp, gpus_per_node)) * (3 + (lay.ac == "full"))
-        attn = b_pipe * s / cp * 12 * hq * s / tp / rate  # attention FLOPs of the layer on this rank
-        cp_comm = passes * layers * max(0.0, ring - attn)
+    if cp > 1:  # all-gather of this tp rank's keys and values of the whole sequence, reduce-scatter backward
+        kv = b_pipe * s * 2 * shape.kv_dim / tp * prec.compute  # gathered bytes
+        n_ops = 2 + (lay.ac == "full")  # the recomputed forward gathers again
+        cp_comm = passes * layers * n_ops * all_gather_time(kv, cp, _link(gpu, tp * cp, gpus_per_node))
     bubble = pp_comm = 0.0
     if pp > 1:
         v = 2 if lay.schedule == "interleaved1f1b" else 1
@@ -435,6 +434,15 @@ def _config(pl: Plan, l: Layout) -> Config:
     cfg.train.micro_batch, cfg.train.grad_accum = l.micro_batch, l.grad_accum
     cfg.train.eval_batch = _eval_batch(cfg.train.eval_batch, l.dp, l.microbatches)
     return cfg
+
+
+def _composes(strategy: str, replicas: int, tp: int, pp: int) -> str | None:
+    "None when the strategy composes with the tp and pp degrees (its registry entry), else why not (one line)."
+    st = STRATEGIES[strategy]
+    for n, name, ok in ((tp, "tensor", st.with_tp), (pp, "pipeline", st.with_pp)):
+        if n > 1 and replicas > 1 and not ok:
+            return f"{strategy} does not compose with {name} parallelism over {replicas} data-parallel ranks"
+    return None
 
 
 def _runnable(pl: Plan, l: Layout) -> str:
@@ -681,6 +689,9 @@ def plan(
                     if st != "hsdp" or (span and 1 < shard < dp and dp % shard == 0)
                 ]
                 for strategy in strats:
+                    if (why := _composes(strategy, dp * cp, tp, pp)) is not None:
+                        bad((f"{strategy} {where}", why))  # a layout the trainer would refuse is not planned
+                        continue
                     two = pp > 1 and 2 * pp <= shape.n_layer and len(ac_policies) > 1
                     for sched in ("1f1b", "interleaved1f1b") if two else ("1f1b",):
                         cap = per_rank if pp > 1 else min(per_rank, max_micro_batch)

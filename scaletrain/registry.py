@@ -142,6 +142,7 @@ STRATEGIES.add(
             "torch": "scaletrain.strategies.fsdp:ZeRO2Engine",
             "fairscale": "scaletrain.strategies.zero:ShardedDDPEngine",
         },
+        with_tp=True,  # torch's: FSDP2 over tensor-parallel DTensors, as fsdp (fairscale's is refused with tp)
         with_pp=True,
     )
 )

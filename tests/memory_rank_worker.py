@@ -43,8 +43,14 @@ LAYOUTS_BY_WORLD = {
         dict(strategy="fsdp", pp=2, tie=False, precisions=("fp32", "bf16-true")),
         dict(strategy="zero2", pp=2, tie=False),
         dict(strategy="hsdp", dp_shard=2),
+        dict(strategy="fsdp", cp=2),  # sharded over dp x cp = 4
+        dict(strategy="zero2", tp=2),
     ],
-    8: [dict(strategy="fsdp", tp=2, pp=2, tie=False), dict(strategy="hsdp", dp_shard=2, tp=2)],
+    8: [
+        dict(strategy="fsdp", tp=2, pp=2, tie=False),
+        dict(strategy="hsdp", dp_shard=2, tp=2),
+        dict(strategy="fsdp", tp=2, cp=2),
+    ],
 }
 
 
@@ -73,6 +79,7 @@ def one(info, family: str, shape: dict, lay: dict, precision: str):
         lay.get("backend", "torch"),
         lay.get("dp_shard", 0),
     )
+    p.cp = lay.get("cp", 1)
     cfg.memory.precision = precision
     cfg.train.micro_batch = 4
     mesh = ParallelDims.from_config(cfg, info.world_size).mesh(info.device.type)

@@ -63,9 +63,10 @@ def test_each_rank_holds_what_the_estimate_says():
         assert held['{"strategy": "ddp", "tp": 2}']["params"] < 0.8 * full["params"]  # tp shards the blocks
 
 
-@pytest.mark.parametrize("world,n_rows", [(4, 10), (8, 4)], ids=["4_ranks", "8_ranks"])
+@pytest.mark.parametrize("world,n_rows", [(4, 14), (8, 6)], ids=["4_ranks", "8_ranks"])
 def test_each_rank_of_a_3d_layout_holds_what_the_estimate_says(world, n_rows):
-    """4 ranks: tp x pp, fsdp x pp, zero2 x pp and hsdp 2 x 2; 8 ranks: fsdp x tp x pp and hsdp x tp; gpt and llama.
+    """4 ranks: tp x pp, fsdp x pp, zero2 x pp, hsdp 2 x 2, fsdp x cp and zero2 x tp; 8 ranks: fsdp x tp x pp,
+    hsdp x tp and fsdp x tp x cp; gpt and llama.
     Every rank (first and last pipeline stage, every shard) within 5 % of the estimate per component."""
     rows = torchrun_rows("memory_rank_worker.py", nproc=world, timeout=900)
     assert len(rows) == n_rows and {r["family"] for r in rows} == {"gpt", "llama"}
@@ -117,7 +118,8 @@ def test_backends_say_where_they_keep_more_than_their_stage():
     h = estimate(**n, strategy="hsdp", dp_shard=8)
     assert h.params == estimate(params=7.5e9, precision="bf16-mixed", dp=8, strategy="fsdp").params
     one, two = (estimate(params=1e9, strategy="fsdp", dp=4, cp=c, micro_batch=2) for c in (1, 2))
-    assert two.activations == pytest.approx(one.activations / 2, rel=0.01) and two.params == one.params / 2
+    # half the tokens' activations, plus every layer's gathered keys and values of the whole sequence
+    assert one.activations / 2 < two.activations < 0.6 * one.activations and two.params == one.params / 2
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

@@ -61,10 +61,11 @@ def test_llama3_70b_on_1024_h100_prints_3d_layouts_the_bill_and_a_config_train_a
     assert dims.dp * cfg.train.micro_batch * cfg.train.grad_accum == 1024
     pl = plan(load_config(f).model, gpus=1024, tokens=15e12)
     assert pl.layouts[0].bill.days > 0 and "wrote" in out
-    # a layout the trainer cannot run yet is refused in one line, and nothing is written
-    row = next(i for i, l in enumerate(pl.layouts, 1) if not l.runnable)
+    # every layout the planner prints, context parallel ones included, is one scaletrain train runs
+    assert all(l.runnable for l in pl.layouts) and any(l.cp > 1 for l in pl.layouts[:10])
+    # a planning-only precision (the ZeRO paper's accounting) plans, but its config is refused in one line, unwritten
     g = tmp_path / "no.yaml"
-    rc, out, err = plan_cli(*argv, "--write-config", g, "--row", row)
+    rc, out, err = plan_cli(*argv, "--precision", "bf16-master", "--write-config", g, "--row", 1)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot write" in err and not g.exists()
 
 
@@ -103,9 +104,10 @@ def test_3d_and_4d_layouts_keep_tp_inside_a_node():
     hsdp = [l for l in pl64.layouts if l.strategy == "hsdp"]
     assert hsdp and all(l.dp_shard * l.tp * l.cp == 8 and l.dp % l.dp_shard == 0 for l in hsdp)
     assert all(l.tp <= 8 for l in pl.layouts) and all(l.dp * l.tp * l.cp * l.pp == 16384 for l in pl.layouts)
-    # context parallelism is planned only (refused by the trainer); hsdp, tp x pp and FSDP2 x pp run
-    # (tests/test_layouts_3d.py), so the planner marks them runnable
-    assert all(not l.runnable and "parallel.cp=" in l.why_not for l in pl.layouts if l.cp > 1)
+    # context parallelism, hsdp, tp x pp and FSDP2 x pp run (tests/test_context_parallel.py, test_layouts_3d.py):
+    # every layout is runnable; a strategy that does not compose with tp or pp is left out, saying why
+    assert all(l.runnable for l in pl.layouts) and any(l.cp > 1 and l.pp > 1 and l.tp > 1 for l in pl.layouts)
+    assert any(w.startswith("ddp ") and "does not compose with tensor parallelism" in y for w, y in pl.infeasible)
     assert all(l.runnable for l in hsdp) and any(l.runnable and l.tp > 1 and l.pp > 1 for l in pl64.layouts)
     assert any(l.runnable and l.tp > 1 and l.pp > 1 and l.strategy == "fsdp" and l.dp > 1 for l in pl64.layouts)
     assert any(l.runnable and l.strategy == "zero2" and l.pp > 1 and l.dp > 1 for l in pl64.layouts)
@@ -176,16 +178,18 @@ def test_an_explicit_vocabulary_is_written(tmp_path):
 def test_every_listed_layout_fits_and_the_runnable_ones_match_the_estimator():
     pl = plan(params=7e9, gpus=16, nodes=2, gpu_mem=80)
     assert pl.layouts and pl.considered > len(pl.layouts)
-    assert any(l.runnable for l in pl.layouts) and any(not l.runnable for l in pl.layouts)
-    for l in pl.layouts:
+    assert all(l.runnable for l in pl.layouts)
+    master = plan(params=7e9, gpus=16, nodes=2, gpu_mem=80, precision="bf16-master")  # planning-only accounting
+    assert master.layouts and not any(l.runnable for l in master.layouts)
+    for l in pl.layouts + master.layouts[:3]:
         assert l.memory <= 80 * GiB * 0.9 and l.micro_batch * l.grad_accum * l.dp == 1024
         if l.runnable:
             cfg = pl.to_config(l)
             check(cfg, 16)  # scaletrain.parallel would run it
             assert estimate_config(cfg, 16).total == l.memory  # the config it writes predicts the same
         else:
-            with pytest.raises(ConfigError, match="cannot write"):
-                pl.to_config(l)
+            with pytest.raises(ConfigError, match="cannot write.*planning-only"):
+                master.to_config(l)
     # the gradient all-reduce of plain DDP crosses the slow inter-node link; more bandwidth there makes it cheaper
     kw = dict(params=1e9, gpus=16, nodes=2, gpu_mem=80, strategies=("ddp",), ac_policies=("none",), overlap=0.0)
     slow = plan(**kw)
@@ -336,18 +340,24 @@ def test_a_shape_its_family_cannot_build_is_refused():
         plan(replace(gpt, n_kv_head=2), gpus=1, gpu_mem=10, global_batch=4)
 
 
-def test_the_best_runnable_layout_is_named_and_runnable_lists_only_those(capsys):
-    "Context parallelism is planned only: when it wins, the runnable best is named too; --runnable lists only those."
+def test_every_printed_row_runs_and_a_planning_only_plan_says_so(capsys):
+    """Every row of a real plan, context-parallel 3-D layouts included, is one scaletrain train runs ('y'), and
+    --runnable changes nothing; a planning-only precision plans, is marked '-', and --runnable refuses it in one
+    line."""
     args = ["--preset", "llama3-70b", "--gpus", "1024", "--gpu", "h100-80gb", "--tokens", "15e12"]
     assert plan_main(args) == 0
     out = capsys.readouterr().out
     rows = [l for l in out.splitlines() if re.match(r"\s*\d+ (ddp|zero1|zero2|fsdp|hsdp) ", l)]
-    assert rows[0].rstrip().endswith("-") and "Best: " in out and " cp=2 " in out.split("Best: ")[1].split(":")[0]
-    named = out.split("Best that scaletrain train runs (row ")[1]
-    row, desc = int(named.split(")")[0]), named.split("): ")[1].split(":")[0]
-    assert row > 1 and "parallel.cp=2" in named and "cp=" not in desc
+    assert len(rows) == 10 and all(l.rstrip().endswith("y") for l in rows), rows[:3]
+    assert " cp=2 " in out.split("Best: ")[1].split(":")[0] and "Best that scaletrain train runs" not in out
     assert plan_main([*args, "--runnable"]) == 0
-    out = capsys.readouterr().out
-    rows = [l for l in out.splitlines() if re.match(r"\s*\d+ (ddp|zero1|zero2|fsdp|hsdp) ", l)]
-    assert rows and all(l.rstrip().endswith("y") for l in rows), rows[:3]
-    assert out.split("Best: ")[1].split(":")[0] == desc and "Best that scaletrain train runs" not in out
+    again = [l for l in capsys.readouterr().out.splitlines() if re.match(r"\s*\d+ (ddp|zero1|zero2|fsdp|hsdp) ", l)]
+    assert again == rows
+    assert plan_main([*args, "--precision", "bf16-master"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if re.match(r"\s*\d+ (ddp|zero1|zero2|fsdp|hsdp) ", l)]
+    assert rows and all(l.rstrip().endswith("-") for l in rows)
+    with pytest.raises(SystemExit) as e:
+        plan_main([*args, "--precision", "bf16-master", "--runnable"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--runnable: none of the layouts" in err[0], err
+    assert "planning-only" in err[0]

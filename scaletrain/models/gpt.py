@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..config import ModelConfig, ffn_dim_of
+from ..context_parallel import causal_attention, positions
 from ..errors import ConfigError
 from scaletrain.models.spec import (
     ModelShape,
@@ -46,7 +47,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = (
                 p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
             )
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, heads, T, head_dim)
         return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))  # (B, T, d)
 
 
@@ -112,7 +113,7 @@ class GPT(nn.Module):
     def forward(self, idx, loss_head=None):
         T = idx.shape[1]
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))  # (B, T, d)
+        x = self.drop(self.wte(idx) + self.wpe(positions(T, idx.device)))  # (B, T, d)
         for blk in self.blocks.values():
             x = blk(x)
         x = self.ln_f(x)  # (B, T, d)
@@ -257,6 +258,7 @@ class GPTSpec(ModelSpec):
     name = "gpt"
     model_cls, block_cls = GPT, Block
     loss_head = True
+    context_parallel = True  # attention and positions via scaletrain.context_parallel
     block_container = "blocks"
     first_modules = ("wte", "wpe", "drop")
     last_modules = ("ln_f", "lm_head")
@@ -321,7 +323,7 @@ class GPTSpec(ModelSpec):
 
     def embed(self, m, idx):
         T = idx.shape[1]
-        return m.drop(m.wte(idx) + m.wpe(torch.arange(T, device=idx.device)))
+        return m.drop(m.wte(idx) + m.wpe(positions(T, idx.device)))
 
     def final(self, m, x):
         return m.lm_head(m.ln_f(x))

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..config import ModelConfig, ffn_dim_of, kv_heads
+from ..context_parallel import causal_attention, positions
 from ..errors import ConfigError
 from scaletrain.models.spec import (
     ModelShape,
@@ -25,10 +26,14 @@ __all__ = ['QKV', 'FUSED_QKV', 'SPEC', 'rotary', 'apply_rotary', 'Attention', 'F
            'fuse_state_dict', 'unfuse_state_dict', 'LlamaAdapter', 'LlamaSpec']
 
 # %% ../../nbs/1_models/12_llama.ipynb #95f4b7ae
-def rotary(T: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    "cos and sin `(T, head_dim)`, fp32, in Hugging Face's layout (the frequencies repeated for the two halves)."
+def rotary(
+    T: int, head_dim: int, theta: float, device, pos: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `(T, head_dim)`, fp32, in Hugging Face's layout (the frequencies repeated for the two halves), at
+    positions `pos` `(T,)` (default `0..T-1`)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (Q/2,)
-    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, Q/2)
+    pos = torch.arange(T, device=device) if pos is None else pos
+    angles = torch.outer(pos.to(device=device, dtype=torch.float32), inv_freq)  # (T, Q/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, Q)
     return angles.cos(), angles.sin()
 
@@ -67,15 +72,10 @@ class Attention(nn.Module):
             q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
             k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, kv heads, T, head_dim)
             v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        cos, sin = rotary(T, self.head_dim, self.theta, x.device)
+        cos, sin = rotary(T, self.head_dim, self.theta, x.device, positions(T, x.device))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=q.shape[1] != k.shape[1],
+        y = causal_attention(  # (B, heads, T, head_dim)
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, enable_gqa=q.shape[1] != k.shape[1]
         )
         return self.resid_drop(self.wo(y.transpose(1, 2).reshape(B, T, -1)))  # (B, T, d)
 
@@ -268,6 +268,7 @@ class LlamaSpec(ModelSpec):
     name = "llama"
     model_cls, block_cls = Llama, TransformerBlock
     loss_head = True
+    context_parallel = True  # attention and positions via scaletrain.context_parallel
     block_container = "layers"
     first_modules = ("tok_embeddings", "drop")
     last_modules = ("norm", "output")

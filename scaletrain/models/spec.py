@@ -213,6 +213,8 @@ class ModelSpec:
         loss_head: whether the model's forward takes `loss_head=f`: then it returns `f(h, weight)` — the loss from
             the final hidden states and the head's weight — instead of the logits (the chunked cross-entropy of
             `models.loss` never holds the `(tokens, vocab)` logits).
+        context_parallel: whether the model's attention and positions go through `scaletrain.context_parallel`
+            (`causal_attention`, `positions`), so that `parallel.cp > 1` can split its sequences.
 
     Example:
         >>> spec = get_spec("gpt")
@@ -230,6 +232,7 @@ class ModelSpec:
     position_modules: tuple = ()
     head = ""
     loss_head = False
+    context_parallel = False
     adapter = None
     from_config = True  # built from `model.*` of a config (False: a model passed in Python, see models.generic)
 

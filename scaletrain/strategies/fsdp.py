@@ -15,9 +15,11 @@ __all__ = ['data_mesh', 'shard_model', 'FSDPEngine', 'ZeRO2Engine', 'HSDPEngine'
 
 # %% ../../nbs/3_parallel/35_fsdp.ipynb #8e84fd3b
 def data_mesh(mesh):
-    "The mesh FSDP2 shards over: `(dp_replicate, dp_shard)` under hsdp, else the `dp` dimension."
-    if "dp_shard" in (mesh.mesh_dim_names or ()):
-        return mesh["dp_replicate", "dp_shard"]
+    """The mesh FSDP2 shards over: `(dp_replicate, dp_shard)` under hsdp (`dp_shard × cp` on the right with context
+    parallelism), else the gradient group of `dist.dp_mesh` (dp, or dp × cp)."""
+    names = mesh.mesh_dim_names or ()
+    if "dp_shard" in names:
+        return mesh["dp_replicate", "dp_shard_cp" if "cp" in names else "dp_shard"]
     return dp_mesh(mesh)
 
 
