@@ -293,8 +293,8 @@ class ParallelDims:
             if replicas > 1 and not strategy.with_pp:
                 ok = " | ".join(s.name for s in STRATEGIES if s.with_pp)
                 raise ConfigError(
-                    f"parallel.pp={p.pp} with a data-parallel degree of {dp}{cp_said} needs parallel.strategy={ok} (the "
-                    f"strategies that compose with pipeline stages), got {p.strategy}"
+                    f"parallel.pp={p.pp} with a data-parallel degree of {dp}{cp_said} needs "
+                    f"parallel.strategy={ok} (the strategies that compose with pipeline stages), got {p.strategy}"
                 )
             if p.pp_schedule in ("1f1b", "interleaved1f1b") and mb < p.pp:
                 raise ConfigError(
