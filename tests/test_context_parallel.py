@@ -9,16 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_cli
-from test_parallel import (
-    LLAMA,
-    assert_checkpoint_loads_in_one_process,
-    assert_equivalent,
-    common,
-    launch,
-    merged_weights,
-    reference,
-    results,
-)
+from test_layouts_3d import check_case  # the layouts' check: equal to one process, checkpoint, batch
+from test_parallel import LLAMA, common, launch
 from scaletrain.config import ConfigError, load_config
 from scaletrain.context_parallel import ContextParallel, causal_attention, head_tail_index, positions
 
@@ -56,19 +48,6 @@ def two(tmp_path_factory, corpus, cache_dir):
 def four(tmp_path_factory, corpus, cache_dir):
     cases = [dict(name=n, overrides=o) for n, o, *_ in CASES_4]
     return launch(4, cases, corpus, cache_dir, tmp_path_factory.mktemp("cp4"))
-
-
-def check_case(out, world, corpus, cache_dir, tmp_path, name, overrides, dp, engine):
-    res = results(out, name, world)
-    assert {r["engine"] for r in res} == {engine}, name
-    ref_l, ref_w = reference(corpus, cache_dir, tmp_path, overrides, dp)
-    # the keys are summed in another order (gathered, masked), as tensor parallelism reorders sums: 1e-5 relative
-    assert_equivalent(res, ref_l, ref_w, rtol=1e-5)
-    cfg = load_config(overrides=common(corpus, cache_dir) + overrides)
-    assert_checkpoint_loads_in_one_process(out, name, merged_weights(res), cfg.model.family)
-    s = res[0]["summary"]
-    assert s["world_size"] == world and s["dp"] == dp
-    assert s["global_batch"] == dp * int(cfg.train.micro_batch) * cfg.train.grad_accum
 
 
 @pytest.mark.parametrize("name,overrides,dp,engine", CASES_2, ids=[c[0] for c in CASES_2])
