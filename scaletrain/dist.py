@@ -228,9 +228,10 @@ class ParallelDims:
         "The degrees of `cfg` (a `Config`) on `world_size` processes; a layout that cannot run is a ConfigError."
         p, m, t = cfg.parallel, cfg.model, cfg.train
         if world_size % (p.tp * p.pp * p.cp):
+            cp = (" x parallel.cp", f" x {p.cp}") if p.cp > 1 else ("", "")
             raise ConfigError(
-                f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
-                f"{p.tp} x {p.pp} x {p.cp}"
+                f"parallel: world size {world_size} is not divisible by parallel.tp x parallel.pp{cp[0]} = "
+                f"{p.tp} x {p.pp}{cp[1]}"
             )
         dp = world_size // (p.tp * p.pp * p.cp)
         replicas = dp * p.cp  # the ranks that average gradients: the strategy's group
