@@ -14,7 +14,7 @@ from .models.spec import ModelSpec, spec_for
 
 # %% auto #0
 __all__ = ['MM_OPS', 'ATTN_OPS', 'COLL_OPS', 'selective_policy', 'selective_context', 'is_checkpointed', 'wrap_block',
-           'check_selective', 'checkpointed_blocks', 'apply_activation_checkpointing']
+           'check_selective', 'checkpointed_blocks', 'apply_activation_checkpointing', 'selective_compiles']
 
 # %% ../nbs/3_parallel/32_activations.ipynb #02890822
 def _ops(*names):
@@ -210,3 +210,20 @@ def apply_activation_checkpointing(model: nn.Module, mem: MemoryConfig, spec: Mo
                 check_selective(blocks[k], plain, n_embd)
                 checked.add(type(plain))
     return model
+
+# %% ../nbs/3_parallel/32_activations.ipynb #8ca77be3
+def selective_compiles(
+    mem: MemoryConfig, train_compile: bool, device_type: str | None, triton: bool | None = None
+) -> bool:
+    """Whether the blocks `memory.activation_checkpointing=selective` wraps are compiled although `train.compile` is off
+    (`memory.selective_compile`: `auto` = on a CUDA device with Triton; `triton`: whether it is installed, default:
+    look)."""
+    if mem.activation_checkpointing != "selective" or train_compile or mem.selective_compile == "off":
+        return False
+    if mem.selective_compile == "on":
+        return True
+    if triton is None:
+        import importlib.util
+
+        triton = importlib.util.find_spec("triton") is not None
+    return device_type == "cuda" and triton

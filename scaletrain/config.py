@@ -144,6 +144,12 @@ class MemoryConfig:
     )
     ac_every: int = _f(2, "with every_k: checkpoint one block in k", low=1)
     ac_offload: bool = _f(False, "offload checkpointed activations to CPU (fairscale checkpoint_wrapper)")
+    selective_compile: str = _f(
+        "auto",
+        "with activation_checkpointing=selective and train.compile=false: compile the checkpointed blocks, since "
+        "eager selective checkpointing is host-bound on a GPU (auto = on CUDA with Triton)",
+        choices=("auto", "on", "off"),
+    )
     cpu_offload: bool = _f(False, "fsdp: keep parameters, gradients and optimizer state on CPU")
     fp8_scaling: str = _f(
         "tensorwise", "precision=fp8-mixed: torchao's scaling recipe", choices=("tensorwise", "rowwise")

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 import torch
-from .activations import checkpointed_blocks
+from .activations import checkpointed_blocks, selective_compiles
 from .config import Config, ModelConfig
 from .data import tokenizer_vocab
 from .dist import hsdp_shard, vote
@@ -19,11 +19,11 @@ from .models.loss import loss_chunk
 from .models.spec import ModelShape, get_spec, stage_blocks
 
 # %% auto #0
-__all__ = ['GPT3_FAMILY', 'PLAN_PRECISIONS', 'AC_POLICIES', 'FFN_SAVED', 'GiB', 'FAIRSCALE_BUCKET', 'AUTO_MAX_MICRO_BATCH',
-           'shape_for_params', 'Precision', 'fsdp_like', 'precision_bytes', 'norm_bytes_per_token',
-           'layer_bytes_per_token', 'end_bytes_per_token', 'MemoryEstimate', 'estimate', 'config_vocab',
-           'estimate_config', 'model_state_bytes', 'TensorMemoryTracker', 'measure_step', 'available_memory',
-           'find_micro_batch']
+__all__ = ['GPT3_FAMILY', 'PLAN_PRECISIONS', 'AC_POLICIES', 'FFN_SAVED', 'FFN_SAVED_COMPILED', 'GiB', 'FAIRSCALE_BUCKET',
+           'AUTO_MAX_MICRO_BATCH', 'shape_for_params', 'Precision', 'fsdp_like', 'precision_bytes',
+           'norm_bytes_per_token', 'layer_bytes_per_token', 'end_bytes_per_token', 'MemoryEstimate', 'estimate',
+           'config_vocab', 'estimate_config', 'model_state_bytes', 'TensorMemoryTracker', 'measure_step',
+           'available_memory', 'find_micro_batch']
 
 # %% ../nbs/4_estimate/40_memory.ipynb #3d677301
 # (layers, hidden, heads): Brown et al. 2020, Table 2.1 (125M ... 175B); (48, 7168, 56) ~30B; (80, 8192, 64) Llama 2 70B
@@ -109,6 +109,7 @@ FFN_SAVED = {
     "gelu": 2,
     "swiglu": 4,
 }  # FFN-wide tensors autograd keeps: GELU's input and output; gate, up, silu(gate), product
+FFN_SAVED_COMPILED = {"gelu": 2, "swiglu": 3}  # inductor keeps GELU's input and output; gate, up and their product
 
 
 def norm_bytes_per_token(shape: ModelShape, prec: Precision, device: str = "cuda") -> float:
@@ -130,8 +131,10 @@ def layer_bytes_per_token(
     model: str = "scaletrain",
     micro_batch: float = 1,
     device: str = "cuda",
+    compiled: bool = False,
 ) -> float:
-    "Bytes one transformer layer saves for backward on one rank, per token of a micro-batch of `micro_batch` sequences."
+    """Bytes one transformer layer saves for backward on one rank, per token of a micro-batch of `micro_batch` sequences
+    (`compiled`: the block compiled by `torch.compile`, whose partitioner keeps less)."""
     h, a, c, r, t = shape.n_embd, shape.n_head, prec.compute, prec.residual, tp
     kvd, f, m = shape.kv_dim, shape.ffw, shape.n_ffn_mats
     spd = t if sp else 1
@@ -150,16 +153,24 @@ def layer_bytes_per_token(
     if policy == "selective":
         coll = 0 if t == 1 else (2 * c * h / t + 2 * c * h if sp else 2 * c * h)
         # block input; outputs of q, k, v, of the FFN's input matrices and of attention (sharded); the FFN's output
-        return r * h / spd + c * (2 * h + 2 * kvd + (m - 1) * f) / t + c * h + 4 * a / t + coll
+        # (eager only: compiled, the partitioner drops it, since no backward reads it)
+        return r * h / spd + c * (2 * h + 2 * kvd + (m - 1) * f) / t + (0 if compiled else c * h) + 4 * a / t + coll
     if policy != "none":
         raise ConfigError(f"activation_checkpointing={policy!r}: allowed: {' | '.join(AC_POLICIES)}")
+    masks = 2 * h / spd if shape.dropout > 0 else 0
+    if compiled:
+        # the two norms' 16-bit outputs (whole: the projections' gathered inputs) and their fp32 statistics (16-bit in
+        # bf16-true LayerNorm), attention's output projection input, q, k, v, attention's output and log-sum-exp, the
+        # FFN's kept tensors; rotary tables and norm inputs are recomputed
+        stats = 2 * (4 if shape.norm == "rmsnorm" else 2 * (4 if prec.autocast or c == 4 else c))
+        ffn = FFN_SAVED_COMPILED[shape.ffn] * c * f
+        return r * h / spd + 2 * c * h + stats / spd + (c * (3 * h + 2 * kvd) + 4 * a + ffn) / t + masks
     norms = 2 * norm_bytes_per_token(shape, prec, device) / spd
     # autocast casts one copy per projection reading a norm (fused q/k/v: one projection where there were three)
     lin_inputs = ((m if shape.fused_qkv else 2 + m) if prec.autocast else 2) * c * h
     attn = c * (2 * h + 2 * kvd) + 4 * a  # q, k, v (kv_dim wide), the output, an fp32 log-sum-exp per head
     ffn = FFN_SAVED[shape.ffn] * c * f
     rope = 8 * shape.head_dim / micro_batch if shape.positions == "rope" else 0  # fp32 cos and sin (T, Q) per layer
-    masks = 2 * h / spd if shape.dropout > 0 else 0
     return norms + lin_inputs + (attn + ffn) / t + rope + masks
 
 
@@ -173,8 +184,10 @@ def end_bytes_per_token(
     model: str = "scaletrain",
     device: str = "cuda",
     chunked: bool = False,
+    compiled_loss: bool = False,
 ) -> float:
-    "Bytes saved outside the blocks per token: token ids (first stage); final norm, head input, log-softmax (last)."
+    """Bytes saved outside the blocks per token: token ids (first stage); final norm, head input, log-softmax (last).
+    `compiled_loss`: the loss compiled by `torch.compile` keeps the logits, an fp32 max and log-sum-exp instead."""
     h, V, c = shape.n_embd, shape.vocab_size, prec.compute
     n = 0.0
     if model == "korthikanti":  # §4.3: embedding dropout mask; output layer 4sbh/t + 4sbv/t
@@ -188,7 +201,8 @@ def end_bytes_per_token(
     if last:
         # final norm, head input (the chunked loss: the gradient of h, computed in its forward), log-softmax (not
         # with the chunked loss), targets
-        n += norm_bytes_per_token(shape, prec, device) + c * h + (0 if chunked else 4 * V) + 8
+        loss = 0 if chunked else (c * V + 8 if compiled_loss else 4 * V)
+        n += norm_bytes_per_token(shape, prec, device) + c * h + loss + 8
     return n
 
 # %% ../nbs/4_estimate/40_memory.ipynb #ea0e45f6
@@ -302,6 +316,8 @@ def estimate(
     accounting: str = "scaletrain",
     activations: str = "scaletrain",
     loss_chunk: int = 0,
+    compiled: bool = False,
+    compiled_loss: bool | None = None,
 ) -> MemoryEstimate:
     """Bytes per rank for training `model` (a `ModelShape`, `ModelConfig` or `Config` of any family) or a gpt-family
     model of `params` parameters (`shape_for_params`).
@@ -330,6 +346,8 @@ def estimate(
         device: 'cuda' (caching allocator) or 'cpu'.
         accounting, activations: which bookkeeping to follow ('scaletrain' is what our engine allocates).
         loss_chunk: tokens per chunk of the chunked output-layer loss (`models.loss.loss_chunk`); 0 = full logits.
+        compiled, compiled_loss: the blocks, and the loss, compiled by `torch.compile` (`train.compile` does both;
+            `compiled_loss` defaults to `compiled`); what inductor's partitioner keeps is counted instead.
 
     Returns:
         a `MemoryEstimate`: params, grads, optimizer, activations and temporary bytes of the worst rank, their
@@ -400,7 +418,7 @@ def estimate(
         ck = set(checkpointed_blocks(blk_keys, ac, ac_every))
         pol = "selective" if ac == "selective" else "full"
         kept = {  # per token, what each block keeps for backward under its policy
-            k: layer_bytes_per_token(shape, prec, pol if k in ck else "none", tp, sp, activations, b, device)
+            k: layer_bytes_per_token(shape, prec, pol if k in ck else "none", tp, sp, activations, b, device, compiled)
             for k in blk_keys
         }
         inflight = _inflight(pp_schedule, pp, rank, n_mb)
@@ -416,8 +434,11 @@ def estimate(
             A += (len(blk_keys) - len(ck)) * (1 - 1 / cp) * b * s * 2 * shape.kv_dim / tp * prec.compute * inflight
         A += end_bytes_per_token(shape, prec, first, False, tp, sp, activations, device) * tok * inflight
         chunked = bool(loss_chunk) and last
+        closs = (compiled if compiled_loss is None else compiled_loss) and last and not chunked
         end_last = (
-            end_bytes_per_token(shape, prec, False, True, tp, sp, activations, device, chunked) * tok if last else 0.0
+            end_bytes_per_token(shape, prec, False, True, tp, sp, activations, device, chunked, closs) * tok
+            if last
+            else 0.0
         )
         end_last += 4 * V * h if chunked else 0.0  # the chunked loss keeps the head's fp32 gradient from forward on
         A += end_last * last_inflight
@@ -435,6 +456,9 @@ def estimate(
         if chunked:  # one chunk's logits (and fp32 copy) and softmax gradient; backward: the kept gradients, scaled
             logits = loss_fwd = (c + 8) * V * min(loss_chunk, tok)
             loss_bwd = c * h * tok + 4 * V * h
+        elif closs:  # the compiled loss: no fp32 copy; its logits are kept (in A); its backward makes their gradient
+            logits = loss_fwd = 0.0
+            loss_bwd = c * V * tok
         gathered_blocks = 0.0
         if shard_p:
             per_block_full = shape.block_params(tp)
@@ -456,7 +480,7 @@ def estimate(
         # kept, and the block being back-propagated adds its scratch (FFN-wide gradients: one for GELU, gate's and
         # up's for SwiGLU; residual-stream gradients), its 16-bit weight copies and, if recomputed, all it dropped
         scratch = ((shape.n_ffn_mats - 1) * c * shape.ffw / tp + 2 * prec.residual * h) * tok
-        full_layer = layer_bytes_per_token(shape, prec, "none", tp, sp, micro_batch=b, device=device)
+        full_layer = layer_bytes_per_token(shape, prec, "none", tp, sp, micro_batch=b, device=device, compiled=compiled)
         g = V * h * prec.grad if (last and not (shape.tie_weights and first)) else 0.0
         g_blk = shape.block_params(tp) * scale * prec.grad
         a_now, casts_left = A - end_last, (nblk - len(ck)) * (2 * lin_w if prec.autocast else 0.0)
@@ -506,6 +530,8 @@ def estimate(
         device=device,
         accounting=accounting,
         activations=activations,
+        compiled=compiled,
+        compiled_loss=compiled if compiled_loss is None else compiled_loss,
     )
     return worst
 
@@ -582,6 +608,9 @@ def estimate_config(
         loss_chunk=loss_chunk(
             replace(cfg, train=replace(cfg.train, micro_batch=int(mb))), vocab_size=config_vocab(cfg)
         ),
+        # the blocks are compiled by train.compile, or by selective checkpointing on CUDA (whose builds ship Triton)
+        compiled=cfg.train.compile or selective_compiles(mem, False, device, triton=True),
+        compiled_loss=cfg.train.compile,
     )
 
 # %% ../nbs/4_estimate/40_memory.ipynb #7518ecf5

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 import torch
 import torch.nn as nn
-from .activations import apply_activation_checkpointing, checkpointed_blocks
+from .activations import apply_activation_checkpointing, checkpointed_blocks, selective_compiles
 from .config import Config
 from .dist import ParallelDims
 from .engine import Engine, lm_loss
@@ -19,7 +19,8 @@ from .registry import load_target
 from .tensor_parallel import apply_tensor_parallel, plan_targets
 
 # %% auto #0
-__all__ = ['meta_model', 'check', 'compile_blocks', 'compiled_loss', 'prepare_stage', 'build_engine']
+__all__ = ['meta_model', 'check', 'compile_blocks', 'compiled_loss', 'blocks_compiled', 'compiled_what', 'prepare_stage',
+           'build_engine']
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #dfb6e54f
 def meta_model(cfg: Config) -> nn.Module:
@@ -90,17 +91,31 @@ def compiled_loss(loss_fn=lm_loss):
     return torch.compile(loss_fn)
 
 
-def prepare_stage(stage: nn.Module, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims) -> nn.Module:
-    """Steps 1–3, in place, on the whole model or on one rank's pipeline stage(s): tensor parallel, activation
-    checkpointing, compile. The checkpointing policy counts blocks by their global index, so a stage holding none of
-    the chosen blocks keeps all of its own (the whole model was checked to wrap some)."""
+def blocks_compiled(cfg: Config, device) -> bool:
+    "Whether step 3 compiles the blocks on `device`: `train.compile`, or selective checkpointing's compiled path."
+    return cfg.train.compile or selective_compiles(cfg.memory, False, torch.device(device).type if device else None)
+
+
+def compiled_what(cfg: Config, device) -> str:
+    "What step 3 compiles, in words for the run's log ('' when nothing)."
+    if cfg.train.compile:
+        return "blocks and loss (train.compile)"
+    if blocks_compiled(cfg, device):
+        return f"the selective-checkpointed blocks (memory.selective_compile={cfg.memory.selective_compile})"
+    return ""
+
+
+def prepare_stage(stage: nn.Module, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device=None) -> nn.Module:
+    """Steps 1–3, in place, on the whole model or on one rank's pipeline stage(s) on `device`: tensor parallel,
+    activation checkpointing, compile. The checkpointing policy counts blocks by their global index, so a stage holding
+    none of the chosen blocks keeps all of its own (the whole model was checked to wrap some)."""
     if dims.tp > 1:
         apply_tensor_parallel(stage, spec, mesh["tp"], dims.sequence_parallel)
     mem = cfg.memory
     keys = spec.block_modules(stage).keys()
     if mem.activation_checkpointing != "none" and checkpointed_blocks(keys, mem.activation_checkpointing, mem.ac_every):
         apply_activation_checkpointing(stage, mem, spec)
-    if cfg.train.compile:
+    if blocks_compiled(cfg, device):
         compile_blocks(stage, spec)
     return stage
 
@@ -144,10 +159,12 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
         apply_float8(model, cfg.memory.fp8_scaling, (head,) if head else (), "params" in dims.strategy_entry.shards)
     if dims.pp > 1 and getattr(spec, "pp_split", None) is None:
         # the engine cuts the stages, moves this rank's to its device and then runs steps 1-3 on them alone
-        kw["prepare"] = lambda stage: prepare_stage(stage, cfg, spec, mesh, dims)
+        kw["prepare"] = lambda stage: prepare_stage(stage, cfg, spec, mesh, dims, device)
     else:  # the whole model (a traced pipeline is cut from it and moved to its devices by PipelineEngine)
         if dims.pp == 1 and not (cfg.memory.cpu_offload and "params" in dims.strategy_entry.shards):
             model = model.to(device)
         if dims.pp == 1 or dims.tp == 1:  # a traced pipeline under tp is refused by its engine
-            prepare_stage(model, cfg, spec, mesh, dims)
-    return load_target(dims.engine)(model, cfg, device, info, mesh, spec=spec, **kw)
+            prepare_stage(model, cfg, spec, mesh, dims, device)
+    engine = load_target(dims.engine)(model, cfg, device, info, mesh, spec=spec, **kw)
+    engine.compiled = compiled_what(cfg, device)
+    return engine

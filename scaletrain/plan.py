@@ -535,6 +535,8 @@ def evaluate(
         pp_microbatches=lay.microbatches,
         # the run's default (memory.chunked_loss=auto) where it applies: no tp, no pipeline
         loss_chunk=default_chunk(shape.vocab_size, lay.micro_batch * shape.seq_len) if lay.tp == lay.pp == 1 else 0,
+        compiled=lay.ac == "selective",  # memory.selective_compile=auto compiles selective's blocks on a GPU
+        compiled_loss=False,
     )
     lay.memory, lay.estimate = e.total, e
     lay.__dict__.update(

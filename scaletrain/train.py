@@ -611,6 +611,7 @@ class Trainer:
             f"params | {self.device} x {self.info.world_size} | strategy {self.engine.name} | global batch "
             f"{self.global_batch} x {self.task.seq_len} tokens "
             f"(micro {self.micro_batch} x accum {self.grad_accum} x dp {self.engine.dp_size})"
+            + (f" | compiled: {what}" if (what := getattr(self.engine, "compiled", "")) else "")
         )
         if self.step == 0:
             torch.manual_seed(self.cfg.train.seed + self.info.rank)  # dropout stream; a resume restores it instead

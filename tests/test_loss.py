@@ -133,6 +133,15 @@ def test_the_trainer_with_the_chunked_loss_trains_as_with_full_logits(corpus, ca
         assert torch.allclose(g, grads[1][n], rtol=1e-5, atol=1e-7), n
 
 
+def test_on_under_compile_chunks_the_loss_beside_the_compiled_blocks(corpus, cache_dir, tmp_path):
+    # train.compile with memory.chunked_loss=on: the blocks compiled, the loss in chunks, the numbers of the full loss
+    on = _fit(corpus, cache_dir, tmp_path, *CHUNKED, "train.compile=true")
+    off = _fit(corpus, cache_dir, tmp_path, *CHUNKED[1:], "memory.chunked_loss=auto", "train.compile=true")
+    assert on.engine.loss_chunk == 16 and off.engine.loss_chunk == 0  # auto stays off under compile
+    a, b = [r["loss"] for r in on.history], [r["loss"] for r in off.history]
+    assert a == pytest.approx(b, rel=1e-5) and a[-1] < a[0]
+
+
 def test_auto_turns_it_on_only_where_it_saves_memory():
     from scaletrain.config import load_config
     from scaletrain.models.loss import loss_chunk

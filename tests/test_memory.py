@@ -191,6 +191,99 @@ def test_estimated_peak_tracks_the_measured_peak_on_cpu(family, precision, ac, a
     assert abs(est.total / peak - 1) < 0.15, (est.total, peak)
 
 
+def _saved_per_token(fn, x, tokens, autocast=False, skip_shapes=(), params=()) -> float:
+    "Bytes per token of the storages autograd saves while `fn(x)` runs; `x`, `params` and `skip_shapes` left out."
+    saved = {}
+    skip = {p.untyped_storage().data_ptr() for p in params} | {x.untyped_storage().data_ptr()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if tuple(t.shape) not in skip_shapes and st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", torch.bfloat16, enabled=autocast),
+    ):
+        fn(x)
+    return sum(saved.values()) / tokens
+
+
+@pytest.mark.parametrize(
+    "family,precision,policy",
+    [
+        ("gpt", "fp32", "selective"),
+        ("llama", "bf16-mixed", "none"),
+        ("gpt", "bf16-true", "none"),
+        ("llama", "fp32", "selective"),
+    ],
+)
+def test_what_a_compiled_block_keeps_is_the_derived_bytes(family, precision, policy):
+    # inductor's partitioner decides what a compiled block keeps; the estimator's compiled rows must match it
+    from scaletrain.activations import apply_activation_checkpointing
+    from scaletrain.config import MemoryConfig
+
+    c = ModelConfig(n_layer=1, n_head=4, n_embd=64, block_size=32, vocab_size=257, **FAMILY_SHAPES[family])
+    dt = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    torch.manual_seed(0)
+    model = apply_activation_checkpointing(build_model(c).to(dt), MemoryConfig(activation_checkpointing=policy))
+    block = get_spec(family).block_modules(model)["0"]
+    block.compile()
+    B, T = 3, 32
+    x = torch.randn(B, T, 64, dtype=dt, requires_grad=True)
+    weights = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}  # autocast's copies: temporaries
+    got = _saved_per_token(block, x, B * T, precision == "bf16-mixed", weights, block.parameters())
+    prec = memory.precision_bytes(precision)
+    shape = get_spec(family).shape(c)
+    kw = dict(micro_batch=B, device="cpu")
+    derived = memory.layer_bytes_per_token(shape, prec, policy, compiled=True, **kw) - prec.residual * 64  # input
+    assert got == derived, (got / 64, derived / 64)
+    assert (
+        derived <= memory.layer_bytes_per_token(shape, prec, policy, **kw) - prec.residual * 64
+    )  # never more than eager
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_what_the_compiled_loss_keeps_is_the_derived_bytes(dtype):
+    from scaletrain.engine import lm_loss
+    from scaletrain.models.spec import ModelShape
+
+    V, B, T = 300, 2, 16
+    logits = torch.randn(B, T, V, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    loss = torch.compile(lm_loss)
+    got = _saved_per_token(lambda z: loss(z, y), logits, B * T, skip_shapes=[()])  # and a scalar
+    got += logits.untyped_storage().nbytes() / (B * T)  # the logits themselves
+    shape = ModelShape(n_layer=1, n_embd=64, n_head=4, vocab_size=V, seq_len=T)
+    prec = memory.precision_bytes("fp32" if dtype == torch.float32 else "bf16-true")
+    end = memory.end_bytes_per_token(shape, prec, False, True, device="cpu", compiled_loss=True)
+    # the end of the model keeps the final norm and the head's input besides what the loss keeps
+    assert got == end - memory.norm_bytes_per_token(shape, prec, "cpu") - prec.compute * 64
+    if dtype == torch.bfloat16:  # 16-bit logits kept, no fp32 log-probabilities
+        assert end < memory.end_bytes_per_token(shape, prec, False, True, device="cpu")
+
+
+def test_compiled_runs_are_estimated_as_compiled():
+    def est(*ov, device="cuda"):
+        cfg = load_config(
+            overrides=["model.family=gpt", "model.n_layer=4", "model.n_embd=256", "model.n_head=4"]
+            + ["model.block_size=512", "model.vocab_size=50304", "memory.precision=bf16-mixed", *ov]
+        )
+        return memory.estimate_config(cfg, 1, 8, device=device)
+
+    # (the chunked loss, on by default in eager runs, keeps less than the compiled loss: compare with it off)
+    eager, comp = est("memory.chunked_loss=off"), est("train.compile=true")
+    assert comp.inputs["compiled"] and comp.inputs["compiled_loss"] and not eager.inputs["compiled"]
+    assert comp.activations < eager.activations and comp.total < eager.total
+    # selective checkpointing compiles its blocks on CUDA by default (memory.selective_compile=auto), not its loss
+    sel = est("memory.activation_checkpointing=selective")
+    assert sel.inputs["compiled"] and not sel.inputs["compiled_loss"]
+    assert not est("memory.activation_checkpointing=selective", device="cpu").inputs["compiled"]
+    off = est("memory.activation_checkpointing=selective", "memory.selective_compile=off")
+    assert not off.inputs["compiled"] and off.activations > sel.activations
+
+
 def test_checkpointing_lowers_the_estimate_in_the_expected_order():
     kw = dict(params=1.3e9, seq_len=2048, micro_batch=8, precision="bf16-mixed")
     a = {ac: estimate(ac=ac, **kw).activations for ac in ("none", "selective", "full")}

@@ -145,6 +145,30 @@ def test_compile_matches_eager_and_keeps_checkpoint_names(tmp_path, corpus, cach
         assert torch.equal(p, q), n
 
 
+def test_selective_checkpointing_compiles_its_blocks_where_told(tmp_path, corpus, cache_dir, capsys):
+    # memory.selective_compile=on (auto does it on CUDA with Triton): the checkpointed blocks are compiled, the loss is
+    # not, the numbers are eager selective checkpointing's, and the run's first line says so
+    from scaletrain.engine import lm_loss
+    from scaletrain.models.spec import spec_for
+
+    ov = tiny(corpus, cache_dir, tmp_path, "train.steps=3", "train.ckpt_every=0", "train.eval_every=0")
+    ov += ["memory.activation_checkpointing=selective"]
+    eager = Trainer(load_config(overrides=ov))  # auto on CPU: eager
+    eager.fit()
+    comp = Trainer(load_config(overrides=ov + ["memory.selective_compile=on"]))
+    assert comp.fit()["status"] == "finished"
+
+    def compiled(t):
+        return [b._compiled_call_impl is not None for b in spec_for(t.model).block_modules(t.model).values()]
+
+    assert compiled(comp) == [True, True] and compiled(eager) == [False, False]
+    assert comp.engine.loss_fn is lm_loss  # the loss stays eager
+    a, b = losses(eager.run_dir), losses(comp.run_dir)
+    assert len(a) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    out = capsys.readouterr().out
+    assert out.count("compiled: the selective-checkpointed blocks (memory.selective_compile=on)") == 1
+
+
 def test_reading_losses_every_n_steps_changes_nothing_but_the_log(tmp_path, corpus, cache_dir):
     # run.log_every=3: the host reads loss/grad norm every 3 steps; history, weights and checkpoints are the same
     ov = tiny(corpus, cache_dir, tmp_path, "train.steps=7", "train.ckpt_every=0", "train.eval_every=0")

@@ -105,8 +105,8 @@ def default_chunk(vocab_size: int, tokens: int, chunk: int = 0) -> int:
 def loss_chunk(cfg, spec=None, vocab_size: int | None = None, lm_loss: bool = True) -> int:
     """Tokens per chunk of the output layer's cross-entropy for the run `cfg`; 0 = the plain loss on full logits.
 
-    `memory.chunked_loss=auto`: chunked where it applies (a family with a loss head, tp=1, pp=1, no compile, the
-    language-model loss) and a micro-batch's logits exceed one chunk; `on`: wherever it applies, a one-line
+    `memory.chunked_loss=auto`: chunked where it applies (a family with a loss head, tp=1, pp=1, the language-model
+    loss), without train.compile, and a micro-batch's logits exceed one chunk; `on`: wherever it applies, a one-line
     `ConfigError` elsewhere; `off`: never. `spec`: the model's spec (default the family's); `vocab_size`: default
     `model.vocab_size`; `lm_loss`: whether the run's loss is next-token cross-entropy (a classifier's is not)."""
     from scaletrain.models.spec import get_spec
@@ -124,8 +124,6 @@ def loss_chunk(cfg, spec=None, vocab_size: int | None = None, lm_loss: bool = Tr
         why = f"parallel.tp={cfg.parallel.tp}: the head is sharded over the vocabulary"
     elif cfg.parallel.pp > 1:
         why = f"parallel.pp={cfg.parallel.pp}: the last stage's loss runs inside the pipeline schedule"
-    elif cfg.train.compile:
-        why = "train.compile=true: inductor fuses the loss already"
     elif not lm_loss:
         why = "the run's loss is not next-token cross-entropy"
     if why is not None:
@@ -133,6 +131,8 @@ def loss_chunk(cfg, spec=None, vocab_size: int | None = None, lm_loss: bool = Tr
             raise ConfigError(f"memory.chunked_loss=on: {why}; use memory.chunked_loss=auto or off")
         return 0
     micro = cfg.train.micro_batch if cfg.train.micro_batch != "auto" else 1
+    if mem.chunked_loss == "auto" and cfg.train.compile:  # inductor fuses the loss instead
+        return 0
     if mem.chunked_loss == "auto":  # one chunk holding the whole micro-batch would save nothing
         return default_chunk(V, int(micro) * m.block_size, chunk)
     return chunk
