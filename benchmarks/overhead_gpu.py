@@ -15,7 +15,12 @@ micro-batch 16 x 1024 tokens; vocabulary 50304):
   metrics.jsonl, tqdm, callbacks, loss read back every step) on the stdlib corpus, `train.compile=false|true`;
 - `..._log10`: the same with `run.log_every=10` (the host reads loss and grad norm every 10 steps, so it queues
   the next steps while the GPU works);
-- `trainer_compiled_noclip`: `train.grad_clip=0` (the norm is still computed, for the log).
+- `trainer_compiled_noclip`: `train.grad_clip=0` (the norm is still computed, for the log);
+- `trainer_compiled_model`: `train.compile_scope=model`, the whole model with its loss as one graph.
+
+`--host-profile VARIANTS` (Trainer variants) runs 10 more steps after the timed ones under cProfile and writes the
+host's top functions (by own time and by cumulative time) to OUT/host_profile_<variant>.txt: where a step's Python
+goes when the GPU waits for the host.
 
 Trainer step time is the mean interval between the starts of steps 6..25 (so its logging is inside it).
 Prints one JSON line per variant (also appended to OUT/overhead_gpu.jsonl) and a table with the ratio of each
@@ -69,6 +74,33 @@ class ProfileSteps(Callback):
             self.prof.stop()
             print(f"profile of trainer steps {self.start + 1}..{s}:\n" + profile_table(self.prof, self.dev))
             self.prof = None
+
+
+class HostProfile(Callback):
+    "cProfile (Python stacks of the host) over steps [start, start + n) of a Trainer run; writes the top functions."
+
+    def __init__(self, start, n, path: Path):
+        import cProfile
+
+        self.start, self.n, self.path, self.prof = start, n, path, cProfile.Profile()
+
+    def before_step(self):
+        if self.trainer.step == self.start:
+            self.prof.enable()
+
+    def after_step(self):
+        if self.trainer.step == self.start + self.n:
+            self.prof.disable()
+            import io
+            import pstats
+
+            buf = io.StringIO()
+            st = pstats.Stats(self.prof, stream=buf)
+            buf.write(f"host profile of trainer steps {self.start + 1}..{self.start + self.n}\n")
+            st.sort_stats("tottime").print_stats(30)
+            st.sort_stats("cumulative").print_stats(30)
+            self.path.write_text(buf.getvalue())
+            print(f"wrote {self.path}")
 
 
 class StepClock(Callback):
@@ -132,7 +164,7 @@ def run_st_raw(cfg_shape, B, dev, compile_, regional=False):
     return m, step
 
 
-def run_trainer(cfg_shape, B, dev, compile_, warm, n, work: Path, extra=(), profile=False):
+def run_trainer(cfg_shape, B, dev, compile_, warm, n, work: Path, extra=(), profile=False, host_profile=None):
     ov = shape_overrides(cfg_shape, B) + [
         f"train.steps={warm + n}",
         "train.warmup_steps=2",
@@ -148,8 +180,11 @@ def run_trainer(cfg_shape, B, dev, compile_, warm, n, work: Path, extra=(), prof
     ]
     clock = StepClock()
     extra_cbs = [ProfileSteps(warm + n, 3, dev)] if profile else []  # after the timed steps, so they are not disturbed
-    if profile:
-        ov = [o for o in ov if not o.startswith("train.steps=")] + [f"train.steps={warm + n + 4}"]
+    if host_profile is not None:
+        extra_cbs.append(HostProfile(warm + n + (4 if profile else 0), 10, host_profile))
+    if profile or host_profile is not None:
+        more = (4 if profile else 0) + (11 if host_profile is not None else 0)
+        ov = [o for o in ov if not o.startswith("train.steps=")] + [f"train.steps={warm + n + more}"]
     t = Trainer(load_config(overrides=ov), callbacks=[clock, *extra_cbs])
     s = t.fit()
     d = [b - a for a, b in zip(clock.t, clock.t[1:])][warm : warm + n]
@@ -161,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--only", default="")
     ap.add_argument("--profile", default="", help="comma-separated variants to profile for 3 steps after timing them")
+    ap.add_argument("--host-profile", default="", help="comma-separated Trainer variants to cProfile for 10 steps")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
@@ -212,6 +248,7 @@ def main(argv=None) -> int:
         ("trainer_compiled", dict(compile_=True)),
         ("trainer_compiled_log10", dict(compile_=True, extra=["run.log_every=10"])),
         ("trainer_compiled_noclip", dict(compile_=True, extra=["train.grad_clip=0"])),
+        ("trainer_compiled_model", dict(compile_=True, extra=["train.compile_scope=model"])),
     ]
     for name, make in plan:
         if only and name not in only:
@@ -235,7 +272,10 @@ def main(argv=None) -> int:
                     print(f"profile of {name}, 3 steps:\n" + profile_table(p, dev))
                 del m, step
             else:
-                t, s, summ = run_trainer(shape, B, dev, work=work / name, warm=warm, n=n, profile=prof, **make)
+                hp = out / f"host_profile_{name}.txt" if name in a.host_profile.split(",") else None
+                t, s, summ = run_trainer(
+                    shape, B, dev, work=work / name, warm=warm, n=n, profile=prof, host_profile=hp, **make
+                )
                 emit(
                     name,
                     s,

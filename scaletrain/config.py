@@ -113,6 +113,12 @@ class TrainConfig:
     seed: int = _f(1337, "seed for init, data order and dropout", low=0)
     device: str = _f("auto", "auto picks cuda when present", choices=("auto", "cpu", "cuda"))
     compile: bool = _f(False, "torch.compile the model")
+    compile_scope: str = _f(
+        "blocks",
+        "with compile: blocks = each block in place, and the loss (what FSDP, tensor parallelism and pipeline stages "
+        "need); model = the whole model and its loss as one graph (one process, ddp or zero1)",
+        choices=("blocks", "model"),
+    )
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .config import Config, TrainConfig
 from .context_parallel import ContextParallel
 from .dist import all_reduce_mean, batch_mesh, dp_mesh
 from .errors import ConfigError
-from .models.loss import chunked_cross_entropy
+from .models.loss import chunked_cross_entropy, full_cross_entropy
 from .precision import autocast_ctx, make_scaler, needs_scaler
 
 # %% auto #0
@@ -250,9 +250,11 @@ class Engine:
         spec=None,
         optimizer: OptimizerRecipe | None = None,
         loss_chunk: int = 0,
+        loss_in_model: bool = False,
     ):
         self.cfg, self.device, self.info, self.mesh, self.loss_fn = cfg, device, info, mesh, loss_fn
         self.loss_chunk = loss_chunk  # > 0: the model's loss head, chunked (`models.loss.loss_chunk`)
+        self.loss_in_model = loss_in_model  # the plain loss as the model's loss head (one graph when compiled whole)
         self.recipe = optimizer  # the user's optimizer (None: AdamW from train.*)
         self.spec = spec  # the model family's spec, for engines that reach into the model (FSDP's blocks)
         self.precision = cfg.memory.precision
@@ -313,6 +315,8 @@ class Engine:
                 return self.model(
                     x, loss_head=functools.partial(chunked_cross_entropy, targets=y, chunk=self.loss_chunk)
                 )
+            if self.loss_in_model:
+                return self.model(x, loss_head=functools.partial(full_cross_entropy, targets=y))
             logits = self.model(x)
         return self.loss_fn(logits, y)
 

@@ -19,8 +19,8 @@ from .registry import load_target
 from .tensor_parallel import apply_tensor_parallel, plan_targets
 
 # %% auto #0
-__all__ = ['meta_model', 'check', 'compile_blocks', 'compiled_loss', 'blocks_compiled', 'compiled_what', 'prepare_stage',
-           'build_engine']
+__all__ = ['meta_model', 'check', 'check_compile_scope', 'compile_blocks', 'compiled_loss', 'blocks_compiled', 'compiled_what',
+           'prepare_stage', 'build_engine']
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #dfb6e54f
 def meta_model(cfg: Config) -> nn.Module:
@@ -74,7 +74,21 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
             f"wraps none of the model's {depth} blocks; use ac_every <= {depth}"
         )
     loss_chunk(cfg, spec)  # memory.chunked_loss=on where it cannot run: refused here, before launch
+    check_compile_scope(cfg, dims)
     return dims
+
+
+def check_compile_scope(cfg: Config, dims: ParallelDims) -> None:
+    "Refuse `train.compile_scope=model` where the model must be compiled block by block (one line)."
+    if not (cfg.train.compile and cfg.train.compile_scope == "model"):
+        return  # (the scope is read only with train.compile, as memory.ac_every only with every_k)
+    why = None
+    if dims.tp > 1 or dims.pp > 1 or dims.cp > 1:
+        why = f"parallel.tp={dims.tp}, pp={dims.pp}, cp={dims.cp}: the parallel layout is applied block by block"
+    elif cfg.parallel.strategy not in ("ddp", "zero1"):
+        why = f"parallel.strategy={cfg.parallel.strategy}: its sharding wraps each block"
+    if why is not None:
+        raise ConfigError(f"train.compile_scope=model with {why}; use train.compile_scope=blocks")
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #97f51aac
 def compile_blocks(model: nn.Module, spec: ModelSpec) -> nn.Module:
@@ -98,6 +112,8 @@ def blocks_compiled(cfg: Config, device) -> bool:
 
 def compiled_what(cfg: Config, device) -> str:
     "What step 3 compiles, in words for the run's log ('' when nothing)."
+    if cfg.train.compile and cfg.train.compile_scope == "model":
+        return "the whole model and its loss (train.compile_scope=model)"
     if cfg.train.compile:
         return "blocks and loss (train.compile)"
     if blocks_compiled(cfg, device):
@@ -115,7 +131,9 @@ def prepare_stage(stage: nn.Module, cfg: Config, spec: ModelSpec, mesh, dims: Pa
     keys = spec.block_modules(stage).keys()
     if mem.activation_checkpointing != "none" and checkpointed_blocks(keys, mem.activation_checkpointing, mem.ac_every):
         apply_activation_checkpointing(stage, mem, spec)
-    if blocks_compiled(cfg, device):
+    if cfg.train.compile and cfg.train.compile_scope == "model":
+        stage.compile()  # one graph, the loss inside it (`build_engine` passes it as the model's loss head)
+    elif blocks_compiled(cfg, device):
         compile_blocks(stage, spec)
     return stage
 
@@ -142,7 +160,10 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
     spec = spec or spec_for(model)
     dims = check(cfg, info.world_size if info is not None else 1, model, spec)
     kw.setdefault("loss_chunk", loss_chunk(cfg, spec, lm_loss=kw.get("loss_fn", lm_loss) is lm_loss))
-    if cfg.train.compile:
+    whole = cfg.train.compile and cfg.train.compile_scope == "model"
+    if whole and getattr(spec, "loss_head", False) and kw.get("loss_fn", lm_loss) is lm_loss and not kw["loss_chunk"]:
+        kw["loss_in_model"] = True  # the loss as the model's loss head: inside the model's one graph
+    elif cfg.train.compile:
         kw["loss_fn"] = compiled_loss(kw.get("loss_fn", lm_loss))
     dtype = param_dtype(cfg.memory.precision)
     if dtype != torch.float32:

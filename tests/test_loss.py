@@ -165,6 +165,16 @@ def test_fsdp_with_the_chunked_loss_equals_one_process_with_full_logits(corpus, 
     assert_equivalent(results(out, "chunked", 2), ref, ref_w, rtol=1e-5)
 
 
+def test_ddp_with_the_whole_model_compiled_equals_one_process(corpus, cache_dir, tmp_path):
+    "train.compile_scope=model under DDP: the compiled model (its loss inside) wrapped by DDP trains as one process."
+    from test_parallel import assert_equivalent, launch, reference, results
+
+    ov = ["parallel.strategy=ddp", "train.compile=true", "train.compile_scope=model"]
+    out = launch(2, [dict(name="whole", overrides=ov)], corpus, cache_dir, tmp_path / "dist")
+    ref, ref_w = reference(corpus, cache_dir, tmp_path, [], dp=2)
+    assert_equivalent(results(out, "whole", 2), ref, ref_w, rtol=1e-4)
+
+
 def test_on_where_it_cannot_run_is_one_line_and_writes_nothing(corpus, cache_dir, tmp_path):
     from conftest import run_cli, tiny
 

@@ -59,6 +59,10 @@ LLAMA = ["model.family=llama", "model.n_layer=2", "model.n_embd=32", "model.n_he
             "needs 4 pipeline stages, more than model.n_layer=2 blocks",
         ),
         (["run.loggers=wandb"], "run.loggers='wandb': allowed: jsonl | tensorboard"),
+        (
+            ["--nproc", "2", *LLAMA, "train.compile=true", "train.compile_scope=model", "parallel.strategy=fsdp"],
+            "train.compile_scope=model with parallel.strategy=fsdp: its sharding wraps each block",
+        ),
     ],
 )
 def test_refused_in_one_line_before_anything_starts(tmp_path, args, expect):

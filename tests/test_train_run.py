@@ -145,6 +145,34 @@ def test_compile_matches_eager_and_keeps_checkpoint_names(tmp_path, corpus, cach
         assert torch.equal(p, q), n
 
 
+def test_whole_model_compile_is_one_graph_with_its_loss_and_matches_eager(tmp_path, corpus, cache_dir):
+    # train.compile_scope=model: the model and its loss traced whole, without a graph break; eager's numbers and names
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    ov = tiny(corpus, cache_dir, tmp_path, "train.steps=3", "train.ckpt_every=3", "train.eval_every=3")
+    eager = Trainer(load_config(overrides=ov))
+    eager.fit()
+    torch._dynamo.reset()
+    counters.clear()
+    whole = Trainer(load_config(overrides=ov + ["train.compile=true", "train.compile_scope=model"]))
+    assert whole.fit()["status"] == "finished"
+    assert whole.engine.loss_in_model and whole.model._compiled_call_impl is not None
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # training, evaluation (no_grad)
+    a, b = losses(eager.run_dir), losses(whole.run_dir)
+    assert len(a) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    assert abs(whole.last_val - eager.last_val) <= 1e-4 * eager.last_val
+    assert [n for n, _ in whole.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
+    again = Trainer(
+        load_config(whole.run_dir / "config.yaml", overrides=["train.compile=false"]),
+        run_dir=whole.run_dir,
+        resume=True,
+    )
+    for (n, p), (_, q) in zip(whole.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_selective_checkpointing_compiles_its_blocks_where_told(tmp_path, corpus, cache_dir, capsys):
     # memory.selective_compile=on (auto does it on CUDA with Triton): the checkpointed blocks are compiled, the loss is
     # not, the numbers are eager selective checkpointing's, and the run's first line says so

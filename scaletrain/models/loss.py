@@ -6,11 +6,12 @@
 from __future__ import annotations
 import math
 import torch
+import torch.nn.functional as F
 from ..errors import ConfigError
 
 # %% auto #0
-__all__ = ['LOSS_CHUNK_BYTES', 'LOSS_CHUNK_MODES', 'ChunkedCrossEntropy', 'chunked_cross_entropy', 'logits_bytes', 'auto_chunk',
-           'default_chunk', 'loss_chunk']
+__all__ = ['LOSS_CHUNK_BYTES', 'LOSS_CHUNK_MODES', 'ChunkedCrossEntropy', 'chunked_cross_entropy', 'full_cross_entropy',
+           'logits_bytes', 'auto_chunk', 'default_chunk', 'loss_chunk']
 
 # %% ../../nbs/1_models/16_loss.ipynb #2e152332
 def _chunks(n: int, chunk: int):
@@ -80,6 +81,13 @@ class _NoGrad:
 
     def save_for_backward(self, *a):
         pass
+
+
+def full_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(h @ weight.T, targets)` in fp32, as a loss head (`model(x, loss_head=...)`): a model compiled
+    whole (`train.compile_scope=model`) then holds its loss in the same graph, where inductor fuses head and loss."""
+    logits = F.linear(h, weight)  # (..., V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 def logits_bytes(tokens: int, vocab: int, chunk: int | None = None) -> int:
