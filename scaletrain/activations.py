@@ -5,6 +5,7 @@
 # %% ../nbs/3_parallel/32_activations.ipynb #23e3f965
 from __future__ import annotations
 import functools
+import logging
 import weakref
 import torch
 import torch.nn as nn
@@ -72,6 +73,13 @@ def selective_policy():
     return policy
 
 
+class _CheckedInPlace(logging.Filter):
+    "Drops dynamo's one warning that a compiled selective checkpoint must not hold in-place ops: `check_selective` ran."
+
+    def filter(self, record):
+        return "context_fn is passed to torch.utils.checkpoint under torch.compile" not in record.getMessage()
+
+
 def selective_context():
     "A fresh pair of selective-checkpoint contexts (torch asks for one per checkpointed call)."
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
@@ -133,6 +141,12 @@ def wrap_block(block: nn.Module, selective: bool = False, offload: bool = False)
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     kw = dict(context_fn=selective_context) if selective else {}
+    # compiled, dynamo warns once that such a block must hold no in-place op: apply_activation_checkpointing tries
+    # each block type first (`check_selective`), so the warning would only be noise in every run's log
+    if selective:
+        wrap_log = logging.getLogger("torch._higher_order_ops.wrap")
+        if not any(isinstance(f, _CheckedInPlace) for f in wrap_log.filters):
+            wrap_log.addFilter(_CheckedInPlace())
     return checkpoint_wrapper(block, preserve_rng_state=True, **kw)
 
 # %% ../nbs/3_parallel/32_activations.ipynb #9a8f0efe

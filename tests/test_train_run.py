@@ -1,6 +1,7 @@
 "The main job end to end through the CLI, its run folder, determinism and exact resume."
 
 import json
+import pytest
 from pathlib import Path
 import torch
 from conftest import run_cli, tiny
@@ -195,6 +196,56 @@ def test_selective_checkpointing_compiles_its_blocks_where_told(tmp_path, corpus
     assert len(a) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
     out = capsys.readouterr().out
     assert out.count("compiled: the selective-checkpointed blocks (memory.selective_compile=on)") == 1
+
+
+class _DeviceReads(Callback):
+    """Counts, per step, the reads of a tensor's value on the host (`.item()`, `float()`, `bool()`: aten's
+    `_local_scalar_dense`, each a wait for the GPU on CUDA): from one step's start to the next's."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.n += func is torch.ops.aten._local_scalar_dense.default
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.count, self.reads, self.last = Count(), Count, {}, 0
+
+    def before_fit(self):
+        self.mode.__enter__()
+
+    def before_step(self):
+        self.reads[self.trainer.step] = self.count.n - self.last  # during the step before this one
+        self.last = self.count.n
+
+    def after_fit(self):
+        self.mode.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["memory.precision=bf16-mixed", "train.grad_accum=2"],
+        ["memory.activation_checkpointing=selective", "model.family=llama"],
+        ["memory.chunked_loss=on", "memory.loss_chunk=16"],
+    ],
+)
+def test_no_step_waits_for_the_device_between_log_reads(tmp_path, corpus, cache_dir, extra):
+    # run.log_every=4: loss, grad norm and the skip decision stay on the device in between (the fused AdamW skips a
+    # non-finite step through found_inf); only the reads at steps 4 and 8 wait. (fp16-mixed on CPU keeps torch's
+    # per-tensor AdamW, which reads its step counters: the fused one is CUDA's under fp16)
+    ov = tiny(corpus, cache_dir, tmp_path, "train.steps=8", "train.eval_every=0", "train.ckpt_every=0", *extra)
+    watch = _DeviceReads()
+    t = Trainer(load_config(overrides=ov + ["run.log_every=4"]), callbacks=[watch])
+    t.fit()
+    # reads[s]: during step s (reads[0]: before the first); the schedule always reads step 1 and the last step
+    between = {s: n for s, n in watch.reads.items() if s not in (0, 1, 4)}
+    assert set(between) == {2, 3, 5, 6, 7} and not any(between.values()), watch.reads
+    assert watch.reads[4] > 0  # the read at step 4 is seen: the counter works
 
 
 def test_reading_losses_every_n_steps_changes_nothing_but_the_log(tmp_path, corpus, cache_dir):
