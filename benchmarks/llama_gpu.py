@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # run from a checkout without installing
 import torch
+import gpu_anchors as A
 from overhead_gpu import StepClock
 from scaletrain.config import load_config
 from scaletrain.engine import lm_loss
@@ -62,11 +63,6 @@ def run_raw(shape: dict, dev, warm: int, n: int) -> float:
     m = build_model(c).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-4, fused=True)
     step_fn = torch.compile(lambda x, y: lm_loss(m(x), y))
-    g = torch.Generator().manual_seed(0)
-    B, T, V = shape["micro_batch"], shape["block_size"], shape["vocab_size"]
-    data = [
-        (torch.randint(V, (B, T), generator=g).to(dev), torch.randint(V, (B, T), generator=g).to(dev)) for _ in range(4)
-    ]
 
     def step(x, y):
         with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -75,15 +71,8 @@ def run_raw(shape: dict, dev, warm: int, n: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for i in range(warm):
-        step(*data[i % 4])
-    sync()
-    t0 = time.perf_counter()
-    for i in range(n):
-        step(*data[i % 4])
-    sync()
-    return (time.perf_counter() - t0) / n
+    data = A.batches(shape["micro_batch"], shape["block_size"], shape["vocab_size"], dev)
+    return A.timed(step, data, dev, warm, n)  # timed as the anchors time
 
 
 def run_trainer(shape: dict, dev, warm: int, n: int, work: Path, extra=()):

@@ -122,6 +122,27 @@ def test_backends_say_where_they_keep_more_than_their_stage():
     assert one.activations / 2 < two.activations < 0.6 * one.activations and two.params == one.params / 2
 
 
+def _saved_bytes(fn, x, autocast=False, skip_shapes=(), params=(), with_input=False) -> int:
+    "Bytes of the storages autograd saves while `fn(x)` runs; `params`, tensors of `skip_shapes` (and `x`) left out."
+    saved = {}
+    skip = {p.untyped_storage().data_ptr() for p in params} | (
+        set() if with_input else {x.untyped_storage().data_ptr()}
+    )
+
+    def pack(t):
+        st = t.untyped_storage()
+        if tuple(t.shape) not in skip_shapes and st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", torch.bfloat16, enabled=autocast),
+    ):
+        fn(x)
+    return sum(saved.values())
+
+
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
 def test_what_a_block_keeps_is_the_derived_bytes(family, precision):
@@ -143,23 +164,9 @@ def test_what_a_block_keeps_is_the_derived_bytes(family, precision):
         block = get_spec(family).block_modules(model)["0"]
         x = torch.randn(B, T, 64, dtype=dt, requires_grad=True)
         if policy == "none":
-            params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-            saved = {}
-
-            def pack(t):
-                st = t.untyped_storage()
-                if st.data_ptr() not in params:
-                    saved[st.data_ptr()] = st.nbytes()
-                return t
-
-            with (
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-                torch.autocast("cpu", torch.bfloat16, enabled=mixed),
-            ):
-                block(x)
             # autocast's 16-bit weight copies are saved too; the estimator books them as temporaries
             casts = 2 * sum(p.numel() for p in block.parameters() if p.dim() == 2) if mixed else 0
-            got = sum(saved.values()) - casts
+            got = _saved_bytes(block, x, mixed, params=block.parameters(), with_input=True) - casts
         else:  # the checkpoint holds the block input (and selective its cached outputs) outside autograd
             tr = memory.TensorMemoryTracker().track(block, x)
             before = tr.now
@@ -191,25 +198,6 @@ def test_estimated_peak_tracks_the_measured_peak_on_cpu(family, precision, ac, a
     assert abs(est.total / peak - 1) < 0.15, (est.total, peak)
 
 
-def _saved_per_token(fn, x, tokens, autocast=False, skip_shapes=(), params=()) -> float:
-    "Bytes per token of the storages autograd saves while `fn(x)` runs; `x`, `params` and `skip_shapes` left out."
-    saved = {}
-    skip = {p.untyped_storage().data_ptr() for p in params} | {x.untyped_storage().data_ptr()}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if tuple(t.shape) not in skip_shapes and st.data_ptr() not in skip:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        torch.autocast("cpu", torch.bfloat16, enabled=autocast),
-    ):
-        fn(x)
-    return sum(saved.values()) / tokens
-
-
 @pytest.mark.parametrize(
     "family,precision,policy",
     [
@@ -233,7 +221,7 @@ def test_what_a_compiled_block_keeps_is_the_derived_bytes(family, precision, pol
     B, T = 3, 32
     x = torch.randn(B, T, 64, dtype=dt, requires_grad=True)
     weights = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}  # autocast's copies: temporaries
-    got = _saved_per_token(block, x, B * T, precision == "bf16-mixed", weights, block.parameters())
+    got = _saved_bytes(block, x, precision == "bf16-mixed", weights, block.parameters()) / (B * T)
     prec = memory.precision_bytes(precision)
     shape = get_spec(family).shape(c)
     kw = dict(micro_batch=B, device="cpu")
@@ -253,7 +241,7 @@ def test_what_the_compiled_loss_keeps_is_the_derived_bytes(dtype):
     logits = torch.randn(B, T, V, dtype=dtype, requires_grad=True)
     y = torch.randint(0, V, (B, T))
     loss = torch.compile(lm_loss)
-    got = _saved_per_token(lambda z: loss(z, y), logits, B * T, skip_shapes=[()])  # and a scalar
+    got = _saved_bytes(lambda z: loss(z, y), logits, skip_shapes=[()]) / (B * T)  # and a scalar
     got += logits.untyped_storage().nbytes() / (B * T)  # the logits themselves
     shape = ModelShape(n_layer=1, n_embd=64, n_head=4, vocab_size=V, seq_len=T)
     prec = memory.precision_bytes("fp32" if dtype == torch.float32 else "bf16-true")
