@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # run from a checkout without installing
 import torch
 import gpu_anchors as A
-from overhead_gpu import StepClock
+from overhead_gpu import StepClock, raw_step
 from scaletrain.config import load_config
 from scaletrain.engine import lm_loss
 from scaletrain.errors import ConfigError
@@ -62,15 +62,7 @@ def run_raw(shape: dict, dev, warm: int, n: int) -> float:
     torch.manual_seed(0)
     m = build_model(c).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-4, fused=True)
-    step_fn = torch.compile(lambda x, y: lm_loss(m(x), y))
-
-    def step(x, y):
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = step_fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = raw_step(torch.compile(lambda x, y: lm_loss(m(x), y)), opt, dev)  # model and loss: one graph
     data = A.batches(shape["micro_batch"], shape["block_size"], shape["vocab_size"], dev)
     return A.timed(step, data, dev, warm, n)  # timed as the anchors time
 

@@ -154,6 +154,12 @@ def run_st_raw(cfg_shape, B, dev, compile_, regional=False):
         fwd = WithLoss(m, lm_loss)
         fwd = torch.compile(fwd) if compile_ else fwd
 
+    return m, raw_step(fwd, opt, dev)
+
+
+def raw_step(fwd, opt, dev):
+    "One hand-written training step: `fwd(x, y)` (the loss) under bf16 autocast, backward, optimizer step."
+
     def step(x, y):
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = fwd(x, y)
@@ -161,7 +167,7 @@ def run_st_raw(cfg_shape, B, dev, compile_, regional=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return m, step
+    return step
 
 
 def run_trainer(cfg_shape, B, dev, compile_, warm, n, work: Path, extra=(), profile=False, host_profile=None):
