@@ -114,10 +114,10 @@ class TrainConfig:
     device: str = _f("auto", "auto picks cuda when present", choices=("auto", "cpu", "cuda"))
     compile: bool = _f(False, "torch.compile the model")
     compile_scope: str = _f(
-        "blocks",
-        "with compile: blocks = each block in place, and the loss (what FSDP, tensor parallelism and pipeline stages "
-        "need); model = the whole model and its loss as one graph (one process, ddp or zero1)",
-        choices=("blocks", "model"),
+        "block",
+        "with compile: block = block by block in place, and the loss (what FSDP, tensor parallelism and pipeline "
+        "stages need); model = the whole model and its loss as one graph (one process, ddp or zero1)",
+        choices=("block", "model"),
     )
 
 

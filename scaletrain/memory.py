@@ -10,12 +10,13 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 import torch
-from .activations import checkpointed_blocks, selective_compiles
+from .activations import checkpointed_blocks
 from .config import Config, ModelConfig
 from .data import tokenizer_vocab
 from .dist import hsdp_shard, vote
 from .errors import ConfigError
 from .models.loss import loss_chunk
+from .parallel import blocks_compiled
 from .models.spec import ModelShape, get_spec, stage_blocks
 
 # %% auto #0
@@ -609,7 +610,7 @@ def estimate_config(
             replace(cfg, train=replace(cfg.train, micro_batch=int(mb))), vocab_size=config_vocab(cfg)
         ),
         # the blocks are compiled by train.compile, or by selective checkpointing on CUDA (whose builds ship Triton)
-        compiled=cfg.train.compile or selective_compiles(mem, False, device, triton=True),
+        compiled=blocks_compiled(cfg, device, triton=True),
         compiled_loss=cfg.train.compile,
     )
 

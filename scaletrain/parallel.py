@@ -88,7 +88,7 @@ def check_compile_scope(cfg: Config, dims: ParallelDims) -> None:
     elif cfg.parallel.strategy not in ("ddp", "zero1"):
         why = f"parallel.strategy={cfg.parallel.strategy}: its sharding wraps each block"
     if why is not None:
-        raise ConfigError(f"train.compile_scope=model with {why}; use train.compile_scope=blocks")
+        raise ConfigError(f"train.compile_scope=model with {why}; use train.compile_scope=block")
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #97f51aac
 def compile_blocks(model: nn.Module, spec: ModelSpec) -> nn.Module:
@@ -105,18 +105,25 @@ def compiled_loss(loss_fn=lm_loss):
     return torch.compile(loss_fn)
 
 
-def blocks_compiled(cfg: Config, device) -> bool:
-    "Whether step 3 compiles the blocks on `device`: `train.compile`, or selective checkpointing's compiled path."
-    return cfg.train.compile or selective_compiles(cfg.memory, False, torch.device(device).type if device else None)
+def blocks_compiled(cfg: Config, device, spec: ModelSpec | None = None, triton: bool | None = None) -> bool:
+    """Whether step 3 compiles the blocks on `device`: `train.compile`, or selective checkpointing's compiled path
+    (`auto` only for a family whose spec says its blocks compile: `compiles_blocks`; `triton`: see
+    `selective_compiles`)."""
+    if cfg.train.compile:
+        return True
+    spec = spec or get_spec(cfg.model.family)
+    mem = cfg.memory
+    auto_ok = mem.selective_compile == "on" or spec.compiles_blocks
+    return auto_ok and selective_compiles(mem, False, torch.device(device).type if device else None, triton)
 
 
-def compiled_what(cfg: Config, device) -> str:
+def compiled_what(cfg: Config, device, spec: ModelSpec | None = None) -> str:
     "What step 3 compiles, in words for the run's log ('' when nothing)."
     if cfg.train.compile and cfg.train.compile_scope == "model":
         return "the whole model and its loss (train.compile_scope=model)"
     if cfg.train.compile:
         return "blocks and loss (train.compile)"
-    if blocks_compiled(cfg, device):
+    if blocks_compiled(cfg, device, spec):
         return f"the selective-checkpointed blocks (memory.selective_compile={cfg.memory.selective_compile})"
     return ""
 
@@ -133,7 +140,7 @@ def prepare_stage(stage: nn.Module, cfg: Config, spec: ModelSpec, mesh, dims: Pa
         apply_activation_checkpointing(stage, mem, spec)
     if cfg.train.compile and cfg.train.compile_scope == "model":
         stage.compile()  # one graph, the loss inside it (`build_engine` passes it as the model's loss head)
-    elif blocks_compiled(cfg, device):
+    elif blocks_compiled(cfg, device, spec):
         compile_blocks(stage, spec)
     return stage
 
@@ -187,5 +194,5 @@ def build_engine(model: nn.Module, cfg: Config, device, info, mesh=None, spec: M
         if dims.pp == 1 or dims.tp == 1:  # a traced pipeline under tp is refused by its engine
             prepare_stage(model, cfg, spec, mesh, dims, device)
     engine = load_target(dims.engine)(model, cfg, device, info, mesh, spec=spec, **kw)
-    engine.compiled = compiled_what(cfg, device)
+    engine.compiled = compiled_what(cfg, device, spec)
     return engine

@@ -198,6 +198,22 @@ def test_selective_checkpointing_compiles_its_blocks_where_told(tmp_path, corpus
     assert out.count("compiled: the selective-checkpointed blocks (memory.selective_compile=on)") == 1
 
 
+def test_selective_compiles_unasked_only_families_known_to_compile():
+    # memory.selective_compile=auto on CUDA: gpt and llama blocks (tested to compile); a transformers model or a user's
+    # model stays eager unless selective_compile=on
+    from scaletrain.models.hf import SPEC as HF
+    from scaletrain.models.spec import get_spec
+    from scaletrain.parallel import blocks_compiled
+
+    cfg = load_config(overrides=["memory.activation_checkpointing=selective"])
+    on = load_config(overrides=["memory.activation_checkpointing=selective", "memory.selective_compile=on"])
+    for fam in ("gpt", "llama"):
+        assert blocks_compiled(cfg, "cuda", get_spec(fam), triton=True)
+        assert not blocks_compiled(cfg, "cuda", get_spec(fam), triton=False) and not blocks_compiled(cfg, "cpu")
+    assert not blocks_compiled(cfg, "cuda", HF, triton=True) and blocks_compiled(on, "cuda", HF, triton=True)
+    assert blocks_compiled(on, "cpu") and not blocks_compiled(load_config(), "cuda", triton=True)
+
+
 class _DeviceReads(Callback):
     """Counts, per step, the reads of a tensor's value on the host (`.item()`, `float()`, `bool()`: aten's
     `_local_scalar_dense`, each a wait for the GPU on CUDA): from one step's start to the next's."""

@@ -259,6 +259,7 @@ class GPTSpec(ModelSpec):
     model_cls, block_cls = GPT, Block
     loss_head = True
     context_parallel = True  # attention and positions via scaletrain.context_parallel
+    compiles_blocks = True  # one graph per block, no graph break (tests/test_memory.py, test_train_run.py)
     block_container = "blocks"
     first_modules = ("wte", "wpe", "drop")
     last_modules = ("ln_f", "lm_head")

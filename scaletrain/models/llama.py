@@ -269,6 +269,7 @@ class LlamaSpec(ModelSpec):
     model_cls, block_cls = Llama, TransformerBlock
     loss_head = True
     context_parallel = True  # attention and positions via scaletrain.context_parallel
+    compiles_blocks = True  # one graph per block, no graph break (tests/test_memory.py, test_train_run.py)
     block_container = "layers"
     first_modules = ("tok_embeddings", "drop")
     last_modules = ("norm", "output")

@@ -215,6 +215,8 @@ class ModelSpec:
             `models.loss` never holds the `(tokens, vocab)` logits).
         context_parallel: whether the model's attention and positions go through `scaletrain.context_parallel`
             (`causal_attention`, `positions`), so that `parallel.cp > 1` can split its sequences.
+        compiles_blocks: whether its blocks are known to compile without a graph break (tested), so that selective
+            checkpointing may compile them unasked on a GPU (`memory.selective_compile=auto`).
 
     Example:
         >>> spec = get_spec("gpt")
@@ -233,6 +235,7 @@ class ModelSpec:
     head = ""
     loss_head = False
     context_parallel = False
+    compiles_blocks = False
     adapter = None
     from_config = True  # built from `model.*` of a config (False: a model passed in Python, see models.generic)
 
