@@ -153,7 +153,8 @@ class MemoryConfig:
     selective_compile: str = _f(
         "auto",
         "with activation_checkpointing=selective and train.compile=false: compile the checkpointed blocks, since "
-        "eager selective checkpointing is host-bound on a GPU (auto = on CUDA with Triton)",
+        "eager selective checkpointing is host-bound on a GPU (auto = on CUDA with Triton, for a family whose blocks "
+        "are known to compile: gpt, llama)",
         choices=("auto", "on", "off"),
     )
     cpu_offload: bool = _f(False, "fsdp: keep parameters, gradients and optimizer state on CPU")
