@@ -245,9 +245,8 @@ class _DeviceReads(Callback):
     "extra",
     [
         [],
-        ["memory.precision=bf16-mixed", "train.grad_accum=2"],
-        ["memory.activation_checkpointing=selective", "model.family=llama"],
-        ["memory.chunked_loss=on", "memory.loss_chunk=16"],
+        ["memory.precision=bf16-mixed", "train.grad_accum=2", "memory.activation_checkpointing=selective"]
+        + ["model.family=llama", "memory.chunked_loss=on", "memory.loss_chunk=16"],
     ],
 )
 def test_no_step_waits_for_the_device_between_log_reads(tmp_path, corpus, cache_dir, extra):
