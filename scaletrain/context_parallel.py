@@ -51,10 +51,14 @@ class ContextParallel:
         self.size = size if size is not None else dist.get_world_size(group)
         self.rank = rank if rank is not None else dist.get_rank(group)
         self._natural = {}
+        self._index = {}  # every layer asks for the same positions: build them once per (length, device)
 
     def index(self, T: int, device=None) -> torch.Tensor:
         "Global positions of this rank's tokens of a `T`-token sequence."
-        return head_tail_index(T, self.size, self.rank, device)
+        key = (T, str(device))
+        if key not in self._index:
+            self._index[key] = head_tail_index(T, self.size, self.rank, device)
+        return self._index[key]
 
     def shard(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         "This rank's tokens of `t` along `dim` (the sequence; a multiple of `2 × size` long)."

@@ -255,6 +255,12 @@ class Engine:
         self.cfg, self.device, self.info, self.mesh, self.loss_fn = cfg, device, info, mesh, loss_fn
         self.loss_chunk = loss_chunk  # > 0: the model's loss head, chunked (`models.loss.loss_chunk`)
         self.loss_in_model = loss_in_model  # the plain loss as the model's loss head (one graph when compiled whole)
+        # chosen once: the loss the model computes from its final hidden states (None: `loss_fn` scores its logits)
+        self.loss_head = None
+        if loss_chunk:  # chunked: no (tokens, vocab) logits
+            self.loss_head = functools.partial(chunked_cross_entropy, chunk=loss_chunk)
+        elif loss_in_model:
+            self.loss_head = full_cross_entropy
         self.recipe = optimizer  # the user's optimizer (None: AdamW from train.*)
         self.spec = spec  # the model family's spec, for engines that reach into the model (FSDP's blocks)
         self.precision = cfg.memory.precision
@@ -308,17 +314,20 @@ class Engine:
         "This rank's part of every sequence of `batch`'s `(B, T)` tensors under context parallelism (else as given)."
         return batch if self.cp is None else tuple(self.cp.shard(t) for t in batch)
 
-    def forward_loss(self, x, y):
+    def run_model(self, x, y, loss_fn, loss_head=None) -> torch.Tensor:
+        """`loss_fn(model(x), y)`, or with a `loss_head` the loss the model computes itself, on this rank's part of
+        the sequences, under the forward's precision and context parallelism: the one place a forward runs
+        (`forward_loss`, and `scaletrain.loop.Loop.forward_loss` with the user's loss)."""
         x, y = self.cp_shard(x, y)  # the full sequences in, this rank's tokens through the model
         with self.forward_ctx(), self.cp_context():
-            if self.loss_chunk:  # the loss from the final hidden states, chunked: no (tokens, vocab) logits
-                return self.model(
-                    x, loss_head=functools.partial(chunked_cross_entropy, targets=y, chunk=self.loss_chunk)
-                )
-            if self.loss_in_model:
-                return self.model(x, loss_head=functools.partial(full_cross_entropy, targets=y))
-            logits = self.model(x)
-        return self.loss_fn(logits, y)
+            if loss_head is not None:
+                return self.model(x, loss_head=functools.partial(loss_head, targets=y))
+            out = self.model(x)
+        return loss_fn(out, y)
+
+    def forward_loss(self, x, y):
+        "The engine's loss of a batch (strategies and tests may override it, e.g. to simulate running out of memory)."
+        return self.run_model(x, y, self.loss_fn, self.loss_head)
 
     def unscale(self) -> torch.Tensor | None:
         "fp16-mixed: divide the gradients by the loss scale (once a step); returns that scale (None: no scaler)."

@@ -116,10 +116,7 @@ class Loop:
         (`Engine.forward_loss`, which strategies and tests may override, e.g. to simulate running out of memory)."""
         if loss_fn is None:
             return self.engine.forward_loss(inputs, target)
-        inputs, target = self.engine.cp_shard(inputs, target)  # parallel.cp > 1: this rank's part of each sequence
-        with self.autocast(), self.engine.cp_context():
-            out = self.model(inputs)
-        return loss_fn(out, target)
+        return self.engine.run_model(inputs, target, loss_fn)  # parallel.cp > 1: this rank's part of each sequence
 
     def backward(self, loss: torch.Tensor) -> None:
         "`loss.backward()`, scaled under fp16-mixed."

@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .memory import GiB, PLAN_PRECISIONS, config_vocab, estimate, fsdp_like, precision_bytes, shape_for_params
 from .models.loss import default_chunk
 from .models.spec import ModelShape, get_spec
+from .parallel import blocks_compiled
 from .registry import FAMILIES, PRECISIONS, STRATEGIES
 
 # %% auto #0
@@ -506,6 +507,15 @@ def _shape_and_base(model, params, seq_len, vocab_size):
     return shape_for_params(params, vocab_size or 50304, seq_len or 2048), None
 
 
+def _compiles_blocks(shape: ModelShape, ac: str) -> bool:
+    """Whether a run of `shape` with checkpointing `ac` and the defaults compiles its blocks on a GPU
+    (`memory.selective_compile=auto`): asked of the rule the run itself follows, `parallel.blocks_compiled`."""
+    base = Config()
+    model = replace(base.model, family=shape.family)
+    memory = replace(base.memory, activation_checkpointing=ac)
+    return blocks_compiled(replace(base, model=model, memory=memory), "cuda", triton=True)
+
+
 def evaluate(
     shape: ModelShape,
     lay: Layout,
@@ -535,7 +545,7 @@ def evaluate(
         pp_microbatches=lay.microbatches,
         # the run's default (memory.chunked_loss=auto) where it applies: no tp, no pipeline
         loss_chunk=default_chunk(shape.vocab_size, lay.micro_batch * shape.seq_len) if lay.tp == lay.pp == 1 else 0,
-        compiled=lay.ac == "selective",  # memory.selective_compile=auto compiles selective's blocks on a GPU
+        compiled=_compiles_blocks(shape, lay.ac),
         compiled_loss=False,
     )
     lay.memory, lay.estimate = e.total, e

@@ -361,3 +361,20 @@ def test_every_printed_row_runs_and_a_planning_only_plan_says_so(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--runnable: none of the layouts" in err[0], err
     assert "planning-only" in err[0]
+
+
+def test_the_planner_compiles_selective_blocks_exactly_where_a_run_would():
+    # memory.selective_compile=auto compiles selective's blocks on a GPU only for families whose blocks are known to
+    # compile (gpt, llama), not for an HF model: the planner's memory must follow the same rule
+    from dataclasses import replace as dc_replace
+    from scaletrain.memory import shape_for_params
+    from scaletrain.plan import Layout, evaluate, get_gpu
+
+    gpt = shape_for_params(1.3e9, 50304, 2048)
+    seen = {}
+    for family in ("gpt", "llama", "hf"):
+        for ac in ("none", "selective", "full"):
+            lay = Layout("ddp", 8, 1, 1, False, "", 1, ac, 4, 1)
+            shape = dc_replace(gpt, family=family)
+            seen[family, ac] = evaluate(shape, lay, get_gpu("h100-80gb"), 8, 32).estimate.inputs["compiled"]
+    assert [k for k, v in seen.items() if v] == [("gpt", "selective"), ("llama", "selective")]
