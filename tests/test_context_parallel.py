@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli
 from test_layouts_3d import check_case  # the layouts' check: equal to one process, checkpoint, batch
-from test_parallel import LLAMA, common, launch
+from test_parallel import LLAMA, common, launched
 from scaletrain.config import ConfigError, load_config
 from scaletrain.context_parallel import ContextParallel, causal_attention, head_tail_index, positions
 
@@ -38,16 +38,10 @@ CASES_4 = [
 ]
 
 
-@pytest.fixture(scope="module")
-def two(tmp_path_factory, corpus, cache_dir):
-    cases = [dict(name=n, overrides=o) for n, o, *_ in CASES_2]
-    return launch(2, cases, corpus, cache_dir, tmp_path_factory.mktemp("cp2"))
+two = launched(2, CASES_2, "two")
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory, corpus, cache_dir):
-    cases = [dict(name=n, overrides=o) for n, o, *_ in CASES_4]
-    return launch(4, cases, corpus, cache_dir, tmp_path_factory.mktemp("cp4"))
+four = launched(4, CASES_4, "four")
 
 
 @pytest.mark.parametrize("name,overrides,dp,engine", CASES_2, ids=[c[0] for c in CASES_2])

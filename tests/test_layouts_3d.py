@@ -11,7 +11,7 @@ from test_parallel import (
     assert_checkpoint_loads_in_one_process,
     assert_equivalent,
     common,
-    launch,
+    launched,
     merged_weights,
     reference,
     results,
@@ -59,16 +59,10 @@ CASES_8 = [
 ]
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory, corpus, cache_dir):
-    cases = [dict(name=n, overrides=o) for n, o, *_ in CASES_4]
-    return launch(4, cases, corpus, cache_dir, tmp_path_factory.mktemp("layouts4"))
+four = launched(4, CASES_4, "four")
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory, corpus, cache_dir):
-    cases = [dict(name=n, overrides=o) for n, o, *_ in CASES_8]
-    return launch(8, cases, corpus, cache_dir, tmp_path_factory.mktemp("layouts8"))
+eight = launched(8, CASES_8, "eight")
 
 
 def check_case(out, world, corpus, cache_dir, tmp_path, name, overrides, dp, engine):

@@ -116,17 +116,20 @@ def launch(nproc, cases, corpus, cache_dir, out):
     return out
 
 
-@pytest.fixture(scope="module")
-def two(tmp_path_factory, corpus, cache_dir):
-    cases = [dict(name=n, overrides=o) for n, o, _ in CASES_2] + CKPT + PRECISION
-    return launch(2, cases, corpus, cache_dir, tmp_path_factory.mktemp("dist2"))
+def launched(world: int, cases, tag: str, extra=()):
+    """A module-scoped fixture: `cases` ((name, overrides, ...) tuples) and `extra` (case dicts), trained once by one
+    torchrun launch of `world` processes; its value is the launch's output folder."""
+
+    @pytest.fixture(scope="module", name=tag)
+    def fixture(tmp_path_factory, corpus, cache_dir):
+        specs = [dict(name=n, overrides=o) for n, o, *_ in cases] + list(extra)
+        return launch(world, specs, corpus, cache_dir, tmp_path_factory.mktemp(tag))
+
+    return fixture
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory, corpus, cache_dir):
-    return launch(
-        4, [dict(name=n, overrides=o) for n, o, _ in CASES_4], corpus, cache_dir, tmp_path_factory.mktemp("dist4")
-    )
+two = launched(2, CASES_2, "two", CKPT + PRECISION)
+four = launched(4, CASES_4, "four")
 
 
 def results(out, name, world):
