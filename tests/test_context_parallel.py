@@ -18,6 +18,8 @@ CP = ["parallel.cp=2"]
 # name, overrides, data-parallel degree (the batch's split), expected engine name
 CASES_2 = [
     ("gpt_cp", [*CP], 1, "ddp"),
+    # compiled blocks and loss: dynamo traces the gathers, the head-tail order and the chunked causal masks
+    ("llama_cp_compiled", [*LLAMA, *CP, "train.compile=true"], 1, "ddp"),
     ("llama_cp_fsdp", [*LLAMA, *CP, "parallel.strategy=fsdp"], 1, "fsdp"),
     # full checkpointing: the backward re-runs each block's forward, all-gathers included
     ("llama_cp_ac", [*LLAMA, *CP, "memory.activation_checkpointing=full", "train.grad_accum=2"], 1, "ddp"),
