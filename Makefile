@@ -43,8 +43,11 @@ lint:
 nbtest:
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing  # two notebooks at a time on 2 cores: one thread each
 
+# Two test files at a time (pytest-xdist; a file's tests stay on one worker, so its module fixtures run once): most
+# tests wait on subprocesses (torchrun ranks, the CLI, JupyterLab), and two at a time halve the wall time on 2 cores.
+PYTEST_WORKERS ?= 2
 pytest:
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile
 
 # The documentation site (Sphinx + myst-nb, offline) from the notebooks' stored outputs and the docstrings, in _site/.
 docs: setup-dev
