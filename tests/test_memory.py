@@ -395,3 +395,27 @@ def test_out_of_memory_in_the_optimizer_step_is_not_swallowed(tmp_path, corpus, 
     with pytest.raises(torch.OutOfMemoryError):
         tr.fit()
     assert tr.micro_batch == 4 and not tr.oom_events
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_cpu_dropout_keeps_more_than_counted_and_the_estimate_says_so(family):
+    # with dropout on CPU, SDPA falls back to its math kernel (T x T probabilities kept) and dropout keeps its noise in
+    # full precision: not modelled, so the estimate must say it leaves them out, on CPU only
+    from dataclasses import replace
+
+    c = ModelConfig(n_layer=1, n_head=4, n_embd=64, block_size=32, vocab_size=257, dropout=0.1, **FAMILY_SHAPES[family])
+    torch.manual_seed(0)
+    block = get_spec(family).block_modules(build_model(c).train())["0"]
+    x = torch.randn(3, 32, 64, requires_grad=True)
+    weights = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}
+    got = _saved_bytes(block, x, False, weights, block.parameters()) / (3 * 32)
+    shape, prec = get_spec(family).shape(c), memory.precision_bytes("fp32")
+    counted = memory.layer_bytes_per_token(shape, prec, micro_batch=3, device="cpu") - prec.residual * 64
+    assert got > 1.2 * counted, (got, counted)
+
+    def notes(s, device):
+        return estimate(s, micro_batch=3, precision="fp32", device=device).notes
+
+    (note,) = notes(shape, "cpu")
+    assert note.startswith("model.dropout=0.1 on CPU: attention falls back to SDPA's math kernel")
+    assert not notes(shape, "cuda") and not notes(replace(shape, dropout=0.0), "cpu")
