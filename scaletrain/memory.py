@@ -538,6 +538,7 @@ def estimate(
         device=device,
         accounting=accounting,
         activations=activations,
+        loss_chunk=loss_chunk,
         compiled=compiled,
         compiled_loss=compiled if compiled_loss is None else compiled_loss,
     )
@@ -587,14 +588,19 @@ def config_vocab(cfg: Config) -> int:
 
 
 def estimate_config(
-    cfg: Config, world_size: int = 1, micro_batch: int | None = None, device: str = "cuda"
+    cfg: Config,
+    world_size: int = 1,
+    micro_batch: int | None = None,
+    device: str = "cuda",
+    shape: ModelShape | None = None,
 ) -> MemoryEstimate:
-    "The estimate for a run's config on `world_size` ranks (micro-batch from the config unless given)."
+    """The estimate for a run's config on `world_size` ranks (micro-batch from the config unless given); `shape`:
+    the model's shape where the caller already has it (the planner), else the config's own."""
     p, mem = cfg.parallel, cfg.memory
     mb = micro_batch or (cfg.train.micro_batch if cfg.train.micro_batch != "auto" else 1)
     dp = max(1, world_size // (p.tp * p.pp * p.cp))
     return estimate(
-        cfg,
+        shape or cfg,
         precision=mem.precision,
         strategy=p.strategy,
         backend=p.backend,
@@ -614,7 +620,8 @@ def estimate_config(
         cpu_offload=mem.cpu_offload,
         device=device,
         loss_chunk=loss_chunk(
-            replace(cfg, train=replace(cfg.train, micro_batch=int(mb))), vocab_size=config_vocab(cfg)
+            replace(cfg, train=replace(cfg.train, micro_batch=int(mb))),
+            vocab_size=shape.vocab_size if shape else config_vocab(cfg),
         ),
         # the blocks are compiled by train.compile, or by selective checkpointing on CUDA (whose builds ship Triton)
         compiled=blocks_compiled(cfg, device, triton=True),

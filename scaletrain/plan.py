@@ -9,17 +9,20 @@ from dataclasses import dataclass, field, replace
 from .config import Config, ModelConfig, RunConfig, ffn_dim_of, validate
 from .dist import ParallelDims
 from .errors import ConfigError
-from .memory import GiB, PLAN_PRECISIONS, config_vocab, estimate, fsdp_like, precision_bytes, shape_for_params
-from .models.loss import default_chunk
+from .memory import GiB, PLAN_PRECISIONS, config_vocab, estimate_config, fsdp_like, precision_bytes
+from .memory import shape_for_params
+from .models.hub import resolve_hf
+from .models.loss import loss_chunk
 from .models.spec import ModelShape, get_spec
-from .parallel import blocks_compiled
+from .models.spec import spec_for
+from .parallel import check, check_compile_scope, meta_model
 from .registry import FAMILIES, PRECISIONS, STRATEGIES
 
 # %% auto #0
 __all__ = ['GPUS', 'GPU_ALIASES', 'EFFICIENCY', 'BILL_DEFAULTS', 'PRESETS', 'PUBLISHED_PARAMS', 'Link', 'GPU', 'get_gpu',
            'all_reduce_time', 'all_gather_time', 'p2p_time', 'compute_efficiency', 'Bill', 'Layout', 'step_time',
-           'bill', 'preset', 'model_config', 'hf_model', 'Plan', 'model_fields', 'config_shape', 'evaluate', 'plan',
-           'why_nothing_fits', 'best_layouts']
+           'bill', 'preset', 'model_config', 'hf_model', 'Plan', 'layout_config', 'model_fields', 'config_shape',
+           'run_config', 'evaluate', 'plan', 'why_nothing_fits', 'best_layouts']
 
 # %% ../nbs/4_estimate/41_plan.ipynb #9605a095
 @dataclass(frozen=True)
@@ -378,9 +381,12 @@ class Plan:
     def header(self) -> str:
         sh, c = self.shape, self.costs
         n = sh.n_params()
+        fam = sh.family
+        if self.base is not None and FAMILIES[self.base.model.family].from_folder:
+            fam = f"{self.base.model.family} ({sh.family} layout)"  # the folder's transformers class trains
         heads = f"heads {sh.n_head}" + (f" ({sh.kv} key/value)" if sh.kv != sh.n_head else "")
         eff = f"a stated MFU of {self.mfu:.2f}" if self.mfu else "the calibrated, layout-dependent efficiency"
-        return (f"{sh.family} {n / 1e9:.2f}B" if n >= 1e9 else f"{sh.family} {n / 1e6:.1f}M") + (
+        return (f"{fam} {n / 1e9:.2f}B" if n >= 1e9 else f"{fam} {n / 1e6:.1f}M") + (
             f" params (layers {sh.n_layer}, hidden {sh.n_embd}, {heads}, {sh.ffn} FFN {sh.ffw}, {sh.positions} "
             f"positions, vocab {sh.vocab_size}), seq {sh.seq_len}, global batch {self.global_batch} x {sh.seq_len} "
             f"tokens, {self.precision}\n{self.gpus} x {self.gpu.name} ({self.usable / GiB:.1f} GiB usable each) on "
@@ -420,21 +426,36 @@ class Plan:
         return _config(self, l)
 
 
-def _config(pl: Plan, l: Layout) -> Config:
+def layout_config(
+    shape: ModelShape, l: Layout, base: Config | None = None, precision: str = "bf16-mixed", vocab: bool = True
+) -> Config:
+    """The run config of layout `l` for `shape`: `base` (default `Config()`) with the layout's degrees, checkpointing,
+    batch and `precision`, and the shape's model fields (the vocabulary too when `vocab`). Everything else stays the
+    base's (`train.compile`, `memory.chunked_loss`, ...), so what the planner asks of it is what the run will do. A
+    base whose model comes from a folder (`model.hf_path`) keeps the folder's family and tied weights."""
     import copy
 
-    cfg = Config() if pl.base is None else copy.deepcopy(pl.base)
+    cfg = Config() if base is None else copy.deepcopy(base)
     m = cfg.model
-    model_fields(m, pl.shape, vocab=pl.base is None or pl.vocab_explicit or not m.vocab_size)
-    m.tie_weights = pl.shape.tie_weights and l.pp == 1
+    if FAMILIES[m.family].from_folder:  # `model.family=hf`: the transformers class trains; only the length is ours
+        m.block_size = shape.seq_len
+    else:
+        tied = m.tie_weights if m.hf_path else shape.tie_weights and l.pp == 1  # a folder's weights are as saved
+        model_fields(m, shape, vocab=vocab)
+        m.tie_weights = tied
     p = cfg.parallel
     p.strategy, p.tp, p.pp, p.sequence_parallel = l.strategy, l.tp, l.pp, l.sp
     p.cp, p.dp_shard = l.cp, (l.dp_shard if l.strategy == "hsdp" else 0)
     p.pp_schedule, p.microbatches = (l.schedule, l.microbatches) if l.pp > 1 else (p.pp_schedule, 0)
-    cfg.memory.precision, cfg.memory.activation_checkpointing = pl.precision, l.ac
+    cfg.memory.precision, cfg.memory.activation_checkpointing = precision, l.ac
     cfg.train.micro_batch, cfg.train.grad_accum = l.micro_batch, l.grad_accum
     cfg.train.eval_batch = _eval_batch(cfg.train.eval_batch, l.dp, l.microbatches)
     return cfg
+
+
+def _config(pl: Plan, l: Layout) -> Config:
+    vocab = pl.base is None or pl.vocab_explicit or not pl.base.model.vocab_size  # else the tokenizer sets it
+    return layout_config(pl.shape, l, pl.base, pl.precision, vocab)
 
 
 def _composes(strategy: str, replicas: int, tp: int, pp: int) -> str | None:
@@ -446,16 +467,23 @@ def _composes(strategy: str, replicas: int, tp: int, pp: int) -> str | None:
     return None
 
 
-def _runnable(pl: Plan, l: Layout) -> str:
-    "'' when `scaletrain train` runs `l` today, else the one-line reason (the trainer's own where it has one)."
+def _runnable(pl: Plan, l: Layout, model=None) -> str:
+    """'' when `scaletrain train` runs `l` today, else the one-line reason (the trainer's own where it has one).
+    `model`: the base's model on the meta device, for a family whose rules depend on the model's class (a
+    transformers model from `model.hf_path`): then the trainer's whole launch check (`parallel.check`) runs too."""
     if pl.precision not in PRECISIONS.names():
         return (
             f"memory.precision={pl.precision} is planning-only: scaletrain train runs {' | '.join(PRECISIONS.names())}"
         )
     try:
         cfg = _config(pl, l)
-        ParallelDims.from_config(cfg, pl.gpus)
+        dims = ParallelDims.from_config(cfg, pl.gpus)
         validate(cfg)
+        # the launch checks that need the model's spec: the chunked loss where it cannot run, the compile scope
+        loss_chunk(cfg, vocab_size=pl.shape.vocab_size)
+        check_compile_scope(cfg, dims)
+        if model is not None:  # its spec's own refusals: tensor-parallel plan, pipeline cut, context parallelism
+            check(cfg, pl.gpus, model)
     except ConfigError as e:
         return str(e)
     return ""
@@ -467,7 +495,7 @@ def model_fields(m: ModelConfig, sh: ModelShape, vocab: bool = True) -> ModelCon
     m.family = sh.family
     fam = FAMILIES[sh.family]
     m.n_layer, m.n_embd, m.n_head, m.block_size = sh.n_layer, sh.n_embd, sh.n_head, sh.seq_len
-    m.bias, m.tie_weights, m.dropout = sh.bias, sh.tie_weights, sh.dropout
+    m.bias, m.tie_weights, m.dropout, m.fused_qkv = sh.bias, sh.tie_weights, sh.dropout, sh.fused_qkv
     if "n_kv_head" in fam.uses:
         m.n_kv_head = 0 if sh.kv == sh.n_head else sh.kv
     m.ffn_dim = 0
@@ -489,15 +517,33 @@ def _eval_batch(eval_batch: int, dp: int, n_mb: int) -> int:
 
 
 def config_shape(cfg: Config, seq_len: int | None = None, vocab_size: int | None = None) -> ModelShape:
-    "The `ModelShape` the planner sees for a run's config (the vocabulary its tokenizer will set, unless given)."
+    """The `ModelShape` the planner sees for a run's config: a `model.hf_path` folder's shape as the run reads it
+    (`resolve_hf`), the vocabulary its tokenizer will set (unless given)."""
+    cfg = run_config(cfg)
     c = cfg.model
     V = vocab_size or config_vocab(cfg)
     return replace(get_spec(c.family).shape(c, seq_len, V), block_size=seq_len or c.block_size)
 
 
+def run_config(cfg: Config) -> Config:
+    "A copy of `cfg` as a run sees it: its model section read from `model.hf_path` where set (`resolve_hf`)."
+    import copy
+
+    return resolve_hf(copy.deepcopy(cfg)) if cfg.model.hf_path else cfg
+
+
+def _sequence_parallel_ok(spec) -> bool:
+    "Whether the spec's tensor-parallel plan has a sequence-parallel form (a transformers model's has none)."
+    try:
+        spec.tp_plan(True)
+    except ConfigError:
+        return False
+    return True
+
+
 def _shape_and_base(model, params, seq_len, vocab_size):
     if isinstance(model, Config):
-        return config_shape(model, seq_len, vocab_size), model
+        return config_shape(model, seq_len, vocab_size), run_config(model)
     if isinstance(model, ModelConfig):
         return _shape_and_base(replace(Config(), model=model), params, seq_len, vocab_size)
     if isinstance(model, ModelShape):
@@ -505,15 +551,6 @@ def _shape_and_base(model, params, seq_len, vocab_size):
     if params is None:
         raise ConfigError("plan: give --params N, --preset NAME, --family ..., --hf-config FILE or --config FILE")
     return shape_for_params(params, vocab_size or 50304, seq_len or 2048), None
-
-
-def _compiles_blocks(shape: ModelShape, ac: str) -> bool:
-    """Whether a run of `shape` with checkpointing `ac` and the defaults compiles its blocks on a GPU
-    (`memory.selective_compile=auto`): asked of the rule the run itself follows, `parallel.blocks_compiled`."""
-    base = Config()
-    model = replace(base.model, family=shape.family)
-    memory = replace(base.memory, activation_checkpointing=ac)
-    return blocks_compiled(replace(base, model=model, memory=memory), "cuda", triton=True)
 
 
 def evaluate(
@@ -526,28 +563,19 @@ def evaluate(
     overlap: float = 0.8,
     mfu: float | None = None,
     gpus_per_node: int | None = None,
+    base: Config | None = None,
 ) -> Layout:
-    "Fill in `lay`'s predicted memory per GPU and step time (a published layout, or one the planner made)."
-    e = estimate(
-        shape,
-        precision=precision,
-        strategy=lay.strategy,
-        dp=lay.dp,
-        tp=lay.tp,
-        pp=lay.pp,
-        cp=lay.cp,
-        dp_shard=lay.dp_shard,
-        micro_batch=lay.micro_batch,
-        grad_accum=lay.grad_accum,
-        ac=lay.ac,
-        sequence_parallel=lay.sp,
-        pp_schedule=lay.schedule,
-        pp_microbatches=lay.microbatches,
-        # the run's default (memory.chunked_loss=auto) where it applies: no tp, no pipeline
-        loss_chunk=default_chunk(shape.vocab_size, lay.micro_batch * shape.seq_len) if lay.tp == lay.pp == 1 else 0,
-        compiled=_compiles_blocks(shape, lay.ac),
-        compiled_loss=False,
-    )
+    """Fill in `lay`'s predicted memory per GPU and step time (a published layout, or one the planner made).
+
+    The memory is `memory.estimate_config` of the config the layout would run (`layout_config` of `base`, default
+    `Config()`), so the planner asks the run's own rules what is compiled (`parallel.blocks_compiled`,
+    `train.compile`) and how the loss is computed (`models.loss.loss_chunk`) instead of assuming the defaults."""
+    cfg = layout_config(shape, lay, base, precision)
+    try:
+        loss_chunk(cfg, vocab_size=shape.vocab_size)
+    except ConfigError:  # memory.chunked_loss=on where this layout cannot chunk: the run refuses it (`_runnable`
+        cfg.memory.chunked_loss = "auto"  # says why), so its memory is planned as the default would run it
+    e = estimate_config(cfg, gpus, lay.micro_batch, shape=shape)
     lay.memory, lay.estimate = e.total, e
     lay.__dict__.update(
         step_time(shape, lay, gpu, gpus, gpus_per_node or gpu.per_node, global_batch, mfu, precision, overlap)
@@ -665,6 +693,10 @@ def plan(
         ),
     )
     model_fields(Config().model, shape)  # a shape its family cannot build is refused before planning
+    folder_model = None  # a transformers class (model.family=hf): what it supports is its spec's, checked per layout
+    if base is not None and FAMILIES[base.model.family].from_folder:
+        folder_model = meta_model(base)
+    sp_ok = folder_model is None or _sequence_parallel_ok(spec_for(folder_model))
     bad = out.infeasible.append if infeasible else (lambda x: None)
     prec = precision_bytes(precision, "fsdp")
     if n_params * (prec.param + prec.grad + prec.optim) / gpus > usable:  # even fully sharded states do not fit:
@@ -674,7 +706,7 @@ def plan(
     tps = [t for t in _pow2_upto(min(gpn, shape.n_head)) if not (shape.n_head % t or shape.kv % t or shape.ffw % t)]
     cps = [1] + [c for c in _pow2_upto(32)[1:] if s % (2 * c) == 0 and s // c >= 4096]
     for tp in [t for t in tps if gpus % t == 0]:
-        sp = tp > 1 and s % tp == 0  # sequence parallelism: same traffic, less memory
+        sp = sp_ok and tp > 1 and s % tp == 0  # sequence parallelism: same traffic, less memory
         for cp in [c for c in cps if (gpus // tp) % c == 0]:
             rest = gpus // (tp * cp)
             for pp in [p for p in _divisors(rest) if p <= shape.n_layer]:
@@ -730,7 +762,7 @@ def plan(
                                     cp,
                                     shard if strategy == "hsdp" else 0,
                                 )
-                                return evaluate(shape, lay, dev, gpus, global_batch, precision, overlap, mfu, gpn)
+                                return evaluate(shape, lay, dev, gpus, global_batch, precision, overlap, mfu, gpn, base)
 
                             lo = make(micros[0])
                             if out.smallest is None or lo.memory < out.smallest.memory:
@@ -749,7 +781,7 @@ def plan(
                             out.layouts.append(best)
     out.layouts.sort(key=lambda l: (round(l.step_time, 9), l.memory))
     for l in out.layouts:
-        l.why_not = _runnable(out, l)
+        l.why_not = _runnable(out, l, folder_model)
         l.runnable = not l.why_not
         l.bill = bill(l.step_time, gpus, global_batch * s, out.tokens, dev.power_w, power_util, pue, grid, price)
     return out

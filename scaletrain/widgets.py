@@ -131,7 +131,7 @@ def plan_layout(cfg, world_size: int, local_world: int | None = None):
         return f"parallel.backend={p.backend}: the planner models the torch implementation of {p.strategy} only"
     if p.pp > 1 and p.pp_schedule not in ("1f1b", "interleaved1f1b"):
         return f"parallel.pp_schedule={p.pp_schedule}: the planner models 1f1b | interleaved1f1b"
-    dp = max(1, world_size // (p.tp * p.pp))
+    dp = max(1, world_size // (p.tp * p.pp * p.cp))  # as `ParallelDims.from_config`: cp ranks share a sequence
     n_pipe = (p.microbatches or 2 * p.pp) if p.pp > 1 else 0  # the trainer's default: 2 x pp
     return Layout(
         strategy=p.strategy,
@@ -146,7 +146,7 @@ def plan_layout(cfg, world_size: int, local_world: int | None = None):
         grad_accum=t.grad_accum,
         cp=p.cp,
         # hsdp's shard group as the run resolves it
-        dp_shard=hsdp_shard(p.dp_shard, dp, p.tp, local_world) if p.strategy == "hsdp" else 0,
+        dp_shard=hsdp_shard(p.dp_shard, dp, p.tp * p.cp, local_world) if p.strategy == "hsdp" else 0,
     )
 
 
@@ -162,7 +162,8 @@ def predict_bill(cfg, world_size: int, gpu: str = "h100-80gb", gpus_per_node: in
     dev = plan.get_gpu(gpu)
     shape = plan.config_shape(cfg)  # as `scaletrain plan --config` sees it
     precision = cfg.memory.precision if cfg.memory.precision != "fp32" else "bf16-mixed"  # as `scaletrain plan`
-    plan.evaluate(shape, lay, dev, world_size, lay.global_batch, precision, gpus_per_node=gpus_per_node)
+    base = plan.run_config(cfg)
+    plan.evaluate(shape, lay, dev, world_size, lay.global_batch, precision, gpus_per_node=gpus_per_node, base=base)
     per_step = lay.global_batch * shape.seq_len  # tokens
     r = cfg.run
     b = plan.bill(

@@ -9,14 +9,15 @@ from own_model_helpers import STEPS, global_batches, lm_loss, user_optimizer
 VOCAB = 64
 
 
-def save_tiny(kind, folder):
-    "A tiny random `kind` model (hf_llama | hf_gpt2 tied | hf_gpt2u untied) saved as a save_pretrained folder."
+def save_tiny(kind, folder, vocab=VOCAB):
+    """A tiny random `kind` model (hf_llama | hf_gpt2 tied | hf_gpt2u untied) saved as a save_pretrained folder
+    (`vocab` >= 257 for a run of scaletrain's byte tokenizer)."""
     import transformers
 
     torch.manual_seed(0)
     if kind == "hf_llama":
         c = transformers.LlamaConfig(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=4,
@@ -28,7 +29,7 @@ def save_tiny(kind, folder):
         m = transformers.LlamaForCausalLM(c)
     else:
         c = transformers.GPT2Config(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             n_embd=32,
             n_layer=4,
             n_head=4,

@@ -363,18 +363,99 @@ def test_every_printed_row_runs_and_a_planning_only_plan_says_so(capsys):
     assert "planning-only" in err[0]
 
 
-def test_the_planner_compiles_selective_blocks_exactly_where_a_run_would():
-    # memory.selective_compile=auto compiles selective's blocks on a GPU only for families whose blocks are known to
-    # compile (gpt, llama), not for an HF model: the planner's memory must follow the same rule
-    from dataclasses import replace as dc_replace
-    from scaletrain.memory import shape_for_params
-    from scaletrain.plan import Layout, evaluate, get_gpu
+def _by_ac(pl, ac):
+    return [l for l in pl.layouts if l.ac == ac]
 
-    gpt = shape_for_params(1.3e9, 50304, 2048)
-    seen = {}
-    for family in ("gpt", "llama", "hf"):
-        for ac in ("none", "selective", "full"):
-            lay = Layout("ddp", 8, 1, 1, False, "", 1, ac, 4, 1)
-            shape = dc_replace(gpt, family=family)
-            seen[family, ac] = evaluate(shape, lay, get_gpu("h100-80gb"), 8, 32).estimate.inputs["compiled"]
-    assert [k for k, v in seen.items() if v] == [("gpt", "selective"), ("llama", "selective")]
+
+def test_an_hf_folder_config_is_planned_as_its_run_reads_it(tmp_path):
+    # `scaletrain plan --config` with model.family=hf: the folder's shape (as `resolve_hf` reads it for the run), the
+    # transformers class's own rules, and a written config that keeps the family and the folder and launches
+    from hf_family_helpers import save_tiny
+    from scaletrain.models.hub import resolve_hf
+
+    folder = save_tiny("hf_llama", tmp_path / "llama", vocab=300)
+    (tmp_path / "hf.yaml").write_text(f"model:\n  family: hf\n  hf_path: {folder}\n")
+    out = tmp_path / "planned.yaml"
+    rc, text, err = plan_cli("--config", tmp_path / "hf.yaml", "--gpus", "4", "--global-batch", "8", "--write", out)
+    assert rc == 0, err
+    assert "hf (llama layout)" in text and "layers 4, hidden 32, heads 4 (2 key/value)" in text and "vocab 300" in text
+    written = load_config(out)
+    assert (written.model.family, written.model.hf_path, written.model.n_layer) == ("hf", str(folder), 4)
+    check(resolve_hf(written), 4)  # the trainer's launch check, on the folder as the run reads it
+    pl = plan(load_config(tmp_path / "hf.yaml"), gpus=4, global_batch=8)
+    assert all(l.runnable for l in pl.layouts) and any(l.tp > 1 for l in pl.layouts)
+    for l in pl.layouts:
+        check(resolve_hf(pl.to_config(l)), 4)
+    # the transformers layers have no sequence-parallel form: never planned (our llama of the same shape has it)
+    assert not any(l.sp for l in pl.layouts)
+    ours = plan(pl.shape, gpus=4, global_batch=8)
+    assert any(l.sp for l in ours.layouts)
+    # memory.selective_compile=auto compiles selective's blocks on a GPU for our families only, not for a
+    # transformers class: the planner's memory follows the run's rule (`parallel.blocks_compiled`)
+    assert _by_ac(pl, "selective") and not any(l.estimate.inputs["compiled"] for l in _by_ac(pl, "selective"))
+    assert all(l.estimate.inputs["compiled"] for l in _by_ac(ours, "selective"))
+    assert not any(l.estimate.inputs["compiled"] for l in _by_ac(ours, "none") + _by_ac(ours, "full"))
+    # a transformers GPT-2 cannot be cut by heads (its fused Conv1D): tensor-parallel layouts say so, others run
+    gpt2 = save_tiny("hf_gpt2u", tmp_path / "gpt2", vocab=300)
+    pl2 = plan(load_config(overrides=["model.family=hf", f"model.hf_path={gpt2}"]), gpus=4, global_batch=8)
+    assert any(l.runnable for l in pl2.layouts)
+    assert all(not l.runnable and "Conv1D" in l.why_not for l in pl2.layouts if l.tp > 1)
+
+
+def _base(*extra):
+    return load_config(
+        overrides=[
+            "model.family=llama",
+            "model.n_layer=16",
+            "model.n_embd=2048",
+            "model.n_head=16",
+            "model.n_kv_head=4",
+            "model.block_size=2048",
+            "model.vocab_size=128256",
+            "model.tie_weights=false",
+            *extra,
+        ]
+    )
+
+
+def test_the_plan_asks_its_base_config_what_compiles_and_how_the_loss_is_computed():
+    # the planner's memory is `estimate_config` of the config each layout would run: a base config's train.compile,
+    # memory.chunked_loss and memory.loss_chunk change the numbers as they change the run
+    kw = dict(gpus=8, gpu_mem=80, global_batch=64)
+    plans = {
+        name: plan(_base(*extra), **kw)
+        for name, extra in dict(
+            default=[],
+            compile=["train.compile=true"],
+            off=["memory.chunked_loss=off"],
+            chunk=["memory.loss_chunk=1024"],
+            on=["memory.chunked_loss=on"],
+        ).items()
+    }
+    for pl in plans.values():
+        assert pl.layouts
+        for l in pl.layouts:
+            if l.runnable:  # the config it writes predicts the same memory
+                assert estimate_config(pl.to_config(l), 8).total == l.memory
+    inputs = {name: [l.estimate.inputs for l in pl.layouts] for name, pl in plans.items()}
+    flat = lambda name: [i for i in inputs[name] if i["tp"] == i["pp"] == 1]
+    # the default chunks the loss where it applies (no tp, no pipeline) and compiles only selective's blocks
+    assert flat("default") and all(i["loss_chunk"] > 0 for i in flat("default"))
+    assert all(i["loss_chunk"] == 0 for i in inputs["default"] if i["tp"] > 1 or i["pp"] > 1)
+    assert all(i["compiled"] == (i["ac"] == "selective") and not i["compiled_loss"] for i in inputs["default"])
+    # train.compile: every block and the loss compiled, which inductor fuses instead of chunking
+    assert all(i["compiled"] and i["compiled_loss"] and i["loss_chunk"] == 0 for i in inputs["compile"])
+    assert all(i["loss_chunk"] == 0 for i in inputs["off"])
+    assert all(i["loss_chunk"] == 1024 for i in flat("chunk"))
+    lays = lambda name: {l.describe(): l.memory for l in plans[name].layouts}
+    for name in ("compile", "off", "chunk"):
+        shared = lays("default").keys() & lays(name).keys()
+        assert shared and any(lays("default")[k] != lays(name)[k] for k in shared), name
+    # memory.chunked_loss=on where a layout cannot chunk (tp or a pipeline): the run refuses it, so does the plan
+    on = plans["on"].layouts
+    assert any(l.tp > 1 or l.pp > 1 for l in on) and any(l.runnable for l in on)
+    for l in on:
+        if l.tp > 1 or l.pp > 1:
+            assert not l.runnable and "memory.chunked_loss=on" in l.why_not, l.describe()
+        else:
+            assert l.runnable and l.estimate.inputs["loss_chunk"] > 0

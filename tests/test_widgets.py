@@ -507,3 +507,34 @@ def test_the_bill_says_what_if_and_what_it_cannot_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(widgets, "_smallest_gpu", lambda: (23028.0, "NVIDIA A10G"))
     other = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
     assert other.gpu_type.value == "h100-80gb" and "NVIDIA A10G is not in the planner" in other.bill.value
+
+
+def test_a_context_parallel_bill_counts_each_sequence_once():
+    # parallel.cp ranks share a sequence: the data-parallel degree is processes / (tp x pp x cp), as in the run,
+    # and the bill is the planner's for that layout
+    from scaletrain import plan
+    from scaletrain.dist import ParallelDims
+
+    cfg = load_config(
+        overrides=[
+            "model.family=llama",
+            "model.n_layer=4",
+            "model.n_embd=512",
+            "model.n_head=8",
+            "model.block_size=8192",
+            "model.vocab_size=32000",
+            "model.tie_weights=false",
+            "parallel.strategy=fsdp",
+            "parallel.cp=2",
+            "train.micro_batch=4",
+            "memory.precision=bf16-mixed",
+            "train.steps=100",
+        ]
+    )
+    from scaletrain.widgets import predict_bill
+
+    b = predict_bill(cfg, 8, "h100-80gb")
+    assert b["layout"].dp == ParallelDims.from_config(cfg, 8).dp == 4 and b["layout"].global_batch == 16
+    pl = plan.plan(cfg, gpus=8, global_batch=16, strategies=("fsdp",), ac_policies=("none",))
+    (ref,) = [l for l in pl.layouts if (l.dp, l.tp, l.cp, l.pp, l.micro_batch) == (4, 1, 2, 1, 4)]
+    assert (b["step_s"], b["memory"], b["mfu"]) == (ref.step_time, ref.memory, ref.mfu)
