@@ -126,7 +126,11 @@ def causal_attention(
     v = cp.gather(v).index_select(2, order)
     outs = []
     for start, stop, n_keys in cp.chunks(q.shape[2]):  # each chunk: causal over a prefix, its queries at its end
-        bias = causal_lower_right(stop - start, n_keys)
+        if torch.compiler.is_compiling():  # dynamo cannot build a CausalBias (a tensor subclass) inside a graph: it
+            # breaks the graph there; the same lower-right causal mask as a boolean tensor keeps the block one graph
+            bias = torch.ones(stop - start, n_keys, dtype=torch.bool, device=q.device).tril(n_keys - (stop - start))
+        else:
+            bias = causal_lower_right(stop - start, n_keys)
         y = F.scaled_dot_product_attention(
             q[:, :, start:stop],
             k[:, :, :n_keys],

@@ -205,7 +205,7 @@ def check_resources(cfg: Config, world_size: int = 1, local_procs: int | None = 
     c = copy.deepcopy(cfg)
     if not c.model.vocab_size:  # not resolved yet: the tokenizer's size
         c.model.vocab_size = tokenizer_vocab(c.data)
-    dp = max(1, world_size // (c.parallel.tp * c.parallel.pp))
+    dp = max(1, world_size // (c.parallel.tp * c.parallel.pp * c.parallel.cp))  # cp ranks share their sequences
     dev = "cuda" if on_gpu else "cpu"
     ests = [
         estimate_config(c, world_size, device=dev),

@@ -155,7 +155,13 @@ def layer_bytes_per_token(
         coll = 0 if t == 1 else (2 * c * h / t + 2 * c * h if sp else 2 * c * h)
         # block input; outputs of q, k, v, of the FFN's input matrices and of attention (sharded); the FFN's output
         # (eager only: compiled, the partitioner drops it, since no backward reads it)
-        return r * h / spd + c * (2 * h + 2 * kvd + (m - 1) * f) / t + (0 if compiled else c * h) + 4 * a / t + coll
+        kept = r * h / spd + c * (2 * h + 2 * kvd + (m - 1) * f) / t + (0 if compiled else c * h) + 4 * a / t + coll
+        if device == "cpu" and shape.dropout > 0 and not compiled:  # SDPA's math kernel: its two bmm are matmuls the
+            # policy keeps (fp32 scores (heads, T, T) and output) instead of the flash output and log-sum-exp; then
+            # the output projection is no longer the first matmul after attention, and its output is kept too
+            math = 4 * a * shape.seq_len + 4 * shape.n_head * shape.head_dim - 4 * a - c * h
+            kept += math / t + c * h
+        return kept
     if policy != "none":
         raise ConfigError(f"activation_checkpointing={policy!r}: allowed: {' | '.join(AC_POLICIES)}")
     masks = 2 * h / spd if shape.dropout > 0 else 0
@@ -170,6 +176,12 @@ def layer_bytes_per_token(
     # autocast casts one copy per projection reading a norm (fused q/k/v: one projection where there were three)
     lin_inputs = ((m if shape.fused_qkv else 2 + m) if prec.autocast else 2) * c * h
     attn = c * (2 * h + 2 * kvd) + 4 * a  # q, k, v (kv_dim wide), the output, an fp32 log-sum-exp per head
+    if device == "cpu" and shape.dropout > 0:  # CPU's flash kernel has no dropout: SDPA runs its math kernel, which
+        # keeps fp32 copies of the scaled q and k and of v (k and v repeated for every query head), three fp32
+        # (heads, T, T) tensors (softmax output, dropout noise, dropped probabilities), and the output; CPU dropout
+        # keeps its noise in the projections' dtype, not a 1-byte mask
+        attn = 4 * 3 * shape.n_head * shape.head_dim + c * h + 3 * 4 * a * shape.seq_len
+        masks = 2 * c * h / spd
     ffn = FFN_SAVED[shape.ffn] * c * f
     rope = 8 * shape.head_dim / micro_batch if shape.positions == "rope" else 0  # fp32 cos and sin (T, Q) per layer
     return norms + lin_inputs + (attn + ffn) / t + rope + masks
@@ -198,7 +210,8 @@ def end_bytes_per_token(
             n += 4 * h / tp + 4 * V / tp
         return n
     if first:
-        n += 8 + (h if shape.dropout > 0 else 0)  # int64 ids kept by the embedding
+        # int64 ids kept by the embedding; its dropout's mask (on CPU its noise, in the residual stream's dtype)
+        n += 8 + (h * (prec.residual if device == "cpu" else 1) if shape.dropout > 0 else 0)
     if last:
         # final norm, head input (the chunked loss: the gradient of h, computed in its forward), log-softmax (not
         # with the chunked loss), targets
@@ -508,12 +521,13 @@ def estimate(
         if worst is None or est.total > worst.total:
             worst = est
     worst.notes = _backend_notes(worst, user_strategy, backend, precision, reference, nshard, dp, cp, shard_p)
-    if device == "cpu" and shape.dropout > 0:
-        # measured on a 1-layer block at T=32: 1.3-1.5x the activations counted, growing with T (the T x T terms)
+    if device == "cpu" and shape.dropout > 0 and (compiled or cp > 1):
+        # eager math-kernel attention is counted to the byte; compiled, inductor's partitioner picks what to keep of
+        # it by size (the softmax output at T=32, the raw scores and their statistics at T=64)
+        why = "compiled blocks" if compiled else f"context parallelism (cp={cp})"
         worst.notes.append(
-            f"model.dropout={shape.dropout:g} on CPU: attention falls back to SDPA's math kernel, which keeps three "
-            "(heads, T, T) tensors per sequence, and dropout keeps full-precision noise; the activations above do not "
-            "count them (a GPU's kernels do not keep them; model.dropout=0 avoids them)"
+            f"model.dropout={shape.dropout:g} on CPU with {why}: attention runs SDPA's math kernel, whose (heads, T, "
+            "T) tensors the activations above do not count (a GPU's kernels keep none; model.dropout=0 avoids them)"
         )
     worst.inputs = dict(
         shape=shape,

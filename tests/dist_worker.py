@@ -1,5 +1,6 @@
 """Run under torchrun by test_parallel.py: train each case of a JSON spec on every rank and record
-per-step losses, the full final weights this rank can see, and the bytes this rank really holds.
+per-step losses, the full final weights this rank can see, the bytes this rank really holds, and what dynamo compiled
+(frames compiled and graph breaks, from `torch._dynamo.utils.counters`).
 
 usage: torchrun --nproc-per-node N dist_worker.py SPEC.json OUT_DIR
 """
@@ -27,6 +28,13 @@ def full_weights(engine):
     return {k: local(v).detach().float().cpu().clone() for k, v in sd.items()}
 
 
+def dynamo_counts() -> tuple[int, dict]:
+    "(frames dynamo compiled, graph breaks by reason) so far in this process."
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"], dict(counters["graph_break"])
+
+
 def main(spec_path, out_dir):
     spec = json.loads(Path(spec_path).read_text())
     out = Path(out_dir)
@@ -42,6 +50,7 @@ def main(spec_path, out_dir):
             run_dir = Path((out / case["resume_of"] / "run_dir.txt").read_text())
             cfg = load_config(run_dir / "config.yaml")
         t = Trainer(cfg, run_dir=run_dir, resume=bool(case.get("resume_of")), callbacks=cbs)
+        frames, breaks = dynamo_counts()
         s = t.fit()
         rank = dist.get_rank()  # bytes this rank holds, as Engine.state_bytes counts them (local shards)
         res = dict(
@@ -53,6 +62,8 @@ def main(spec_path, out_dir):
             engine=t.engine.name,
             param_bytes=s["state_bytes_per_rank"][rank]["params"],
             optim_bytes=s["state_bytes_per_rank"][rank]["optim"],
+            compiled_frames=dynamo_counts()[0] - frames,
+            graph_breaks={k: n - breaks.get(k, 0) for k, n in dynamo_counts()[1].items() if n > breaks.get(k, 0)},
         )
         (out / case["name"]).mkdir(parents=True, exist_ok=True)
         torch.save(res, out / case["name"] / f"rank{rank}.pt")

@@ -76,6 +76,10 @@ def check_case(out, world, corpus, cache_dir, tmp_path, name, overrides, dp, eng
     s = res[0]["summary"]
     assert s["world_size"] == world and s["dp"] == dp
     assert s["global_batch"] == dp * int(cfg.train.micro_batch) * cfg.train.grad_accum
+    if cfg.train.compile:  # dynamo compiled the blocks on every rank, whole: no graph break fell back to eager
+        assert all(r["compiled_frames"] > 0 and not r["graph_breaks"] for r in res), [
+            (r["compiled_frames"], r["graph_breaks"]) for r in res
+        ]
 
 
 @pytest.mark.parametrize("name,overrides,dp,engine", CASES_4, ids=[c[0] for c in CASES_4])
