@@ -128,13 +128,20 @@ def test_stdlib_corpus_split_is_by_file_and_deterministic():
 
 
 def test_compile_matches_eager_and_keeps_checkpoint_names(tmp_path, corpus, cache_dir):
-    # train.compile compiles each block in place and the loss: same numbers as eager, same parameter names
+    # train.compile compiles each block in place and the loss: same numbers as eager, same parameter names, and
+    # every block one graph (a graph break would run its rest eagerly, host overhead on a GPU)
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     ov = tiny(corpus, cache_dir, tmp_path, "train.steps=3", "train.ckpt_every=0", "train.eval_every=0")
     eager = Trainer(load_config(overrides=ov))
     eager.fit()
+    torch._dynamo.reset()
+    counters.clear()
     comp = Trainer(load_config(overrides=ov + ["train.compile=true"]))
     s = comp.fit()
     assert s["status"] == "finished"
+    assert counters["frames"]["ok"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
     a, b = losses(eager.run_dir), losses(comp.run_dir)
     assert len(a) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
     assert [n for n, _ in comp.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
@@ -182,10 +189,16 @@ def test_selective_checkpointing_compiles_its_blocks_where_told(tmp_path, corpus
 
     ov = tiny(corpus, cache_dir, tmp_path, "train.steps=3", "train.ckpt_every=0", "train.eval_every=0")
     ov += ["memory.activation_checkpointing=selective"]
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     eager = Trainer(load_config(overrides=ov))  # auto on CPU: eager
     eager.fit()
+    torch._dynamo.reset()
+    counters.clear()
     comp = Trainer(load_config(overrides=ov + ["memory.selective_compile=on"]))
     assert comp.fit()["status"] == "finished"
+    assert counters["frames"]["ok"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
 
     def compiled(t):
         return [b._compiled_call_impl is not None for b in spec_for(t.model).block_modules(t.model).values()]
