@@ -219,6 +219,7 @@ def test_every_listed_layout_fits_and_the_runnable_ones_match_the_estimator():
         (["--gpus", "8"], "--params N, --preset NAME"),
         (["--params", "7e9", "model.n_layer=2"], "describe the model twice"),
         (["model.n_layr=2"], "did you mean 'model.n_layer'"),
+        (["model.family=hf", "model.hf_path=/nonexistent/folder"], "model.hf_path='/nonexistent/folder': no config"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle):
