@@ -13,8 +13,7 @@ from .memory import GiB, PLAN_PRECISIONS, config_vocab, estimate_config, fsdp_li
 from .memory import shape_for_params
 from .models.hub import resolve_hf
 from .models.loss import loss_chunk
-from .models.spec import ModelShape, get_spec
-from .models.spec import spec_for
+from .models.spec import ModelShape, get_spec, spec_for
 from .parallel import check, check_compile_scope, meta_model
 from .registry import FAMILIES, PRECISIONS, STRATEGIES
 
