@@ -159,8 +159,8 @@ def layer_bytes_per_token(
         if device == "cpu" and shape.dropout > 0 and not compiled:  # SDPA's math kernel: its two bmm are matmuls the
             # policy keeps (fp32 scores (heads, T, T) and output) instead of the flash output and log-sum-exp; then
             # the output projection is no longer the first matmul after attention, and its output is kept too
-            math = 4 * a * shape.seq_len + 4 * shape.n_head * shape.head_dim - 4 * a - c * h
-            kept += math / t + c * h
+            bmm = 4 * a * shape.seq_len + 4 * shape.n_head * shape.head_dim - 4 * a - c * h
+            kept += bmm / t + c * h
         return kept
     if policy != "none":
         raise ConfigError(f"activation_checkpointing={policy!r}: allowed: {' | '.join(AC_POLICIES)}")
@@ -525,9 +525,10 @@ def estimate(
         # eager math-kernel attention is counted to the byte; compiled, inductor's partitioner picks what to keep of
         # it by size (the softmax output at T=32, the raw scores and their statistics at T=64)
         why = "compiled blocks" if compiled else f"context parallelism (cp={cp})"
+        how = "do not count" if compiled else "count as with cp=1 (not its fp32 copies of the gathered keys and values)"
         worst.notes.append(
-            f"model.dropout={shape.dropout:g} on CPU with {why}: attention runs SDPA's math kernel, whose (heads, T, "
-            "T) tensors the activations above do not count (a GPU's kernels keep none; model.dropout=0 avoids them)"
+            f"model.dropout={shape.dropout:g} on CPU with {why}: attention runs SDPA's math kernel, whose tensors the "
+            f"activations above {how} (a GPU's kernels keep none of them; model.dropout=0 avoids them)"
         )
     worst.inputs = dict(
         shape=shape,
