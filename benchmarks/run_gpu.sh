@@ -3,6 +3,8 @@
 # Needs a CUDA machine with torch; runs from the checkout without installing (PYTHONPATH). The wheels it needs beside
 # torch come from benchmarks/.wheels (made by benchmarks/gpu_wheels.sh where a registry is; carry that folder).
 # Each line's timeout is its share of the 10 minutes; results and logs go to OUTDIR, a summary to OUTDIR/gpu.txt.
+# Not in the 10 minutes (run it after, if device time is left): python3 benchmarks/cp_attention.py --out OUTDIR
+# (context parallelism's CausalBias against the boolean mask its compiled path uses).
 set -u
 OUT=${1:-${OUT:-gpu_results}}; mkdir -p "$OUT"
 SITE=$PWD/benchmarks/.site
