@@ -18,11 +18,11 @@ costs speed against CausalBias (on CUDA a CausalBias can select the flash kernel
 
 import argparse
 import json
-import time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from scaletrain.context_parallel import ContextParallel, causal_attention, head_tail_index
+from timing import best_seconds  # benchmarks/timing.py (a script's folder is on sys.path)
 
 SHAPES = {"cuda": [(4, 16, 8, 8192, 128), (2, 32, 8, 16384, 128)], "cpu": [(2, 4, 2, 256, 32), (1, 8, 2, 512, 32)]}
 
@@ -52,18 +52,7 @@ def time_rank(fn, cp, q, k, v, device, repeats):
             y = fn(cp, cp.shard(q, 2), k, v)
         y.float().sum().backward()
 
-    for _ in range(2):
-        once()
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(once, device, repeats, warmup=2)
 
 
 def main():

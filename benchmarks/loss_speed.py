@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from scaletrain.memory import TensorMemoryTracker
+from timing import best_seconds  # benchmarks/timing.py (a script's folder is on sys.path)
 from scaletrain.models.loss import auto_chunk, chunked_cross_entropy
 
 SHAPES = [(2048, 256, 50257), (4096, 768, 50257), (2048, 512, 128256)]
@@ -36,16 +37,7 @@ def run(fn, h, w, y, device, repeats):
             loss = fn(h, w, y)
         loss.backward()
 
-    once()
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+    best = best_seconds(once, device, repeats)
     h.grad = w.grad = None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
