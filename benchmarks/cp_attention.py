@@ -17,29 +17,22 @@ costs speed against CausalBias (on CUDA a CausalBias can select the flash kernel
 """
 
 import argparse
+import functools
+import unittest.mock
 import json
 from pathlib import Path
 import torch
-import torch.nn.functional as F
-from scaletrain.context_parallel import ContextParallel, causal_attention, head_tail_index
+from scaletrain import context_parallel
+from scaletrain.context_parallel import ContextParallel, causal_attention, causal_mask, head_tail_index
 from timing import best_seconds  # benchmarks/timing.py (a script's folder is on sys.path)
 
 SHAPES = {"cuda": [(4, 16, 8, 8192, 128), (2, 32, 8, 16384, 128)], "cpu": [(2, 4, 2, 256, 32), (1, 8, 2, 512, 32)]}
 
 
 def mask_attention(cp, q, k, v):
-    "`causal_attention`'s chunks with the boolean lower-right causal mask, eager."
-    order = cp.natural(q.shape[2] * cp.size, q.device)
-    k, v = cp.gather(k).index_select(2, order), cp.gather(v).index_select(2, order)
-    outs = []
-    for start, stop, n_keys in cp.chunks(q.shape[2]):
-        mask = torch.ones(stop - start, n_keys, dtype=torch.bool, device=q.device).tril(n_keys - (stop - start))
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, start:stop], k[:, :, :n_keys], v[:, :, :n_keys], attn_mask=mask, enable_gqa=True
-            )
-        )
-    return torch.cat(outs, dim=2)
+    "`causal_attention` with the boolean masks of its compiled path, eager."
+    with unittest.mock.patch.object(context_parallel, "causal_mask", functools.partial(causal_mask, tensor=True)):
+        return causal_attention(q, k, v, enable_gqa=True)
 
 
 def time_rank(fn, cp, q, k, v, device, repeats):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['head_tail_index', 'ContextParallel', 'active', 'positions', 'causal_attention']
+__all__ = ['head_tail_index', 'ContextParallel', 'active', 'positions', 'causal_mask', 'causal_attention']
 
 # %% ../nbs/0_core/06_context_parallel.ipynb #1706933f
 def head_tail_index(T: int, n: int, r: int, device=None) -> torch.Tensor:
@@ -111,13 +111,25 @@ def positions(T: int, device=None) -> torch.Tensor:
     return torch.arange(T, device=device) if cp is None else cp.positions(T, device)
 
 
+def causal_mask(rows: int, cols: int, device=None, tensor: bool | None = None):
+    """The lower-right causal mask of `rows` queries that are the last of `cols` keys: a `CausalBias` (no mask
+    built; on CUDA SDPA keeps its fused kernels), or with `tensor` a boolean `(rows, cols)` tensor. `tensor=None`:
+    the tensor under `torch.compile`, where dynamo cannot build a CausalBias (a tensor subclass) without breaking the
+    graph."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    if tensor is None:
+        tensor = torch.compiler.is_compiling()
+    if not tensor:
+        return causal_lower_right(rows, cols)
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).tril(cols - rows)
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, enable_gqa: bool = False
 ) -> torch.Tensor:
     """Causal attention of `q` `(B, heads, T, head_dim)` over `k`, `v` `(B, kv heads, T, head_dim)`; under context
     parallelism over every rank's keys and values (gathered), masked by global position."""
-    from torch.nn.attention.bias import causal_lower_right
-
     cp = active()
     if cp is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=enable_gqa)
@@ -126,11 +138,7 @@ def causal_attention(
     v = cp.gather(v).index_select(2, order)
     outs = []
     for start, stop, n_keys in cp.chunks(q.shape[2]):  # each chunk: causal over a prefix, its queries at its end
-        if torch.compiler.is_compiling():  # dynamo cannot build a CausalBias (a tensor subclass) inside a graph: it
-            # breaks the graph there; the same lower-right causal mask as a boolean tensor keeps the block one graph
-            bias = torch.ones(stop - start, n_keys, dtype=torch.bool, device=q.device).tril(n_keys - (stop - start))
-        else:
-            bias = causal_lower_right(stop - start, n_keys)
+        bias = causal_mask(stop - start, n_keys, q.device)
         y = F.scaled_dot_product_attention(
             q[:, :, start:stop],
             k[:, :, :n_keys],

@@ -137,6 +137,7 @@ def layer_bytes_per_token(
     """Bytes one transformer layer saves for backward on one rank, per token of a micro-batch of `micro_batch` sequences
     (`compiled`: the block compiled by `torch.compile`, whose partitioner keeps less)."""
     h, a, c, r, t = shape.n_embd, shape.n_head, prec.compute, prec.residual, tp
+    math_sdpa = device == "cpu" and shape.dropout > 0  # CPU's flash kernel has no dropout: SDPA's math kernel runs
     kvd, f, m = shape.kv_dim, shape.ffw, shape.n_ffn_mats
     spd = t if sp else 1
     if model == "korthikanti":  # 16-bit activations, dropout masks, explicit s x s attention scores (Table 2)
@@ -156,9 +157,9 @@ def layer_bytes_per_token(
         # block input; outputs of q, k, v, of the FFN's input matrices and of attention (sharded); the FFN's output
         # (eager only: compiled, the partitioner drops it, since no backward reads it)
         kept = r * h / spd + c * (2 * h + 2 * kvd + (m - 1) * f) / t + (0 if compiled else c * h) + 4 * a / t + coll
-        if device == "cpu" and shape.dropout > 0 and not compiled:  # SDPA's math kernel: its two bmm are matmuls the
-            # policy keeps (fp32 scores (heads, T, T) and output) instead of the flash output and log-sum-exp; then
-            # the output projection is no longer the first matmul after attention, and its output is kept too
+        if math_sdpa and not compiled:  # the math kernel's two bmm are matmuls the policy keeps (fp32 scores
+            # (heads, T, T) and output) instead of the flash output and log-sum-exp; then the output projection is no
+            # longer the first matmul after attention, and its output is kept too
             bmm = 4 * a * shape.seq_len + 4 * shape.n_head * shape.head_dim - 4 * a - c * h
             kept += bmm / t + c * h
         return kept
@@ -176,10 +177,9 @@ def layer_bytes_per_token(
     # autocast casts one copy per projection reading a norm (fused q/k/v: one projection where there were three)
     lin_inputs = ((m if shape.fused_qkv else 2 + m) if prec.autocast else 2) * c * h
     attn = c * (2 * h + 2 * kvd) + 4 * a  # q, k, v (kv_dim wide), the output, an fp32 log-sum-exp per head
-    if device == "cpu" and shape.dropout > 0:  # CPU's flash kernel has no dropout: SDPA runs its math kernel, which
-        # keeps fp32 copies of the scaled q and k and of v (k and v repeated for every query head), three fp32
-        # (heads, T, T) tensors (softmax output, dropout noise, dropped probabilities), and the output; CPU dropout
-        # keeps its noise in the projections' dtype, not a 1-byte mask
+    if math_sdpa:  # the math kernel keeps fp32 copies of the scaled q and k and of v (k and v repeated for every
+        # query head), three fp32 (heads, T, T) tensors (softmax output, dropout noise, dropped probabilities), and the
+        # output; CPU dropout keeps its noise in the projections' dtype, not a 1-byte mask
         attn = 4 * 3 * shape.n_head * shape.head_dim + c * h + 3 * 4 * a * shape.seq_len
         masks = 2 * c * h / spd
     ffn = FFN_SAVED[shape.ffn] * c * f

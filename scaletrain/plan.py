@@ -478,11 +478,11 @@ def _runnable(pl: Plan, l: Layout, model=None) -> str:
         cfg = _config(pl, l)
         dims = ParallelDims.from_config(cfg, pl.gpus)
         validate(cfg)
-        # the launch checks that need the model's spec: the chunked loss where it cannot run, the compile scope
-        loss_chunk(cfg, vocab_size=pl.shape.vocab_size)
-        check_compile_scope(cfg, dims)
-        if model is not None:  # its spec's own refusals: tensor-parallel plan, pipeline cut, context parallelism
+        if model is not None:  # the whole launch check: also its spec's tensor-parallel plan and pipeline cut
             check(cfg, pl.gpus, model)
+        else:  # the launch checks our families' layouts can fail: the chunked loss, the compile scope
+            loss_chunk(cfg, vocab_size=pl.shape.vocab_size)
+            check_compile_scope(cfg, dims)
     except ConfigError as e:
         return str(e)
     return ""
@@ -515,10 +515,13 @@ def _eval_batch(eval_batch: int, dp: int, n_mb: int) -> int:
     return unit * math.ceil(eval_batch / unit)
 
 
-def config_shape(cfg: Config, seq_len: int | None = None, vocab_size: int | None = None) -> ModelShape:
+def config_shape(
+    cfg: Config, seq_len: int | None = None, vocab_size: int | None = None, *, resolve: bool = True
+) -> ModelShape:
     """The `ModelShape` the planner sees for a run's config: a `model.hf_path` folder's shape as the run reads it
-    (`resolve_hf`), the vocabulary its tokenizer will set (unless given)."""
-    cfg = run_config(cfg)
+    (`resolve_hf`; `resolve=False`: `cfg` is that already, a `run_config`), the vocabulary its tokenizer will set
+    (unless given)."""
+    cfg = run_config(cfg) if resolve else cfg
     c = cfg.model
     V = vocab_size or config_vocab(cfg)
     return replace(get_spec(c.family).shape(c, seq_len, V), block_size=seq_len or c.block_size)
@@ -542,7 +545,8 @@ def _sequence_parallel_ok(spec) -> bool:
 
 def _shape_and_base(model, params, seq_len, vocab_size):
     if isinstance(model, Config):
-        return config_shape(model, seq_len, vocab_size), run_config(model)
+        base = run_config(model)  # the folder read once
+        return config_shape(base, seq_len, vocab_size, resolve=False), base
     if isinstance(model, ModelConfig):
         return _shape_and_base(replace(Config(), model=model), params, seq_len, vocab_size)
     if isinstance(model, ModelShape):

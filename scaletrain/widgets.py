@@ -160,9 +160,9 @@ def predict_bill(cfg, world_size: int, gpu: str = "h100-80gb", gpus_per_node: in
     if isinstance(lay, str):
         return lay
     dev = plan.get_gpu(gpu)
-    shape = plan.config_shape(cfg)  # as `scaletrain plan --config` sees it
+    base = plan.run_config(cfg)  # as `scaletrain plan --config` sees it (a model.hf_path folder read once)
+    shape = plan.config_shape(base, resolve=False)
     precision = cfg.memory.precision if cfg.memory.precision != "fp32" else "bf16-mixed"  # as `scaletrain plan`
-    base = plan.run_config(cfg)
     plan.evaluate(shape, lay, dev, world_size, lay.global_batch, precision, gpus_per_node=gpus_per_node, base=base)
     per_step = lay.global_batch * shape.seq_len  # tokens
     r = cfg.run

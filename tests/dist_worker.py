@@ -52,6 +52,7 @@ def main(spec_path, out_dir):
         t = Trainer(cfg, run_dir=run_dir, resume=bool(case.get("resume_of")), callbacks=cbs)
         frames, breaks = dynamo_counts()
         s = t.fit()
+        frames_now, breaks_now = dynamo_counts()
         rank = dist.get_rank()  # bytes this rank holds, as Engine.state_bytes counts them (local shards)
         res = dict(
             summary=s,
@@ -62,8 +63,8 @@ def main(spec_path, out_dir):
             engine=t.engine.name,
             param_bytes=s["state_bytes_per_rank"][rank]["params"],
             optim_bytes=s["state_bytes_per_rank"][rank]["optim"],
-            compiled_frames=dynamo_counts()[0] - frames,
-            graph_breaks={k: n - breaks.get(k, 0) for k, n in dynamo_counts()[1].items() if n > breaks.get(k, 0)},
+            compiled_frames=frames_now - frames,
+            graph_breaks={k: n - breaks.get(k, 0) for k, n in breaks_now.items() if n > breaks.get(k, 0)},
         )
         (out / case["name"]).mkdir(parents=True, exist_ok=True)
         torch.save(res, out / case["name"] / f"rank{rank}.pt")

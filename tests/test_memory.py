@@ -181,21 +181,27 @@ def test_what_a_block_keeps_is_the_derived_bytes(family, precision, dropout):
         assert got == memory.layer_bytes_per_token(shape, prec, policy, micro_batch=B, device="cpu") * B * T, policy
 
 
+def cpu_engine(family, precision, ac, **model):
+    "The config and CPU engine of a 4-layer `family` model (T=64) in `precision` with checkpointing `ac`."
+    from scaletrain.activations import apply_activation_checkpointing
+
+    cfg = Config()
+    shape = dict(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=257, **FAMILY_SHAPES[family])
+    cfg.model = ModelConfig(**shape, **model)
+    cfg.memory.precision, cfg.memory.activation_checkpointing = precision, ac
+    torch.manual_seed(0)
+    m = build_model(cfg.model)
+    if precision == "bf16-true":
+        m = m.to(torch.bfloat16)
+    return cfg, Engine(apply_activation_checkpointing(m, cfg.memory), cfg, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize(
     "precision,ac,accum", [("fp32", "every_k", 1), ("bf16-mixed", "selective", 2), ("bf16-true", "full", 1)]
 )
 def test_estimated_peak_tracks_the_measured_peak_on_cpu(family, precision, ac, accum):
-    cfg = Config()
-    cfg.model = ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=257, **FAMILY_SHAPES[family])
-    cfg.memory.precision, cfg.memory.activation_checkpointing = precision, ac
-    from scaletrain.activations import apply_activation_checkpointing
-
-    torch.manual_seed(0)
-    m = build_model(cfg.model)
-    if precision == "bf16-true":
-        m = m.to(torch.bfloat16)
-    eng = Engine(apply_activation_checkpointing(m, cfg.memory), cfg, torch.device("cpu"))
+    cfg, eng = cpu_engine(family, precision, ac)
     mbs = [(torch.randint(0, 257, (4, 64)), torch.randint(0, 257, (4, 64))) for _ in range(accum)]
     peak = measure_step(eng, mbs)["peak"]
     est = estimate(cfg, precision=precision, micro_batch=4, grad_accum=accum, ac=ac, device="cpu")
@@ -407,18 +413,8 @@ def test_a_cpu_step_with_dropout_is_estimated_and_what_is_not_modelled_is_said(f
     # dropout on CPU: SDPA's math kernel keeps (heads, T, T) tensors, dropout its noise; eager blocks are counted (the
     # whole step's peak within 5 %), while compiled blocks (inductor picks what to keep by size) are named in the notes
     from dataclasses import replace
-    from scaletrain.activations import apply_activation_checkpointing
 
-    cfg = Config()
-    cfg.model = ModelConfig(
-        n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=257, dropout=0.1, **FAMILY_SHAPES[family]
-    )
-    cfg.memory.precision, cfg.memory.activation_checkpointing = precision, ac
-    torch.manual_seed(0)
-    m = build_model(cfg.model)
-    if precision == "bf16-true":
-        m = m.to(torch.bfloat16)
-    eng = Engine(apply_activation_checkpointing(m, cfg.memory), cfg, torch.device("cpu"))
+    cfg, eng = cpu_engine(family, precision, ac, dropout=0.1)
     eng.model.train()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 257, (8, 64), generator=g), torch.randint(0, 257, (8, 64), generator=g)
