@@ -1,13 +1,15 @@
 """Trainer overhead: scaletrain's Trainer against a hand-written PyTorch loop, same model, batches and optimizer.
 
-    python benchmarks/overhead_cpu.py [--steps 30] [--rounds 3] [--device cpu|cuda] [--out DIR]
+    python benchmarks/overhead_cpu.py [--steps 30] [--rounds 3] [--device cpu|cuda] [--out DIR] [key=value ...]
 
 Both loops do the same work per step: forward, cross-entropy, backward, grad-norm clipping, AdamW with the
 same parameter groups and learning-rate schedule, and read the loss back (`.item()`), as the Trainer logs it.
 The Trainer additionally writes metrics.jsonl and drives tqdm and its callbacks: that is the overhead measured.
 Step time = wall time between the starts of consecutive steps (so the Trainer's logging is inside it),
 median over the timed steps; the two loops alternate for `--rounds` rounds and the medians of rounds are compared.
-Prints the ratio trainer/raw (target <= 1.05) and writes one JSON line to OUT/overhead.jsonl.
+Prints the ratio trainer/raw (target <= 1.05) and writes one JSON line to OUT/overhead.jsonl. Config overrides
+(`model.n_layer=2 model.n_embd=32 ...`) change the model: a tiny one makes the step host-bound, so the difference
+is the Trainer's own host work per step.
 """
 
 import argparse
@@ -81,6 +83,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("overrides", nargs="*", help="config key=value, e.g. model.n_layer=2 model.n_embd=32")
     a = ap.parse_args()
     overrides = [
         f"train.steps={a.steps}",
@@ -89,6 +92,7 @@ def main():
         "train.ckpt_every=0",
         f"train.device={a.device}",
         "train.warmup_steps=2",
+        *a.overrides,
     ]
     task = LMTask(load_config(overrides=overrides), show_progress=False)  # same data and model shape as the Trainer
     cfg = task.resolved(task.cfg)  # the vocabulary the tokenizer sets
@@ -112,6 +116,7 @@ def main():
             family=cfg.model.family, n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, block_size=cfg.model.block_size
         ),
         micro_batch=int(cfg.train.micro_batch),
+        overrides=a.overrides,
         steps=a.steps,
         rounds=a.rounds,
         raw_ms=round(raw_s * 1e3, 2),
