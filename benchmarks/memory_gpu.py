@@ -47,7 +47,7 @@ from scaletrain.config import Config, ModelConfig
 from scaletrain.loop import Loop
 from scaletrain.models.spec import build_model, get_spec
 from scaletrain.parallel import build_engine
-from scaletrain.memory import estimate_config, measure_step, TensorMemoryTracker, GiB
+from scaletrain.memory import AllocatorMemoryTracker, estimate_config, measure_step, GiB
 
 # "selective" runs as a run would (memory.selective_compile=auto: its blocks compiled on CUDA with Triton);
 # "selective-eager" is the same policy with memory.selective_compile=off
@@ -73,30 +73,34 @@ def measure(eng, batch, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         Loop.of(eng).train_step([batch], 1e-4)
     sync()
-    # activation memory: allocated after forward + loss, minus before; and what the blocks alone leave behind
-    tracker = None if cuda else TensorMemoryTracker(dev).track(eng.module, eng.optimizer, *batch)
-    now = (lambda: (sync(), torch.cuda.memory_allocated(dev))[1]) if cuda else (lambda: tracker.now)
+    # activation memory: allocated after forward + loss, minus before; and what the blocks alone leave behind. On
+    # CPU the allocator's events (AllocatorMemoryTracker) count compiled code's buffers; marks record the live bytes
+    tracker = None if cuda else AllocatorMemoryTracker(dev).track(eng.module, eng.optimizer, *batch)
+    marks = {}
+    mark = (lambda k: marks.__setitem__(k, (sync(), torch.cuda.memory_allocated(dev))[1])) if cuda else tracker.mark
     # around the blocks, on the (never compiled) modules just before and after them: the family's last embedding
     # module (its dropout) and its final norm
-    m, marks = eng.module, {}
+    m = eng.module
     spec = get_spec(eng.cfg.model.family)
     hooks = [
-        getattr(m, spec.first_modules[-1]).register_forward_hook(lambda mod, a, o: marks.__setitem__("in", now())),
-        getattr(m, spec.last_modules[0]).register_forward_pre_hook(lambda mod, a: marks.__setitem__("out", now())),
+        getattr(m, spec.first_modules[-1]).register_forward_hook(lambda mod, a, o: mark("in")),
+        getattr(m, spec.last_modules[0]).register_forward_pre_hook(lambda mod, a: mark("out")),
     ]
     try:
         if cuda:
-            base = now()
+            mark("base")
             loss = eng.forward_loss(*batch)
-            act = now() - base
+            mark("loss")
         else:
             with tracker:
-                base = now()
+                tracker.mark("base")
                 loss = eng.forward_loss(*batch)
-                act = now() - base
+                tracker.mark("loss")
+            marks = tracker.marks
     finally:
         for h in hooks:
             h.remove()
+    act = marks["loss"] - marks["base"]
     del loss
     eng.optimizer.zero_grad(set_to_none=True)
     peak = measure_step(eng, [batch], 1e-4, warm=False)["peak"]  # of a whole step
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(
         f"memory_gpu: {a.family} {n_params / 1e6:.1f}M params, micro-batch {mb} x {T} tokens, on {dev_name}; "
-        f"peak = {'torch.cuda.max_memory_allocated' if dev.type == 'cuda' else 'tracked tensor storages (CPU)'}"
+        f"peak = {'torch.cuda.max_memory_allocated' if dev.type == 'cuda' else 'the CPU allocator (torch.profiler)'}"
     )
     unit = GiB if dev.type == "cuda" else 2**20
     uname = "GiB" if dev.type == "cuda" else "MiB"

@@ -23,8 +23,8 @@ from .models.spec import ModelShape, get_spec, stage_blocks
 __all__ = ['GPT3_FAMILY', 'PLAN_PRECISIONS', 'AC_POLICIES', 'FFN_SAVED', 'FFN_SAVED_COMPILED', 'GiB', 'FAIRSCALE_BUCKET',
            'AUTO_MAX_MICRO_BATCH', 'shape_for_params', 'Precision', 'fsdp_like', 'precision_bytes',
            'norm_bytes_per_token', 'layer_bytes_per_token', 'end_bytes_per_token', 'MemoryEstimate', 'estimate',
-           'config_vocab', 'estimate_config', 'model_state_bytes', 'TensorMemoryTracker', 'measure_step',
-           'available_memory', 'find_micro_batch']
+           'config_vocab', 'estimate_config', 'model_state_bytes', 'TensorMemoryTracker', 'AllocatorMemoryTracker',
+           'measure_step', 'available_memory', 'find_micro_batch']
 
 # %% ../nbs/4_estimate/40_memory.ipynb #3d677301
 # (layers, hidden, heads): Brown et al. 2020, Table 2.1 (125M ... 175B); (48, 7168, 56) ~30B; (80, 8192, 64) Llama 2 70B
@@ -671,12 +671,25 @@ def model_state_bytes(module: torch.nn.Module, optimizer=None) -> dict:
 
 
 class TensorMemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
-    "Live and peak bytes of tensor storages on `device` created inside the context (plus `track(...)`-ed ones)."
+    """Live and peak bytes of tensor storages on `device` created inside the context (plus `track(...)`-ed ones).
+    Eager code only: compiled code runs eagerly inside it (`AllocatorMemoryTracker` measures it compiled)."""
 
     def __init__(self, device="cpu"):
         super().__init__()
         self.device = torch.device(device).type
         self.live, self.now, self.peak = {}, 0, 0
+
+    def __enter__(self):
+        # dynamo skips a compiled frame under a dispatch mode, and for good: force eager instead, which lasts only
+        # as long as the context, so compiled code is compiled again after it
+        self._stance = torch.compiler.set_stance("force_eager")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._stance.__exit__(*exc)
 
     def _add(self, t):
         if not isinstance(t, torch.Tensor) or t.device.type != self.device:
@@ -723,10 +736,77 @@ class TensorMemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+class AllocatorMemoryTracker:
+    """Live and peak bytes on a CPU of the code run inside the context, from the allocator's own events
+    (`torch.profiler`, `profile_memory=True`): compiled code's buffers included, `torch.compile` left alone. Tensors
+    that exist before are counted through `track(...)` (modules, optimizers, tensors), as `TensorMemoryTracker`
+    counts them. `mark(name)` inside the context records the live bytes at that point in `marks[name]`. The counts
+    are computed when the context exits."""
+
+    MARK = "scaletrain.memory.mark:"
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device).type
+        if self.device != "cpu":
+            raise ValueError(f"AllocatorMemoryTracker: device {device!r}: only cpu (a GPU has its allocator's stats)")
+        self.base, self.now, self.peak, self.marks = {}, 0, 0, {}
+
+    def track(self, *objs):
+        "Count already existing tensors: modules (params, grads, buffers), optimizers (state), tensors."
+        held = TensorMemoryTracker(self.device).track(*objs)
+        self.base = {ptr: n for ptr, (n, _) in held.live.items()}
+        self.now = self.peak = held.now
+        return self
+
+    def mark(self, name: str):
+        "Record the live bytes now under `name` (read after the context exits)."
+        with torch.profiler.record_function(self.MARK + name):
+            pass
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        # kineto writes two lines to the process's stderr for every profile unless told its level (read on first use)
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        events = []  # (time, order, pointer or mark name, bytes: + allocated, - freed); a mark before a same-time event
+        stack = list(self._prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            f = node.extra_fields
+            if type(f).__name__ == "_ExtraFields_Allocation":
+                if f.device.type == self.device:
+                    events.append((node.start_time_ns, 1, f.ptr, f.alloc_size))
+            elif node.name.startswith(self.MARK):
+                events.append((node.start_time_ns, 0, node.name[len(self.MARK) :], 0))
+        live, base = {}, dict(self.base)
+        now = peak = sum(base.values())
+        for _, kind, key, n in sorted(events, key=lambda e: (e[0], e[1])):
+            if kind == 0:
+                self.marks[key] = now
+            elif n > 0:
+                live[key] = n
+                now += n
+                peak = max(peak, now)
+            elif key in live:  # freed: allocated inside the context, or one of the tracked tensors
+                now -= live.pop(key)
+            elif key in base:
+                now -= base.pop(key)
+        self.now, self.peak = now, peak
+        return False
+
+
 def measure_step(engine, micro_batches, lr: float = 1e-3, warm: bool = True) -> dict:
-    """Peak tensor bytes (tracked) and wall time of one training step (`Loop.train_step`, the Trainer's; after one
-    warm-up step when `warm`), with the bytes of parameters, gradients (as held after backward) and optimizer state
-    (`Engine.state_bytes`)."""
+    """Peak bytes and wall time of one training step (`Loop.train_step`, the Trainer's; after one warm-up step when
+    `warm`), with the bytes of parameters, gradients (as held after backward) and optimizer state
+    (`Engine.state_bytes`). The peak is the allocator's: CUDA's statistics, or on CPU `AllocatorMemoryTracker`
+    (compiled code measured compiled); the time on CPU includes the profiler's cost."""
     from scaletrain.loop import Loop  # the step itself (imported here: planning needs no training code)
 
     step = Loop.of(engine).train_step
@@ -740,7 +820,7 @@ def measure_step(engine, micro_batches, lr: float = 1e-3, warm: bool = True) -> 
         step(micro_batches, lr)
         torch.cuda.synchronize(dev)
         return dict(peak=torch.cuda.max_memory_allocated(dev), time=time.perf_counter() - t0, **engine.state_bytes())
-    tr = TensorMemoryTracker(dev).track(engine.module, engine.optimizer, *[t for mb in micro_batches for t in mb])
+    tr = AllocatorMemoryTracker(dev).track(engine.module, engine.optimizer, *[t for mb in micro_batches for t in mb])
     t0 = time.perf_counter()
     with tr:
         step(micro_batches, lr)
