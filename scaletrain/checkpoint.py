@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import stat
+import time
 import warnings
 from pathlib import Path
 import torch
@@ -22,11 +23,12 @@ from .errors import CheckpointError, DiskFull, first_line
 from .files import atomic_write, atomic_write_text, disk_full_error, free_bytes
 
 # %% auto #0
-__all__ = ['POINTER_FAMILY', 'MANIFEST', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders', 'pointed_checkpoint',
-           'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint', 'read_metadata',
-           'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'agree_failure', 'write_checkpoint',
-           'nonfinite_tensor', 'prune', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint',
-           'load_model_weights', 'checkpoint_config', 'export_safetensors', 'load_safetensors', 'safetensors_config']
+__all__ = ['POINTER_FAMILY', 'MANIFEST', 'READERS', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders',
+           'pointed_checkpoint', 'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint',
+           'read_metadata', 'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'agree_failure',
+           'write_checkpoint', 'nonfinite_tensor', 'prune', 'reading', 'save_checkpoint', 'read_trainer_state',
+           'load_checkpoint', 'load_model_weights', 'checkpoint_config', 'export_safetensors', 'load_safetensors',
+           'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -504,10 +506,33 @@ def nonfinite_tensor(sd: dict) -> str | None:
     return bad
 
 
+READERS = ".readers"  # under checkpoints/: one file per live reader of a checkpoint, which pruning leaves alone
+
+
+def _readers(d: Path) -> list:
+    "Live processes reading checkpoint folder `d` (`reading`); the files of dead ones are removed."
+    from scaletrain.procs import pid_alive
+
+    live = []
+    for f in (d.parent / READERS).glob(f"{d.name}.*"):
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue  # being written: counts as live only once it says who
+        if pid_alive(r.get("pid", -1), r.get("start")):
+            live.append(r["pid"])
+        else:
+            f.unlink(missing_ok=True)
+    return live
+
+
 def prune(ck: Path, kept: Path, keep: int) -> None:
     """Retention, by step number (not by name): `kept` (just written) and the `keep - 1` newest of its family before
     it stay. Folders of later steps are from steps a resumed run discarded (it went on from an earlier checkpoint):
-    they go too, so `latest` and the steps on disk tell one story."""
+    they go too, so `latest` and the steps on disk tell one story. A folder another process is reading (`reading`:
+    an export of the running job) stays until a later save finds it free. A folder goes by a rename first, so a
+    reader never sees half of one; its readers are asked again after the rename, which closes the race with one
+    that came between."""
     family = kept.name.rsplit("_", 1)[0]
     if (step := checkpoint_step(kept.name, family)) is None:
         return
@@ -515,7 +540,63 @@ def prune(ck: Path, kept: Path, keep: int) -> None:
     earlier = [d for n, d in steps if n < step]
     later = [d for n, d in steps if n > step]
     for d in earlier[: max(0, len(earlier) - (keep - 1))] + later:
-        shutil.rmtree(d, ignore_errors=True)
+        if _readers(d):
+            continue
+        gone = ck / f".pruned-{d.name}-{os.getpid()}"
+        try:
+            d.rename(gone)
+        except OSError:
+            continue
+        if _readers(d):  # a reader pinned it between the two looks: put it back
+            gone.rename(d)
+            continue
+        shutil.rmtree(gone, ignore_errors=True)
+    for left in ck.glob(".pruned-*"):  # what a crash mid-prune left behind
+        shutil.rmtree(left, ignore_errors=True)
+
+
+def reading(path, read, tries: int = 5):
+    """`read(ck)` on the checkpoint `path` names (a run folder: its newest), kept on disk while it runs: a run that is
+    still training prunes old checkpoints (`train.keep_checkpoints`), and skips one a live reader has pinned
+    (`checkpoints/.readers/<step>.<pid>`, removed afterwards). A checkpoint pruned before the pin took is read again
+    from the new newest. A run folder one cannot write to is read unpinned. Returns what `read` returns."""
+    from scaletrain.procs import proc_start
+
+    for i in range(tries):
+        try:
+            ck = resolve_checkpoint(path)
+        except CheckpointError:  # `latest` read just before a running job moved it on and pruned what it named
+            if i == tries - 1 or not Path(path, "checkpoints").is_dir():
+                raise
+            time.sleep(0.05 * (i + 1))
+            continue
+        pin = ck.parent / READERS / f"{ck.name}.{os.getpid()}"
+        if ck.parent.name != "checkpoints":
+            pin = None
+        else:
+            for _ in range(2):  # twice: another reader may remove the empty .readers folder as we make our pin
+                try:
+                    pin.parent.mkdir(exist_ok=True)
+                    atomic_write_text(pin, json.dumps(dict(pid=os.getpid(), start=proc_start(os.getpid()))))
+                    break
+                except OSError:
+                    continue
+            else:
+                pin = None
+        try:
+            if is_complete(ck):
+                return read(ck)
+        finally:
+            if pin is not None:
+                pin.unlink(missing_ok=True)
+                try:
+                    pin.parent.rmdir()  # the last reader leaves the run folder as it found it
+                except OSError:
+                    pass
+    raise CheckpointError(
+        f"checkpoint {path}: the running job pruned each newest checkpoint before it could be read ({tries} tries); "
+        "give one of its checkpoints/step_* folders, or raise train.keep_checkpoints"
+    )
 
 
 def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:
@@ -548,13 +629,43 @@ def _dcp_load(sd: dict, path: Path, what: str) -> None:
         raise CheckpointError(f"checkpoint {path}: {what} ({type(e).__name__}: {first_line(e)})") from None
 
 
+def _set_aside_groups(sd: dict, keys) -> list | None:
+    """Take out of the template `sd` the optimizer group entries the checkpoint (its metadata `keys`) does not hold,
+    and return them, to be put back after loading. A hyper-parameter another layout's optimizer did not have (a
+    scheduler's `initial_lr`, a fused flag) keeps its current value; groups split differently, or none saved (a
+    ZeRO checkpoint written before 2026-12-05), keep all the current ones. Each state tensor is still asked for."""
+    groups = sd.get("optim", {}).get("param_groups")
+    if not groups:
+        return None
+    saved = {int(k.split(".")[2]) for k in keys if k.startswith("optim.param_groups.")}
+    if saved != set(range(len(groups))) or any(f"optim.param_groups.{i}.params" not in keys for i in saved):
+        return sd["optim"].pop("param_groups")
+    aside = []
+    for i, g in enumerate(groups):
+        missing = [k for k in g if f"optim.param_groups.{i}.{k}" not in keys]
+        aside.append({k: g.pop(k) for k in missing})
+    return aside
+
+
+def _put_back_groups(sd: dict, aside) -> None:
+    if aside is None:
+        return
+    if "param_groups" not in sd["optim"]:
+        sd["optim"]["param_groups"] = aside
+        return
+    for g, extra in zip(sd["optim"]["param_groups"], aside):
+        g.update(extra)
+
+
 def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     "Collective: load model, optimizer and extra state into `engine`; returns the trainer state."
     path = verify_checkpoint(resolve_checkpoint(path), collective=True)
     st = read_trainer_state(path)
     sd = engine.state_dict()
     check_tensors(path, sd["model"])
+    aside = _set_aside_groups(sd, set(read_metadata(path).state_dict_metadata))
     _dcp_load(sd, path, "cannot be loaded into this model")
+    _put_back_groups(sd, aside)
     engine.load_state_dict(sd)
     engine.load_extra_state(st.get("engine", {}))
     rf = path / "rng" / f"rank{process_rank()}.pt"
@@ -591,15 +702,17 @@ def export_safetensors(path, out) -> Path:
     from safetensors.torch import save_model
     from scaletrain.models.spec import build_model
 
-    ck = resolve_checkpoint(path)
-    cfg = checkpoint_config(ck)
-    if cfg.finetune.labels:  # its head is a classifier's: the compress stage exports those, labels and all
-        raise CheckpointError(
-            f"checkpoint {path}: a fine-tuned classifier; export it with: scaletrain compress {path} "
-            "--prune none --quant none (writes model_float.safetensors for load_for_inference)"
-        )
-    model = build_model(cfg.model)
-    st = load_model_weights(ck, model)
+    def read(ck):
+        cfg = checkpoint_config(ck)
+        if cfg.finetune.labels:  # its head is a classifier's: the compress stage exports those, labels and all
+            raise CheckpointError(
+                f"checkpoint {path}: a fine-tuned classifier; export it with: scaletrain compress {path} "
+                "--prune none --quant none (writes model_float.safetensors for load_for_inference)"
+            )
+        model = build_model(cfg.model)
+        return cfg, model, load_model_weights(ck, model)
+
+    cfg, model, st = reading(path, read)  # a running job's newest checkpoint: kept on disk while it is read
     meta = {"scaletrain_config": json.dumps(to_dict(cfg)), "step": str(st.get("step", 0))}
     return atomic_write(out, lambda tmp: save_model(model, tmp, metadata=meta))
 

@@ -20,10 +20,10 @@ from .procs import check_layout, child_env, restart_resumes, run_foreground, tor
 from .runlock import RunLock
 
 # %% auto #0
-__all__ = ['COMMANDS', 'fail', 'OneLineParser', 'add_launch_args', 'train_parser', 'check_launch_args', 'launch_ranks',
-           'train_main', 'run_rank', 'rank_main', 'export_main', 'plan_parser', 'plan_main', 'launch_parser',
-           'launch_main', 'finetune_parser', 'finetune_main', 'finetune_report', 'finetune_rank_main', 'sweep_parser',
-           'sweep_main', 'compress_parser', 'compress_main', 'data_parser', 'data_main', 'main']
+__all__ = ['COMMANDS', 'fail', 'OneLineParser', 'parse_overrides', 'add_launch_args', 'train_parser', 'check_launch_args',
+           'launch_ranks', 'train_main', 'run_rank', 'rank_main', 'export_main', 'plan_parser', 'plan_main',
+           'launch_parser', 'launch_main', 'finetune_parser', 'finetune_main', 'finetune_report', 'finetune_rank_main',
+           'sweep_parser', 'sweep_main', 'compress_parser', 'compress_main', 'data_parser', 'data_main', 'main']
 
 # %% ../nbs/6_apps/65_cli.ipynb #cad41745
 def fail(msg: str, code: int = 2):
@@ -37,6 +37,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{self.prog.split()[-1]}: {message} (see --help)")
+
+
+def parse_overrides(p: argparse.ArgumentParser, argv, subcommands: bool = False) -> argparse.Namespace:
+    """`p.parse_args(argv)`, except that the `key=value` overrides (positionals) may come before, between or after the
+    options (argparse's intermixed parsing). With `subcommands` (`scaletrain data`, whose sub-parsers argparse cannot
+    intermix), the words left over that are not options join `overrides`. Not for `launch`: the words after its
+    target belong to the target (a user's script)."""
+    if not subcommands:
+        return p.parse_intermixed_args(argv)
+    a, extra = p.parse_known_args(argv)
+    if bad := [x for x in extra if x.startswith("-")]:
+        fail(f"{p.prog.split()[-1]} {getattr(a, 'what', '')}: unrecognized arguments: {' '.join(bad)} (see --help)")
+    a.overrides = [*a.overrides, *extra]
+    return a
 
 # %% ../nbs/6_apps/65_cli.ipynb #2f0730ae
 def add_launch_args(p: argparse.ArgumentParser):
@@ -100,7 +114,7 @@ def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
 
 
 def train_main(argv) -> int:
-    args = train_parser().parse_args(argv)
+    args = parse_overrides(train_parser(), argv)
     try:
         check_launch_args(args)
         cfg, run_dir, resume = prepare_run(
@@ -121,7 +135,7 @@ def run_rank(argv, prog: str, fit):
     p.add_argument("--run-dir", required=True)
     p.add_argument("--resume", action="store_true")
     p.add_argument("overrides", nargs="*", help="with --resume: config changes, saved once the checkpoint has loaded")
-    a = p.parse_args(argv)
+    a = parse_overrides(p, argv)
     try:
         try:
             cfg = load_config(Path(a.run_dir) / "config.yaml", a.overrides)
@@ -170,9 +184,11 @@ def export_main(argv) -> int:
     p.add_argument("--no-check", action="store_true", help="hf: skip loading the folder back with transformers")
     a = p.parse_args(argv)
     fmt = a.format if a.format != "auto" else ("safetensors" if a.out.endswith(".safetensors") else "hf")
-    if Path(a.out).exists() and not a.force:
-        fail(f"export: {a.out} already exists; pass --force to overwrite it")
     try:
+        from scaletrain.export import check_export_out
+
+        # before anything is written: OUT must not be (or hold, or lie in) the run, nor go through a file
+        check_export_out(a.checkpoint, a.out, "file" if fmt == "safetensors" else "folder", a.force)
         if fmt == "safetensors":
             from scaletrain.checkpoint import export_safetensors
 
@@ -188,6 +204,8 @@ def export_main(argv) -> int:
     checked = (
         f"transformers loads it with logits equal to ours (max relative difference {info['checked']:.1e})"
         if info["checked"] is not None
+        else "not checked with transformers (--no-check)"
+        if a.no_check
         else "not checked with transformers (pip install scaletrain[hf] to check)"
     )
     print(f"scaletrain: wrote {info['out']} ({size:.1f} MiB, step {info['step']}); {checked}")
@@ -301,9 +319,13 @@ def plan_main(argv) -> int:
     from scaletrain.memory import GiB
     from scaletrain.plan import Link, get_gpu, plan, why_nothing_fits
 
-    a = plan_parser().parse_args(argv)
+    a = parse_overrides(plan_parser(), argv)
     t0 = time.perf_counter()
     try:
+        if a.write_config:
+            from scaletrain.files import check_out_path
+
+            check_out_path(a.write_config, "plan: --write-config", "file")
         if a.write_config and Path(a.write_config).exists() and not a.force:
             raise ConfigError(f"plan: --write-config {a.write_config} already exists; pass --force to overwrite it")
         if a.top < 1:
@@ -321,14 +343,14 @@ def plan_main(argv) -> int:
         links = {}
         for name, bw, lat in (("intra", a.intra_bw, a.intra_lat), ("inter", a.inter_bw, a.inter_lat)):
             for flag, v in ((f"--{name}-bw", bw), (f"--{name}-lat", lat)):
-                if v is not None and not v > 0:
-                    raise ConfigError(f"plan: {flag}={v}: must be > 0")
+                if v is not None and not 0 < v < float("inf"):
+                    raise ConfigError(f"plan: {flag}={v}: must be a finite number > 0")
             if bw is not None or lat is not None:
                 cur = getattr(gpu, name)
                 links[name] = Link(bw * 1e9 if bw else cur.bandwidth, lat * 1e-6 if lat else cur.latency)
         if a.peak_tflops is not None:
-            if not a.peak_tflops > 0:
-                raise ConfigError(f"plan: --peak-tflops={a.peak_tflops}: must be > 0")
+            if not 0 < a.peak_tflops < float("inf"):
+                raise ConfigError(f"plan: --peak-tflops={a.peak_tflops}: must be a finite number > 0")
             links["peak_tflops"] = a.peak_tflops
         if a.tokens is not None and not a.tokens > 0:
             raise ConfigError(f"plan: --tokens={a.tokens}: must be > 0")
@@ -363,9 +385,26 @@ def plan_main(argv) -> int:
                     f"plan: --runnable: none of the layouts that fit is one scaletrain train runs (the best: "
                     f"{first.why_not})"
                 )
+        b = pl.best
+        if a.write_config:  # the layout to write is chosen (or refused) before anything is printed
+            if a.row is not None:
+                if a.row > len(pl.layouts):
+                    raise ConfigError(
+                        f"plan: --row={a.row}: the plan lists {len(pl.layouts)} layouts; give a row from 1 to "
+                        f"{len(pl.layouts)} (nothing written)"
+                    )
+                lay = pl.layouts[a.row - 1]
+                cfg = pl.to_config(lay)  # a layout scaletrain train cannot run is refused here, in one line
+            else:
+                lay = pl.best_runnable
+                if lay is None:
+                    raise ConfigError(
+                        f"plan: --write-config: none of the {len(pl.layouts)} layouts is one scaletrain train runs "
+                        f"today (row 1: {b.why_not}); nothing written"
+                    )
+                cfg = pl.to_config(lay)
         print(pl.header())
         print(pl.table(a.top))
-        b = pl.best
         costs = lambda l: (
             f"{l.memory / GiB:.1f} GiB per GPU, {l.step_time:.2f} s per step, {l.bill.days:.1f} days, "
             f"{l.bill.gpu_hours:.3g} GPU-hours, {l.bill.kwh:.3g} kWh, {l.bill.t_co2:.3g} t CO2, ${l.bill.cost:.3g}"
@@ -380,22 +419,9 @@ def plan_main(argv) -> int:
             row = pl.layouts.index(r) + 1
             print(f"Best that scaletrain train runs (row {row}): {r.describe()}: {costs(r)}. Row 1: {b.why_not}.")
         if a.write_config:
-            if a.row is not None:
-                if a.row > len(pl.layouts):
-                    raise ConfigError(f"plan: --row={a.row}: the plan lists {len(pl.layouts)} layouts")
-                lay = pl.layouts[a.row - 1]
-                cfg = pl.to_config(lay)  # a layout scaletrain train cannot run is refused here, in one line
-            else:
-                lay = pl.best_runnable
-                if lay is None:
-                    raise ConfigError(
-                        f"plan: --write-config: none of the {len(pl.layouts)} layouts is one scaletrain train runs "
-                        f"today (row 1: {b.why_not}); nothing written"
-                    )
-                cfg = pl.to_config(lay)
-                row = pl.layouts.index(lay) + 1
-                if row > 1:
-                    print(f"row 1 is not runnable by scaletrain train yet ({b.why_not}); writing row {row}")
+            row = pl.layouts.index(lay) + 1
+            if a.row is None and row > 1:
+                print(f"row 1 is not runnable by scaletrain train yet ({b.why_not}); writing row {row}")
             save_config(cfg, a.write_config)
             print(
                 f"wrote {a.write_config} ({lay.describe()}); run it with: scaletrain train --config {a.write_config} "
@@ -551,7 +577,7 @@ def finetune_main(argv) -> int:
     "`scaletrain finetune`: check everything here, then fine-tune in this process or launch torchrun (as `train` does)."
     from scaletrain.finetune import finetune, prepare
 
-    args = finetune_parser().parse_args(argv)
+    args = parse_overrides(finetune_parser(), argv)
     try:
         world = check_launch_args(args)
         if args.resume:
@@ -632,7 +658,7 @@ def sweep_parser() -> argparse.ArgumentParser:
 def sweep_main(argv) -> int:
     from scaletrain.sweep import parse_vary, sweep
 
-    a = sweep_parser().parse_args(argv)
+    a = parse_overrides(sweep_parser(), argv)
     try:
         if not a.vary:
             raise ConfigError("sweep: nothing to vary; give at least one --vary KEY=V1,V2,...")
@@ -696,10 +722,20 @@ def compress_main(argv) -> int:
 
     a = compress_parser().parse_args(argv)
     try:
-        if a.batch < 1 or a.repeats < 1 or a.threads < 0:
-            raise ConfigError(
-                f"compress: --batch={a.batch} and --repeats={a.repeats} must be >= 1, --threads={a.threads} >= 0"
-            )
+        for flag, v, low in (
+            ("--batch", a.batch, 1),
+            ("--repeats", a.repeats, 1),
+            ("--threads", a.threads, 0),
+            ("--recover-steps", a.recover_steps, 0),
+        ):
+            if v < low:
+                raise ConfigError(f"compress: {flag}={v}: must be a whole number >= {low}")
+        if not 0 < a.recover_lr < float("inf"):
+            raise ConfigError(f"compress: --recover-lr={a.recover_lr}: must be a finite number > 0")
+        if a.out:
+            from scaletrain.files import check_out_path
+
+            check_out_path(a.out, "compress: --out", "folder")
         rows = compress(
             a.run,
             a.out,
@@ -748,7 +784,7 @@ def data_main(argv) -> int:
     from scaletrain.config import prep_config
     from scaletrain.dataprep import check_prep, prepare
 
-    args = data_parser().parse_args(argv)
+    args = parse_overrides(data_parser(), argv, subcommands=True)
     prep_o = [o for o in args.overrides if o.strip().startswith("prep.")]
     rest = [o for o in args.overrides if o not in prep_o]
     try:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 from .config import to_dict
 from .errors import CheckpointError, ConfigError
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, check_out_path
 from .models.heads import build_classifier
 from .models.spec import spec_for
 from .plots import save_figure
@@ -291,10 +291,17 @@ def compress(
         check_quant(q)
     if split not in ("val", "test"):
         raise ConfigError(f"compress: split={split!r}: allowed: val | test")
+    if not (isinstance(recover_steps, int) and recover_steps >= 0):
+        raise ConfigError(f"compress: recover_steps={recover_steps}: must be a whole number >= 0")
+    if not 0 < recover_lr < float("inf"):
+        raise ConfigError(f"compress: recover_lr={recover_lr}: must be a finite number > 0")
+    for name, v in (("batch", batch), ("repeats", repeats)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ConfigError(f"compress: {name}={v}: must be a whole number >= 1")
     model, cfg = load_classifier(path)
     for q in quant:
         quant_layers_of(model, q, quant_layers)  # refuse a bad layer before any work
-    out = Path(out) if out else Path(path) / "compress"
+    out = check_out_path(out if out else Path(path) / "compress", "compress: --out", "folder")  # not through a file
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(
             f"compress: output folder {out} exists and is not empty; choose another --out or pass --force"

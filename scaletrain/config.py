@@ -514,21 +514,23 @@ def from_dict(d: dict, where: str = "config") -> Config:
     return cfg
 
 
-def load_config(path=None, overrides=()) -> Config:
-    "Defaults, then the YAML file at `path` (if any), then `overrides`; validated."
+def load_config(path=None, overrides=(), named: str = "") -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `overrides`; validated. `named`: how the user gave the
+    file, for its errors (default `--config PATH`; a resume says `--resume RUN: RUN/config.yaml`)."""
     cfg = Config()
     if path is not None:
         p = Path(path)
+        named = named or f"--config {path}"
         try:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
-            raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
+            raise ConfigError(f"{named}: cannot read ({e.strerror or e})") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"--config {path}: not a text file (not UTF-8); give a YAML config file") from None
+            raise ConfigError(f"{named}: not a text file (not UTF-8); give a YAML config file") from None
         try:
             d = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{named}: not valid YAML ({str(e).splitlines()[0]})") from None
         cfg = from_dict(d, where=str(path))
     apply_overrides(cfg, list(overrides))
     validate(cfg)

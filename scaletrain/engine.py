@@ -181,9 +181,15 @@ class OptimizerRecipe:
     def build(self, module: nn.Module) -> torch.optim.Optimizer:
         "The user's optimizer over `module`'s current parameters."
         groups = self.param_groups(module)
-        now = {id(p) for g in groups for p in g["params"]}
-        if self.instance is not None and now == {id(p) for g in self.instance.param_groups for p in g["params"]}:
-            return self.instance  # the same tensors (one process, DDP): the user's own object
+        inst = self.instance
+        whole = inst is not None and [len(g["params"]) for g in groups] == [len(g["params"]) for g in inst.param_groups]
+        if whole and not (self.kwargs.get("fused") and len(split_by_kind(groups)) != len(groups)):
+            # every parameter by name (one process and DDP: the same tensors; FSDP2 and TP: DTensors of the same
+            # names): the user's own object, pointed at them. It has no state yet (`of` refuses one that stepped),
+            # so a scheduler built on it before setup keeps driving the optimizer that steps.
+            for g, now in zip(inst.param_groups, groups):
+                g["params"] = now["params"]
+            return inst
         if self.factory is not None:  # called again, so a constructor of its own keeps working
             return self.factory([p for g in groups for p in g["params"]])
         try:
@@ -193,6 +199,26 @@ class OptimizerRecipe:
                 f"optimizer: cannot rebuild {self.cls.__name__} over the sharded parameters ({e}); "
                 f"pass a factory instead: lambda params: {self.cls.__name__}(params, ...)"
             ) from None
+
+    def retire(self, used: torch.optim.Optimizer, strategy: str) -> None:
+        """Where a strategy steps another optimizer than the user's object (`used`: ZeRO's sharded one, a pipeline
+        stage's), the user's object is retired loudly: a scheduler already attached to it would drive nothing, so
+        it is refused in one line, and its `step` raises instead of silently updating tensors nobody trains."""
+        inst = self.instance
+        if inst is None or used is inst:
+            return
+        name, kind = type(inst).__name__, type(used).__name__
+        how = f"under {strategy} the optimizer that steps is a {kind} that setup builds from it (loop.optimizer)"
+        if hasattr(inst.step, "_wrapped_by_lr_sched") or any("initial_lr" in g for g in inst.param_groups):
+            raise ConfigError(
+                f"optimizer: a learning-rate scheduler is attached to the {name} given, but {how}; "
+                "create the scheduler after setup, on loop.optimizer"
+            )
+
+        def step(*args, **kwargs):
+            raise ConfigError(f"optimizer: this {name} does not train the model: {how}; call loop.step()")
+
+        inst.step = step
 
 # %% ../nbs/3_parallel/30_engine.ipynb #56348b39
 def local_bytes(tensors) -> int:
@@ -268,6 +294,8 @@ class Engine:
         self.model = self.wrap(model)
         groups = (param_groups_fn or (lambda m: param_groups(m, cfg.train.weight_decay)))(self.module)
         self.optimizer = self.build_optimizer(groups)
+        if self.recipe is not None:
+            self.recipe.retire(self.optimizer, self.name)
         self.scaler = self.build_scaler()
         self._params = None  # listed at first use, after wrapping (FSDP2 swaps the parameters for DTensors)
 

@@ -11,11 +11,11 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from .errors import DiskFull
+from .errors import ConfigError, DiskFull
 
 # %% auto #0
-__all__ = ['UMASK', 'NO_SPACE', 'LOW_SPACE', 'atomic_write', 'atomic_write_text', 'read_json', 'fresh_folder', 'free_bytes',
-           'exception_chain', 'is_disk_full', 'disk_full_error']
+__all__ = ['UMASK', 'NO_SPACE', 'LOW_SPACE', 'atomic_write', 'atomic_write_text', 'read_json', 'fresh_folder', 'usual_modes',
+           'check_out_path', 'free_bytes', 'exception_chain', 'is_disk_full', 'disk_full_error']
 
 # %% ../nbs/0_core/01_files.ipynb #bb7fe007
 UMASK = os.umask(0)  # read once, at import: what we create gets the permissions `open` would give
@@ -83,6 +83,51 @@ def fresh_folder(out_dir, name: str = "", tag: str = "", exist_ok: bool = False)
         except FileExistsError:
             continue
     raise FileExistsError(f"{out_dir}: cannot create a fresh folder (1000 names taken)")
+
+
+def usual_modes(path) -> Path:
+    """Give folder `path` and everything in it the permissions `mkdir` and `open` would (`0o777`/`0o666` less the
+    umask): a folder built in a `tempfile.mkdtemp` (0700) and moved into place is then shared as a user expects."""
+    path = Path(path)
+    for p in [path, *path.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~UMASK)
+    return path
+
+
+def check_out_path(out, what: str, kind: str = "folder", protect=()) -> Path:
+    """Refuse, in one line (`ConfigError`), an output path `out` that could not be written or would destroy an input,
+    before anything is written or removed.
+
+    Args:
+        out: the file or folder to be written (it may exist: whether to replace it is the caller's business).
+        what: how the user named it, e.g. `'export: OUT'` or `'compress: --out'`: the start of the message.
+        kind: `'folder'` or `'file'`: an existing `out` of the other kind is refused.
+        protect: folders `out` must not be, lie inside, or contain (symlinks resolved): the run being read, say.
+
+    Returns: `out` as a `Path`."""
+    out = Path(out)
+    for parent in out.parents:  # `a_file/sub`: mkdir would fail with a traceback
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(
+                f"{what}={out}: {parent} is a file, so nothing can be made under it; give a path under a folder"
+            )
+        if parent.exists():
+            break
+    if out.exists() and kind == "folder" and not out.is_dir():
+        raise ConfigError(f"{what}={out}: is a file, not a folder; give a folder path")
+    if out.is_dir() and kind == "file":
+        raise ConfigError(f"{what}={out}: is a folder, not a file; give a file path")
+    real = out.resolve()
+    for p in protect:
+        r = Path(p).resolve()
+        how = "is" if real == r else "lies inside" if r in real.parents else "contains" if real in r.parents else ""
+        if how:
+            raise ConfigError(
+                f"{what}={out}: {how} {p}, which is being read; give an output path outside it "
+                "(nothing was written or removed)"
+            )
+    return out
 
 # %% ../nbs/0_core/01_files.ipynb #94bc9975
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

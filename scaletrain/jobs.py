@@ -151,7 +151,8 @@ def resume_config(run_dir, overrides=()) -> Config:
     `model.hf_path` folder that has moved is replaced by the run's copy of its config.json (`hub.resume_source`)."""
     from scaletrain.checkpoint import checkpoint_config, resolve_checkpoint
 
-    cfg = load_config(Path(run_dir) / "config.yaml", overrides)
+    path = Path(run_dir) / "config.yaml"
+    cfg = load_config(path, overrides, named=f"--resume {run_dir}: {path}")  # what the user typed was --resume
     cfg.model = resume_source(cfg.model, run_dir)
     resume_changes(checkpoint_config(resolve_checkpoint(run_dir)), cfg)
     return cfg

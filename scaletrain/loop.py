@@ -108,7 +108,9 @@ class Loop:
 
     # ---- the step ----
     def autocast(self):
-        "The forward's precision context (`memory.precision`; FSDP2 casts by its own policy, so a no-op there)."
+        """The forward's precision context (`memory.precision`). Under FSDP2, which casts by its own policy, a no-op
+        for the built-in families and autocast for a user's model (`ModelSpec.fsdp_autocast`: its fp32 buffers meet
+        16-bit weights)."""
         return self.engine.forward_ctx()
 
     def forward_loss(self, inputs, target, loss_fn=None) -> torch.Tensor:
@@ -326,7 +328,7 @@ def setup(
         block_cls: the class (or name) of the repeated blocks; default: the model's family spec, else auto-detected.
         tp_plan: `{module path inside a block: style}` for `parallel.tp > 1` (styles: `models.spec.TP_STYLES`).
         pp_split, pp_example: pipeline cut points (module paths where stages 2, 3, ... begin) and an example input
-            batch, for `parallel.pp > 1`.
+            batch shaped as `pipeline_step` will get it (this rank's share), for `parallel.pp > 1`.
         loss_fn: `loss_fn(output, target)`, run on the last pipeline stage (pipelines only; required there).
         verbose: print the start-up line on rank 0.
 

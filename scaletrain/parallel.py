@@ -19,8 +19,8 @@ from .registry import load_target
 from .tensor_parallel import apply_tensor_parallel, plan_targets
 
 # %% auto #0
-__all__ = ['meta_model', 'check', 'check_compile_scope', 'compile_blocks', 'compiled_loss', 'blocks_compiled', 'compiled_what',
-           'prepare_stage', 'build_engine']
+__all__ = ['meta_model', 'check', 'block_wise', 'check_compile_scope', 'compile_blocks', 'compiled_loss', 'blocks_compiled',
+           'compiled_what', 'prepare_stage', 'build_engine']
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #dfb6e54f
 def meta_model(cfg: Config) -> nn.Module:
@@ -44,12 +44,17 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
     if spec.from_config and spec.name != cfg.model.family:  # a model passed in Python has no config family
         raise ConfigError(f"config: model.family={cfg.model.family}, but the model given is of family {spec.name}")
     spec.check_model(model)
+    if getattr(spec, "no_blocks", "") and (needs := block_wise(cfg, dims)):
+        raise ConfigError(
+            f"{needs} works block by block, but {spec.no_blocks} (a model without blocks runs on one process, "
+            "ddp or zero1, without activation checkpointing, compiled with train.compile_scope=model)"
+        )
     if dims.cp > 1 and not spec.context_parallel:
         raise ConfigError(
             f"parallel.cp={dims.cp} with a model of family {spec.name}: context parallelism needs a family whose "
             "attention and positions go through scaletrain.context_parallel (gpt, llama); use parallel.cp=1"
         )
-    depth = spec.depth(model)
+    depth = spec.depth(model) if block_wise(cfg, dims) else 0  # (a model may have no blocks: see `block_wise`)
     if dims.pp > 1:
         spec.check_pipeline(dims.n_stages, dims.pp_schedule, cfg)
     if dims.pp > 1 and dims.n_stages > depth:
@@ -76,6 +81,21 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
     loss_chunk(cfg, spec)  # memory.chunked_loss=on where it cannot run: refused here, before launch
     check_compile_scope(cfg, dims)
     return dims
+
+
+def block_wise(cfg: Config, dims: ParallelDims) -> str:
+    """The first part of the layout that works block by block, in words; '' when none, so that a model without
+    repeated blocks (a plain MLP passed in Python) can run it."""
+    mem = cfg.memory
+    if dims.tp > 1 or dims.pp > 1:
+        return f"parallel.tp={dims.tp}, pp={dims.pp}"
+    if dims.engine.startswith("scaletrain.strategies.fsdp:"):  # FSDP2 wraps each block (fsdp, zero2, hsdp)
+        return f"parallel.strategy={cfg.parallel.strategy}"
+    if mem.activation_checkpointing != "none":
+        return f"memory.activation_checkpointing={mem.activation_checkpointing}"
+    if cfg.train.compile and cfg.train.compile_scope == "block":
+        return "train.compile=true with train.compile_scope=block"
+    return ""
 
 
 def check_compile_scope(cfg: Config, dims: ParallelDims) -> None:
@@ -135,8 +155,9 @@ def prepare_stage(stage: nn.Module, cfg: Config, spec: ModelSpec, mesh, dims: Pa
     if dims.tp > 1:
         apply_tensor_parallel(stage, spec, mesh["tp"], dims.sequence_parallel)
     mem = cfg.memory
-    keys = spec.block_modules(stage).keys()
-    if mem.activation_checkpointing != "none" and checkpointed_blocks(keys, mem.activation_checkpointing, mem.ac_every):
+    if mem.activation_checkpointing != "none" and checkpointed_blocks(
+        spec.block_modules(stage).keys(), mem.activation_checkpointing, mem.ac_every
+    ):
         apply_activation_checkpointing(stage, mem, spec)
     if cfg.train.compile and cfg.train.compile_scope == "model":
         stage.compile()  # one graph, the loss inside it (`build_engine` passes it as the model's loss head)

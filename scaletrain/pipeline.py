@@ -27,6 +27,7 @@ class PipelineEngine(ParallelEngine):
         self.pp_group = self.pp_mesh.get_group()
         self.pp_rank, self.pp_size = self.pp_mesh.get_local_rank(), dims.pp
         self.n_stages, self.n_mb = dims.n_stages, dims.microbatches
+        self.traced_shapes = None  # a traced model's micro-batch shapes (`_trace`)
         # FSDP2 on every stage: the strategies that shard gradients, on more than one data-parallel rank
         self.fsdp = dims.replicas > 1 and "grads" in dims.strategy_entry.shards
         self.reshard_after_forward = dims.strategy != "zero2"
@@ -98,8 +99,28 @@ class PipelineEngine(ParallelEngine):
         from torch.distributed.pipelining import SplitPoint, pipeline
 
         ex = spec.pp_example if isinstance(spec.pp_example, tuple) else (spec.pp_example,)
+        rows = next((t.shape[0] for t in ex if torch.is_tensor(t) and t.dim()), None)
+        if rows is None or rows % self.n_mb:
+            raise ConfigError(
+                f"pp_example: {rows or 'no'} rows, which do not split into parallel.microbatches={self.n_mb} "
+                "equal micro-batches; pass one batch as pipeline_step will get it (this rank's share)"
+            )
         mb = tuple(t.tensor_split(self.n_mb)[0] if torch.is_tensor(t) else t for t in ex)
+        # stages send fixed shapes to each other: every batch must split into micro-batches of these
+        self.traced_shapes = [tuple(t.shape) for t in mb if torch.is_tensor(t)]
         return pipeline(model, mb_args=mb, split_spec={p: SplitPoint.BEGINNING for p in spec.pp_split})
+
+    def _check_shapes(self, x):
+        "A traced pipeline's batch must split into micro-batches of the example's shape (else torch says nothing)."
+        xs = x if isinstance(x, tuple) else (x,)
+        got = [tuple(t.tensor_split(self.n_mb)[0].shape) for t in xs if torch.is_tensor(t)]
+        if got != self.traced_shapes or any(t.shape[0] % self.n_mb for t in xs if torch.is_tensor(t)):
+            shapes = [tuple(t.shape) for t in xs if torch.is_tensor(t)]
+            raise ConfigError(
+                f"pipeline_step: a batch of shape {shapes[0] if len(shapes) == 1 else shapes} in "
+                f"parallel.microbatches={self.n_mb} gives micro-batches of {got}, but the pipeline was traced on "
+                f"pp_example's {self.traced_shapes}; give pp_example a batch shaped like the ones you step with"
+            )
 
     @property
     def is_first(self):
@@ -110,6 +131,8 @@ class PipelineEngine(ParallelEngine):
         return self.n_stages - 1 in self.stage_ids
 
     def _run(self, x, y, train: bool):
+        if self.traced_shapes is not None:
+            self._check_shapes(x)
         x, y = self.cp_shard(x, y)  # every stage runs on this rank's part of the sequences
         losses = [] if self.is_last else None
         args = (x,) if self.is_first else ()

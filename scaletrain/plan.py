@@ -638,12 +638,14 @@ def plan(
     dev = get_gpu(gpu)
     if links:
         dev = replace(dev, **links)
-    nodes = nodes or max(1, math.ceil(gpus / dev.per_node))
-    if nodes < 1 or gpus % nodes:
-        raise ConfigError(f"plan: --nodes={nodes}: must divide --gpus={gpus}")
+    nodes = max(1, math.ceil(gpus / dev.per_node)) if nodes is None else nodes
+    if not isinstance(nodes, int) or nodes < 1 or gpus % nodes:
+        raise ConfigError(f"plan: --nodes={nodes}: must be a whole number >= 1 that divides --gpus={gpus}")
+    if params is not None and not 0 < params <= 1e18:  # NaN and inf too
+        raise ConfigError(f"plan: --params={params}: must be a finite number > 0 (at most 1e18)")
     mem = dev.memory_gib if gpu_mem is None else gpu_mem
-    if not mem > 0:
-        raise ConfigError(f"plan: --gpu-mem={gpu_mem}: must be > 0 (GiB per GPU)")
+    if not 0 < mem < float("inf"):
+        raise ConfigError(f"plan: --gpu-mem={gpu_mem}: must be a finite number > 0 (GiB per GPU)")
     if mfu is not None and not 0 < mfu <= 1:
         raise ConfigError(f"plan: --mfu={mfu}: must be in (0, 1]")
     if not (isinstance(global_batch, int) and global_batch >= 1):

@@ -54,11 +54,26 @@ def plan_targets(model: nn.Module, spec: ModelSpec, plan: TPPlan) -> list[tuple]
                     f"parallel.tp: the plan shards '{path}' of block {key} ({style}), a {type(mod).__name__}; only "
                     "Linear and Embedding layers can be split"
                 )
-            out.append((mod, f"{spec.block_container}.{key}.{path}".rstrip("."), style))
+            owner = _resolve(blk, path.rpartition(".")[0], f"block {key}", spec.name)
+            if isinstance(owner, nn.MultiheadAttention):  # its forward reads out_proj.weight, never calls out_proj
+                raise ConfigError(
+                    f"parallel.tp: the plan splits '{path}' of block {key}, inside an nn.MultiheadAttention, which "
+                    "uses its weights directly (F.multi_head_attention_forward) rather than calling its layers; "
+                    "tensor parallelism cannot split it: leave it out of the plan, or write the attention with "
+                    "nn.Linear projections"
+                )
+            out.append((mod, ".".join(x for x in (spec.block_container, key, path) if x), style))
     for path, style in plan.top.items():
         if staged and not hasattr(model, path.split(".")[0]):
             continue  # that child lives on another pipeline stage
         out.append((_resolve(model, path, "the model", spec.name), path, style))
+    styles = set(plan.first_block.values()) | set(plan.block.values())
+    if "colwise" in styles and not styles & {"rowwise", "rowwise_to_seq"}:
+        cols = [p for p, st in plan.block.items() if st == "colwise"]
+        raise ConfigError(
+            f"parallel.tp: the plan splits {cols} column-wise but joins nothing row-wise, so their outputs would stay "
+            "split; mark the layer that takes them 'rowwise' (Megatron's pairs: colwise, then rowwise)"
+        )
     sharded = sum(p.numel() for mod, _, style in out if style in SHARDING_STYLES for p in mod.parameters(recurse=False))
     if not sharded:
         raise ConfigError(
@@ -103,9 +118,34 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sequence_p
     Raises `ConfigError` (one line) for a plan that does not fit the model: see `plan_targets`."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    for mod, _, style in plan_targets(model, spec, spec.tp_plan(sequence_parallel)):
+    for mod, path, style in plan_targets(model, spec, spec.tp_plan(sequence_parallel)):
         parallelize_module(mod, tp_mesh, tp_style(style))
+        if spec.tp_checks_inputs and isinstance(mod, nn.Linear) and style in SHARDING_STYLES:
+            mod.register_forward_pre_hook(_input_width_check(path, style, tp_mesh.size()))
     return model
+
+
+def _input_width_check(path: str, style: str, tp: int):
+    """A forward pre-hook, run after the style's own (which made the input a DTensor of its global shape): the input
+    must be as wide as the weight takes. A colwise layer fed by another colwise one gets a split input; a rowwise
+    layer fed by an unsplit one gets `tp` times too wide a one."""
+
+    def check(mod, args):
+        got, want = args[0].shape[-1], mod.weight.shape[1]
+        if got == want:
+            return
+        if style == "colwise":
+            why = (
+                "its input is already split (a colwise layer feeds it); a colwise layer's output goes to a rowwise one"
+            )
+        else:
+            why = "its input is not split (no colwise layer feeds it); a rowwise layer takes a colwise one's output"
+        raise ConfigError(
+            f"parallel.tp: '{path}' ({style}) gets inputs {got if style == 'colwise' else got // tp} wide per rank "
+            f"but takes {want if style == 'colwise' else want // tp}: {why}; fix the plan"
+        )
+
+    return check
 
 
 class TPEngine(ParallelEngine):

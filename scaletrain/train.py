@@ -30,7 +30,7 @@ from .files import atomic_write_text, disk_full_error, is_disk_full
 from .jobs import named_for, new_run_dir, resolve_vocab, resume_changes, write_run_config
 from .loggers import open_loggers
 from .loop import prepare
-from .metrics import device_peak, peak_memory_gb, read_metrics, truncate_metrics
+from .metrics import device_peak, eval_points, peak_memory_gb, read_metrics, truncate_metrics
 from .models.hub import is_run_copy, load_hf, resolve_hf, resume_source
 from .models.spec import build_model, get_spec
 from .procs import restart_count
@@ -320,7 +320,7 @@ class Trainer:
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
         self.eval_owed, self.changes = False, []
         self.resume_command = "scaletrain train --resume"  # what the user types to continue (fine-tuning says its own)
-        self.history, self.val_history = [], []
+        self.history, self.val_history, self.earlier = [], [], []
         self.last = self.last_val = self.last_eval = self.anomaly = None
         self._pending, self._t_read, self._gc_frozen = [], time.perf_counter(), False
         self.last_checkpoint, self.summary, self.status = None, None, "running"
@@ -370,13 +370,17 @@ class Trainer:
     def _resume(self):
         # everything is verified (manifest, config, tensor names and shapes) before the run folder is touched
         path = ckpt.verify_checkpoint(ckpt.resolve_checkpoint(self.run_dir), collective=True)
-        self.changes = resume_changes(ckpt.checkpoint_config(path), self.cfg)  # refuses another architecture
+        before = ckpt.checkpoint_config(path)
+        self.changes = resume_changes(before, self.cfg)  # refuses another architecture
         st = self.loop.load(path)
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
+        self.last_checkpoint = path
+        # the run's log before this session: the summary covers the whole run (`history` stays this session's)
+        recs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("step", 0) <= self.step]
+        self.earlier = [r for r in recs if "loss" in r]
+        self.val_history = eval_points(recs, "val_loss")
         # a stop can come before its step's evaluation: do it first (unless an earlier resume already logged it)
-        self.eval_owed = not st.get("evaluated", True) and not any(
-            r.get("step") == self.step and "val_loss" in r for r in read_metrics(self.run_dir / "metrics.jsonl")
-        )
+        self.eval_owed = not st.get("evaluated", True) and not any(s == self.step for s, _ in self.val_history)
         # keep a micro-batch found by `auto`, or lowered after running out of memory, when the global batch is the same
         if (
             st.get("micro_batch")
@@ -385,6 +389,12 @@ class Trainer:
         ):
             self.micro_batch, self.grad_accum = st["micro_batch"], st["grad_accum"]
         changed = f"; changed since the checkpoint: {', '.join(self.changes)}" if self.changes else ""
+        was, now = lr_at(self.step, before.train), lr_at(self.step, self.cfg.train)
+        if self.step < self.cfg.train.steps and not math.isclose(was, now, rel_tol=1e-6):
+            # new train.steps (or lr, warm-up): the schedule is the new settings' from here on, so the lr jumps
+            changed += (
+                f"; the learning rate at step {self.step + 1} is {now:.3g} (the checkpoint's schedule: {was:.3g})"
+            )
         self.print(f"resumed {self.run_dir} at step {self.step}{changed}")
 
     def fire(self, event: str):
@@ -605,6 +615,8 @@ class Trainer:
             raise full from None
 
     def _fit_all(self) -> dict:
+        if self.resumed and self.step >= self.cfg.train.steps and not self.eval_owed:
+            return self._nothing_to_do()
         self._open_run()
         self.print(
             f"scaletrain {scaletrain.__version__}: {self.run_dir} | {self.cfg.model.family} {self.n_params / 1e6:.2f}M "
@@ -666,12 +678,29 @@ class Trainer:
             raise self.write_error
         return self.summary
 
+    def _nothing_to_do(self) -> dict:
+        """A resume of a run that has reached `train.steps`: one line, and the run folder left byte for byte as it was
+        (no config, log, plot or summary rewritten). Returns the run's summary."""
+        ignored = f"; not saved: {', '.join(self.changes)}" if self.changes else ""
+        self.print(
+            f"{self.run_dir} is finished at step {self.step} (train.steps={self.cfg.train.steps}): nothing to do, "
+            f"nothing written{ignored}. To train further, raise it: {self.resume_command} {self.run_dir} "
+            f"train.steps={2 * self.step}"
+        )
+        self.status = "finished"
+        try:
+            self.summary = json.loads((self.run_dir / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):  # a run stopped by a crash after its last checkpoint
+            self.summary = self._summary()
+        return self.summary
+
     def _summary(self) -> dict:
-        h = [r for r in self.history if not r.get("nonfinite")][-10:]
+        run = self.earlier + self.history
+        h = [r for r in run if not r.get("nonfinite")][-10:]
         vals = self.val_history
         d = dict(
             status=self.status,
-            run_dir=str(self.run_dir),
+            run_dir=str(self.run_dir.absolute()),  # the same however the run was named on the command line
             steps=self.step,
             tokens=self.tokens,
             final_train_loss=sum(r["loss"] for r in h) / len(h) if h else None,
@@ -680,7 +709,7 @@ class Trainer:
             tokens_per_s=(self.tokens - self.global_batch * self.task.seq_len) / self.train_time
             if self.train_time
             else None,
-            mfu=(sum(r["mfu"] for r in self.history[1:]) / len(self.history[1:])) if len(self.history) > 1 else None,
+            mfu=sum(m) / len(m) if (m := [r["mfu"] for r in run[1:] if r.get("mfu") is not None]) else None,
             peak_tflops=self.peak_tflops,
             peak_source=self.peak_source,
             wall_time_s=time.time() - self.t0,

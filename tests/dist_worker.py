@@ -48,7 +48,7 @@ def main(spec_path, out_dir):
         run_dir = None
         if case.get("resume_of"):
             run_dir = Path((out / case["resume_of"] / "run_dir.txt").read_text())
-            cfg = load_config(run_dir / "config.yaml")
+            cfg = load_config(run_dir / "config.yaml", case["overrides"])  # a resume may change the layout
         t = Trainer(cfg, run_dir=run_dir, resume=bool(case.get("resume_of")), callbacks=cbs)
         frames, breaks = dynamo_counts()
         s = t.fit()

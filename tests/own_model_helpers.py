@@ -122,9 +122,12 @@ class TinyViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d) * 0.02)
         self.encoder = nn.ModuleList([EncoderBlock(d, n_head) for _ in range(depth)])
         self.norm, self.classifier = nn.LayerNorm(d), nn.Linear(d, classes)
+        # fp32 buffers, as image models keep them: under FSDP2's bf16 weights only autocast keeps the conv one dtype
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1))
 
     def forward(self, images):
-        x = self.patchify(images).flatten(2).transpose(1, 2)
+        x = self.patchify((images - self.mean) / self.std).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], 1) + self.pos
         for blk in self.encoder:
             x = blk(x)
@@ -191,16 +194,19 @@ def lm_loss(logits, labels):
 
 def build(kind):
     torch.manual_seed(0)
+    if kind == "mlp":  # no repeated blocks at all: trains where nothing works block by block (ddp, zero1)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 5))
     return MyLlama() if kind == "llama" else TinyViT()
 
 
-def run_case(kind, overrides, accum=1, steps=STEPS):
+def run_case(kind, overrides, accum=1, steps=STEPS, sched=False, tp_plan=None, pp_rows=None):
     """Train `kind` with the user's loop under `overrides` on this job's processes. Returns per-step losses (global
     means), the whole model's final weights this rank sees, the local optimizer's class / step count / groups, and
     how often the blocks' forward ran."""
     model = build(kind)
     calls = [0]
-    container = model.layers if kind == "llama" else model.encoder
+    container = {"llama": "layers", "vit": "encoder"}.get(kind)
+    container = getattr(model, container) if container else []
     for blk in container:
         blk.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     pp = any(o.startswith("parallel.pp=") and not o.endswith("=1") for o in overrides)
@@ -208,10 +214,13 @@ def run_case(kind, overrides, accum=1, steps=STEPS):
     batches = global_batches(kind, steps)
     extra = {}
     if tp:
-        extra["tp_plan"] = LLAMA_TP
-    if pp:
-        extra.update(pp_split=LLAMA_PP, pp_example=batches[0]["input_ids"], loss_fn=lm_loss)
-    loop = setup(model, user_optimizer(kind, model), overrides=["train.device=cpu", *overrides], verbose=False, **extra)
+        extra["tp_plan"] = tp_plan or LLAMA_TP  # tp_plan: a plan of the user's that pairs layers wrongly
+    if pp:  # pp_rows: an example batch shaped unlike the ones the loop steps with
+        extra.update(pp_split=LLAMA_PP, pp_example=batches[0]["input_ids"][:pp_rows], loss_fn=lm_loss)
+    opt = user_optimizer(kind, model)
+    # sched: a learning-rate scheduler built on the user's optimizer before setup, as any PyTorch script does
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s) if sched else None
+    loop = setup(model, opt, overrides=["train.device=cpu", *overrides], verbose=False, **extra)
     losses, norms = [], []
     for batch in batches:
         local = loop.shard(batch)  # this data-parallel rank's part (tensor-parallel ranks share it)
@@ -231,7 +240,10 @@ def run_case(kind, overrides, accum=1, steps=STEPS):
             total += float(loop.reduce(loss)) / accum
         norms.append(float(loop.clip_grad_norm(1.0)))
         loop.step()
+        if schedule is not None:
+            schedule.step()
         losses.append(total)
+    user_object = loop.optimizer is opt
     opt = loop.local_optimizer()
     held = loop.engine.state_bytes()["params"]  # this rank's share (a DTensor counts its local shard)
     return dict(
@@ -248,6 +260,7 @@ def run_case(kind, overrides, accum=1, steps=STEPS):
         engine=loop.engine.name,
         loss_scale=loop.engine.scaler.get_scale() if loop.engine.scaler is not None else None,
         dp=loop.dp_size,
+        user_object=user_object,  # whether the optimizer that steps is the object the user built
     )
 
 

@@ -14,12 +14,25 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from own_model_helpers import run_case  # noqa: E402
 from scaletrain.dist import teardown  # noqa: E402
+from scaletrain.errors import ConfigError  # noqa: E402
 
 
 def main(spec_path, out_dir):
     out = Path(out_dir)
     for case in json.loads(Path(spec_path).read_text()):
-        res = run_case(case["kind"], case["overrides"], accum=case.get("accum", 1))
+        try:
+            res = run_case(
+                case["kind"],
+                case["overrides"],
+                accum=case.get("accum", 1),
+                sched=case.get("sched", False),
+                tp_plan=case.get("tp_plan"),
+                pp_rows=case.get("pp_rows"),
+            )
+        except ConfigError as e:  # a refusal case: the message is what the test checks
+            if not case.get("refused"):
+                raise
+            res = dict(error=str(e))
         (out / case["name"]).mkdir(parents=True, exist_ok=True)
         torch.save(res, out / case["name"] / f"rank{dist.get_rank()}.pt")
         dist.barrier()

@@ -71,6 +71,11 @@ def test_missing_and_corrupt_checkpoint(tmp_path, corpus, cache_dir):
     err = one_line_error(run_cli("train", "--resume", run, "train.steps=5"))
     assert str(ck) in err and "__0_0.distcp has changed" in err  # the manifest catches it before DCP reads it
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml included
+    good = (run / "config.yaml").read_bytes()
+    (run / "config.yaml").write_text("train: [1, 2\n")  # the error names what the user typed: --resume, not --config
+    err = one_line_error(run_cli("train", "--resume", run))
+    assert err.startswith(f"scaletrain: error: --resume {run}: {run / 'config.yaml'}: not valid YAML"), err
+    (run / "config.yaml").write_bytes(good)
     (ck / ".metadata").unlink()
     err = one_line_error(run_cli("train", "--resume", run))
     assert "checkpoints/latest: names step_00000003, which is missing, a link or incomplete" in err

@@ -120,6 +120,63 @@ def test_retention_by_step_number_keeps_the_written_one(tmp_path):
     assert sorted(d.name for d in ck.iterdir()) == ["step_00000006", "step_99999999"]
 
 
+def _fake_step(ck, n):
+    "A folder `is_complete` accepts, pointed at by `latest`: what a save leaves, without the weights."
+    d = ck / f"step_{n:08d}"
+    d.mkdir(parents=True)
+    (d / ".metadata").write_bytes(b"")
+    (d / "trainer_state.pt").write_bytes(b"")
+    (ck / "latest").write_text(d.name)
+    return d
+
+
+def test_a_checkpoint_being_read_is_not_pruned_under_the_reader(tmp_path):
+    "An export of a job still training: its saves prune old checkpoints, but not the one being read, until it is done."
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    first = _fake_step(ck, 3)
+
+    def read(found):
+        assert found == first
+        for n in (6, 9):  # the job saves twice (train.keep_checkpoints=1) while the export reads step 3
+            ckpt.prune(ck, _fake_step(ck, n), keep=1)
+        assert first.is_dir() and (first / ".metadata").is_file()  # still whole
+        assert not (ck / "step_00000006").exists()  # pruning went on around it
+        return found.name
+
+    assert ckpt.reading(run, read) == "step_00000003"
+    assert not (ck / ckpt.READERS).exists()  # the pin is gone with the reader, and its folder
+    ckpt.prune(ck, _fake_step(ck, 12), keep=1)  # the next save prunes it
+    assert sorted(d.name for d in ck.iterdir()) == ["latest", "step_00000012"]
+    # a reader that died without removing its pin does not keep a checkpoint forever
+    (ck / ckpt.READERS).mkdir()
+    (ck / ckpt.READERS / "step_00000012.999999999").write_text('{"pid": 999999999, "start": null}')
+    ckpt.prune(ck, _fake_step(ck, 15), keep=1)
+    assert not (ck / "step_00000012").exists() and list((ck / ckpt.READERS).iterdir()) == []
+
+
+def test_a_reader_that_meets_a_pruned_latest_reads_the_new_one(tmp_path, monkeypatch):
+    "`latest` read just before the job moved it on and pruned what it named: the reader tries again."
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    _fake_step(ck, 3)
+    real, calls = ckpt.resolve_checkpoint, []
+
+    def racing(path):
+        calls.append(path)
+        if len(calls) == 1:  # the job saves step 6 and prunes step 3 between our reading `latest` and step 3
+            ckpt.prune(ck, _fake_step(ck, 6), keep=1)
+            raise CheckpointError("checkpoint pointer latest: names step_00000003, which is missing")
+        return real(path)
+
+    monkeypatch.setattr(ckpt, "resolve_checkpoint", racing)
+    assert ckpt.reading(run, lambda found: found.name) == "step_00000006" and len(calls) == 2
+    monkeypatch.setattr(ckpt, "resolve_checkpoint", real)
+    (ck / "latest").write_text("step_00000099")  # a pointer that stays wrong is still refused, in its own words
+    with pytest.raises(CheckpointError, match="names step_00000099"):
+        ckpt.reading(run, lambda found: found.name)
+
+
 class NaNAt(Callback):
     "Make the model's output NaN at the given steps (1-based)."
 

@@ -39,6 +39,49 @@ DECODER_ONLY = [
 CASES = [(f"{k}_{n}", k, o, a) for k in ("llama", "vit") for n, o, a in DP] + [
     (f"llama_{n}", "llama", o, a) for n, o, a in DECODER_ONLY
 ]
+# a scheduler built on the user's optimizer before setup: it drives the optimizer that steps (fsdp), or is refused
+# where another optimizer steps (zero1's sharded one)
+SCHED = [
+    dict(name="llama_fsdp_sched", kind="llama", overrides=["parallel.strategy=fsdp"], sched=True),
+    dict(name="llama_zero1_sched", kind="llama", overrides=["parallel.strategy=zero1"], sched=True, refused=True),
+]
+# a model without repeated blocks (a plain MLP): data parallelism that needs none, and a refusal where FSDP2 would
+# wrap blocks
+NO_BLOCKS = [("mlp_ddp", "mlp", ["parallel.strategy=ddp"], 1), ("mlp_zero1", "mlp", ["parallel.strategy=zero1"], 1)]
+CASES += NO_BLOCKS
+SCHED.append(dict(name="mlp_fsdp", kind="mlp", overrides=["parallel.strategy=fsdp"], refused=True))
+# a user's mistakes that torch reports as a shape error deep inside a matmul or a pipeline stage: named in one line
+WRONG = dict(
+    llama_tp_colcol=(
+        dict(tp_plan=H.LLAMA_TP | {"mlp.down": "colwise"}, overrides=["parallel.tp=2"]),
+        [
+            "parallel.tp: 'layers.0.mlp.down' (colwise) gets inputs 32 wide per rank but takes 64: ",
+            "its input is already split",
+        ],
+    ),
+    llama_tp_rowwise_alone=(
+        dict(
+            tp_plan={k: v for k, v in H.LLAMA_TP.items() if k not in ("mlp.gate", "mlp.up")},
+            overrides=["parallel.tp=2"],
+        ),
+        [
+            "parallel.tp: 'layers.0.mlp.down' (rowwise) gets inputs 64 wide per rank but takes 32: ",
+            "its input is not split",
+        ],
+    ),
+    llama_pp_too_few_rows=(
+        dict(pp_rows=1, overrides=["parallel.pp=2"]),
+        ["pp_example: 1 rows, which do not split into parallel.microbatches=4 equal micro-batches"],
+    ),
+    llama_pp_other_shape=(
+        dict(pp_rows=4, overrides=["parallel.pp=2"]),
+        [
+            "pipeline_step: a batch of shape (8, 16) in parallel.microbatches=4 gives micro-batches of [(2, 16)], "
+            "but the pipeline was traced on pp_example's [(1, 16)]"
+        ],
+    ),
+)
+SCHED += [dict(name=n, kind="llama", refused=True, **kw) for n, (kw, _) in WRONG.items()]
 SHARDED = ("zero1", "zero1_fairscale", "zero2", "zero2_fairscale", "fsdp", "fsdp_accum", "ac", "bf16_fsdp")
 
 
@@ -46,7 +89,7 @@ SHARDED = ("zero1", "zero1_fairscale", "zero2", "zero2_fairscale", "fsdp", "fsdp
 def two(tmp_path_factory):
     out = tmp_path_factory.mktemp("own2")
     spec = out / "spec.json"
-    spec.write_text(json.dumps([dict(name=n, kind=k, overrides=o, accum=a) for n, k, o, a in CASES]))
+    spec.write_text(json.dumps([dict(name=n, kind=k, overrides=o, accum=a) for n, k, o, a in CASES] + SCHED))
     cmd = torchrun_args([str(ROOT / "tests" / "own_model_worker.py"), str(spec), str(out)], nproc=2)
     r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -119,6 +162,20 @@ def test_the_users_optimizer_class_steps_with_its_hyperparameters(two, kind, str
             assert g["weight_decay"] in (hp["weight_decay"], 0.0)
         # the user's two groups (decay, no decay) survive sharding: a no-decay group holds the 1-D tensors
         assert {g["weight_decay"] for g in r["groups"]} <= {hp["weight_decay"], 0.0}
+        # the very object the user built steps, except where a sharded optimizer wraps the user's class
+        assert r["user_object"] == (strategy not in ("zero1", "zero1_fairscale", "zero2_fairscale")), strategy
+
+
+def test_a_scheduler_built_before_setup_drives_the_optimizer_that_steps(two):
+    ref, plain = H.run_case("llama", [], sched=True), reference("llama", [])
+    assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-4  # the schedule changes the run here
+    for r in ranks(two, "llama_fsdp_sched"):
+        assert r["user_object"]
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= TOL["fp32"][0] * abs(b), (r["losses"], ref["losses"])
+    for r in ranks(two, "llama_zero1_sched"):  # refused, on every rank, in one line: it would drive nothing
+        assert r["error"].startswith("optimizer: a learning-rate scheduler is attached to the CountingAdamW given")
+        assert "create the scheduler after setup, on loop.optimizer" in r["error"] and "\n" not in r["error"]
 
 
 def test_sharding_really_happens(two):
@@ -138,6 +195,45 @@ def test_activation_checkpointing_recomputes_every_block(two, kind):
     for p, a in zip(plain, ac):
         assert p["block_calls"] == H.STEPS * p["n_blocks"]
         assert a["block_calls"] == 2 * H.STEPS * a["n_blocks"]
+
+
+def test_a_model_without_blocks_trains_where_none_are_needed(two):
+    "One process equals a plain PyTorch loop; ddp and zero1 equal one process (above); FSDP2 and AC are refused."
+    from scaletrain.config import load_config
+    from scaletrain.models.generic import GenericSpec
+    from scaletrain.parallel import check
+
+    model = H.build("mlp")
+    opt = H.user_optimizer("mlp", model)
+    plain = []
+    for x, y in H.global_batches("mlp"):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        plain.append(loss.item())
+    one = reference("mlp", [])
+    assert one["n_blocks"] == 0 and one["engine"] == "single", one["engine"]
+    assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(one["losses"], plain)), (one["losses"], plain)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(one["weights"][k], v, rtol=1e-6, atol=1e-7), k
+    for r in ranks(two, "mlp_fsdp"):
+        assert r["error"].startswith("parallel.strategy=fsdp works block by block, but the Sequential has no nn.Module")
+        assert "pass block_cls=" in r["error"] and "\n" not in r["error"]
+    m, spec = H.build("mlp"), GenericSpec(H.build("mlp"))
+    for ov, said in [
+        (["memory.activation_checkpointing=full"], "memory.activation_checkpointing=full works block by block"),
+        (["train.compile=true"], "train.compile=true with train.compile_scope=block works block by block"),
+    ]:
+        assert one_line(lambda: check(load_config(overrides=ov), 1, m, spec)).startswith(said)
+    check(load_config(overrides=["train.compile=true", "train.compile_scope=model"]), 2, m, spec)  # one graph: fine
+
+
+@pytest.mark.parametrize("name", list(WRONG))
+def test_a_plan_or_example_that_does_not_fit_is_named_not_a_shape_error(two, name):
+    for r in ranks(two, name):
+        assert "\n" not in r["error"] and all(w in r["error"] for w in WRONG[name][1]), r["error"]
 
 
 def one_line(fn) -> str:
@@ -166,12 +262,34 @@ def test_refusals_say_what_to_pass():
     assert "2 pipeline stages need 1 cut points, got 2" in one_line(
         lambda: check(load_config(overrides=["parallel.pp=2", "model.tie_weights=false"]), 2, m, cut)
     )
+    # a tied parameter would be copied into each pipeline stage and silently untied: refused
+    tied = H.build("llama")
+    tied.lm.weight = tied.tokens.weight
+    said = one_line(
+        lambda: check(
+            load_config(overrides=["parallel.pp=2", "model.tie_weights=false"]),
+            2,
+            tied,
+            GenericSpec(tied, pp_split=["layers.2"], pp_example=torch.zeros(8, 16, dtype=torch.long)),
+        )
+    )
+    assert "whose 'tokens.weight' and 'lm.weight' are one tied parameter" in said and "without pp" in said, said
     # with the plan, the same checks pass
     check(load_config(overrides=["parallel.tp=2"]), 2, m, GenericSpec(m, tp_plan=H.LLAMA_TP))
     bad = one_line(
         lambda: check(load_config(overrides=["parallel.tp=2"]), 2, m, GenericSpec(m, tp_plan={"attn.q": "colwise"}))
     )
     assert "names 'attn.q', which block 0 does not have" in bad, bad
+    cols = {k: v for k, v in H.LLAMA_TP.items() if v == "colwise"}
+    bad = one_line(lambda: check(load_config(overrides=["parallel.tp=2"]), 2, m, GenericSpec(m, tp_plan=cols)))
+    assert "column-wise but joins nothing row-wise, so their outputs would stay split" in bad, bad
+    # nn.MultiheadAttention reads out_proj.weight itself: a split weight would meet plain tensors in its forward
+    vit = H.build("vit")
+    for b in vit.encoder:
+        b.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    mha = GenericSpec(vit, tp_plan={"attn.out_proj": "rowwise", "fc1": "colwise", "fc2": "rowwise"})
+    bad = one_line(lambda: check(load_config(overrides=["parallel.tp=2"]), 2, vit, mha))
+    assert "'attn.out_proj' of block 0, inside an nn.MultiheadAttention, which uses its weights directly" in bad, bad
     before = {k: v.clone() for k, v in m.state_dict().items()}
     assert one_line(lambda: setup(m, H.user_optimizer("llama", m), block_cls="TransformerBlock", verbose=False)) == (
         "block_cls=TransformerBlock: the MyLlama has no TransformerBlock module; its repeated blocks are DecoderLayer "

@@ -66,6 +66,31 @@ def test_cli_resume_continues(tmp_path, corpus, cache_dir):
     assert load_config(tmp_path / "r" / "config.yaml").train.steps == 7
 
 
+def snapshot(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def test_resume_summary_covers_the_whole_run_and_a_finished_run_is_left_alone(tmp_path, corpus, cache_dir):
+    ov = tiny(corpus, cache_dir, tmp_path, "run.name=r", "train.steps=4", "train.warmup_steps=1", "train.eval_every=2")
+    assert run_cli("train", *ov).returncode == 0
+    run = tmp_path / "r"
+    first = json.loads((run / "summary.json").read_text())
+    assert run_cli("train", "--resume", run, "train.steps=6").returncode == 0
+    s = json.loads((run / "summary.json").read_text())
+    # measured before the resume, still there after it (metrics.jsonl keeps 7 significant digits)
+    assert s["first_val_loss"] == pytest.approx(first["first_val_loss"], rel=1e-6)
+    assert s["final_val_loss"] is not None and s["final_val_loss"] != first["final_val_loss"]
+    recs = [x for x in read_metrics(run / "metrics.jsonl") if "loss" in x]
+    assert s["final_train_loss"] == pytest.approx(sum(x["loss"] for x in recs) / 6, rel=1e-5)  # all six steps
+    assert s["last_checkpoint"].endswith("step_00000006") and s["run_dir"] == str(run)
+    assert s["steps"] == 6 and s["tokens"] == 6 * 4 * 32 and 0 < s["tokens_per_s"] < float("inf")
+    before = snapshot(run)
+    r = run_cli("train", "--resume", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{run} is finished at step 6 (train.steps=6): nothing to do, nothing written" in r.stdout
+    assert snapshot(run) == before  # the summary too: not nulled, not re-timed
+
+
 def test_same_seed_same_losses(tmp_path, corpus, cache_dir):
     ov = tiny(corpus, cache_dir, tmp_path, "train.ckpt_every=0", "model.dropout=0.1")
     a, b = Trainer(load_config(overrides=ov)), Trainer(load_config(overrides=ov))
@@ -86,8 +111,11 @@ def test_stop_and_resume_is_exact(tmp_path, corpus, cache_dir):
     assert first.fit()["status"] == "stopped"
     second = Trainer(load_config(first.run_dir / "config.yaml"), run_dir=first.run_dir, resume=True)
     assert second.step == 4
-    assert second.fit()["status"] == "finished"
+    summary = second.fit()
+    assert summary["status"] == "finished"
     assert losses(first.run_dir) == losses(straight.run_dir)
+    for k in ("final_train_loss", "first_val_loss", "final_val_loss"):  # the resumed run's summary is the whole run's
+        assert summary[k] == pytest.approx(straight.summary[k], rel=1e-6), k
     for (n, p), (_, q) in zip(straight.model.named_parameters(), second.model.named_parameters()):
         assert torch.equal(p, q), n
     for p, q in zip(straight.engine.optimizer.state.values(), second.engine.optimizer.state.values()):

@@ -124,9 +124,18 @@ class GenericSpec(ModelSpec):
 
     name = "generic"
     from_config = False
+    fsdp_autocast = True  # a user's model may keep fp32 buffers (scales, masks) that meet FSDP2's bf16 weights
+    tp_checks_inputs = True  # a user's plan: a colwise layer feeding another colwise one is named, not a shape error
 
     def __init__(self, model: nn.Module, block_cls=None, tp_plan=None, pp_split=None, pp_example=None):
-        self.places, self.block_cls, self.how = find_blocks(model, block_cls)
+        self.no_blocks = ""  # why there are none: said where blocks are needed (sharding, AC, per-block compile)
+        try:
+            self.places, self.block_cls, self.how = find_blocks(model, block_cls)
+        except ConfigError as e:
+            if block_cls is not None:  # a class the user named and the model lacks: a mistake, said now
+                raise
+            self.places, self.block_cls, self.how = [], nn.Module, "none found"
+            self.no_blocks = str(e).removeprefix("model: ")
         self.model_cls = type(model)
         self.block_container = _container(self.places)
         self._tp = tp_plan if tp_plan is None or isinstance(tp_plan, TPPlan) else TPPlan(block=dict(tp_plan))
@@ -145,9 +154,15 @@ class GenericSpec(ModelSpec):
             if path not in names:
                 raise ConfigError(f"pp_split: the {type(model).__name__} has no module '{path}' to begin a stage at")
         self.pp_example = pp_example
+        owners = {}  # a parameter reached by several names (an output head tied to the embedding)
+        for n, p in model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(n)
+        self.tied = [ns for ns in owners.values() if len(ns) > 1]
 
     def describe(self) -> str:
         "One line: how many blocks of which class, and how they were found."
+        if self.no_blocks:
+            return "no repeated blocks (one process, ddp and zero1 need none)"
         return f"{len(self.places)} blocks of {self.block_cls.__name__} ({self.how})"
 
     def build(self, c):
@@ -162,7 +177,16 @@ class GenericSpec(ModelSpec):
     def accepts(self, model: nn.Module) -> bool:
         return True
 
+    def check_model(self, model: nn.Module) -> None:
+        if not self.no_blocks:  # without blocks, `parallel.check` refuses by name what needs them
+            super().check_model(model)
+
     def block_modules(self, model: nn.Module) -> Blocks:
+        if self.no_blocks:
+            raise ConfigError(
+                f"model: {self.no_blocks} (fsdp, zero2, hsdp, activation checkpointing and per-block compile work "
+                "block by block)"
+            )
         try:
             blocks = Blocks(model, self.places)
             blocks.values()
@@ -206,6 +230,13 @@ class GenericSpec(ModelSpec):
             raise ConfigError(
                 f"memory.activation_checkpointing={cfg.memory.activation_checkpointing} with parallel.pp > 1 "
                 "for a model passed in Python: the pipeline tracer cannot cut checkpointed blocks; use none"
+            )
+        if self.tied:  # each stage would train its own copy: the tie would break without a word
+            a, b = self.tied[0][:2]
+            raise ConfigError(
+                f"parallel.pp > 1 with a {self.model_cls.__name__} whose '{a}' and '{b}' are one tied parameter: "
+                f"pipeline stages hold separate copies, so the tie would break; give '{b}' a parameter of its own, "
+                "or train without pp"
             )
 
     def stage(self, model, keep, first, last):

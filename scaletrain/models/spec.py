@@ -217,6 +217,12 @@ class ModelSpec:
             (`causal_attention`, `positions`), so that `parallel.cp > 1` can split its sequences.
         compiles_blocks: whether its blocks are known to compile without a graph break (tested), so that selective
             checkpointing may compile them unasked on a GPU (`memory.selective_compile=auto`).
+        fsdp_autocast: whether FSDP2's 16-bit parameters need autocast around the forward as well: a model not
+            written for FSDP may mix them with its own fp32 buffers or inputs (`models.generic`); the built-in
+            families cast by FSDP2's policy alone, which is faster.
+        tp_checks_inputs: whether each tensor-parallel layer checks the width of its input at every call, so that a
+            plan that pairs layers wrongly (colwise into colwise) is named in one line rather than a shape error
+            deep in a matmul: a user's plan (`models.generic`); the built-in plans are tested and skip the hooks.
 
     Example:
         >>> spec = get_spec("gpt")
@@ -236,6 +242,8 @@ class ModelSpec:
     loss_head = False
     context_parallel = False
     compiles_blocks = False
+    fsdp_autocast = False
+    tp_checks_inputs = False
     adapter = None
     from_config = True  # built from `model.*` of a config (False: a model passed in Python, see models.generic)
 

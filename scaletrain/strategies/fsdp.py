@@ -8,7 +8,7 @@ import contextlib
 import torch
 from ..dist import dp_mesh
 from ..engine import ParallelEngine
-from ..precision import autocast_dtype, needs_scaler
+from ..precision import autocast_ctx, autocast_dtype, needs_scaler
 
 # %% auto #0
 __all__ = ['data_mesh', 'shard_model', 'FSDPEngine', 'ZeRO2Engine', 'HSDPEngine']
@@ -66,7 +66,10 @@ class FSDPEngine(ParallelEngine):
         )
 
     def forward_ctx(self):
-        return contextlib.nullcontext()  # precision handled by the MixedPrecisionPolicy
+        # precision is FSDP2's MixedPrecisionPolicy; autocast too only where the spec says the model needs it
+        if self.spec.fsdp_autocast:
+            return autocast_ctx(self.precision, self.device)
+        return contextlib.nullcontext()
 
     def build_scaler(self):
         if not needs_scaler(self.precision):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib
 import torch
-from ..engine import ParallelEngine, adamw_kwargs
+from ..engine import ParallelEngine, adamw_kwargs, clean_name
 from ..precision import needs_scaler
 from .ddp import DDPEngine
 
@@ -53,6 +53,18 @@ def _local_opt_state_dict(local_opt, names: dict) -> dict:
     return {"state": out}
 
 
+def _param_groups_sd(opt, local_opt, names: dict) -> list:
+    """The optimizer's groups as torch's `get_state_dict` writes them: every hyper-parameter of the local optimizer's
+    class (the wrapper's value where it has one: a scheduler sets the wrapper's) and the names of *all* the group's
+    parameters, not this rank's share. A layout that does not shard the optimizer reads exactly these keys."""
+    out = []
+    for i, g in enumerate(opt.param_groups):
+        local = local_opt.param_groups[i] if i < len(local_opt.param_groups) else {}
+        hyper = {k: v for k, v in {**local, **g}.items() if k != "params"}
+        out.append({**hyper, "params": [names[p] for p in g["params"]]})
+    return out
+
+
 def _load_local_opt_state(local_opt, names: dict, sd: dict) -> None:
     for g in local_opt.param_groups:
         for p in g["params"]:
@@ -63,11 +75,25 @@ def _load_local_opt_state(local_opt, names: dict, sd: dict) -> None:
                 }
 
 
+def _load_param_groups(opt, local_opt, names: dict, groups: list) -> None:
+    "The checkpoint's hyper-parameters into the wrapper's and the local groups that hold the same parameter names."
+    saved = {frozenset(g["params"]): g for g in groups}
+    for i, g in enumerate(opt.param_groups):
+        got = saved.get(frozenset(names[p] for p in g["params"]))
+        if got is None:
+            continue
+        hyper = {k: v for k, v in got.items() if k != "params" and k in g}
+        g.update(hyper)
+        if i < len(local_opt.param_groups):
+            local_opt.param_groups[i].update({k: v for k, v in hyper.items() if k in local_opt.param_groups[i]})
+
+
 class ShardedOptimizerMixin:
     "State-dict pair for optimizers that hold only a shard of the state (ZeroRedundancyOptimizer, fairscale OSS)."
 
     def _names(self):
-        return {p: n for n, p in self.module.named_parameters()}
+        # the names torch's get_state_dict writes (no checkpoint-wrapper or compile parts), so layouts read each other
+        return {p: clean_name(n) for n, p in self.module.named_parameters()}
 
     def local_optimizer(self):
         return self.optimizer.optim  # both wrap a per-rank torch optimizer as `.optim`
@@ -88,16 +114,19 @@ class ShardedOptimizerMixin:
     def state_dict(self):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return {
-            "model": get_model_state_dict(self.module),
-            "optim": _local_opt_state_dict(self.local_optimizer(), self._names()),
-        }
+        names = self._names()
+        optim = _local_opt_state_dict(self.local_optimizer(), names)
+        optim["param_groups"] = _param_groups_sd(self.optimizer, self.local_optimizer(), names)
+        return {"model": get_model_state_dict(self.module), "optim": optim}
 
     def load_state_dict(self, sd):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(self.module, sd["model"])
-        _load_local_opt_state(self.local_optimizer(), self._names(), sd["optim"])
+        names = self._names()
+        _load_local_opt_state(self.local_optimizer(), names, sd["optim"])
+        if "param_groups" in sd["optim"]:  # absent in a checkpoint written before ZeRO saved its groups
+            _load_param_groups(self.optimizer, self.local_optimizer(), names, sd["optim"]["param_groups"])
 
 
 class ZeRO1Engine(ShardedOptimizerMixin, DDPEngine):
