@@ -49,7 +49,8 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
             "stages do not have; use ddp, zero1, zero2, fsdp or tp"
         )
     if f.init != "scratch" and not resume:
-        ck = ckpt.checkpoint_config(ckpt.resolve_checkpoint(f.init))
+        start = ckpt.resolve_checkpoint(f.init)
+        ck = ckpt.checkpoint_config(start)
         for k in ARCH_KEYS:
             mine, theirs = getattr(cfg.model, k), getattr(ck.model, k)
             if f"model.{k}" in explicit and mine != theirs and not (k == "vocab_size" and mine == 0):
@@ -75,6 +76,9 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
             validate(cfg)
         except ConfigError as e:
             raise ConfigError(f"finetune.init={f.init}: with the checkpoint's architecture, {e}") from None
+        # a run folder's newest checkpoint, fixed now: every rank loads the same one even while that run trains on,
+        # and the fine-tune's config.yaml says which step it started from
+        f.init = str(start)
     if cfg.model.family == "hf" and kind != "lm":
         raise ConfigError(
             f"finetune.task={f.task} with model.family=hf: scaletrain puts classifier heads on its own families only; "

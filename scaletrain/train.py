@@ -318,6 +318,7 @@ class Trainer:
         self.global_batch = self.micro_batch * self.grad_accum * self.engine.dp_size
         self.task.setup(self.global_batch, c.eval_batch)
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
+        self.wall_before = self.energy_before = 0.0  # seconds and joules of the sessions before a resume
         self.eval_owed, self.changes = False, []
         self.resume_command = "scaletrain train --resume"  # what the user types to continue (fine-tuning says its own)
         self.history, self.val_history, self.earlier = [], [], []
@@ -374,6 +375,7 @@ class Trainer:
         self.changes = resume_changes(before, self.cfg)  # refuses another architecture
         st = self.loop.load(path)
         self.step, self.tokens, self.train_time = st["step"], st.get("tokens", 0), st.get("train_time", 0.0)
+        self.wall_before, self.energy_before = st.get("wall_time", 0.0), st.get("energy_j", 0.0)
         self.last_checkpoint = path
         # the run's log before this session: the summary covers the whole run (`history` stays this session's)
         recs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("step", 0) <= self.step]
@@ -428,6 +430,8 @@ class Trainer:
             data_step=self.step,
             tokens=self.tokens,
             train_time=self.train_time,
+            wall_time=self.wall_time(),
+            energy_j=self.energy_j(),
             config=to_dict(self.cfg),
             config_hash=config_hash(self.cfg),
             world_size=self.info.world_size,
@@ -587,8 +591,8 @@ class Trainer:
                 mfu=self.flops_per_token * tps / (self.info.world_size * self.peak_tflops * 1e12),
                 peak_mem_gb=peak_memory_gb(self.device),
                 tokens=tokens,
-                time=time.time() - self.t0,
-                energy_j=self.energy.joules(),  # this rank's device since the start (see energy_source in the summary)
+                time=self.wall_time(),
+                energy_j=self.energy_j(),  # this rank's device since the start (see energy_source in the summary)
             )
             if res.loss_scale is not None:
                 self.last.update(loss_scale=res.loss_scale, skipped=res.skipped)
@@ -678,6 +682,14 @@ class Trainer:
             raise self.write_error
         return self.summary
 
+    def wall_time(self) -> float:
+        "Seconds the run has run, over all its sessions: a resume adds to the time before it, not the pause between."
+        return self.wall_before + time.time() - self.t0
+
+    def energy_j(self) -> float:
+        "Joules of this rank's device over the run's sessions (the sessions before a resume as rank 0 saved them)."
+        return self.energy_before + self.energy.joules()
+
     def _nothing_to_do(self) -> dict:
         """A resume of a run that has reached `train.steps`: one line, and the run folder left byte for byte as it was
         (no config, log, plot or summary rewritten). Returns the run's summary."""
@@ -712,7 +724,7 @@ class Trainer:
             mfu=sum(m) / len(m) if (m := [r["mfu"] for r in run[1:] if r.get("mfu") is not None]) else None,
             peak_tflops=self.peak_tflops,
             peak_source=self.peak_source,
-            wall_time_s=time.time() - self.t0,
+            wall_time_s=self.wall_time(),
             train_time_s=self.train_time,
             n_params=self.n_params,
             family=self.cfg.model.family,
@@ -758,7 +770,7 @@ class Trainer:
             "(run.cpu_watts_per_core)",
         }[self.energy.source]
         b = bill(
-            self.energy.joules() * n,
+            self.energy_j() * n,
             n * wall_s / 3600,
             r.pue,
             r.grid_gco2_per_kwh,

@@ -236,7 +236,7 @@ def bill_text(b: dict) -> str:
 
 # %% ../nbs/6_apps/64_widgets.ipynb #948bee88
 def _wall_s(s: dict, status: str, steps: list) -> float | None:
-    "Wall time of the last launch: the summary's once it ended, else the last record's time since its start."
+    "Wall time of the run over all its launches: the summary's once it ended, else the last record's time."
     if status != "running" and s.get("wall_time_s") is not None:
         return s["wall_time_s"]
     return steps[-1].get("time") if steps else None

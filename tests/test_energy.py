@@ -3,6 +3,7 @@ CPU, and the summary's arithmetic."""
 
 import json
 import sys
+import time
 import types
 import pytest
 import torch
@@ -89,6 +90,29 @@ def test_a_cpu_run_records_an_estimated_bill(tmp_path, corpus, cache_dir):
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     e = [r["energy_j"] for r in recs if "energy_j" in r]
     assert len(e) == 6 and e == sorted(e) and e[0] > 0  # logged at each step, growing
+
+
+def test_a_resumed_run_bills_all_its_sessions(tmp_path, corpus, cache_dir):
+    "Stopped at step 3 and resumed to 6: time, energy and the bill count both sessions, never the pause between."
+    out = tmp_path / "runs"
+    r = run_cli("train", *tiny(corpus, cache_dir, out, "run.name=r", "train.steps=3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = out / "r"
+    first = json.loads((run / "summary.json").read_text())
+    time.sleep(2)  # the pause: not billed
+    t1 = time.time()
+    r = run_cli("train", "--resume", run, "train.steps=6")
+    took = time.time() - t1  # the second session, with its process start-up
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((run / "summary.json").read_text())
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    t = [r["time"] for r in recs if "loss" in r]
+    e = [r["energy_j"] for r in recs if "loss" in r]
+    assert len(t) == 6 and t == sorted(t) and e == sorted(e)  # one clock and one meter over both sessions
+    assert t[2] < t[3] and first["wall_time_s"] < s["wall_time_s"]
+    assert 0 < s["wall_time_s"] - first["wall_time_s"] <= took  # counting the pause would add 2 s more than that
+    assert s["device_kwh"] > first["device_kwh"] and s["device_hours"] > first["device_hours"]
+    assert s["device_hours"] == pytest.approx(s["wall_time_s"] / 3600, rel=1e-6)  # one machine
 
 
 def test_bad_bill_settings_are_one_line(tmp_path, corpus, cache_dir):

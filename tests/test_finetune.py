@@ -50,6 +50,8 @@ def test_cli_finetune_writes_run_folder(tmp_path, pets, pretrained, cache_dir):
     assert s["labels"] == ["birds", "cats", "dogs"] and 0 <= s["test_accuracy"] <= 1
     assert best_checkpoint(run).name == f"best_{s['best_step']:08d}"
     assert load_config(run / "config.yaml").finetune.labels == "birds,cats,dogs"
+    # init named a run folder: the config records the very checkpoint every rank loaded (that run may train on)
+    assert load_config(run / "config.yaml").finetune.init == str(ckpt.latest_checkpoint(pretrained))
     assert "val accuracy" in r.stdout and "run folder" in r.stdout
     # `scaletrain export` writes plain GPTs; a classifier's run says which command exports it
     r = run_cli("export", run, tmp_path / "ft.safetensors")
