@@ -506,23 +506,25 @@ def nonfinite_tensor(sd: dict) -> str | None:
     return bad
 
 
-READERS = ".readers"  # under checkpoints/: one file per live reader of a checkpoint, which pruning leaves alone
+READERS = ".readers"  # under checkpoints/: one locked file per live reader of a checkpoint; pruning leaves it alone
 
 
-def _readers(d: Path) -> list:
-    "Live processes reading checkpoint folder `d` (`reading`); the files of dead ones are removed."
-    from scaletrain.procs import pid_alive
+def _readers(d: Path) -> int:
+    """How many live processes read checkpoint folder `d` (`reading`). A reader holds an OS lock on its pin file
+    (`filelock`: released when its process dies, and seen from other machines on a shared file system, where a PID
+    would mean nothing); a pin nobody holds is a dead reader's and is removed."""
+    from filelock import FileLock, Timeout
 
-    live = []
+    live = 0
     for f in (d.parent / READERS).glob(f"{d.name}.*"):
+        lock = FileLock(f, timeout=0)
         try:
-            r = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue  # being written: counts as live only once it says who
-        if pid_alive(r.get("pid", -1), r.get("start")):
-            live.append(r["pid"])
-        else:
-            f.unlink(missing_ok=True)
+            with lock:
+                f.unlink(missing_ok=True)  # acquired: nobody holds it
+        except Timeout:
+            live += 1
+        except OSError:
+            pass
     return live
 
 
@@ -555,40 +557,41 @@ def prune(ck: Path, kept: Path, keep: int) -> None:
         shutil.rmtree(left, ignore_errors=True)
 
 
-def reading(path, read, tries: int = 5):
+def reading(path, read, tries: int = 5, find=None):
     """`read(ck)` on the checkpoint `path` names (a run folder: its newest), kept on disk while it runs: a run that is
     still training prunes old checkpoints (`train.keep_checkpoints`), and skips one a live reader has pinned
-    (`checkpoints/.readers/<step>.<pid>`, removed afterwards). A checkpoint pruned before the pin took is read again
-    from the new newest. A run folder one cannot write to is read unpinned. Returns what `read` returns."""
-    from scaletrain.procs import proc_start
+    (`checkpoints/.readers/<step>.<pid>`, locked while it reads, removed afterwards). A checkpoint pruned before the
+    pin took is read again from the new newest. A run folder one cannot write to is read unpinned. `find(path)`:
+    which checkpoint to read (default `resolve_checkpoint`; fine-tuning's best, say). Returns what `read` returns."""
+    from filelock import FileLock
 
     for i in range(tries):
         try:
-            ck = resolve_checkpoint(path)
+            ck = (find or resolve_checkpoint)(path)
         except CheckpointError:  # `latest` read just before a running job moved it on and pruned what it named
             if i == tries - 1 or not Path(path, "checkpoints").is_dir():
                 raise
             time.sleep(0.05 * (i + 1))
             continue
         pin = ck.parent / READERS / f"{ck.name}.{os.getpid()}"
-        if ck.parent.name != "checkpoints":
-            pin = None
-        else:
-            for _ in range(2):  # twice: another reader may remove the empty .readers folder as we make our pin
-                try:
-                    pin.parent.mkdir(exist_ok=True)
-                    atomic_write_text(pin, json.dumps(dict(pid=os.getpid(), start=proc_start(os.getpid()))))
-                    break
-                except OSError:
+        lock = None
+        if ck.parent.name == "checkpoints":
+            try:
+                pin.parent.mkdir(exist_ok=True)
+                lock = FileLock(pin, timeout=10)
+                lock.acquire()
+                if not pin.exists():  # pruning took it for a dead reader's between its creation and our lock
+                    lock.release()
                     continue
-            else:
-                pin = None
+            except OSError:  # a run folder we may not write to: read it as it is
+                lock = None
         try:
             if is_complete(ck):
                 return read(ck)
         finally:
-            if pin is not None:
+            if lock is not None:
                 pin.unlink(missing_ok=True)
+                lock.release()
                 try:
                     pin.parent.rmdir()  # the last reader leaves the run folder as it found it
                 except OSError:

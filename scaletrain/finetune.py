@@ -329,6 +329,8 @@ def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None, 
     tr.resume_command = "scaletrain finetune --resume"
     n_train = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
     s = tr.fit()
+    if tr.nothing_to_do:  # a finished fine-tune resumed: its summary, plots and best checkpoint stay as they were
+        return s
     s.update(
         init=f.init,
         task=f.task,
@@ -381,17 +383,20 @@ def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None, 
 
 
 def load_classifier(path, device="cpu") -> tuple:
-    "`(model, cfg)` of a fine-tuned run (its best checkpoint, else its latest) or checkpoint, in eval mode."
-    p = Path(path)
-    ck = best_checkpoint(p) if (p / "checkpoints").is_dir() else None
-    ck = ck or ckpt.resolve_checkpoint(p)
-    cfg = ckpt.checkpoint_config(ck)
-    labels = labels_of(cfg)
-    if not labels:
-        raise CheckpointError(f"checkpoint {path}: not a fine-tuned classifier (its config has no finetune.labels)")
-    model = build_classifier(cfg.model, len(labels), cfg.finetune.pooling, labels)
-    ckpt.load_model_weights(ck, model)
-    return for_inference(model, cfg).to(device).eval(), cfg
+    """`(model, cfg)` of a fine-tuned run (its best checkpoint, else its latest) or checkpoint, in eval mode. A run
+    still training keeps the checkpoint on disk while it is read (`checkpoint.reading`)."""
+    find = lambda p: (best_checkpoint(p) if (p / "checkpoints").is_dir() else None) or ckpt.resolve_checkpoint(p)
+
+    def read(ck):
+        cfg = ckpt.checkpoint_config(ck)
+        labels = labels_of(cfg)
+        if not labels:
+            raise CheckpointError(f"checkpoint {path}: not a fine-tuned classifier (its config has no finetune.labels)")
+        model = build_classifier(cfg.model, len(labels), cfg.finetune.pooling, labels)
+        ckpt.load_model_weights(ck, model)
+        return for_inference(model, cfg).to(device).eval(), cfg
+
+    return ckpt.reading(Path(path), read, find=find)
 
 
 def for_inference(model: nn.Module, cfg: Config) -> nn.Module:

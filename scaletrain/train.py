@@ -319,6 +319,7 @@ class Trainer:
         self.task.setup(self.global_batch, c.eval_batch)
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
         self.wall_before = self.energy_before = 0.0  # seconds and joules of the sessions before a resume
+        self.nothing_to_do = False  # a resumed run that had already reached train.steps: `fit` touched nothing
         self.eval_owed, self.changes = False, []
         self.resume_command = "scaletrain train --resume"  # what the user types to continue (fine-tuning says its own)
         self.history, self.val_history, self.earlier = [], [], []
@@ -699,7 +700,7 @@ class Trainer:
             f"nothing written{ignored}. To train further, raise it: {self.resume_command} {self.run_dir} "
             f"train.steps={2 * self.step}"
         )
-        self.status = "finished"
+        self.status, self.nothing_to_do = "finished", True
         try:
             self.summary = json.loads((self.run_dir / "summary.json").read_text())
         except (OSError, json.JSONDecodeError):  # a run stopped by a crash after its last checkpoint

@@ -301,6 +301,12 @@ def test_finetune_stopped_and_resumed_equals_uninterrupted(tmp_path, pets, pretr
     wf, _ = load_classifier(ckpt.latest_checkpoint(tmp_path / "full"))
     for (n, p), (_, q) in zip(wp.named_parameters(), wf.named_parameters()):
         assert torch.equal(p, q), n
+    # resumed once more, the finished fine-tune is left byte for byte: no re-evaluation, summary or plot rewritten
+    files = lambda: {q: q.read_bytes() for q in sorted((tmp_path / "part").rglob("*")) if q.is_file()}
+    before = files()
+    r = run_cli("finetune", "--resume", tmp_path / "part")
+    assert r.returncode == 0 and "is finished at step 8" in r.stdout and "scaletrain finetune --resume" in r.stdout
+    assert files() == before
     # resuming needs its run folder's config: --config with --resume is one line, and so is a folder without one
     for args, want in (
         (["--resume", tmp_path / "part", "--config", tmp_path / "x.yaml"], "--config with --resume"),
