@@ -20,15 +20,15 @@ import torch.distributed as dist
 from .config import from_dict, to_dict
 from .dist import process_rank
 from .errors import CheckpointError, DiskFull, first_line
-from .files import atomic_write, atomic_write_text, disk_full_error, free_bytes
+from .files import atomic_write, atomic_write_text, check_out_path, disk_full_error, free_bytes
 
 # %% auto #0
 __all__ = ['POINTER_FAMILY', 'MANIFEST', 'READERS', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders',
            'pointed_checkpoint', 'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint',
            'read_metadata', 'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'agree_failure',
            'write_checkpoint', 'nonfinite_tensor', 'prune', 'reading', 'save_checkpoint', 'read_trainer_state',
-           'load_checkpoint', 'load_model_weights', 'checkpoint_config', 'export_safetensors', 'load_safetensors',
-           'safetensors_config']
+           'load_checkpoint', 'load_model_weights', 'checkpoint_config', 'check_export_out', 'export_safetensors',
+           'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -699,8 +699,21 @@ def checkpoint_config(path):
     return from_dict(st["config"], where=f"checkpoint {path}")
 
 
-def export_safetensors(path, out) -> Path:
-    "Write the model weights of checkpoint/run `path` to one safetensors file `out`."
+def check_export_out(path, out, kind: str = "folder", force: bool = False) -> None:
+    """Refuse, in one line and before anything is written or removed, an export of checkpoint/run `path` to `out`
+    (a `kind` 'folder' or 'file') that cannot be written or would lose something: `out` is, lies inside or contains
+    the checkpoint or its run folder (symlinks resolved; `--force` would delete the run), goes through a file, is of
+    the other kind, or exists without `force`. Both exporters (`export_safetensors`, `export.export_hf`) call it."""
+    ck = resolve_checkpoint(path)
+    run = [ck.parent.parent] if ck.parent.name == "checkpoints" else []  # the run folder of the checkpoint
+    protect = [*run, Path(path), ck]
+    check_out_path(out, "export: OUT", kind, protect)
+    if Path(out).exists() and not force:
+        raise CheckpointError(f"export: OUT={out} already exists; pass --force to replace it")
+
+
+def export_safetensors(path, out, force: bool = False) -> Path:
+    "Write the model weights of checkpoint/run `path` to one safetensors file `out` (replacing it only with `force`)."
     import json
     from safetensors.torch import save_model
     from scaletrain.models.spec import build_model
@@ -715,6 +728,7 @@ def export_safetensors(path, out) -> Path:
         model = build_model(cfg.model)
         return cfg, model, load_model_weights(ck, model)
 
+    check_export_out(path, out, "file", force)
     cfg, model, st = reading(path, read)  # a running job's newest checkpoint: kept on disk while it is read
     meta = {"scaletrain_config": json.dumps(to_dict(cfg)), "step": str(st.get("step", 0))}
     return atomic_write(out, lambda tmp: save_model(model, tmp, metadata=meta))

@@ -185,14 +185,10 @@ def export_main(argv) -> int:
     a = p.parse_args(argv)
     fmt = a.format if a.format != "auto" else ("safetensors" if a.out.endswith(".safetensors") else "hf")
     try:
-        from scaletrain.export import check_export_out
-
-        # before anything is written: OUT must not be (or hold, or lie in) the run, nor go through a file
-        check_export_out(a.checkpoint, a.out, "file" if fmt == "safetensors" else "folder", a.force)
-        if fmt == "safetensors":
+        if fmt == "safetensors":  # each exporter refuses an OUT that is, holds or lies in the run before writing
             from scaletrain.checkpoint import export_safetensors
 
-            out = export_safetensors(a.checkpoint, a.out)
+            out = export_safetensors(a.checkpoint, a.out, force=a.force)
             print(f"scaletrain: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
             return 0
         from scaletrain.export import export_hf
@@ -732,10 +728,6 @@ def compress_main(argv) -> int:
                 raise ConfigError(f"compress: {flag}={v}: must be a whole number >= {low}")
         if not 0 < a.recover_lr < float("inf"):
             raise ConfigError(f"compress: --recover-lr={a.recover_lr}: must be a finite number > 0")
-        if a.out:
-            from scaletrain.files import check_out_path
-
-            check_out_path(a.out, "compress: --out", "folder")
         rows = compress(
             a.run,
             a.out,

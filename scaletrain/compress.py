@@ -298,14 +298,14 @@ def compress(
     for name, v in (("batch", batch), ("repeats", repeats)):
         if not (isinstance(v, int) and v >= 1):
             raise ConfigError(f"compress: {name}={v}: must be a whole number >= 1")
-    model, cfg = load_classifier(path)
-    for q in quant:
-        quant_layers_of(model, q, quant_layers)  # refuse a bad layer before any work
     out = check_out_path(out if out else Path(path) / "compress", "compress: --out", "folder")  # not through a file
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(
             f"compress: output folder {out} exists and is not empty; choose another --out or pass --force"
         )
+    model, cfg = load_classifier(path)
+    for q in quant:
+        quant_layers_of(model, q, quant_layers)  # refuse a bad layer before any work
     task = ClassificationTask(cfg)  # the labels of the model: a label it does not know is refused here
     if split not in task.data.x:
         split = "val"

@@ -12,16 +12,16 @@ import shutil
 import tempfile
 from pathlib import Path
 import torch
-from .checkpoint import checkpoint_config, load_model_weights, read_trainer_state, reading, resolve_checkpoint
+from .checkpoint import check_export_out, checkpoint_config, load_model_weights, read_trainer_state, reading
 from .config import Config, to_yaml
 from .data import BPETokenizer, ByteTokenizer, data_tokenizer, prepare_data
 from .errors import CheckpointError
-from .files import atomic_write_text, check_out_path, usual_modes
+from .files import atomic_write_text, usual_modes
 from .metrics import read_metrics
 from .models.spec import build_model, get_spec
 
 # %% auto #0
-__all__ = ['byte_tokenizer_json', 'run_tokenizer', 'model_card', 'check_with_transformers', 'check_export_out', 'export_hf']
+__all__ = ['byte_tokenizer_json', 'run_tokenizer', 'model_card', 'check_with_transformers', 'export_hf']
 
 # %% ../nbs/5_runs/57_export.ipynb #cf1e1227
 def _bytes_to_unicode() -> dict:
@@ -148,20 +148,6 @@ def check_with_transformers(folder: Path, model, vocab_size: int, block_size: in
     if not rel <= 1e-5:
         raise CheckpointError(f"export: transformers' logits differ from ours by {rel:.1e} (relative); not published")
     return rel
-
-
-def check_export_out(path, out, kind: str = "folder", force: bool = False) -> Path:
-    """Refuse, in one line and before anything is written or removed, an export of checkpoint/run `path` to `out`
-    (a `kind` 'folder' or 'file') that cannot be written or would lose something: `out` is, lies inside or contains
-    the checkpoint or its run folder (symlinks resolved; `--force` would delete the run), goes through a file, is of
-    the other kind, or exists without `force`. Returns the checkpoint folder."""
-    ck = resolve_checkpoint(path)
-    run = [ck.parent.parent] if ck.parent.name == "checkpoints" else []  # the run folder of the checkpoint
-    protect = [*run, Path(path), ck]
-    check_out_path(out, "export: OUT", kind, protect)
-    if Path(out).exists() and not force:
-        raise CheckpointError(f"export: OUT={out} already exists; pass --force to replace it")
-    return ck
 
 
 def export_hf(path, out, force: bool = False, check: bool = True) -> dict:

@@ -44,7 +44,8 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
     if spec.from_config and spec.name != cfg.model.family:  # a model passed in Python has no config family
         raise ConfigError(f"config: model.family={cfg.model.family}, but the model given is of family {spec.name}")
     spec.check_model(model)
-    if getattr(spec, "no_blocks", "") and (needs := block_wise(cfg, dims)):
+    needs = block_wise(cfg, dims)
+    if spec.no_blocks and needs:
         raise ConfigError(
             f"{needs} works block by block, but {spec.no_blocks} (a model without blocks runs on one process, "
             "ddp or zero1, without activation checkpointing, compiled with train.compile_scope=model)"
@@ -54,7 +55,7 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
             f"parallel.cp={dims.cp} with a model of family {spec.name}: context parallelism needs a family whose "
             "attention and positions go through scaletrain.context_parallel (gpt, llama); use parallel.cp=1"
         )
-    depth = spec.depth(model) if block_wise(cfg, dims) else 0  # (a model may have no blocks: see `block_wise`)
+    depth = spec.depth(model) if needs else 0  # (a model may have no blocks: see `block_wise`)
     if dims.pp > 1:
         spec.check_pipeline(dims.n_stages, dims.pp_schedule, cfg)
     if dims.pp > 1 and dims.n_stages > depth:

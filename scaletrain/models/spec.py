@@ -223,6 +223,8 @@ class ModelSpec:
         tp_checks_inputs: whether each tensor-parallel layer checks the width of its input at every call, so that a
             plan that pairs layers wrongly (colwise into colwise) is named in one line rather than a shape error
             deep in a matmul: a user's plan (`models.generic`); the built-in plans are tested and skip the hooks.
+        no_blocks: why the model has no repeated blocks, or '' (it has them): a user's plain MLP
+            (`models.generic`) runs only where nothing works block by block (`parallel.block_wise`).
 
     Example:
         >>> spec = get_spec("gpt")
@@ -244,6 +246,7 @@ class ModelSpec:
     compiles_blocks = False
     fsdp_autocast = False
     tp_checks_inputs = False
+    no_blocks = ""
     adapter = None
     from_config = True  # built from `model.*` of a config (False: a model passed in Python, see models.generic)
 
