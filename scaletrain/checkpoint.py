@@ -4,13 +4,16 @@
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #56f26944
 from __future__ import annotations
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import socket
 import stat
 import time
 import warnings
@@ -26,7 +29,7 @@ from .files import atomic_write, atomic_write_text, check_out_path, disk_full_er
 __all__ = ['POINTER_FAMILY', 'MANIFEST', 'READERS', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders',
            'pointed_checkpoint', 'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint',
            'read_metadata', 'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'agree_failure',
-           'write_checkpoint', 'nonfinite_tensor', 'prune', 'reading', 'save_checkpoint', 'read_trainer_state',
+           'write_checkpoint', 'nonfinite_tensor', 'prune', 'held', 'reading', 'save_checkpoint', 'read_trainer_state',
            'load_checkpoint', 'load_model_weights', 'checkpoint_config', 'check_export_out', 'export_safetensors',
            'load_safetensors', 'safetensors_config']
 
@@ -557,12 +560,22 @@ def prune(ck: Path, kept: Path, keep: int) -> None:
         shutil.rmtree(left, ignore_errors=True)
 
 
-def reading(path, read, tries: int = 5, find=None):
-    """`read(ck)` on the checkpoint `path` names (a run folder: its newest), kept on disk while it runs: a run that is
-    still training prunes old checkpoints (`train.keep_checkpoints`), and skips one a live reader has pinned
-    (`checkpoints/.readers/<step>.<pid>`, locked while it reads, removed afterwards). A checkpoint pruned before the
-    pin took is read again from the new newest. A run folder one cannot write to is read unpinned. `find(path)`:
-    which checkpoint to read (default `resolve_checkpoint`; fine-tuning's best, say). Returns what `read` returns."""
+_PINS = itertools.count()
+
+
+def _pin_name(ck: Path) -> Path:
+    """A new pin on `ck`, one per `held`: the host is in the name, as a run folder on shared storage has readers on
+    many, and a counter, as one process may hold a checkpoint twice (a sweep's runs from one pretraining run)."""
+    return ck.parent / READERS / f"{ck.name}.{socket.gethostname()}.{os.getpid()}.{next(_PINS)}"
+
+
+@contextlib.contextmanager
+def held(path, tries: int = 5, find=None):
+    """The complete checkpoint `path` names (a run folder: its newest), kept on disk for the `with` block: a run that
+    is still training prunes old checkpoints (`train.keep_checkpoints`), and skips one a live reader has pinned
+    (`checkpoints/.readers/<step>.<host>.<pid>.<n>`, locked while held, removed afterwards). A checkpoint pruned before
+    the pin took is looked up again, from the new newest. A run folder one cannot write to is held unpinned.
+    `find(path)`: which checkpoint (default `resolve_checkpoint`; fine-tuning's best, say)."""
     from filelock import FileLock
 
     for i in range(tries):
@@ -573,8 +586,7 @@ def reading(path, read, tries: int = 5, find=None):
                 raise
             time.sleep(0.05 * (i + 1))
             continue
-        pin = ck.parent / READERS / f"{ck.name}.{os.getpid()}"
-        lock = None
+        pin, lock = _pin_name(ck), None
         if ck.parent.name == "checkpoints":
             try:
                 pin.parent.mkdir(exist_ok=True)
@@ -587,7 +599,8 @@ def reading(path, read, tries: int = 5, find=None):
                 lock = None
         try:
             if is_complete(ck):
-                return read(ck)
+                yield ck
+                return
         finally:
             if lock is not None:
                 pin.unlink(missing_ok=True)
@@ -600,6 +613,13 @@ def reading(path, read, tries: int = 5, find=None):
         f"checkpoint {path}: the running job pruned each newest checkpoint before it could be read ({tries} tries); "
         "give one of its checkpoints/step_* folders, or raise train.keep_checkpoints"
     )
+
+
+def reading(path, read, tries: int = 5, find=None):
+    """`read(ck)` on the checkpoint `path` names, `held` on disk while it runs (see `held`); returns what `read`
+    returns."""
+    with held(path, tries, find) as ck:
+        return read(ck)
 
 
 def save_checkpoint(run_dir, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:

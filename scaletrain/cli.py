@@ -5,6 +5,7 @@
 # %% ../nbs/6_apps/65_cli.ipynb #db0896e0
 from __future__ import annotations
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -570,32 +571,39 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 
 def finetune_main(argv) -> int:
-    "`scaletrain finetune`: check everything here, then fine-tune in this process or launch torchrun (as `train` does)."
+    """`scaletrain finetune`: check everything here, then fine-tune in this process or launch torchrun (as `train`
+    does). The pretrained checkpoint is held on disk until the job ends (`checkpoint.held`): a run that trains on
+    prunes around it, and a rank torchrun restarts from step 0 reads it again."""
     from scaletrain.finetune import finetune, prepare
 
     args = parse_overrides(finetune_parser(), argv)
-    try:
-        world = check_launch_args(args)
-        if args.resume:
-            run_dir = resume_folder(args.resume, args.config)
-            cfg, task = prepare(resume_config(run_dir, args.overrides), typed_keys(None, args.overrides), resume=True)
-        else:
-            cfg, task = prepare(load_config(args.config, args.overrides), typed_keys(args.config, args.overrides))
-        check_run(cfg, world)
-        if not args.resume:
-            run_dir = run_folder(cfg, args.nnodes, args.node_rank)
-    except USER_ERRORS as e:
-        fail(str(e))
-
-    def local():
+    with contextlib.ExitStack() as hold:
         try:
-            s = finetune(cfg, run_dir=run_dir, task=task, resume=bool(args.resume))
+            world = check_launch_args(args)
+            if args.resume:
+                run_dir = resume_folder(args.resume, args.config)
+                cfg, task = prepare(
+                    resume_config(run_dir, args.overrides), typed_keys(None, args.overrides), resume=True
+                )
+            else:
+                cfg, task = prepare(
+                    load_config(args.config, args.overrides), typed_keys(args.config, args.overrides), hold=hold
+                )
+            check_run(cfg, world)
+            if not args.resume:
+                run_dir = run_folder(cfg, args.nnodes, args.node_rank)
         except USER_ERRORS as e:
             fail(str(e))
-        return finetune_report(s)
 
-    rank_argv = ["--run-dir", str(run_dir)] + (["--resume", *args.overrides] if args.resume else [])
-    return launch_ranks(args, cfg, run_dir, ["scaletrain.cli", "_rank_finetune", *rank_argv], local)
+        def local():
+            try:
+                s = finetune(cfg, run_dir=run_dir, task=task, resume=bool(args.resume))
+            except USER_ERRORS as e:
+                fail(str(e))
+            return finetune_report(s)
+
+        rank_argv = ["--run-dir", str(run_dir)] + (["--resume", *args.overrides] if args.resume else [])
+        return launch_ranks(args, cfg, run_dir, ["scaletrain.cli", "_rank_finetune", *rank_argv], local)
 
 
 def finetune_report(s: dict) -> int:

@@ -4,6 +4,7 @@
 
 # %% ../nbs/6_apps/61_finetune.ipynb #dabd4da1
 from __future__ import annotations
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -31,10 +32,12 @@ __all__ = ['ARCH_KEYS', 'resolve_config', 'metric_of', 'load_pretrained', 'freez
 ARCH_KEYS = tuple(k for k in to_dict(Config())["model"] if is_architecture(f"model.{k}"))
 
 
-def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
+def resolve_config(cfg: Config, explicit=None, resume: bool = False, hold=None) -> Config:
     """`cfg` filled in from the checkpoint of `finetune.init`, the fine-tuning settings checked (a copy; `cfg` is not
     changed). `explicit`: the keys the user set (default: those that differ from the defaults). A resumed run's
-    config was filled in when it started, so `resume=True` does not need the pretrained run any more."""
+    config was filled in when it started, so `resume=True` does not need the pretrained run any more. `hold`: a
+    `contextlib.ExitStack` that keeps the chosen checkpoint on disk until it closes (`checkpoint.held`), so a
+    pretraining run that trains on does not prune it first."""
     explicit = changed_keys(cfg) if explicit is None else set(explicit)
     cfg = copy.deepcopy(cfg)
     f = cfg.finetune
@@ -49,7 +52,7 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False) -> Config:
             "stages do not have; use ddp, zero1, zero2, fsdp or tp"
         )
     if f.init != "scratch" and not resume:
-        start = ckpt.resolve_checkpoint(f.init)
+        start = ckpt.resolve_checkpoint(f.init) if hold is None else hold.enter_context(ckpt.held(f.init))
         ck = ckpt.checkpoint_config(start)
         for k in ARCH_KEYS:
             mine, theirs = getattr(cfg.model, k), getattr(ck.model, k)
@@ -304,20 +307,28 @@ def make_task(cfg: Config, show_progress: bool = False, pretrained: bool = True)
     return ClassificationTask(cfg, tok, model_fn=model_fn, show_progress=show_progress)
 
 
-def prepare(cfg: Config, explicit=None, resume: bool = False):
-    "Resolve `cfg` against its checkpoint and build its task; returns `(cfg, task)`, `cfg` resolved (a copy)."
-    cfg = resolve_config(cfg, explicit, resume)
+def prepare(cfg: Config, explicit=None, resume: bool = False, hold=None):
+    """Resolve `cfg` against its checkpoint and build its task; returns `(cfg, task)`, `cfg` resolved (a copy).
+    `hold` (an `ExitStack`): keep the pretrained checkpoint on disk until it closes (see `resolve_config`)."""
+    cfg = resolve_config(cfg, explicit, resume, hold)
     task = make_task(cfg, pretrained=not resume)
     return task.resolved(cfg), task
 
 
 def finetune(cfg: Config, run_dir=None, callbacks=(), task=None, explicit=None, resume: bool = False) -> dict:
     """Fine-tune as `cfg.finetune` says; returns the summary (also in `summary.json`). `resume=True` continues
-    `run_dir` from its latest checkpoint, with the best checkpoint and early stopping's count as they were."""
+    `run_dir` from its latest checkpoint, with the best checkpoint and early stopping's count as they were. Without
+    a `task`, the pretrained checkpoint is held on disk until the fine-tune ends (`prepare(..., hold=)` does that
+    for a task built beforehand)."""
+    with contextlib.ExitStack() as hold:
+        if task is None:
+            cfg, task = prepare(cfg, explicit, resume, hold)
+        return _finetune(cfg, run_dir, callbacks, task, resume)
+
+
+def _finetune(cfg: Config, run_dir, callbacks, task, resume: bool) -> dict:
     from scaletrain import parallel
 
-    if task is None:
-        cfg, task = prepare(cfg, explicit, resume)
     metric, higher = metric_of(cfg)
     f = cfg.finetune
     groups = lambda m: finetune_param_groups(m, cfg.train.weight_decay, f.body_lr_scale)

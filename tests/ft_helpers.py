@@ -74,3 +74,18 @@ def pretrained_llama(corpus, cache_dir, tmp_path_factory):
     ).fit()
     assert s["status"] == "finished"
     return Path(s["run_dir"])
+
+
+def live_save(run: Path, keep: int = 1) -> Path:
+    """What a pretraining run that trains on does at its next save: a newer checkpoint (a copy of the newest, so it
+    loads), `latest` moved to it, older ones pruned to `keep`. Returns the new checkpoint folder."""
+    import shutil
+    from scaletrain import checkpoint as ckpt
+
+    ck = run / "checkpoints"
+    old = ckpt.latest_checkpoint(run)
+    new = ck / ckpt.step_name(ckpt.checkpoint_step(old.name, "step") + 3)
+    shutil.copytree(old, new)
+    (ck / "latest").write_text(new.name)
+    ckpt.prune(ck, new, keep=keep)
+    return new

@@ -1,4 +1,5 @@
-"Fine-tuning: the run folder, loading an FSDP checkpoint, frozen blocks, lr groups, early stopping, bad checkpoints."
+"""Fine-tuning: the run folder, loading an FSDP checkpoint, frozen blocks, lr groups, early stopping, bad checkpoints,
+a pretraining run that trains on."""
 
 import copy
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, tiny
-from ft_helpers import ft_overrides, pets, pretrained, pretrained_llama  # noqa: F401 (fixtures)
+from ft_helpers import ft_overrides, live_save, pets, pretrained, pretrained_llama  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
 from scaletrain.metrics import read_metrics
 from scaletrain.models.gpt import GPT
@@ -387,3 +388,75 @@ def test_llama_classifier_from_llama_checkpoint(tmp_path, pets, pretrained, pret
             assert not torch.equal(p, P[n]), f"trainable {n} did not change"
     assert len(seen) == 6 and all(abs(l["body"] - 0.25 * l["head"]) < 1e-12 for l in seen)
     assert s["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+
+
+def _live_copy(pretrained, tmp_path) -> Path:
+    "A copy of the pretraining run that the test may prune, as if it still trained."
+    import shutil
+
+    run = tmp_path / "live"
+    shutil.copytree(pretrained, run)
+    return run
+
+
+def test_a_pretraining_run_that_trains_on_does_not_prune_the_fine_tunes_start(
+    tmp_path, pets, pretrained, cache_dir, monkeypatch
+):
+    """`finetune.init` names a run that is still training (`train.keep_checkpoints=1`). Its next save comes after the
+    fine-tune chose a step and before the weights load: the chosen step stays on disk (held) and is loaded; once the
+    fine-tune ends nothing holds it and the run's next save prunes it. A task built without `hold=` has no such
+    guard, and the load fails in one line."""
+    import scaletrain.finetune as ft
+    from scaletrain.errors import CheckpointError
+
+    run = _live_copy(pretrained, tmp_path)
+    start = ckpt.latest_checkpoint(run)
+    real, seen = ft.load_pretrained, []
+
+    def after_a_save(path, model, spec=None):
+        new = live_save(run)  # the live run saves and prunes (keep_checkpoints=1) just now
+        seen.append((Path(path), new, Path(path).is_dir()))
+        return real(path, model, spec)
+
+    monkeypatch.setattr(ft, "load_pretrained", after_a_save)
+    cfg = load_config(overrides=ft_overrides(tmp_path, run, pets, cache_dir, "run.name=ft", "train.steps=2"))
+    s = finetune(cfg)
+    assert s["status"] == "finished" and s["init"] == str(start)
+    ((loaded, newer, there),) = seen
+    assert loaded == start and there  # the step chosen at start, still on disk when it was read
+    assert load_config(tmp_path / "ft" / "config.yaml").finetune.init == str(start)
+    assert not (run / "checkpoints" / ckpt.READERS).exists()  # the hold went with the fine-tune
+    live_save(run)
+    assert not start.exists() and not newer.exists()  # and the live run's next save prunes as it should
+    # a task prepared without a hold: the same save in the same place loses the checkpoint before it is read
+    cfg, task = prepare(load_config(overrides=ft_overrides(tmp_path, run, pets, cache_dir, "run.name=ft2")))
+    with pytest.raises(CheckpointError) as e:
+        finetune(cfg, task=task)
+    gone = run / "checkpoints" / "step_00000012"  # the newest when it was prepared, pruned by the save after
+    assert str(e.value).startswith(f"checkpoint {gone}: no such file or folder") and "\n" not in str(e.value)
+
+
+def test_the_finetune_launcher_holds_the_start_for_its_ranks(tmp_path, pets, pretrained, cache_dir, monkeypatch):
+    """`scaletrain finetune --nproc 2` chooses the step and writes it to config.yaml; the ranks read it later (and a
+    rank torchrun restarts from step 0 reads it again). The launcher holds it for the whole job: the live run's
+    saves while the job runs prune around it. The job itself is not run here: `launch_ranks` stands in for it."""
+    import scaletrain.cli as cli
+
+    run = _live_copy(pretrained, tmp_path)
+    start = ckpt.latest_checkpoint(run)
+    during = []
+
+    def job(args, cfg, run_dir, rank_argv, local_main):
+        during.append((cfg.finetune.init, live_save(run), live_save(run)))  # two saves while the job runs
+        during.append(start.is_dir() and (start / ".metadata").is_file())
+        return 0
+
+    monkeypatch.setattr(cli, "launch_ranks", job)
+    rc = cli.finetune_main(["--nproc", "2", *ft_overrides(tmp_path, run, pets, cache_dir, "run.name=ft")])
+    (init, first, second), kept = during
+    assert rc == 0 and init == str(start) and kept
+    assert load_config(tmp_path / "ft" / "config.yaml").finetune.init == str(start)
+    assert not first.exists() and second.is_dir()  # pruning went on around the held step
+    assert not (run / "checkpoints" / ckpt.READERS).exists()  # released when the job ended
+    live_save(run)
+    assert not start.exists()

@@ -155,6 +155,29 @@ def test_a_checkpoint_being_read_is_not_pruned_under_the_reader(tmp_path):
     assert not (ck / "step_00000012").exists() and list((ck / ckpt.READERS).iterdir()) == []
 
 
+def test_a_checkpoint_held_twice_in_one_process_stays_until_both_let_go(tmp_path):
+    """`held` pins once per hold (a sweep holds one pretraining run's checkpoint for each of its runs): the inner
+    hold ending leaves the outer's pin, and a hold whose body raises still lets go."""
+    import socket
+
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    first = _fake_step(ck, 3)
+    with ckpt.held(run) as outer:
+        with ckpt.held(run) as inner:
+            pins = sorted(p.name for p in (ck / ckpt.READERS).iterdir())
+            assert outer == inner == first and len(pins) == 2
+            assert all(p.startswith(f"step_00000003.{socket.gethostname()}.") for p in pins), pins
+        ckpt.prune(ck, _fake_step(ck, 6), keep=1)
+        assert first.is_dir() and len(list((ck / ckpt.READERS).iterdir())) == 1
+    with pytest.raises(RuntimeError):
+        with ckpt.held(ck / "step_00000006"):
+            raise RuntimeError("the reader failed")
+    assert not (ck / ckpt.READERS).exists()
+    ckpt.prune(ck, _fake_step(ck, 9), keep=1)
+    assert sorted(d.name for d in ck.iterdir()) == ["latest", "step_00000009"]
+
+
 def test_a_reader_that_meets_a_pruned_latest_reads_the_new_one(tmp_path, monkeypatch):
     "`latest` read just before the job moved it on and pruned what it named: the reader tries again."
     run = tmp_path / "run"

@@ -325,3 +325,62 @@ def test_own_loop_example_trains_with_fsdp_saves_and_resumes(tmp_path):
     assert straight[-1]["loss"] < straight[0]["loss"]
     assert all(x["optimizer"] == "MyAdamW" and x["betas"] == [0.9, 0.98] and x["max_update"] == 0.01 for x in resumed)
     assert "fsdp dp=2 on 2 processes" in (first / "logs" / "rank0.log").read_text()
+
+
+def test_a_fused_optimizer_over_sharded_and_plain_parameters_is_rebuilt_per_kind():
+    """Tensor parallelism shards the blocks, not the embeddings, so one of the user's groups can hold DTensors and
+    plain tensors at once, which a fused optimizer's kernel refuses ("got mixed torch.Tensor and DTensor"). Its
+    recipe builds a fresh optimizer whose groups each hold one kind, hyper-parameters kept, that steps like an
+    unfused AdamW on one process; an unfused optimizer is the user's own object, re-pointed."""
+    import copy
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from scaletrain.engine import OptimizerRecipe
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.up = nn.Linear(8, 16)
+            self.down = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(self.emb(x)))).pow(2).mean()
+
+    torch.manual_seed(0)
+    ref = Net()
+    x = torch.tensor([[1, 2, 3, 4]])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        built = {}
+        for fused in (True, False):
+            m = copy.deepcopy(ref)
+            mine = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), fused=fused)
+            recipe = OptimizerRecipe.of(mine, m)
+            parallelize_module(m, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+            opt = recipe.build(m)
+            built[fused] = (m, opt, mine)
+        m, opt, mine = built[True]
+        assert opt is not mine and len(opt.param_groups) == 2
+        for g in opt.param_groups:
+            assert len({isinstance(p, DTensor) for p in g["params"]}) == 1  # one kind per group
+            assert (g["lr"], g["weight_decay"], g["betas"], g["fused"]) == (1e-2, 0.1, (0.8, 0.9), True)
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+        assert built[False][1] is built[False][2]  # nothing mixed to keep apart: the user's own object steps
+        plain = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9))
+        for _ in range(3):
+            for model, o in ((ref, plain), (m, opt), built[False][:2]):
+                o.zero_grad()
+                model(x).backward()
+                o.step()
+        want = dict(ref.named_parameters())
+        for model, _, _ in built.values():
+            for n, p in model.named_parameters():
+                got = p.full_tensor() if isinstance(p, DTensor) else p
+                torch.testing.assert_close(got, want[n], rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -3,8 +3,9 @@ starts."""
 
 import csv
 import json
+import shutil
 from conftest import run_cli
-from ft_helpers import ft_overrides, pets, pretrained  # noqa: F401 (fixtures)
+from ft_helpers import ft_overrides, live_save, pets, pretrained  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
 
 
@@ -84,3 +85,35 @@ def test_random_search_draws_inside_the_ranges_and_repeats_with_its_seed():
             parse_vary(bad)
     with pytest.raises(ConfigError, match="ranges need --random"):
         expand(space, "grid")
+
+
+def test_a_sweep_starts_every_run_from_the_same_held_checkpoint(tmp_path, pets, pretrained, cache_dir, monkeypatch):
+    """`finetune.init` names a pretraining run that trains on and saves before the runs start: every run of the sweep
+    starts from the step that was newest when the sweep began (not each from whatever is newest when it starts),
+    that step is held on disk until the last run ends, and nothing holds it after."""
+    import scaletrain.sweep as sw
+    from scaletrain import checkpoint as ckpt
+
+    run = tmp_path / "live"
+    shutil.copytree(pretrained, run)
+    start = ckpt.latest_checkpoint(run)
+    real, newer = sw.run_all, []
+
+    def save_then_run(runs, parallel, done):
+        newer.append(live_save(run))  # keep_checkpoints=1: without the hold, `start` would go here
+        assert start.is_dir()
+        return real(runs, parallel, done)
+
+    monkeypatch.setattr(sw, "run_all", save_then_run)
+    fixed = [
+        o
+        for o in ft_overrides(tmp_path, run, pets, cache_dir, "train.steps=2", "train.eval_every=2")
+        if not o.startswith("train.lr=")
+    ]
+    res = sw.sweep({"train.lr": ["1e-3", "3e-3"]}, fixed, parallel=2, out=tmp_path / "sw")
+    assert [r["status"] for r in res.rows] == ["finished", "finished"], res.rows
+    for r in res.rows:
+        assert load_config(tmp_path / "sw" / "runs" / r["run"] / "config.yaml").finetune.init == str(start)
+    assert newer[0].is_dir() and not (run / "checkpoints" / ckpt.READERS).exists()
+    live_save(run)
+    assert not start.exists()  # released: the live run's next save prunes it
