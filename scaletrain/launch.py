@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import LaunchError
 from .files import atomic_write, atomic_write_text, fresh_folder, read_json
 from .procs import check_layout, child_env, split_endpoint, torchrun_args
-from .runs import Run
+from .runs import Run, parse_ranks
 from .worker import Target, run_key, sign
 
 # %% auto #0
@@ -46,13 +46,33 @@ def _ship_function(fn, args) -> bytes:
         ) from None
 
 
+def _check_folder(out_dir, name: str) -> None:
+    """`name` and `out_dir` of a function's or script's run folder, by the rules of `run.name` and `run.out_dir`
+    (one folder name; a folder this process can write), in launch's own words. Writes nothing."""
+    from scaletrain.config import load_config
+    from scaletrain.errors import ConfigError
+    from scaletrain.jobs import check_out_dir
+
+    if not isinstance(name, str):
+        raise LaunchError(f"name={name!r}: expected a folder name (a string; '' = a timestamped one)")
+    try:
+        check_out_dir(load_config(None, [f"run.out_dir={out_dir}", f"run.name={name}"]))
+    except ConfigError as e:
+        raise LaunchError(
+            str(e).removeprefix("config: ").replace("run.name", "name").replace("run.out_dir", "out_dir")
+        ) from None
+
+
 def _new_folder(out_dir, name: str, exist_ok: bool = False) -> Path:
+    _check_folder(out_dir, name)
     try:
         return fresh_folder(out_dir, name, exist_ok=exist_ok)
     except FileExistsError:
         raise LaunchError(
             f"name={name}: {Path(out_dir) / name} already exists; choose another name or resume it"
         ) from None
+    except OSError as e:  # what the checks could not foresee (a full disk, a folder removed meanwhile)
+        raise LaunchError(f"out_dir={out_dir}: cannot create the run folder ({e.strerror or e})") from None
 
 
 def prepare_target(
@@ -214,6 +234,7 @@ def launch(
         'finished'
     """
     check_layout(nproc, nnodes, node_rank, master_port, master_addr, rdzv_endpoint, max_restarts)
+    parse_ranks(ranks, nproc * nnodes)  # before the run folder exists
     target_ = prepare_target(
         target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=node_rank
     )
@@ -264,6 +285,7 @@ def resume(
         spec["rdzv_endpoint"],
         spec["max_restarts"],
     )
+    parse_ranks(spec["ranks"], spec["nproc"] * spec["nnodes"])
     if target.kind == "train":
         from scaletrain.jobs import check_run, resume_config
 
@@ -368,6 +390,7 @@ class MultiNode:
 
     def start(self, node_rank: int, ranks="0", echo: bool = True, env: dict | None = None) -> Run:
         "Run node `node_rank`'s command on this machine and return its `Run`."
+        parse_ranks(ranks, self.nproc * self.nnodes)
         spec = launch_spec(self.nproc, self.nnodes, node_rank, self.rdzv_endpoint, self.rdzv_id, ranks=ranks)
         return Run(
             self.target, self.command(node_rank), spec, child_env(env), ranks=ranks, echo=echo, node_rank=node_rank

@@ -253,13 +253,20 @@ class Loop:
 
 # %% ../nbs/3_parallel/39_loop.ipynb #4c2db8b9
 # a model passed in Python does not read the config's model section, so its rules (a tied head cannot be cut by a
-# pipeline) do not apply; the user's own overrides come after and win
+# pipeline) do not apply, and its depth is the model's own (`memory.ac_every` is checked against it); the user's own
+# overrides come after and win
 _GENERIC_MODEL = ("model.tie_weights=false",)
 
 
-def _config(cfg, overrides, generic: bool = False) -> Config:
-    "The run's `Config` from a `Config`, a .yaml or None, with `overrides` on top."
-    ov = [*(_GENERIC_MODEL if generic else ()), *overrides]
+def _config(cfg, overrides, generic: bool = False, depth: int = 0) -> Config:
+    """The run's `Config` from a `Config`, a .yaml or None, with `overrides` on top; `depth`: the blocks of a model
+    passed in Python (`generic`), as `model.n_layer`."""
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(
+            f"setup: overrides={overrides!r}: expected a list of 'key=value' strings, e.g. ['parallel.strategy=fsdp']"
+        )
+    own = (*_GENERIC_MODEL, *([f"model.n_layer={depth}"] if depth else ())) if generic else ()
+    ov = [*own, *overrides]
     if cfg is None or isinstance(cfg, (str, Path)):
         return load_config(cfg, ov)
     if not isinstance(cfg, Config):
@@ -339,8 +346,11 @@ def setup(
         >>> loss = my_loss(loop.model(x), y); loop.backward(loss); loop.clip_grad_norm(1.0); loop.step()
     """
     what = type(model).__name__
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"setup: model is a {type(model).__name__}; pass the torch.nn.Module to train")
     spec = _spec(model, block_cls, tp_plan, pp_split, pp_example)
-    cfg = _config(cfg, overrides, generic=not spec.from_config)
+    generic = not spec.from_config
+    cfg = _config(cfg, overrides, generic, len(getattr(spec, "places", None) or ()) if generic else 0)
     info = init_distributed(cfg.train.device)
     dims = ParallelDims.from_config(cfg, info.world_size)
     if dims.pp > 1 and loss_fn is None:

@@ -4,7 +4,9 @@
 
 # %% ../nbs/5_runs/50_procs.ipynb #9e12c830
 from __future__ import annotations
+import ipaddress
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -147,7 +149,22 @@ def loopback_ifname() -> str | None:
         return None
 
 
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _is_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+        return True
+    except ValueError:
+        return False
+
+
 def check_layout(nproc, nnodes, node_rank, master_port, master_addr, rdzv_endpoint, max_restarts):
+    if not isinstance(master_addr, str) or not (_HOST.fullmatch(master_addr) or _is_ip(master_addr)):
+        raise LaunchError(
+            f"master_addr={master_addr!r}: expected a host name or IP address (default 127.0.0.1, loopback)"
+        )
     for k, v, lo in (("nproc", nproc, 1), ("nnodes", nnodes, 1), ("max_restarts", max_restarts, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise LaunchError(f"{k}={v!r}: must be a whole number >= {lo}")

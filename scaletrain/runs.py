@@ -24,22 +24,32 @@ from .runlock import RunLock, node_suffix
 from .worker import Target, log_tail, run_key, signed_load
 
 # %% auto #0
-__all__ = ['LOST_HINT', 'folder_status', 'Run']
+__all__ = ['LOST_HINT', 'parse_ranks', 'folder_status', 'Run']
 
 # %% ../nbs/5_runs/55_runs.ipynb #fd87983d
-def _parse_ranks(ranks) -> set | str:
+def parse_ranks(ranks, world: int | None = None) -> set | str:
+    """Whose output to show: `'all'`, or a set of ranks (`'none'`: empty), from `'0'`, `'0,2'`, `3`, `[0, 1]`...;
+    with `world` (the job's processes), a rank it does not have is refused: showing nothing would look like a
+    silent job."""
+    given = ranks
     if ranks in ("all", "*"):
         return "all"
     if ranks in (None, "none", ""):
         return set()
-    if isinstance(ranks, int):
-        return {ranks}
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        ranks = [ranks]
     if isinstance(ranks, str):
         ranks = ranks.split(",")
     try:
-        return {int(r) for r in ranks}
+        if any(isinstance(r, (bool, float)) for r in ranks):  # True or 1.5 is no rank (int() would take them)
+            raise TypeError
+        out = {int(r) for r in ranks}
     except (TypeError, ValueError):
-        raise LaunchError(f"ranks={ranks!r}: expected 'all', 'none', a rank or a list of ranks") from None
+        raise LaunchError(f"ranks={given!r}: expected 'all', 'none', a rank or a list of ranks") from None
+    if any(r < 0 for r in out) or (world is not None and any(r >= world for r in out)):
+        have = f"this job's ranks are 0..{world - 1}" if world is not None else "ranks are 0 or more"
+        raise LaunchError(f"ranks={given!r}: no such rank; {have} (or 'all', 'none')")
+    return out
 
 
 # how a rank fails when another rank died first (gloo, NCCL, the TCP store)
@@ -213,7 +223,7 @@ class Run:
         self.target, self.run_dir, self.cmd, self.spec = target, target.run_dir, cmd, spec
         self.kind, self.node_rank, self.resumed = target.kind, node_rank, resume
         self.relaunch = relaunch  # how `resume()` starts this folder again: `scaletrain.launch.resume`
-        self.ranks, self.echo = _parse_ranks(ranks), echo
+        self.ranks, self.echo = parse_ranks(ranks), echo
         self.status, self.error, self.returncode = "starting", None, None
         self.restarts = 0  # restarts of the job by its supervisor so far
         self.lines = deque(maxlen=5000)  # (rank, line) of the shown ranks

@@ -230,14 +230,41 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         launch(print, nnodes=2, out_dir=tmp_path)
     with pytest.raises(LaunchError, match="expected HOST:PORT"):
         multinode(print, rdzv_endpoint="nohost", out_dir=tmp_path)
+    # the run folder's name and place, whose output to show, the rendezvous host: refused before a folder exists
+    with pytest.raises(LaunchError, match=r"name='a/b': must be a single folder name under out_dir"):
+        launch(print, name="a/b", out_dir=tmp_path)
+    with pytest.raises(LaunchError, match=r"name=7: expected a folder name"):
+        launch(print, name=7, out_dir=tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(LaunchError, match=r"out_dir=.*a_file/runs: .*a_file is not a folder"):
+        launch(print, out_dir=tmp_path / "a_file" / "runs")
+    (tmp_path / "a_file").unlink()
+    for ranks, want in (
+        ("foo", r"ranks='foo': expected 'all', 'none', a rank or a list of ranks"),
+        (5, r"ranks=5: no such rank; this job's ranks are 0..1 \(or 'all', 'none'\)"),
+        ([0, -1], r"ranks=\[0, -1\]: no such rank"),
+        (True, r"ranks=True: expected"),
+    ):
+        with pytest.raises(LaunchError, match=want):
+            launch(print, nproc=2, ranks=ranks, out_dir=tmp_path)
+    for addr in ("", "a b", "host:29500"):
+        with pytest.raises(LaunchError, match=f"master_addr={addr!r}: expected a host name or IP address"):
+            launch(print, master_addr=addr, out_dir=tmp_path)
     assert not any(tmp_path.iterdir())
     with pytest.raises(LaunchError, match="not a run folder"):
         resume(tmp_path / "none")
-    # the same through the CLI: exit code 2 and one line
-    r = run_cli("launch", "--nproc", "2", tmp_path / "nope.py")
-    assert (
-        r.returncode == 2 and r.stderr.strip() == f"scaletrain: error: script '{tmp_path / 'nope.py'}': no such file"
-    ), r.stderr
+    # the same through the CLI: exit code 2 and one line, nothing written
+    (tmp_path / "user.py").write_text("print('hi')\n")
+    for args, line in (
+        (["--nproc", "2", tmp_path / "nope.py"], f"script '{tmp_path / 'nope.py'}': no such file"),
+        (["--name", "a/b", tmp_path / "user.py"], "name='a/b': must be a single folder name under out_dir"),
+        (["--nproc", "2", "--ranks", "5", tmp_path / "user.py"], "ranks='5': no such rank; this job's ranks are 0..1"),
+        (["--master-addr", "", tmp_path / "user.py"], "master_addr='': expected a host name or IP address"),
+    ):
+        r = run_cli("launch", *args, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"scaletrain: error: {line}"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user.py"]
 
 
 SCRIPT = """

@@ -298,6 +298,28 @@ def test_refusals_say_what_to_pass():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # nothing touched
 
 
+def test_every_k_checkpointing_counts_the_users_blocks_and_setup_names_wrong_arguments():
+    """`memory.ac_every` is checked against the blocks the model has, not the config's `model.n_layer` (4 by default,
+    a section a model passed in Python does not read): k=6 on an 8-block model checkpoints block 5; k=4 on a
+    2-block one is refused with the model's count. A model or overrides of the wrong type are named in one line."""
+    from scaletrain.loop import setup
+
+    torch.manual_seed(0)
+    m = H.MyLlama(n_layer=8)
+    ov = ["memory.activation_checkpointing=every_k", "memory.ac_every=6"]
+    loop = setup(m, H.user_optimizer("llama", m), overrides=ov, verbose=False)
+    wrapped = [i for i, b in enumerate(loop.module.layers) if type(b).__name__ != "DecoderLayer"]
+    assert wrapped == [5], wrapped
+    small = H.MyLlama(n_layer=2)
+    said = one_line(
+        lambda: setup(small, H.user_optimizer("llama", small), overrides=[ov[0], "memory.ac_every=4"], verbose=False)
+    )
+    assert "memory.ac_every=4 with activation_checkpointing=every_k checkpoints none of model.n_layer=2" in said
+    assert one_line(lambda: setup("model", None)) == "setup: model is a str; pass the torch.nn.Module to train"
+    said = one_line(lambda: setup(small, H.user_optimizer("llama", small), overrides="parallel.strategy=ddp"))
+    assert said.startswith("setup: overrides='parallel.strategy=ddp': expected a list of 'key=value' strings"), said
+
+
 def _launch(*args):
     r = run_cli("launch", *args, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
