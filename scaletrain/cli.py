@@ -554,7 +554,9 @@ def launch_main(argv) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     print(f"scaletrain: run {run.run_dir} {run.status}", flush=True)
-    return 0 if run.status in ("finished", "stopped") else 1
+    if run.status in ("finished", "stopped"):
+        return 0
+    return 2 if run.rank_rc == 2 else 1  # a rank's refusal of its input is the user's mistake, as everywhere
 
 # %% ../nbs/6_apps/65_cli.ipynb #f7ba2748
 def finetune_parser() -> argparse.ArgumentParser:

@@ -225,6 +225,7 @@ class Run:
         self.relaunch = relaunch  # how `resume()` starts this folder again: `scaletrain.launch.resume`
         self.ranks, self.echo = parse_ranks(ranks), echo
         self.status, self.error, self.returncode = "starting", None, None
+        self.rank_rc = None  # the exit code of the rank that failed first (2: scaletrain refused its input)
         self.restarts = 0  # restarts of the job by its supervisor so far
         self.lines = deque(maxlen=5000)  # (rank, line) of the shown ranks
         self._records, self._mpos, self._mino = [], 0, None
@@ -403,6 +404,7 @@ class Run:
             status, error = ("finished" if summary == "finished" else "stopped"), None
         elif failed:
             first = failed[0]
+            self.rank_rc = first["rc"]
             others = sorted({e["rank"] for e in exits if e is not first}) or []
             status = "failed"
             error = (

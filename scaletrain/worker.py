@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from .errors import LaunchError
+from .errors import LaunchError, ScaletrainError
 from .files import atomic_write, atomic_write_text
 from .procs import job_restarted, restart_count
 
@@ -149,6 +149,21 @@ def _call_function(run_dir: Path, pkl: Path, resume: bool, rank: int):
     atomic_write(res / f"rank{rank}.pkl", sign(key, data))
 
 
+def _user_line(tb) -> str:
+    "` (at FILE:LINE)` of the deepest frame in the user's code (not scaletrain's, torch's or the standard library's)."
+    import sysconfig
+
+    ours = [str(Path(__file__).resolve().parent)] + [
+        str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("stdlib", "purelib", "platlib")
+    ]
+    at = ""
+    for frame, line in traceback.walk_tb(tb):
+        f = frame.f_code.co_filename
+        if not f.startswith("<frozen") and not str(Path(f).resolve()).startswith(tuple(ours)):
+            at = f" (at {Path(f).name}:{line})"
+    return at
+
+
 def worker_main(argv=None) -> int:
     "Entry point of every rank (see above)."
     p = argparse.ArgumentParser(
@@ -193,6 +208,10 @@ def worker_main(argv=None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             err = f"exit code {rc}\n" + log_tail(log)
+    except ScaletrainError as e:  # a refusal: one line, where the user's code asked, not a traceback
+        t_fail = time.time()
+        rc, err = 2, f"scaletrain: error: {e}{_user_line(e.__traceback__)}"
+        print(err, file=sys.stderr)
     except BaseException:
         t_fail = time.time()
         rc, err = 1, traceback.format_exc()

@@ -348,3 +348,24 @@ def test_cli_launches_a_script_and_sigterm_stops_it(tmp_path):
         "#SBATCH --nodes=2" in (tmp_path / "job.sh").read_text()
         and "#SBATCH --gpus-per-node=4" in (tmp_path / "job.sh").read_text()
     )
+
+
+def test_a_refusal_in_the_users_script_is_one_line_naming_its_line(tmp_path):
+    """A scaletrain refusal raised inside a launched script (here `loop.setup` meeting a misspelt key) is the user's
+    mistake, not a crash: the rank prints one line ending with the script's line that asked, records it as its
+    error, and `scaletrain launch` exits 2; a crash in the user's own code stays a traceback with exit code 1."""
+    (tmp_path / "bad.py").write_text(
+        "import torch\n"
+        "from scaletrain.loop import setup\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "loop = setup(m, torch.optim.SGD(m.parameters(), lr=0.1), overrides=['memory.precison=bf16-mixed'])\n"
+    )
+    (tmp_path / "crash.py").write_text("x = 1\nraise RuntimeError('my own bug')\n")
+    r = run_cli("launch", "--out-dir", tmp_path / "runs", "--name", "bad", tmp_path / "bad.py", cwd=tmp_path)
+    want = "scaletrain: error: config: unknown key 'memory.precison' (did you mean 'memory.precision'?) (at bad.py:4)"
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert f"[rank 0] {want}" in r.stdout.splitlines() and r.stderr.strip().endswith(want), r.stdout + r.stderr
+    rec = json.loads((tmp_path / "runs" / "bad" / "logs" / "rank0.exit.json").read_text())
+    assert (rec["rc"], rec["error"]) == (2, want)
+    r = run_cli("launch", "--out-dir", tmp_path / "runs", "--name", "crash", tmp_path / "crash.py", cwd=tmp_path)
+    assert r.returncode == 1 and "RuntimeError: my own bug" in r.stderr and "Traceback" in r.stderr, r.stderr
