@@ -173,8 +173,9 @@ def rank_main(argv) -> int:
 def export_main(argv) -> int:
     p = OneLineParser(
         prog="scaletrain export",
-        description="Write a model from any checkpoint: a Hugging Face folder (config.json, model.safetensors, "
-        "tokenizer, model card) that transformers loads, or one scaletrain .safetensors file.",
+        description="Write a language model from its checkpoint (pretraining or an lm: fine-tune; a classifier's "
+        "run is exported by scaletrain compress): a Hugging Face folder (config.json, model.safetensors, tokenizer, "
+        "model card) that transformers loads, or one scaletrain .safetensors file.",
     )
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoints/step_* folder")
     p.add_argument("out", help="output folder (Hugging Face format) or file.safetensors; must not exist unless --force")
@@ -583,7 +584,7 @@ def finetune_main(argv) -> int:
         try:
             world = check_launch_args(args)
             if args.resume:
-                run_dir = resume_folder(args.resume, args.config)
+                run_dir = resume_folder(args.resume, args.config, "finetune")
                 cfg, task = prepare(
                     resume_config(run_dir, args.overrides), typed_keys(None, args.overrides), resume=True
                 )
@@ -662,13 +663,13 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 
 def sweep_main(argv) -> int:
-    from scaletrain.sweep import parse_vary, sweep
+    from scaletrain.sweep import parse_space, sweep
 
     a = parse_overrides(sweep_parser(), argv)
     try:
         if not a.vary:
             raise ConfigError("sweep: nothing to vary; give at least one --vary KEY=V1,V2,...")
-        space = dict(parse_vary(v) for v in a.vary)
+        space = parse_space(a.vary)
         res = sweep(
             space,
             a.overrides,
@@ -718,7 +719,9 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for the latency measurement; 0 = torch's default"
     )
-    p.add_argument("--split", default="test", help="test (default) or val")
+    p.add_argument(
+        "--split", default="auto", help="where accuracy is measured: auto (test, else val; default), test or val"
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     return p
 
@@ -777,6 +780,7 @@ def data_parser() -> argparse.ArgumentParser:
     b.add_argument("source", help="data.source to label")
     b.add_argument("overrides", nargs="*", help="data.*=... overrides")
     b.add_argument("--out", help="labels file to write (default: RUN/labels.jsonl)")
+    b.add_argument("--force", action="store_true", help="replace an existing labels file")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -790,11 +794,20 @@ def data_main(argv) -> int:
     prep_o = [o for o in args.overrides if o.strip().startswith("prep.")]
     rest = [o for o in args.overrides if o not in prep_o]
     try:
-        cfg = load_config(getattr(args, "config", None), [*rest, f"data.source={args.source}"])
         if args.what == "label":
             if prep_o:
                 raise ConfigError(f"config: {prep_o[0].split('=')[0]}: prep.* keys belong to 'data prepare'")
-            out = _load("scaletrain.label:label_corpus")(args.run, cfg, out=args.out, show_progress=not args.quiet)
+            other = [o.split("=")[0].strip() for o in rest if not o.strip().startswith("data.")]
+            if other:
+                raise ConfigError(
+                    f"data label: {other[0]}: only data.* overrides apply (how the corpus is read); the model and "
+                    "its settings come from the run"
+                )
+        cfg = load_config(getattr(args, "config", None), [*rest, f"data.source={args.source}"])
+        if args.what == "label":
+            out = _load("scaletrain.label:label_corpus")(
+                args.run, cfg, out=args.out, show_progress=not args.quiet, force=args.force
+            )
             print(f"scaletrain: labels written to {out}")
             return 0
         prep = check_prep(prep_config(prep_o))

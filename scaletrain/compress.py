@@ -275,7 +275,7 @@ def compress(
     recover_lr: float = 1e-4,
     batch: int = 32,
     repeats: int = 20,
-    split: str = "test",
+    split: str = "auto",
     force: bool = False,
     threads: int | None = None,
 ) -> list:
@@ -289,8 +289,8 @@ def compress(
     quant = [q for q in ([quant] if isinstance(quant, str) else list(quant)) if q and q != "none"]
     for q in quant:
         check_quant(q)
-    if split not in ("val", "test"):
-        raise ConfigError(f"compress: split={split!r}: allowed: val | test")
+    if split not in ("auto", "val", "test"):
+        raise ConfigError(f"compress: split={split!r}: allowed: auto (test, else val) | val | test")
     if not (isinstance(recover_steps, int) and recover_steps >= 0):
         raise ConfigError(f"compress: recover_steps={recover_steps}: must be a whole number >= 0")
     if not 0 < recover_lr < float("inf"):
@@ -307,8 +307,13 @@ def compress(
     for q in quant:
         quant_layers_of(model, q, quant_layers)  # refuse a bad layer before any work
     task = ClassificationTask(cfg)  # the labels of the model: a label it does not know is refused here
-    if split not in task.data.x:
-        split = "val"
+    if split == "auto":  # the held-out test split, where the run kept one
+        split = "test" if "test" in task.data.x else "val"
+    elif split not in task.data.x:
+        raise ConfigError(
+            f"compress: split={split}: {path} has no {split} split (finetune.{split}_fraction="
+            f"{getattr(cfg.finetune, f'{split}_fraction')}); use split=val or auto"
+        )
     task.setup(batch, batch)
     x = torch.from_numpy(task.data.x[split][:batch].astype(np.int64))
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +333,7 @@ def compress(
             latency_ms=latency_ms(m, x, repeats, threads=threads),
             accuracy=ev["accuracy"],
             macro_f1=ev["macro_f1"],
+            split=split,
             file=f.name,
         )
         if reference is not None:
@@ -391,7 +397,9 @@ def compress(
 
 def format_report(rows: list) -> str:
     "The report as a markdown table."
-    head = "| stage | sparsity | size (MiB) | CPU latency / batch (ms) | accuracy | macro-F1 |\n" + "|---" * 6 + "|\n"
+    on = f" ({rows[0]['split']})" if rows and "split" in rows[0] else ""
+    head = f"| stage | sparsity | size (MiB) | CPU latency / batch (ms) | accuracy{on} | macro-F1{on} |\n"
+    head += "|---" * 6 + "|\n"
     return head + "\n".join(
         f"| {r['stage']} | {r['sparsity']:.0%} | {r['size_mb']:.3f} | {r['latency_ms']:.2f} "
         f"| {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"

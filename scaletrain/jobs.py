@@ -17,8 +17,9 @@ from .data import tokenizer_vocab
 from .models.hub import is_run_copy, resolve_hf, resume_source, save_run_copy
 
 # %% auto #0
-__all__ = ['check_out_dir', 'new_run_dir', 'named_for', 'write_run_config', 'run_folder', 'resume_folder', 'is_architecture',
-           'resume_changes', 'resume_config', 'resolve_vocab', 'check_resources', 'check_run', 'prepare_run']
+__all__ = ['FIXED_ON_RESUME', 'check_out_dir', 'new_run_dir', 'named_for', 'write_run_config', 'run_folder', 'resume_folder',
+           'is_architecture', 'resume_changes', 'resume_config', 'resolve_vocab', 'check_resources', 'check_run',
+           'prepare_run']
 
 # %% ../nbs/5_runs/52_jobs.ipynb #fb6d49af
 def _unwritable(cfg: Config, e: OSError) -> ConfigError:
@@ -102,8 +103,9 @@ def run_folder(cfg: Config, nnodes: int = 1, node_rank: int = 0) -> Path:
     return d
 
 
-def resume_folder(run_dir, config_file=None) -> Path:
-    "The run folder `--resume` names, checked: it has a config and a complete checkpoint."
+def resume_folder(run_dir, config_file=None, command: str = "train") -> Path:
+    """The run folder `--resume` names, checked: it has a config and a complete checkpoint, and `command` (train or
+    finetune) is the one that made it: a fine-tune resumed by `train` would meet its classifier head as a stranger."""
     from scaletrain.checkpoint import resolve_checkpoint
 
     run_dir = Path(run_dir)
@@ -114,6 +116,20 @@ def resume_folder(run_dir, config_file=None) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
     resolve_checkpoint(run_dir)
+    try:
+        tuned = bool(load_config(run_dir / "config.yaml").finetune.init)
+    except ConfigError:  # a broken config.yaml: `resume_config` names it, in its own words
+        return run_dir
+    if tuned and command == "train":
+        raise ConfigError(
+            f"--resume {run_dir}: a fine-tuning run (its config has finetune.init); continue it with: "
+            f"scaletrain finetune --resume {run_dir}"
+        )
+    if not tuned and command == "finetune":
+        raise ConfigError(
+            f"--resume {run_dir}: a pretraining run (its config has no finetune.init); continue it with: "
+            f"scaletrain train --resume {run_dir}"
+        )
     return run_dir
 
 # %% ../nbs/5_runs/52_jobs.ipynb #d05bd598
@@ -124,6 +140,25 @@ def is_architecture(key: str) -> bool:
         "data.bpe_vocab_size",
         "data.tokenizer_file",
     )
+
+
+# a fine-tune's task, classes and evaluation: its head, its splits and its best-so-far depend on them
+FIXED_ON_RESUME = tuple(
+    f"finetune.{k}"
+    for k in (
+        "init",
+        "task",
+        "labels",
+        "n_classes",
+        "pooling",
+        "snippet_tokens",
+        "max_per_class",
+        "eval_per_class",
+        "val_fraction",
+        "test_fraction",
+        "metric",
+    )
+)
 
 
 def resume_changes(before: Config, after: Config) -> list[str]:
@@ -138,6 +173,11 @@ def resume_changes(before: Config, after: Config) -> list[str]:
     for key, old, new in diffs:
         if key == "model.hf_path" and is_run_copy(new):
             continue  # the folder moved: the same architecture, from the run's copy of its config.json
+        if key in FIXED_ON_RESUME:
+            raise ConfigError(
+                f"--resume: {key}={old!r} cannot change to {new!r} on resume: the classes, the evaluation set and "
+                "the metric the best checkpoint was chosen by stay as they were (start a new fine-tune instead)"
+            )
         if is_architecture(key):
             raise ConfigError(
                 f"--resume: the checkpoint was trained with {key}={old!r} but the config asks for {key}={new!r}; a "

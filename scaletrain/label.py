@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .dataprep import corpus_documents
 from .errors import ConfigError, DataError
+from .files import check_out_path
 from .finetune import load_classifier
 from .tasks import held_out_files, load_units, snippets, split_units, task_kind, task_tokenizer
 
@@ -45,11 +46,15 @@ def classify_with_confidence(model, texts, tokenizer=None) -> list[tuple[str, fl
     return out
 
 
-def label_corpus(run, cfg: Config, out=None, show_progress: bool = True) -> Path:
+def label_corpus(run, cfg: Config, out=None, show_progress: bool = True, force: bool = False) -> Path:
     """Label every training document of `cfg.data.source` with the classifier of the fine-tuned `run` (folder or
-    checkpoint); writes `labels.jsonl` (default: `<run>/labels.jsonl`) atomically and returns its path."""
-    model, mcfg = load_classifier(run)
+    checkpoint); writes `labels.jsonl` (default: `<run>/labels.jsonl`) atomically and returns its path. An existing
+    labels file is replaced only with `force`: labelling a corpus can take hours."""
     out = Path(out).expanduser() if out else Path(run) / "labels.jsonl"
+    check_out_path(out, "data label: --out", "file")
+    if out.exists() and not force:
+        raise ConfigError(f"data label: --out={out}: exists; choose another path or pass --force to replace it")
+    model, mcfg = load_classifier(run)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

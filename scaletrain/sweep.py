@@ -22,13 +22,14 @@ import numpy as np
 from tqdm.auto import tqdm
 from .config import load_config, typed_keys
 from .errors import ConfigError
-from .files import atomic_write_text
+from .files import atomic_write_text, check_out_path
 from .metrics import eval_points, read_metrics
 from .plots import save_figure
 from .procs import Job, child_env
 
 # %% auto #0
-__all__ = ['parse_vary', 'expand', 'Run', 'run_all', 'plot_finetune_runs', 'format_table', 'collect', 'SweepResult', 'sweep']
+__all__ = ['parse_vary', 'parse_space', 'expand', 'Run', 'run_all', 'plot_finetune_runs', 'format_table', 'collect',
+           'SweepResult', 'sweep']
 
 # %% ../nbs/6_apps/62_sweep.ipynb #77175a09
 def parse_vary(spec: str) -> tuple:
@@ -49,6 +50,17 @@ def parse_vary(spec: str) -> tuple:
     if not vals:
         raise ConfigError(f"--vary {spec!r}: no values")
     return k, vals
+
+
+def parse_space(varies) -> dict:
+    "The search space of `--vary` specs (see `parse_vary`); a key given twice is refused, not half dropped."
+    space = {}
+    for spec in varies:
+        k, v = parse_vary(spec)
+        if k in space:
+            raise ConfigError(f"--vary {k}: given twice; put every value in one --vary {k}=V1,V2,...")
+        space[k] = v
+    return space
 
 
 def _fmt(x) -> str:
@@ -275,6 +287,7 @@ def sweep(
             parse_sources(cfgs[0].data.source)
         metric, higher = _metric_for(command, cfgs[0])
         out = Path(out) if out else Path(cfgs[0].run.out_dir) / ("sweep-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+        check_out_path(out, "sweep: --out")
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"--out {out}: exists and is not empty; choose a new sweep folder")
         out.mkdir(parents=True, exist_ok=True)

@@ -156,8 +156,9 @@ def task_kind(task: str) -> str:
         return "folder"
     if p.is_file() and p.suffix == ".jsonl":
         return "jsonl"
+    what = f"a {p.suffix or 'extensionless'} file, not a task" if p.is_file() else "not found"
     raise DataError(
-        f"finetune.task={task!r}: not found; use 'stdlib-packages', 'lm:<stdlib package or folder>', "
+        f"finetune.task={task!r}: {what}; use 'stdlib-packages', 'lm:<stdlib package or folder>', "
         "a folder of <label>/*.txt, or a .jsonl file of {\"text\": ..., \"label\": ...}"
     )
 

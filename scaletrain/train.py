@@ -731,7 +731,8 @@ class Trainer:
             family=self.cfg.model.family,
             device=str(self.device),
             world_size=self.info.world_size,
-            strategy=self.cfg.parallel.strategy,
+            strategy=self.cfg.parallel.strategy,  # as configured; `engine` is what ran (one process: single)
+            engine=self.engine.name,
             dp=self.engine.dp_size,
             tp=self.cfg.parallel.tp,
             pp=self.cfg.parallel.pp,

@@ -112,7 +112,8 @@ def test_compress_cli_report(classifier, tmp_path):
         assert abs(f.stat().st_size / 2**20 - x["size_mb"]) < 1e-9 and x["latency_ms"] > 0 and 0 <= x["accuracy"] <= 1
     assert rep[3]["size_mb"] < rep[0]["size_mb"] and rep[4]["size_mb"] < rep[0]["size_mb"]
     assert (tmp_path / "c" / "compress.png").stat().st_size > 1000 and (tmp_path / "c" / "report.csv").is_file()
-    assert "| stage |" in r.stdout
+    assert "| stage |" in r.stdout and "| accuracy (test) |" in r.stdout  # where accuracy was measured, said
+    assert all(x["split"] == "test" for x in rep)
     m = load_for_inference(tmp_path / "c" / "model_pruned_int8-weight.safetensors")
     assert m.quant == "int8-weight"
 
@@ -145,6 +146,30 @@ def test_compress_bad_input_is_one_line(classifier, pretrained, tmp_path):
         r.stderr[-2000:]
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_measures_where_the_run_kept_data(pets, pretrained, cache_dir, tmp_path):
+    """A run fine-tuned without a test split (`finetune.test_fraction=0`): `compress` by default measures on val and
+    says so; `--split test` asked for outright is refused in one line, before anything is written."""
+    from scaletrain.compress import compress
+
+    s = finetune(
+        load_config(
+            overrides=ft_overrides(
+                tmp_path, pretrained, pets, cache_dir, "run.name=ft", "finetune.test_fraction=0", "train.steps=2"
+            )
+        )
+    )
+    run = Path(s["run_dir"])
+    r = run_cli("compress", run, "--split", "test", "--out", tmp_path / "c", "--repeats", "1", "--quant", "none")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"scaletrain: error: compress: split=test: {run} has no test split (finetune.test_fraction=0.0); "
+        "use split=val or auto"
+    ), r.stderr
+    assert not (tmp_path / "c").exists()
+    rows = compress(run, tmp_path / "c", sparsity=0.3, quant="none", repeats=1, batch=8)
+    assert {x["split"] for x in rows} == {"val"}
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["split"] == "val"
 
 
 def test_llama_classifier_pruned_and_quantized_reloads_identically(pets, pretrained_llama, cache_dir, tmp_path):

@@ -287,3 +287,14 @@ def test_label_with_a_tiny_classifier_then_filter_and_balance(tmp_path, pets, pr
     assert set(st["label_counts"]) == {r["label"] for r in rows}
     r = run_cli("data", "label", str(tmp_path / "nope"), str(pets))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    # labels already written are not replaced without --force; only data.* overrides apply
+    before = labels.read_bytes()
+    for extra, line in (
+        ([], f"data label: --out={labels}: exists; choose another path or pass --force"),
+        (["train.steps=3"], "data label: train.steps: only data.* overrides apply"),
+    ):
+        r = run_cli("data", "label", s["run_dir"], pets, "--out", labels, "--quiet", *extra)
+        assert r.returncode == 2 and r.stderr.strip().startswith(f"scaletrain: error: {line}"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and labels.read_bytes() == before
+    r = run_cli("data", "label", s["run_dir"], pets, "--out", labels, "--quiet", "--force", "data.val_fraction=0.001")
+    assert r.returncode == 0 and [json.loads(x) for x in labels.read_text().splitlines()] == rows, r.stderr

@@ -460,3 +460,56 @@ def test_the_finetune_launcher_holds_the_start_for_its_ranks(tmp_path, pets, pre
     assert not (run / "checkpoints" / ckpt.READERS).exists()  # released when the job ended
     live_save(run)
     assert not start.exists()
+
+
+def test_resume_takes_the_command_that_made_the_run_and_keeps_the_task(tmp_path, pets, pretrained, cache_dir):
+    """`finetune --resume` of a pretraining run and `train --resume` of a fine-tune name the right command; a resume
+    that would change the task, the classes, the snippets or the metric the best checkpoint was chosen by is refused;
+    a schedule change (more steps, fewer frozen blocks) is not. One line each, exit 2, nothing written."""
+    from scaletrain.jobs import resume_changes
+
+    ov = ft_overrides(tmp_path, pretrained, pets, cache_dir, "run.name=ft", "train.steps=2", "train.ckpt_every=2")
+    s = finetune(load_config(overrides=ov))
+    run = Path(s["run_dir"])
+    assert s["engine"] == "single" and s["strategy"] == "ddp"  # what ran, beside what was configured
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    pre_before = sorted((p.relative_to(pretrained), p.stat().st_mtime_ns) for p in pretrained.rglob("*"))
+    for cmd, where, line in (
+        (
+            ["finetune", "--resume", pretrained],
+            pretrained,
+            "a pretraining run (its config has no finetune.init); "
+            f"continue it with: scaletrain train --resume {pretrained}",
+        ),
+        (
+            ["train", "--resume", run],
+            run,
+            f"a fine-tuning run (its config has finetune.init); continue it with: scaletrain finetune --resume {run}",
+        ),
+    ):
+        r = run_cli(*cmd, "train.steps=4")
+        assert r.returncode == 2 and r.stderr.strip() == f"scaletrain: error: --resume {where}: {line}", r.stderr
+    for change in ("finetune.labels=a,b,c", "finetune.snippet_tokens=8", "finetune.metric=val_loss"):
+        r = run_cli("finetune", "--resume", run, "train.steps=4", change)
+        key = change.split("=")[0]
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and f"--resume: {key}=" in lines[0], r.stderr
+        assert "cannot change" in lines[0] and "start a new fine-tune" in lines[0], lines[0]
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    assert sorted((p.relative_to(pretrained), p.stat().st_mtime_ns) for p in pretrained.rglob("*")) == pre_before
+    ck = ckpt.checkpoint_config(ckpt.latest_checkpoint(run))
+    later = copy.deepcopy(ck)
+    later.train.steps, later.finetune.freeze_blocks = 9, 1  # gradual unfreezing is a schedule, not a new task
+    assert resume_changes(ck, later) == ["train.steps 2 -> 9", "finetune.freeze_blocks 0 -> 1"]
+
+
+def test_a_task_that_is_a_file_of_another_kind_is_named_as_such(tmp_path):
+    from scaletrain.errors import DataError
+    from scaletrain.tasks import task_kind
+
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError) as e:
+        task_kind(str(tmp_path / "notes.txt"))
+    assert str(e.value).startswith(f"finetune.task='{tmp_path / 'notes.txt'}': a .txt file, not a task; use ")
+    with pytest.raises(DataError, match="': not found; use "):
+        task_kind(str(tmp_path / "missing"))

@@ -52,6 +52,17 @@ def test_sweep_bad_input_starts_nothing(tmp_path, pets, pretrained, cache_dir):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "did you mean 'train.lr'" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "sw").exists()
+    # a key varied twice, an --out that is a file: one line, nothing run or written
+    (tmp_path / "afile").write_text("x")
+    for args, line in (
+        (["--vary", "train.lr=1e-3", "--vary", "train.lr=1e-2"], "--vary train.lr: given twice; put every value"),
+        (["--vary", "train.lr=1e-3", "--out", tmp_path / "afile"], "is a file, not a folder"),
+    ):
+        out = [] if "--out" in args else ["--out", tmp_path / "sw"]
+        r = run_cli("sweep", *out, *args, *fixed)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and line in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "sw").exists() and (tmp_path / "afile").read_text() == "x"
 
 
 def test_random_search_draws_inside_the_ranges_and_repeats_with_its_seed():
