@@ -785,6 +785,24 @@ def data_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _label(args, prep_o: list, rest: list) -> int:
+    "`scaletrain data label`: only data.* overrides, which say how the corpus is read; the model's come from the run."
+    if prep_o:
+        raise ConfigError(f"config: {prep_o[0].split('=')[0]}: prep.* keys belong to 'data prepare'")
+    other = [o.split("=")[0].strip() for o in rest if not o.strip().startswith("data.")]
+    if other:
+        raise ConfigError(
+            f"data label: {other[0]}: only data.* overrides apply (how the corpus is read); the model and its "
+            "settings come from the run"
+        )
+    cfg = load_config(None, [*rest, f"data.source={args.source}"])
+    out = _load("scaletrain.label:label_corpus")(
+        args.run, cfg, out=args.out, show_progress=not args.quiet, force=args.force
+    )
+    print(f"scaletrain: labels written to {out}")
+    return 0
+
+
 def data_main(argv) -> int:
     "`scaletrain data prepare|label`."
     from scaletrain.config import prep_config
@@ -795,21 +813,8 @@ def data_main(argv) -> int:
     rest = [o for o in args.overrides if o not in prep_o]
     try:
         if args.what == "label":
-            if prep_o:
-                raise ConfigError(f"config: {prep_o[0].split('=')[0]}: prep.* keys belong to 'data prepare'")
-            other = [o.split("=")[0].strip() for o in rest if not o.strip().startswith("data.")]
-            if other:
-                raise ConfigError(
-                    f"data label: {other[0]}: only data.* overrides apply (how the corpus is read); the model and "
-                    "its settings come from the run"
-                )
+            return _label(args, prep_o, rest)
         cfg = load_config(getattr(args, "config", None), [*rest, f"data.source={args.source}"])
-        if args.what == "label":
-            out = _load("scaletrain.label:label_corpus")(
-                args.run, cfg, out=args.out, show_progress=not args.quiet, force=args.force
-            )
-            print(f"scaletrain: labels written to {out}")
-            return 0
         prep = check_prep(prep_config(prep_o))
         held = _load("scaletrain.label:task_held_out")(cfg, prep.tasks) if prep.tasks else {}
         ds = prepare(cfg, prep, out=args.out, held_out=held, show_progress=not args.quiet)

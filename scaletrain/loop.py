@@ -350,7 +350,7 @@ def setup(
         raise ConfigError(f"setup: model is a {type(model).__name__}; pass the torch.nn.Module to train")
     spec = _spec(model, block_cls, tp_plan, pp_split, pp_example)
     generic = not spec.from_config
-    cfg = _config(cfg, overrides, generic, len(getattr(spec, "places", None) or ()) if generic else 0)
+    cfg = _config(cfg, overrides, generic, len(spec.places or ()) if generic else 0)  # places: the blocks found
     info = init_distributed(cfg.train.device)
     dims = ParallelDims.from_config(cfg, info.world_size)
     if dims.pp > 1 and loss_fn is None:

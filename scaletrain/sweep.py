@@ -268,99 +268,103 @@ def sweep(
     for k in space:
         if k in fixed_keys:
             raise ConfigError(f"{k}: both varied (--vary) and fixed ({k}=...); give it once")
-    with contextlib.ExitStack() as hold:  # the pretrained checkpoints stay on disk until the last run ends
-        combos = expand(space, mode, n, seed)
-        # every run's config is checked before the first one starts
-        cfgs = [load_config(config, fixed + [f"{k}={v}" for k, v in c.items()]) for c in combos]
-        if command == "finetune":
-            from scaletrain.finetune import make_task, resolve_config
+    with contextlib.ExitStack() as hold:  # a fine-tune's pretrained checkpoint stays on disk until the last run ends
+        return _sweep(space, fixed, command, mode, n, parallel, out, seed, config, hold)
 
-            # each run's pretrained checkpoint is fixed (and held) now, so every run starts from the same one
-            cfgs = [
-                resolve_config(c, typed_keys(config, fixed + [f"{k}={v}" for k, v in combo.items()]), hold=hold)
-                for c, combo in zip(cfgs, combos)
-            ]
-            make_task(cfgs[0])
-        else:
-            from scaletrain.data import parse_sources
 
-            parse_sources(cfgs[0].data.source)
-        metric, higher = _metric_for(command, cfgs[0])
-        out = Path(out) if out else Path(cfgs[0].run.out_dir) / ("sweep-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
-        check_out_path(out, "sweep: --out")
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"--out {out}: exists and is not empty; choose a new sweep folder")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            out / "sweep.json",
-            json.dumps(
-                dict(
-                    command=command,
-                    mode=mode,
-                    n=n,
-                    seed=seed,
-                    parallel=parallel,
-                    space={k: list(v) for k, v in space.items()},
-                    fixed=fixed,
-                    config=str(config) if config else None,
-                    runs=combos,
-                ),
-                indent=1,
+def _sweep(space, fixed, command, mode, n, parallel, out, seed, config, hold) -> SweepResult:
+    combos = expand(space, mode, n, seed)
+    # every run's config is checked before the first one starts, and the sweep folder before the slow checks
+    cfgs = [load_config(config, fixed + [f"{k}={v}" for k, v in c.items()]) for c in combos]
+    out = Path(out) if out else Path(cfgs[0].run.out_dir) / ("sweep-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_out_path(out, "sweep: --out")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new sweep folder")
+    if command == "finetune":
+        from scaletrain.finetune import make_task, resolve_config
+
+        # each run's pretrained checkpoint is fixed (and held) now, so every run starts from the same one
+        cfgs = [
+            resolve_config(c, typed_keys(config, fixed + [f"{k}={v}" for k, v in combo.items()]), hold=hold)
+            for c, combo in zip(cfgs, combos)
+        ]
+        make_task(cfgs[0])
+    else:
+        from scaletrain.data import parse_sources
+
+        parse_sources(cfgs[0].data.source)
+    metric, higher = _metric_for(command, cfgs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        out / "sweep.json",
+        json.dumps(
+            dict(
+                command=command,
+                mode=mode,
+                n=n,
+                seed=seed,
+                parallel=parallel,
+                space={k: list(v) for k, v in space.items()},
+                fixed=fixed,
+                config=str(config) if config else None,
+                runs=combos,
             ),
-        )
-        runs = []
-        for i, c in enumerate(combos):
-            name = f"run_{i:02d}"
-            cmd = [
-                sys.executable,
-                "-m",
-                "scaletrain.cli",
-                command,
-                *(["--config", str(config)] if config else []),
-                *fixed,
-                *[f"{k}={v}" for k, v in c.items()],
-                f"run.out_dir={out / 'runs'}",
-                f"run.name={name}",
-                *([f"finetune.init={cfgs[i].finetune.init}"] if command == "finetune" else []),
-            ]
-            runs.append(Run(name, c, cmd, out / "runs" / name, out / "logs" / f"{name}.log"))
+            indent=1,
+        ),
+    )
+    runs = []
+    for i, c in enumerate(combos):
+        name = f"run_{i:02d}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "scaletrain.cli",
+            command,
+            *(["--config", str(config)] if config else []),
+            *fixed,
+            *[f"{k}={v}" for k, v in c.items()],
+            f"run.out_dir={out / 'runs'}",
+            f"run.name={name}",
+            *([f"finetune.init={cfgs[i].finetune.init}"] if command == "finetune" else []),
+        ]
+        runs.append(Run(name, c, cmd, out / "runs" / name, out / "logs" / f"{name}.log"))
 
-        def done(r, bar):
-            ev = eval_points(r.records, metric)
-            b = (max if higher else min)(v for _, v in ev) if ev else None
-            bar.write(
-                f"{r.name} {'finished' if r.rc == 0 else f'FAILED (exit {r.rc}, see {r.log})'} "
-                f"in {time.time() - r.t0:.0f}s: "
-                + " ".join(f"{k}={v}" for k, v in r.values.items())
-                + (f" -> best {metric} {b:.4f}" if b is not None else "")
-            )
-
-        run_all(runs, parallel, done)
-        rows = collect(runs, metric, higher)
-        res = SweepResult(
-            out,
-            rows,
-            rows[0] if rows and rows[0]["rc"] == 0 and rows[0][f"best_{metric}"] is not None else None,
-            metric,
+    def done(r, bar):
+        ev = eval_points(r.records, metric)
+        b = (max if higher else min)(v for _, v in ev) if ev else None
+        bar.write(
+            f"{r.name} {'finished' if r.rc == 0 else f'FAILED (exit {r.rc}, see {r.log})'} "
+            f"in {time.time() - r.t0:.0f}s: "
+            + " ".join(f"{k}={v}" for k, v in r.values.items())
+            + (f" -> best {metric} {b:.4f}" if b is not None else "")
         )
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(out / "results.csv", buf.getvalue())
-        atomic_write_text(
-            out / "results.json",
-            json.dumps(
-                dict(metric=metric, higher_is_better=higher, rows=rows, best=res.best and res.best["run"]), indent=1
-            ),
-        )
-        ranking = {r["run"]: r[f"best_{metric}"] for r in rows if r[f"best_{metric}"] is not None}
-        import matplotlib.pyplot as plt
 
-        plt.close(plot_finetune_runs({r.name: r.records for r in runs}, metric, out / "sweep.png", ranking))
-        if res.best is not None:
-            shutil.copyfile(out / "runs" / res.best["run"] / "config.yaml", out / "best.yaml")
-        return res
+    run_all(runs, parallel, done)
+    rows = collect(runs, metric, higher)
+    res = SweepResult(
+        out,
+        rows,
+        rows[0] if rows and rows[0]["rc"] == 0 and rows[0][f"best_{metric}"] is not None else None,
+        metric,
+    )
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_text(
+        out / "results.json",
+        json.dumps(
+            dict(metric=metric, higher_is_better=higher, rows=rows, best=res.best and res.best["run"]), indent=1
+        ),
+    )
+    ranking = {r["run"]: r[f"best_{metric}"] for r in rows if r[f"best_{metric}"] is not None}
+    import matplotlib.pyplot as plt
+
+    plt.close(plot_finetune_runs({r.name: r.records for r in runs}, metric, out / "sweep.png", ranking))
+    if res.best is not None:
+        shutil.copyfile(out / "runs" / res.best["run"] / "config.yaml", out / "best.yaml")
+    return res
 
 # %% ../nbs/6_apps/62_sweep.ipynb #8c4a9a4f
 #| export

@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from .errors import LaunchError, ScaletrainError
+from .errors import LaunchError, USER_ERRORS
 from .files import atomic_write, atomic_write_text
 from .procs import job_restarted, restart_count
 
@@ -208,7 +208,7 @@ def worker_main(argv=None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             err = f"exit code {rc}\n" + log_tail(log)
-    except ScaletrainError as e:  # a refusal: one line, where the user's code asked, not a traceback
+    except USER_ERRORS as e:  # a refusal: one line, where the user's code asked, not a traceback
         t_fail = time.time()
         rc, err = 2, f"scaletrain: error: {e}{_user_line(e.__traceback__)}"
         print(err, file=sys.stderr)

@@ -76,6 +76,14 @@ def pretrained_llama(corpus, cache_dir, tmp_path_factory):
     return Path(s["run_dir"])
 
 
+def live_copy(run: Path, tmp_path: Path) -> Path:
+    "A copy of the pretraining run `run` that a test may prune, as if it still trained."
+    import shutil
+
+    shutil.copytree(run, tmp_path / "live")
+    return tmp_path / "live"
+
+
 def live_save(run: Path, keep: int = 1) -> Path:
     """What a pretraining run that trains on does at its next save: a newer checkpoint (a copy of the newest, so it
     loads), `latest` moved to it, older ones pruned to `keep`. Returns the new checkpoint folder."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, tiny
-from ft_helpers import ft_overrides, live_save, pets, pretrained, pretrained_llama  # noqa: F401 (fixtures)
+from ft_helpers import ft_overrides, live_copy, live_save, pets, pretrained, pretrained_llama  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
 from scaletrain.metrics import read_metrics
 from scaletrain.models.gpt import GPT
@@ -390,15 +390,6 @@ def test_llama_classifier_from_llama_checkpoint(tmp_path, pets, pretrained, pret
     assert s["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
 
 
-def _live_copy(pretrained, tmp_path) -> Path:
-    "A copy of the pretraining run that the test may prune, as if it still trained."
-    import shutil
-
-    run = tmp_path / "live"
-    shutil.copytree(pretrained, run)
-    return run
-
-
 def test_a_pretraining_run_that_trains_on_does_not_prune_the_fine_tunes_start(
     tmp_path, pets, pretrained, cache_dir, monkeypatch
 ):
@@ -409,7 +400,7 @@ def test_a_pretraining_run_that_trains_on_does_not_prune_the_fine_tunes_start(
     import scaletrain.finetune as ft
     from scaletrain.errors import CheckpointError
 
-    run = _live_copy(pretrained, tmp_path)
+    run = live_copy(pretrained, tmp_path)
     start = ckpt.latest_checkpoint(run)
     real, seen = ft.load_pretrained, []
 
@@ -442,7 +433,7 @@ def test_the_finetune_launcher_holds_the_start_for_its_ranks(tmp_path, pets, pre
     saves while the job runs prune around it. The job itself is not run here: `launch_ranks` stands in for it."""
     import scaletrain.cli as cli
 
-    run = _live_copy(pretrained, tmp_path)
+    run = live_copy(pretrained, tmp_path)
     start = ckpt.latest_checkpoint(run)
     during = []
 

@@ -3,9 +3,8 @@ starts."""
 
 import csv
 import json
-import shutil
 from conftest import run_cli
-from ft_helpers import ft_overrides, live_save, pets, pretrained  # noqa: F401 (fixtures)
+from ft_helpers import ft_overrides, live_copy, live_save, pets, pretrained  # noqa: F401 (fixtures)
 from scaletrain.config import load_config
 
 
@@ -105,8 +104,7 @@ def test_a_sweep_starts_every_run_from_the_same_held_checkpoint(tmp_path, pets, 
     import scaletrain.sweep as sw
     from scaletrain import checkpoint as ckpt
 
-    run = tmp_path / "live"
-    shutil.copytree(pretrained, run)
+    run = live_copy(pretrained, tmp_path)
     start = ckpt.latest_checkpoint(run)
     real, newer = sw.run_all, []
 
