@@ -108,7 +108,8 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 def resolve_checkpoint(path) -> Path:
-    "A checkpoint folder from a run folder or a checkpoint folder; `CheckpointError` if there is none."
+    """A checkpoint folder from a run folder, a checkpoint folder, or the run's `checkpoints/` folder or its `latest`
+    pointer (both mean the newest); `CheckpointError` if there is none."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(
@@ -116,6 +117,8 @@ def resolve_checkpoint(path) -> Path:
         )
     if is_complete(p):
         return p
+    if p.name == "checkpoints" and p.is_dir() or p.name == "latest" and p.parent.name == "checkpoints":
+        p = p.parent if p.is_dir() else p.parent.parent  # the run folder: its newest checkpoint, as `latest` names
     if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file():
         c = latest_checkpoint(p)
         if c is None:

@@ -246,7 +246,8 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default=None,
-        help="fp32 | bf16-mixed | fp16-mixed | bf16-true | bf16-master (planning only) (default: bf16-mixed)",
+        help="fp32 | bf16-mixed | fp16-mixed | bf16-true | fp8-mixed (GPUs with float8: h100-80gb, h200, l40s) | "
+        "bf16-master (planning only) (default: bf16-mixed)",
     )
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument(
@@ -264,13 +265,16 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=float, help="token budget of the bill (default: 20 tokens per parameter)")
     p.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour (default 2.0, an assumption)")
     p.add_argument("--grid", type=float, default=0.48, help="kg CO2 per kWh (default 0.48: world average 2023, Ember)")
-    p.add_argument("--pue", type=float, default=1.2, help="data-centre PUE (default 1.2)")
-    p.add_argument("--power-util", type=float, default=1.0, help="fraction of board power drawn (default 1.0)")
+    p.add_argument("--pue", type=float, default=1.2, help="data-centre PUE, in [1, 5] (default 1.2)")
+    p.add_argument(
+        "--power-util", type=float, default=1.0, help="fraction of board power drawn, in (0, 1] (default 1.0)"
+    )
     p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
     p.add_argument(
         "--write-config",
         metavar="FILE",
-        help="write a layout as a config for scaletrain train --config (the best one it runs, or --row N)",
+        help="write a layout as a config for scaletrain train --config (the best one it runs, or --row N), with "
+        "the steps of --tokens and the bill's --pue, --grid and --price",
     )
     p.add_argument("--row", type=int, help="with --write-config: the table row to write")
     p.add_argument("--force", action="store_true", help="overwrite --write-config FILE")
@@ -315,20 +319,22 @@ def _plan_model(a):
 def plan_main(argv) -> int:
     from scaletrain.config import save_config
     from scaletrain.memory import GiB
-    from scaletrain.plan import Link, get_gpu, plan, why_nothing_fits
+    from scaletrain.plan import Link, get_gpu, plan, short, why_nothing_fits
 
     a = parse_overrides(plan_parser(), argv)
     t0 = time.perf_counter()
     try:
-        if a.write_config:
+        if a.write_config is not None:
             from scaletrain.files import check_out_path
 
             check_out_path(a.write_config, "plan: --write-config", "file")
-        if a.write_config and Path(a.write_config).exists() and not a.force:
-            raise ConfigError(f"plan: --write-config {a.write_config} already exists; pass --force to overwrite it")
+            if Path(a.write_config).exists() and not a.force:
+                raise ConfigError(f"plan: --write-config {a.write_config} already exists; pass --force to overwrite it")
+        elif a.force:
+            raise ConfigError("plan: --force: replaces a --write-config FILE; give --write-config FILE with it")
         if a.top < 1:
             raise ConfigError(f"plan: --top={a.top}: must be >= 1")
-        if a.row is not None and (a.row < 1 or not a.write_config):
+        if a.row is not None and (a.row < 1 or a.write_config is None):
             raise ConfigError(f"plan: --row={a.row}: must be >= 1, with --write-config FILE")
         if a.seq_len is not None and a.seq_len < 2:
             raise ConfigError(f"plan: --seq-len={a.seq_len}: must be >= 2")
@@ -350,8 +356,6 @@ def plan_main(argv) -> int:
             if not 0 < a.peak_tflops < float("inf"):
                 raise ConfigError(f"plan: --peak-tflops={a.peak_tflops}: must be a finite number > 0")
             links["peak_tflops"] = a.peak_tflops
-        if a.tokens is not None and not a.tokens > 0:
-            raise ConfigError(f"plan: --tokens={a.tokens}: must be > 0")
         pl = plan(
             model,
             params=a.params,
@@ -384,7 +388,7 @@ def plan_main(argv) -> int:
                     f"{first.why_not})"
                 )
         b = pl.best
-        if a.write_config:  # the layout to write is chosen (or refused) before anything is printed
+        if a.write_config is not None:  # the layout is chosen (or refused), and written, before anything is printed
             if a.row is not None:
                 if a.row > len(pl.layouts):
                     raise ConfigError(
@@ -401,10 +405,16 @@ def plan_main(argv) -> int:
                         f"today (row 1: {b.why_not}); nothing written"
                     )
                 cfg = pl.to_config(lay)
+            try:
+                save_config(cfg, a.write_config)
+            except OSError as e:  # what check_out_path could not foresee: a full disk, a folder removed meanwhile
+                raise ConfigError(
+                    f"plan: --write-config={a.write_config}: cannot write ({e.strerror or e}); nothing written"
+                ) from None
         print(pl.header())
         print(pl.table(a.top))
         costs = lambda l: (
-            f"{l.memory / GiB:.1f} GiB per GPU, {l.step_time:.2f} s per step, {l.bill.days:.1f} days, "
+            f"{l.memory / GiB:.1f} GiB per GPU, {short(l.step_time, 2)} s per step, {short(l.bill.days)} days, "
             f"{l.bill.gpu_hours:.3g} GPU-hours, {l.bill.kwh:.3g} kWh, {l.bill.t_co2:.3g} t CO2, ${l.bill.cost:.3g}"
         )
         print(
@@ -416,13 +426,14 @@ def plan_main(argv) -> int:
         if not b.runnable and r is not None:  # say which one `scaletrain train` would run (what --write-config writes)
             row = pl.layouts.index(r) + 1
             print(f"Best that scaletrain train runs (row {row}): {r.describe()}: {costs(r)}. Row 1: {b.why_not}.")
-        if a.write_config:
+        if a.write_config is not None:
             row = pl.layouts.index(lay) + 1
             if a.row is None and row > 1:
-                print(f"row 1 is not runnable by scaletrain train yet ({b.why_not}); writing row {row}")
-            save_config(cfg, a.write_config)
+                print(f"row 1 is not runnable by scaletrain train yet ({b.why_not}); wrote row {row}")
             print(
-                f"wrote {a.write_config} ({lay.describe()}); run it with: scaletrain train --config {a.write_config} "
+                f"wrote {a.write_config} ({lay.describe()}; train.steps={cfg.train.steps} for {pl.tokens:.3g} tokens, "
+                f"run.price_per_device_hour={cfg.run.price_per_device_hour:g}); run it with: scaletrain train "
+                f"--config {a.write_config} "
                 f"--nproc {pl.gpus // pl.nodes}"
                 + (f" --nnodes {pl.nodes} --node-rank R --rdzv-endpoint HOST:PORT" if pl.nodes > 1 else "")
             )
@@ -814,6 +825,12 @@ def data_main(argv) -> int:
     try:
         if args.what == "label":
             return _label(args, prep_o, rest)
+        other = [o.split("=")[0].strip() for o in rest if not o.strip().startswith("data.")]
+        if other:  # a train.* or model.* key is not the dataset's; checking it would only refuse unrelated values
+            raise ConfigError(
+                f"data prepare: {other[0]}: only data.* and prep.* overrides apply; the model and training "
+                "settings belong to scaletrain train"
+            )
         cfg = load_config(getattr(args, "config", None), [*rest, f"data.source={args.source}"])
         prep = check_prep(prep_config(prep_o))
         held = _load("scaletrain.label:task_held_out")(cfg, prep.tasks) if prep.tasks else {}

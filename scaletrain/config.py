@@ -645,7 +645,10 @@ def validate(cfg: Config) -> Config:
     for name in loggers_of(cfg):
         LOGGERS[name]
     if t.warmup_steps > t.steps:
-        raise ConfigError(f"config: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
+        raise ConfigError(
+            f"config: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; set "
+            f"train.warmup_steps<={t.steps}, or more train.steps"
+        )
     if cfg.data.tokenizer == "byte" and m.vocab_size not in (0,) and m.vocab_size < 257:
         raise ConfigError(
             f"config: model.vocab_size={m.vocab_size}: the byte tokenizer needs >= 257 (or 0 = automatic)"

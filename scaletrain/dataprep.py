@@ -635,8 +635,13 @@ def prepare(
         raise DataError(f"data prepare --out={str(out)!r}: cannot create {e.filename} ({e.strerror})") from None
     from filelock import FileLock
 
-    with FileLock(out / f".work-{key}.lock"):  # two runs of the same job: the second waits, then finds it done
-        return _prepare(cfg, p, sources, names, units, val_files, targets, out, work, show_progress)
+    lock = out / f".work-{key}.lock"
+    with FileLock(lock):  # two runs of the same job: the second waits, then finds it done
+        ds = _prepare(cfg, p, sources, names, units, val_files, targets, out, work, show_progress)
+        # done: whoever waits on this file, or makes a new one, only finds the dataset, so the lock may go (a
+        # failed job keeps it, and its work folder, for the run that resumes the work)
+        lock.unlink(missing_ok=True)
+    return ds
 
 
 def _prepare(cfg, p, sources, names, units, val_files, targets, out: Path, work: Path, show_progress: bool) -> Path:

@@ -15,7 +15,7 @@ from .errors import ConfigError, DiskFull
 
 # %% auto #0
 __all__ = ['UMASK', 'NO_SPACE', 'LOW_SPACE', 'atomic_write', 'atomic_write_text', 'read_json', 'fresh_folder', 'usual_modes',
-           'check_out_path', 'free_bytes', 'exception_chain', 'is_disk_full', 'disk_full_error']
+           'unwritable', 'check_out_path', 'free_bytes', 'exception_chain', 'is_disk_full', 'disk_full_error']
 
 # %% ../nbs/0_core/01_files.ipynb #bb7fe007
 UMASK = os.umask(0)  # read once, at import: what we create gets the permissions `open` would give
@@ -95,6 +95,17 @@ def usual_modes(path) -> Path:
     return path
 
 
+def unwritable(folder) -> OSError | None:
+    """None when this process can make files in the existing `folder`, else the `OSError` that says why not.
+    `os.access` says yes to root on /proc or a read-only mount: an empty folder, made and removed at once, says it
+    all and leaves nothing behind."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".scaletrain-probe-"))
+    except OSError as e:
+        return e
+    return None
+
+
 def check_out_path(out, what: str, kind: str = "folder", protect=()) -> Path:
     """Refuse, in one line (`ConfigError`), an output path `out` that could not be written or would destroy an input,
     before anything is written or removed.
@@ -106,18 +117,25 @@ def check_out_path(out, what: str, kind: str = "folder", protect=()) -> Path:
         protect: folders `out` must not be, lie inside, or contain (symlinks resolved): the run being read, say.
 
     Returns: `out` as a `Path`."""
+    if not str(out).strip():  # Path('') is '.', the current folder
+        raise ConfigError(f"{what}={str(out)!r}: empty; give a {kind} path")
     out = Path(out)
+    base = Path(".")
     for parent in out.parents:  # `a_file/sub`: mkdir would fail with a traceback
         if parent.exists() and not parent.is_dir():
             raise ConfigError(
                 f"{what}={out}: {parent} is a file, so nothing can be made under it; give a path under a folder"
             )
         if parent.exists():
+            base = parent
             break
     if out.exists() and kind == "folder" and not out.is_dir():
         raise ConfigError(f"{what}={out}: is a file, not a folder; give a folder path")
     if out.is_dir() and kind == "file":
         raise ConfigError(f"{what}={out}: is a folder, not a file; give a file path")
+    for d in [base] + ([out] if out.is_dir() else []):  # where the file (or its temporary twin) will be made
+        if (e := unwritable(d)) is not None:
+            raise ConfigError(f"{what}={out}: cannot write in {d} ({e.strerror or e}); give a writable path")
     real = out.resolve()
     for p in protect:
         r = Path(p).resolve()

@@ -6,13 +6,11 @@
 from __future__ import annotations
 import copy
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from .config import Config, config_diff, config_hash, load_config, save_config
 from .errors import ConfigError
-from .files import disk_full_error, fresh_folder
+from .files import disk_full_error, fresh_folder, unwritable
 from .data import tokenizer_vocab
 from .models.hub import is_run_copy, resolve_hf, resume_source, save_run_copy
 
@@ -39,10 +37,8 @@ def check_out_dir(cfg: Config) -> Path:
         p = p.parent
     if not p.is_dir():
         raise ConfigError(f"run.out_dir={cfg.run.out_dir}: {p} is not a folder; give a folder for the run folders")
-    try:  # access() says yes to root on /proc or a read-only mount: an empty folder, removed at once, says it all
-        os.rmdir(tempfile.mkdtemp(dir=p, prefix=".scaletrain-probe-"))
-    except OSError as e:
-        raise _unwritable(cfg, e) from None
+    if (e := unwritable(p)) is not None:
+        raise _unwritable(cfg, e)
     return out
 
 

@@ -76,15 +76,19 @@ def task_held_out(cfg: Config, tasks: str) -> dict:
     "`{task: held-out files or texts}` of the fine-tuning tasks named in `prep.tasks` (their val and test splits)."
     out = {}
     for t in [x.strip() for x in tasks.split(",") if x.strip()]:
-        f = dataclasses.replace(cfg.finetune, task=t)
-        kind = task_kind(t)
-        if kind == "lm":
-            raise ConfigError(
-                f"config: prep.tasks={tasks!r}: {t!r} is a language-modelling task; it holds no files out"
-            )
-        if kind == "stdlib":
-            out[t] = sorted(held_out_files(f))
-        else:
-            parts = split_units(load_units(f), f.val_fraction, f.test_fraction)
-            out[t] = [u.path if u.path is not None else u.text for s in ("val", "test") for u in parts[s]]
+        try:
+            out[t] = _held_out(cfg, t, tasks)
+        except (ConfigError, DataError) as e:  # the task readers name their key; here the task came from prep.tasks
+            raise type(e)(str(e).replace("finetune.task", "prep.tasks", 1)) from None
     return out
+
+
+def _held_out(cfg: Config, t: str, tasks: str) -> list:
+    f = dataclasses.replace(cfg.finetune, task=t)
+    kind = task_kind(t)
+    if kind == "lm":
+        raise ConfigError(f"config: prep.tasks={tasks!r}: {t!r} is a language-modelling task; it holds no files out")
+    if kind == "stdlib":
+        return sorted(held_out_files(f))
+    parts = split_units(load_units(f), f.val_fraction, f.test_fraction)
+    return [u.path if u.path is not None else u.text for s in ("val", "test") for u in parts[s]]

@@ -18,10 +18,10 @@ from .parallel import check, check_compile_scope, meta_model
 from .registry import FAMILIES, PRECISIONS, STRATEGIES
 
 # %% auto #0
-__all__ = ['GPUS', 'GPU_ALIASES', 'EFFICIENCY', 'BILL_DEFAULTS', 'PRESETS', 'PUBLISHED_PARAMS', 'Link', 'GPU', 'get_gpu',
-           'all_reduce_time', 'all_gather_time', 'p2p_time', 'compute_efficiency', 'Bill', 'Layout', 'step_time',
-           'bill', 'preset', 'model_config', 'hf_model', 'Plan', 'layout_config', 'model_fields', 'config_shape',
-           'run_config', 'evaluate', 'plan', 'why_nothing_fits', 'best_layouts']
+__all__ = ['GPUS', 'GPU_ALIASES', 'EFFICIENCY', 'FP8_SPEEDUP', 'BILL_DEFAULTS', 'PRESETS', 'PUBLISHED_PARAMS', 'Link', 'GPU',
+           'get_gpu', 'all_reduce_time', 'all_gather_time', 'p2p_time', 'short', 'compute_efficiency', 'Bill', 'Layout',
+           'step_time', 'bill', 'preset', 'model_config', 'hf_model', 'Plan', 'layout_config', 'model_fields',
+           'config_shape', 'run_config', 'evaluate', 'plan', 'why_nothing_fits', 'best_layouts']
 
 # %% ../nbs/4_estimate/41_plan.ipynb #9605a095
 @dataclass(frozen=True)
@@ -39,16 +39,17 @@ class GPU:
     inter: Link  # between nodes (the GPU's NIC)
     power_w: float = 700.0  # maximum board power
     per_node: int = 8
+    fp8: bool = False  # float8 tensor cores (compute capability >= 8.9): memory.precision=fp8-mixed runs
 
 
 GPUS = {
     g.name: g
     for g in (
-        GPU("h100-80gb", 989.0, 79.6, Link(360e9, 5e-6), Link(40e9, 10e-6), 700.0),
-        GPU("h200", 989.0, 140.4, Link(360e9, 5e-6), Link(40e9, 10e-6), 700.0),
+        GPU("h100-80gb", 989.0, 79.6, Link(360e9, 5e-6), Link(40e9, 10e-6), 700.0, fp8=True),
+        GPU("h200", 989.0, 140.4, Link(360e9, 5e-6), Link(40e9, 10e-6), 700.0, fp8=True),
         GPU("a100-80gb", 312.0, 80.0, Link(240e9, 5e-6), Link(20e9, 10e-6), 400.0),
         GPU("a100-40gb", 312.0, 40.0, Link(240e9, 5e-6), Link(20e9, 10e-6), 400.0),
-        GPU("l40s", 362.0, 45.0, Link(25e9, 10e-6), Link(20e9, 10e-6), 350.0),
+        GPU("l40s", 362.0, 45.0, Link(25e9, 10e-6), Link(20e9, 10e-6), 350.0, fp8=True),
     )
 }
 GPU_ALIASES = {"h100": "h100-80gb", "h100-sxm": "h100-80gb", "a100": "a100-80gb", "h200-141gb": "h200"}
@@ -82,6 +83,15 @@ def p2p_time(n: float, link: Link) -> float:
 
 # %% ../nbs/4_estimate/41_plan.ipynb #ebab9363
 EFFICIENCY = dict(ceiling=0.68, width=275.0)  # E and W0: fitted in "Calibration" below
+# fp8-mixed: how much faster the blocks' Linear matmuls run than in bf16, casts and scales included. Solved from
+# torchao's published end-to-end speedups on llama3-8B, 8 H100s with compile (tensorwise with fp8 all-gather
+# 1.25x, rowwise 1.12x over bf16) for the 72 % of that model's FLOPs in those layers; not measured by scaletrain
+FP8_SPEEDUP = dict(tensorwise=1.38, rowwise=1.17)
+
+
+def short(x: float, decimals: int = 1) -> str:
+    "`x` with `decimals` decimals, or 3 significant digits where those would show 0 or more than 6 digits."
+    return f"{x:.3g}" if x and not 10**-decimals <= abs(x) < 1e6 else f"{x:.{decimals}f}"
 
 
 def compute_efficiency(shape: ModelShape, tp: int = 1, ceiling: float | None = None, width: float | None = None):
@@ -169,8 +179,10 @@ def step_time(
     precision: str = "bf16-mixed",
     overlap: float = 0.8,
     backend: str = "torch",
+    fp8_scaling: str = "tensorwise",
 ) -> dict:
-    "Predicted seconds per optimizer step and their parts (`mfu`: a stated efficiency instead of the calibrated one)."
+    """Predicted seconds per optimizer step and their parts (`mfu`: a stated efficiency instead of the calibrated
+    one; under `fp8-mixed` the blocks' Linear matmuls run `FP8_SPEEDUP[fp8_scaling]` times faster)."""
     s, h, L = shape.seq_len, shape.n_embd, shape.n_layer
     tp, pp, cp, dp, accum = lay.tp, lay.pp, lay.cp, lay.dp, lay.grad_accum
     tokens = global_batch * s
@@ -180,7 +192,12 @@ def step_time(
     f_tok = shape.flops_per_token()
     eff = mfu or compute_efficiency(shape, tp)
     rate = gpu.peak_tflops * 1e12 * eff  # FLOP/s of one GPU
-    compute = tokens * (f_tok + recompute) / (gpus * rate)
+    work = f_tok + recompute  # FLOPs per token at the 16-bit rate
+    if precision == "fp8-mixed":  # the blocks' Linear layers (and their recompute) in float8; attention stays bf16
+        lin = 6 * L * shape.block_params()
+        lin += {"full": lin / 3, "selective": 0.02 * lin}.get(lay.ac, 0.0)
+        work -= lin * (1 - 1 / FP8_SPEEDUP[fp8_scaling])
+    compute = tokens * work / (gpus * rate)
     prec = precision_bytes(precision, "fsdp" if lay.strategy == "hsdp" else lay.strategy, backend)
     n_pipe = lay.microbatches if pp > 1 else 1
     b_pipe = lay.micro_batch / n_pipe  # sequences per pipeline micro-batch
@@ -370,6 +387,11 @@ class Plan:
     vocab_explicit: bool = False
 
     @property
+    def fp8_scaling(self) -> str:
+        "The float8 recipe a fp8-mixed run of this plan uses (its base config's `memory.fp8_scaling`)."
+        return self.base.memory.fp8_scaling if self.base is not None else "tensorwise"
+
+    @property
     def best(self) -> Layout | None:
         return self.layouts[0] if self.layouts else None
 
@@ -393,6 +415,13 @@ class Plan:
             f"{self.gpu.intra.bandwidth / 1e9:.0f} GB/s in a node, {self.gpu.inter.bandwidth / 1e9:.0f} GB/s between\n"
             f"bill for {self.tokens:.3g} tokens: {self.gpu.power_w:.0f} W x {c['power_util']:g} utilisation x PUE "
             f"{c['pue']:g}, {c['grid']:g} kg CO2/kWh, ${c['price']:g} per GPU-hour"
+            + (
+                f"\nfp8-mixed ({self.fp8_scaling}): the blocks' Linear matmuls at {FP8_SPEEDUP[self.fp8_scaling]:g}x "
+                "their bf16 speed (from torchao's published speedups; not measured by scaletrain); MFU against "
+                "the dense 16-bit peak"
+                if self.precision == "fp8-mixed"
+                else ""
+            )
         )
 
     def table(self, top: int = 10) -> str:
@@ -406,8 +435,8 @@ class Plan:
             b = l.bill
             rows.append(
                 f"{i:>3} {l.strategy:<8} {l.dp:>5} {l.tp:>2} {l.cp:>2} {l.pp:>3} {sched:<9} {l.ac:<9} "
-                f"{l.micro_batch:>5} {l.grad_accum:>5} {l.memory / GiB:>7.1f} {l.step_time:>7.2f} {l.mfu:>4.2f} "
-                f"{b.days:>7.1f} {b.gpu_hours:>9.3g} {b.kwh:>9.3g} {b.t_co2:>8.3g} {b.cost:>10.3g} "
+                f"{l.micro_batch:>5} {l.grad_accum:>5} {l.memory / GiB:>7.1f} {short(l.step_time, 2):>7} {l.mfu:>4.2f} "
+                f"{short(b.days):>7} {b.gpu_hours:>9.3g} {b.kwh:>9.3g} {b.t_co2:>8.3g} {b.cost:>10.3g} "
                 f"{'y' if l.runnable else '-'}"
             )
         return "\n".join(rows)
@@ -453,8 +482,15 @@ def layout_config(
 
 
 def _config(pl: Plan, l: Layout) -> Config:
+    "The run of `l` that the plan billed: its layout, enough steps for the plan's tokens, and the bill's settings."
     vocab = pl.base is None or pl.vocab_explicit or not pl.base.model.vocab_size  # else the tokenizer sets it
-    return layout_config(pl.shape, l, pl.base, pl.precision, vocab)
+    cfg = layout_config(pl.shape, l, pl.base, pl.precision, vocab)
+    t, c = cfg.train, pl.costs
+    t.steps = math.ceil(pl.tokens / (pl.global_batch * pl.shape.seq_len))
+    t.warmup_steps = min(t.warmup_steps, t.steps)
+    if c:  # how the run's own bill (scaletrain.energy) counts: as the plan did
+        cfg.run.pue, cfg.run.grid_gco2_per_kwh, cfg.run.price_per_device_hour = c["pue"], c["grid"] * 1000, c["price"]
+    return cfg
 
 
 def _composes(strategy: str, replicas: int, tp: int, pp: int) -> str | None:
@@ -581,7 +617,18 @@ def evaluate(
     e = estimate_config(cfg, gpus, lay.micro_batch, shape=shape)
     lay.memory, lay.estimate = e.total, e
     lay.__dict__.update(
-        step_time(shape, lay, gpu, gpus, gpus_per_node or gpu.per_node, global_batch, mfu, precision, overlap)
+        step_time(
+            shape,
+            lay,
+            gpu,
+            gpus,
+            gpus_per_node or gpu.per_node,
+            global_batch,
+            mfu,
+            precision,
+            overlap,
+            fp8_scaling=cfg.memory.fp8_scaling,
+        )
     )
     return lay
 
@@ -656,17 +703,20 @@ def plan(
         raise ConfigError(f"plan: --overlap={overlap}: must be in [0, 1]")
     if precision not in PLAN_PRECISIONS:
         raise ConfigError(f"plan: --precision={precision}: allowed: {' | '.join(PLAN_PRECISIONS)}")
-    for flag, v in (
-        ("--tokens", tokens),
-        ("--power-util", power_util),
-        ("--pue", pue),
-        ("--grid", grid),
-        ("--price", price),
+    if precision == "fp8-mixed" and not dev.fp8:
+        fp8 = " | ".join(g.name for g in GPUS.values() if g.fp8)
+        raise ConfigError(
+            f"plan: --precision=fp8-mixed: {dev.name} has no float8 tensor cores; plan it on {fp8}, or use bf16-mixed"
+        )
+    for flag, v, ok, allowed in (  # NaN fails every comparison, so each is refused with its range
+        ("--tokens", tokens, lambda v: 0 < v <= 1e18, "a number > 0 (at most 1e18)"),
+        ("--power-util", power_util, lambda v: 0 < v <= 1, "in (0, 1]: the fraction of board power drawn"),
+        ("--pue", pue, lambda v: 1 <= v <= 5, "in [1, 5]: facility energy / IT energy"),
+        ("--grid", grid, lambda v: 0 <= v <= 2, "in [0, 2] kg CO2 per kWh"),
+        ("--price", price, lambda v: 0 <= v < float("inf"), "a finite number >= 0 ($ per GPU-hour)"),
     ):
-        if v is not None and not (v >= 0 and math.isfinite(v)):
-            raise ConfigError(f"plan: {flag}={v}: must be a finite number >= 0")
-    if pue < 1:
-        raise ConfigError(f"plan: --pue={pue}: must be >= 1 (facility energy / IT energy)")
+        if v is not None and not ok(v):
+            raise ConfigError(f"plan: {flag}={v}: must be {allowed}")
     shape, base = _shape_and_base(model, params, seq_len, vocab_size)
     gpn = gpus // nodes
     usable = mem * GiB * (1 - headroom)
@@ -681,7 +731,7 @@ def plan(
         precision,
         mfu,
         base=base,
-        tokens=float(tokens if tokens else 20 * n_params),
+        tokens=float(tokens if tokens is not None else 20 * n_params),
         costs=dict(power_util=power_util, pue=pue, grid=grid, price=price),
         vocab_explicit=vocab_size is not None,
         args=dict(

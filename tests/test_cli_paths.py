@@ -4,6 +4,7 @@ key=value overrides may come before or after options, and an export gets the per
 
 import os
 import stat
+from pathlib import Path
 import subprocess
 import sys
 import pytest
@@ -126,6 +127,18 @@ def test_compress_refuses_negative_numbers(run, unchanged, tmp_path, args, expec
         (["--params", "7e9", "--intra-bw", "inf"], "plan: --intra-bw=inf: must be a finite number > 0"),
         (["--params", "7e9", "--inter-lat", "-1"], "plan: --inter-lat=-1.0: must be a finite number > 0"),
         (["--params", "7e9", "--peak-tflops", "inf"], "plan: --peak-tflops=inf: must be a finite number > 0"),
+        (["--params", "7e9", "--power-util", "5"], "plan: --power-util=5.0: must be in (0, 1]"),
+        (["--params", "7e9", "--power-util", "0"], "plan: --power-util=0.0: must be in (0, 1]"),
+        (["--params", "7e9", "--pue", "nan"], "plan: --pue=nan: must be in [1, 5]"),
+        (["--params", "7e9", "--pue", "0.9"], "plan: --pue=0.9: must be in [1, 5]"),
+        (["--params", "7e9", "--tokens", "inf"], "plan: --tokens=inf: must be a number > 0 (at most 1e18)"),
+        (["--params", "7e9", "--tokens", "0"], "plan: --tokens=0.0: must be a number > 0"),
+        (["--params", "7e9", "--grid", "-1"], "plan: --grid=-1.0: must be in [0, 2] kg CO2 per kWh"),
+        (["--params", "7e9", "--price", "inf"], "plan: --price=inf: must be a finite number >= 0"),
+        (
+            ["--params", "7e9", "--gpu", "a100", "--precision", "fp8-mixed"],
+            "plan: --precision=fp8-mixed: a100-80gb has no float8 tensor cores; plan it on h100-80gb | h200 | l40s",
+        ),
     ],
 )
 def test_plan_refuses_bad_numbers(tmp_path, args, expect):
@@ -181,3 +194,52 @@ def test_export_gets_the_permissions_of_the_umask(run, unchanged, tmp_path, umas
     assert stat.S_IMODE(out.stat().st_mode) == dmode
     files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert "model.safetensors" in files and files == {n: fmode for n in files}, files
+
+
+def test_plan_flags_that_would_do_nothing_are_refused(tmp_path):
+    for args, expect in (
+        (["--force"], "plan: --force: replaces a --write-config FILE; give --write-config FILE with it"),
+        (["--write-config", ""], "plan: --write-config='': empty; give a file path"),
+        (["--row", "1"], "plan: --row=1: must be >= 1, with --write-config FILE"),
+    ):
+        r = run_cli("plan", "--params", "1e8", "--gpus", "1", *args, cwd=tmp_path)
+        assert expect in one_line_error(r) and r.stdout == ""
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        lambda run, bad: ["plan", "--params", "1e8", "--gpus", "1", "--write-config", bad / "c.yaml"],
+        lambda run, bad: ["export", run, bad / "m.safetensors"],
+        lambda run, bad: ["export", run, bad / "hf", "--no-check"],
+        lambda run, bad: ["compress", run, "--out", bad / "c"],
+    ],
+)
+def test_an_output_that_cannot_be_made_is_one_line_before_any_work(run, unchanged, cmd):
+    # /proc takes no new folders, even from root (os.access says it may): the path is tried, not assumed
+    bad = Path("/proc/scaletrain-no-such-folder")
+    args = cmd(run, bad)
+    r = run_cli(*args)
+    err = one_line_error(r)
+    assert "cannot write in /proc (" in err and "give a writable path" in err and r.stdout == ""
+    assert not bad.exists()
+
+
+def test_export_follows_the_latest_pointer_and_the_checkpoints_folder(run, unchanged, tmp_path):
+    from safetensors import safe_open
+
+    def weights(f):
+        with safe_open(str(f), "pt") as g:
+            return g.metadata()["step"], {k: g.get_tensor(k) for k in g.keys()}
+
+    outs = []
+    for src in (run, run / "checkpoints" / "latest", run / "checkpoints"):
+        o = tmp_path / f"{len(outs)}.safetensors"
+        r = run_cli("export", src, o)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(weights(o))
+    step, ref = outs[0]
+    assert step == "2"
+    for s, w in outs[1:]:
+        assert s == step and w.keys() == ref.keys() and all((w[k] == ref[k]).all() for k in ref)

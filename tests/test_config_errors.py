@@ -27,7 +27,7 @@ def one_line_error(r):
         ("memory.precision=fp8", "memory.precision='fp8': allowed: fp32 | bf16-mixed | fp16-mixed | bf16-true"),
         ("model.n_head=3", "model.n_embd=256 is not divisible by model.n_head=3"),
         ("memory.cpu_offload=true", "memory.cpu_offload=true needs parallel.strategy=fsdp"),
-        ("train.warmup_steps=900", "train.warmup_steps=900 exceeds train.steps=250"),
+        ("train.warmup_steps=900", "train.warmup_steps=900 exceeds train.steps=250; set train.warmup_steps<=250"),
         ("nonsense", "override 'nonsense': expected key=value"),
     ],
 )

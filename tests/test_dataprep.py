@@ -229,6 +229,9 @@ def test_interrupted_prepare_resumes_to_the_same_hash(tmp_path, monkeypatch):
         ("prep.max_top_char=-0.1", "prep.max_top_char=-0.1: must be >= 0.0"),
         ("prep.min_chars=ten", "prep.min_chars='ten': expected a whole number"),
         ("prep.nearthreshold=0.5", "unknown key 'prep.nearthreshold' (did you mean 'prep.near_threshold'?)"),
+        # a training key is not the dataset's: refused by name, not checked against train.steps' default
+        ("train.warmup_steps=300", "data prepare: train.warmup_steps: only data.* and prep.* overrides apply"),
+        ("prep.tasks=no-such-task", "prep.tasks='no-such-task': not found"),
     ],
 )
 def test_bad_rules_and_thresholds_are_one_line_exit_2(tmp_path, corpus, bad, says):
@@ -255,6 +258,8 @@ def test_cli_prepare_writes_a_folder_train_reads(tmp_path, corpus):
     assert r.returncode == 0, r.stderr
     (ds,) = [p for p in out.iterdir() if not p.name.startswith(".")]
     assert str(ds) in r.stdout
+    # what stays beside it: the record that this job is done (a rerun finds it), no lock and no work folder
+    assert [p.name.split("-")[0] for p in out.iterdir() if p.name.startswith(".")] == [".done"]
     for f in ("manifest.json", "fates.jsonl", "stats.json", "report.html", "stages.png", "lengths.png"):
         assert (ds / f).is_file(), f
     html = (ds / "report.html").read_text()

@@ -460,3 +460,49 @@ def test_the_plan_asks_its_base_config_what_compiles_and_how_the_loss_is_compute
             assert not l.runnable and "memory.chunked_loss=on" in l.why_not, l.describe()
         else:
             assert l.runnable and l.estimate.inputs["loss_chunk"] > 0
+
+
+def test_fp8_plans_faster_linears_only_where_float8_runs():
+    from scaletrain.plan import FP8_SPEEDUP
+
+    kw = dict(params=7e9, gpus=8, gpu="h100-80gb", strategies=("fsdp",), ac_policies=("none", "full"))
+    bf, f8 = plan(**kw), plan(**kw, precision="fp8-mixed")
+    by = {l.describe(): l for l in bf.layouts}
+    same = [(by[l.describe()], l) for l in f8.layouts if l.describe() in by]
+    assert same
+    for b, f in same:  # the same layout: less compute, never below what speeding up every FLOP would give
+        assert b.compute_time / FP8_SPEEDUP["tensorwise"] < f.compute_time < b.compute_time, f.describe()
+        assert f.memory == b.memory and f.runnable  # bf16-mixed's states and activations; the trainer runs it
+    assert "the blocks' Linear matmuls at 1.38x" in f8.header() and "not measured by scaletrain" in f8.header()
+    rowwise = plan(load_config(overrides=["memory.fp8_scaling=rowwise"]), gpus=8, precision="fp8-mixed")
+    assert "fp8-mixed (rowwise)" in rowwise.header()
+    assert f8.to_config(f8.layouts[0]).memory.precision == "fp8-mixed"
+
+
+def test_written_config_is_the_billed_run(tmp_path):
+    f = tmp_path / "c.yaml"
+    argv = ["--params", "1e8", "--gpus", "8", "--tokens", "3e9", "--price", "3.5", "--pue", "1.3", "--grid", "0.2"]
+    rc, out, err = plan_cli(*argv, "--global-batch", "512", "--write-config", f)
+    assert rc == 0, err
+    cfg = load_config(f)
+    steps = -(-3e9 // (512 * 2048))  # every token of the bill, in whole steps
+    assert cfg.train.steps == steps and f"train.steps={steps:.0f} for 3e+09 tokens" in out
+    assert (cfg.run.price_per_device_hour, cfg.run.pue, cfg.run.grid_gco2_per_kwh) == (3.5, 1.3, 200.0)
+    pl = plan(params=1e8, gpus=8, tokens=3e9, global_batch=512)
+    assert pl.layouts[0].bill.steps == steps
+    # a budget of fewer steps than the warm-up: the warm-up is cut to fit, so the config still loads
+    g = tmp_path / "short.yaml"
+    rc, out, err = plan_cli(*argv, "--tokens", "1e7", "--global-batch", "512", "--write-config", g)
+    assert rc == 0, err
+    assert load_config(g).train.steps == 10 and load_config(g).train.warmup_steps == 10
+
+
+def test_small_and_huge_numbers_stay_readable():
+    rc, out, err = plan_cli("--params", "1e8", "--global-batch", "3", "--top", "1")
+    assert rc == 0, err
+    (row,) = rows(out)
+    assert float(row[11]) > 0  # a step of a few milliseconds is not printed as 0.00
+    rc, out, err = plan_cli("--params", "1e8", "--tokens", "1e18", "--top", "1")
+    assert rc == 0, err
+    (row,) = rows(out)
+    assert "e+" in row[13] and len(row[13]) <= 9 and float(row[13]) > 1e6  # days, in 3 significant digits
