@@ -27,11 +27,11 @@ from .files import atomic_write, atomic_write_text, check_out_path, disk_full_er
 
 # %% auto #0
 __all__ = ['POINTER_FAMILY', 'MANIFEST', 'READERS', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders',
-           'pointed_checkpoint', 'latest_checkpoint', 'resolve_checkpoint', 'write_manifest', 'verify_checkpoint',
-           'read_metadata', 'check_tensors', 'rng_state', 'set_rng_state', 'NonFiniteWeights', 'agree_failure',
-           'write_checkpoint', 'nonfinite_tensor', 'prune', 'held', 'reading', 'save_checkpoint', 'read_trainer_state',
-           'load_checkpoint', 'load_model_weights', 'checkpoint_config', 'check_export_out', 'export_safetensors',
-           'load_safetensors', 'safetensors_config']
+           'pointed_checkpoint', 'latest_checkpoint', 'never_saved', 'written_by', 'resolve_checkpoint',
+           'write_manifest', 'verify_checkpoint', 'read_metadata', 'check_tensors', 'rng_state', 'set_rng_state',
+           'NonFiniteWeights', 'agree_failure', 'write_checkpoint', 'nonfinite_tensor', 'prune', 'held', 'reading',
+           'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights', 'checkpoint_config',
+           'check_export_out', 'export_safetensors', 'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -105,6 +105,21 @@ def latest_checkpoint(run_dir) -> Path | None:
         return c
     done = [d for d in family_folders(ck) if is_complete(d)]
     return done[-1] if done else None
+
+
+def never_saved(run_dir) -> bool:
+    """Is `run_dir` a run folder (it has `config.yaml`) that was stopped before its first checkpoint: no
+    `checkpoints/step_*` folder, complete or not, and no `latest` pointer? Its `--resume` starts it from step 0; a
+    folder with checkpoints that are all damaged is not this, and is refused."""
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoints"
+    return (run_dir / "config.yaml").is_file() and not (ck / "latest").exists() and not family_folders(ck)
+
+
+def written_by(ck) -> int | None:
+    "How many ranks wrote checkpoint folder `ck` (its per-rank RNG files); None if it cannot tell."
+    n = len(list(Path(ck).glob("rng/rank*.pt")))
+    return n or None
 
 
 def resolve_checkpoint(path) -> Path:

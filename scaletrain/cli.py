@@ -56,7 +56,12 @@ def parse_overrides(p: argparse.ArgumentParser, argv, subcommands: bool = False)
 # %% ../nbs/6_apps/65_cli.ipynb #2f0730ae
 def add_launch_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("launching several processes (torchrun)")
-    g.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes (GPUs) per node (default 1; with --resume, as many as wrote the checkpoint)",
+    )
     g.add_argument("--nnodes", type=int, default=1, help="number of nodes")
     g.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
     g.add_argument(
@@ -86,9 +91,32 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def check_launch_args(args) -> int:
-    "Validate --nproc/--nnodes/--node-rank, the rendezvous endpoint and restarts; returns the world size."
+    """Validate --nproc/--nnodes/--node-rank, the rendezvous endpoint and restarts; returns the world size. A resume
+    without --nproc runs on as many processes as wrote its checkpoint: the same data-parallel size, so the same
+    global batch and losses; one with another --nproc is said in one line, since its global batch may change."""
+    if args.nproc is None:
+        args.nproc = 1
+        was = _written_by(getattr(args, "resume", None))
+        if was is not None and was > 1 and was % args.nnodes == 0:
+            args.nproc = was // args.nnodes
+            print(f"scaletrain: resuming on {was} processes, as the checkpoint was written (--nproc changes it)")
+    elif (was := _written_by(getattr(args, "resume", None))) not in (None, args.nproc * args.nnodes):
+        print(
+            f"scaletrain: resuming on {args.nproc * args.nnodes} processes; the checkpoint was written by {was}, so "
+            "the data-parallel size (and with it the global batch) may differ"
+        )
     check_layout(args.nproc, args.nnodes, args.node_rank, None, "127.0.0.1", args.rdzv_endpoint, args.max_restarts)
     return args.nproc * args.nnodes
+
+
+def _written_by(run) -> int | None:
+    "How many ranks wrote the latest checkpoint of run folder `run` (None: no run, no checkpoint or cannot tell)."
+    if not run or not Path(run).is_dir():
+        return None  # the resume itself refuses it, in one line
+    from scaletrain.checkpoint import latest_checkpoint, written_by
+
+    ck = latest_checkpoint(run)
+    return written_by(ck) if ck is not None else None
 
 
 def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
@@ -483,7 +511,7 @@ def launch_parser() -> argparse.ArgumentParser:
 
 
 def launch_main(argv) -> int:
-    from scaletrain.launch import launch, multinode, resume
+    from scaletrain.launch import check_slurm, launch, multinode, resume
 
     p = launch_parser()
     a = p.parse_args(argv)
@@ -513,6 +541,11 @@ def launch_main(argv) -> int:
             kw = dict(overrides=a.args) if a.target == "train" else {}
             pos = [] if a.target == "train" else a.args
             if a.print_commands or a.slurm:
+                if a.slurm:  # before the run folder is made: what its #SBATCH lines could not carry
+                    where = Path(a.out_dir).resolve() if a.out_dir else None
+                    if a.name:
+                        where = where / a.name if where else Path(a.name)
+                    check_slurm(a.partition, a.time, where)
                 mn = multinode(
                     tgt,
                     *pos,
@@ -522,6 +555,7 @@ def launch_main(argv) -> int:
                     rdzv_id=a.rdzv_id,
                     out_dir=a.out_dir,
                     name=a.name,
+                    max_restarts=a.max_restarts,
                     **kw,
                 )
                 if a.print_commands:

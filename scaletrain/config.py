@@ -676,7 +676,7 @@ def validate(cfg: Config) -> Config:
         )
     if mem.cpu_offload and p.strategy != "fsdp":
         raise ConfigError(f"config: memory.cpu_offload=true needs parallel.strategy=fsdp (got {p.strategy})")
-    if p.pp > 1 and m.tie_weights:
+    if p.pp > 1 and m.tie_weights and not m.hf_path:  # a folder's config.json decides: models.hub.resolve_hf checks
         raise ConfigError(
             f"config: model.tie_weights=true with parallel.pp={p.pp}: the embedding and the output head "
             "live on different stages; "

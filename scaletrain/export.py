@@ -15,7 +15,7 @@ import torch
 from .checkpoint import check_export_out, checkpoint_config, load_model_weights, read_trainer_state, reading
 from .config import Config, to_yaml
 from .data import BPETokenizer, ByteTokenizer, data_tokenizer, prepare_data
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .files import atomic_write_text, usual_modes
 from .metrics import read_metrics
 from .models.spec import build_model, get_spec
@@ -196,12 +196,27 @@ def _export_hf(ck: Path, path, out: Path, check: bool) -> dict:
     hfc = adapter.hf_config(shape, eps=cfg.model.norm_eps, **kw) | dict(
         bos_token_id=eot, eos_token_id=eot, torch_dtype="float32"
     )
+    if shape.positions == "rope" and "max_position_embeddings" in hfc:  # trained shorter than the folder's maximum:
+        hfc["max_position_embeddings"] = max(hfc["max_position_embeddings"], _source_max(cfg, ck))  # it keeps that
 
     def write_model(tmp: Path):
         atomic_write_text(tmp / "config.json", json.dumps(hfc, indent=2))
         save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
 
     return _publish(ck, cfg, model, adapter.hf_model_type, tok, eot, out, check, write_model)
+
+
+def _source_max(cfg: Config, ck: Path) -> int:
+    "The maximum length of the `model.hf_path` folder (or the run's copy of its config.json) a run started from; 0."
+    if not cfg.model.hf_path:
+        return 0
+    from scaletrain.models.hub import read_hf_config, resume_source
+
+    try:
+        n = read_hf_config(resume_source(cfg.model, ck.parent.parent).hf_path).get("max_position_embeddings", 0)
+    except (CheckpointError, ConfigError, OSError):  # neither there: the run's own length
+        return 0
+    return n if isinstance(n, int) and not isinstance(n, bool) else 0
 
 
 def _publish(ck: Path, cfg: Config, model, hf_type: str, tok, eot: int, out: Path, check: bool, write_model) -> dict:
@@ -218,7 +233,7 @@ def _publish(ck: Path, cfg: Config, model, hf_type: str, tok, eot: int, out: Pat
             tokenizer_class="PreTrainedTokenizerFast",
             bos_token=eot_text,
             eos_token=eot_text,
-            model_max_length=cfg.model.block_size,
+            model_max_length=max(cfg.model.block_size, _source_max(cfg, ck)),  # what the exported model takes
             clean_up_tokenization_spaces=False,
         )
         atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tc, indent=2))

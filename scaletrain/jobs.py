@@ -8,10 +8,11 @@ import copy
 import math
 import shutil
 from pathlib import Path
-from .config import Config, config_diff, config_hash, load_config, save_config
+from .config import Config, config_diff, config_hash, load_config, save_config, typed_keys
 from .errors import ConfigError
 from .files import disk_full_error, fresh_folder, unwritable
 from .data import tokenizer_vocab
+from .metrics import read_metrics
 from .models.hub import is_run_copy, resolve_hf, resume_source, save_run_copy
 
 # %% auto #0
@@ -102,7 +103,7 @@ def run_folder(cfg: Config, nnodes: int = 1, node_rank: int = 0) -> Path:
 def resume_folder(run_dir, config_file=None, command: str = "train") -> Path:
     """The run folder `--resume` names, checked: it has a config and a complete checkpoint, and `command` (train or
     finetune) is the one that made it: a fine-tune resumed by `train` would meet its classifier head as a stranger."""
-    from scaletrain.checkpoint import resolve_checkpoint
+    from scaletrain.checkpoint import never_saved, resolve_checkpoint
 
     run_dir = Path(run_dir)
     if config_file:
@@ -111,7 +112,9 @@ def resume_folder(run_dir, config_file=None, command: str = "train") -> Path:
         )
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-    resolve_checkpoint(run_dir)
+    if not never_saved(run_dir):  # one stopped before its first save starts again from step 0
+        resolve_checkpoint(run_dir)
+    read_metrics(run_dir / "metrics.jsonl", strict=True)  # a damaged log is named now, not met by every rank
     try:
         tuned = bool(load_config(run_dir / "config.yaml").finetune.init)
     except ConfigError:  # a broken config.yaml: `resume_config` names it, in its own words
@@ -185,12 +188,13 @@ def resume_changes(before: Config, after: Config) -> list[str]:
 def resume_config(run_dir, overrides=()) -> Config:
     """The config a resumed run will have: its `config.yaml` plus `overrides`, checked against its checkpoint. A
     `model.hf_path` folder that has moved is replaced by the run's copy of its config.json (`hub.resume_source`)."""
-    from scaletrain.checkpoint import checkpoint_config, resolve_checkpoint
+    from scaletrain.checkpoint import checkpoint_config, never_saved, resolve_checkpoint
 
     path = Path(run_dir) / "config.yaml"
     cfg = load_config(path, overrides, named=f"--resume {run_dir}: {path}")  # what the user typed was --resume
     cfg.model = resume_source(cfg.model, run_dir)
-    resume_changes(checkpoint_config(resolve_checkpoint(run_dir)), cfg)
+    if not never_saved(run_dir):  # else nothing was trained that a change could contradict
+        resume_changes(checkpoint_config(resolve_checkpoint(run_dir)), cfg)
     return cfg
 
 # %% ../nbs/5_runs/52_jobs.ipynb #7095d711
@@ -298,7 +302,8 @@ def prepare_run(config=None, overrides=(), resume=None, nproc: int = 1, nnodes: 
         run_dir = resume_folder(resume, config)
         cfg = resume_config(run_dir, overrides)
     else:
-        cfg = resolve_hf(load_config(config, overrides))  # a Hugging Face folder's config.json sets the shape
+        # a Hugging Face folder's config.json sets the shape; a model.* key typed here must agree with it
+        cfg = resolve_hf(load_config(config, overrides), typed=typed_keys(None, overrides))
     check_run(cfg, world, nproc)
     if node_rank == 0:  # checks the sources, and builds the token cache once, before any rank starts
         data = prepare_data(cfg.data)

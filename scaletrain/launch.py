@@ -5,6 +5,7 @@
 # %% ../nbs/5_runs/56_launch.ipynb #445b91f4
 from __future__ import annotations
 import json
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from .runs import Run, parse_ranks
 from .worker import Target, run_key, sign
 
 # %% auto #0
-__all__ = ['config_overrides', 'prepare_target', 'launch_spec', 'launch', 'resume', 'MultiNode', 'multinode']
+__all__ = ['config_overrides', 'prepare_target', 'launch_spec', 'launch', 'resume', 'check_slurm', 'MultiNode', 'multinode']
 
 # %% ../nbs/5_runs/56_launch.ipynb #1925e2c9
 def config_overrides(cfg) -> list[str]:
@@ -271,6 +272,13 @@ def resume(
     spec = launch_spec(rdzv_id=run_dir.name)
     spec.update(rec.get("spec", {}))
     spec.update(spec_changes)
+    if nproc is None and "spec" not in rec:  # a run `scaletrain train` started: as many ranks as wrote its checkpoint
+        from scaletrain.checkpoint import latest_checkpoint, written_by
+
+        ck = latest_checkpoint(run_dir)
+        was = written_by(ck) if ck is not None else None
+        if was is not None and was % spec["nnodes"] == 0:
+            nproc = was // spec["nnodes"]
     if nproc is not None:
         spec["nproc"] = nproc
     spec["master_port"] = master_port
@@ -295,6 +303,32 @@ def resume(
     return _start(target, spec, spec["ranks"], echo, env, resumed=True, overrides=overrides, detach=detach)
 
 # %% ../nbs/5_runs/56_launch.ipynb #d89f879b
+_SLURM_TIME = re.compile(r"(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)", re.I)
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.,+-]+")
+_SLURM_PATH = re.compile(r"[A-Za-z0-9_./+,=@:~-]+")
+
+
+def check_slurm(partition: str = "", time_limit: str = "", run_dir=None) -> None:
+    """Refuse, in one line (`LaunchError`), what a `#SBATCH` line cannot carry safely: a partition that is not a
+    (comma-separated) Slurm name, a `--time` not in Slurm's forms (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`,
+    `UNLIMITED`), or a run folder whose path holds spaces, quotes, `%` (a Slurm filename pattern) or the like."""
+    if partition and not _SLURM_NAME.fullmatch(partition):
+        raise LaunchError(
+            f"--partition={partition!r}: expected a Slurm partition name (letters, digits, _ . + -; "
+            "several joined by commas)"
+        )
+    if time_limit and not _SLURM_TIME.fullmatch(time_limit):
+        raise LaunchError(
+            f"--time={time_limit!r}: expected a Slurm time limit: minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S or "
+            "UNLIMITED (e.g. 24:00:00 or 2-00:00:00)"
+        )
+    if run_dir is not None and not _SLURM_PATH.fullmatch(str(run_dir)):
+        raise LaunchError(
+            f"run folder {str(run_dir)!r}: a SLURM script's #SBATCH --output cannot hold spaces, quotes, % or "
+            "other shell characters; use a run.out_dir and run.name of letters, digits and _ . - /"
+        )
+
+
 @dataclass
 class MultiNode:
     "A job for several nodes: the command for each node and a SLURM batch script."
@@ -305,6 +339,7 @@ class MultiNode:
     rdzv_endpoint: str
     rdzv_id: str
     python: str
+    max_restarts: int = 0  # torchrun's own restarts of a failed node group (ranks resume from the latest checkpoint)
 
     @property
     def run_dir(self) -> Path:
@@ -319,6 +354,7 @@ class MultiNode:
             node_rank=node_rank,
             rdzv_endpoint=self.rdzv_endpoint,
             rdzv_id=self.rdzv_id,
+            max_restarts=self.max_restarts,
             python=self.python,
         )
 
@@ -348,7 +384,10 @@ class MultiNode:
         cpus_per_task: int | None = None,
         port: int | None = None,
     ) -> str:
-        "A `sbatch` script for the same job: `#SBATCH` nodes and GPUs per node, `srun` one torchrun per node."
+        """A `sbatch` script for the same job: `#SBATCH` nodes and GPUs per node, `srun` one torchrun per node.
+        `partition`, `time_limit` and the run folder's path are checked (`check_slurm`): a `#SBATCH` line is not
+        shell-quoted, so a newline in one would be a command."""
+        check_slurm(partition, time_limit, self.run_dir)
         port = port or split_endpoint(self.rdzv_endpoint)[1]
         worker = " ".join(shlex.quote(a) for a in self.target.worker_args())
         sb = [
@@ -374,7 +413,7 @@ class MultiNode:
                 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1',
                 f"srun --kill-on-bad-exit=1 {shlex.quote(self.python)} -m torch.distributed.run --nnodes {self.nnodes} "
-                f"--nproc-per-node {self.nproc} --max-restarts 0 --rdzv-backend c10d "
+                f"--nproc-per-node {self.nproc} --max-restarts {self.max_restarts} --rdzv-backend c10d "
                 f"--rdzv-endpoint \"$head_node:{port}\" "
                 f"--rdzv-id \"$SLURM_JOB_ID\" {worker}",
                 "",
@@ -384,7 +423,9 @@ class MultiNode:
     def write_slurm(self, path=None, **kw) -> Path:
         "Write `slurm_script(**kw)` (default `run_dir/slurm.sh`); submit it with `sbatch`."
         p = Path(path) if path else self.run_dir / "slurm.sh"
-        atomic_write_text(p, self.slurm_script(**kw))
+        text = self.slurm_script(**kw)
+        (self.run_dir / "logs").mkdir(exist_ok=True)  # Slurm opens --output there before the script runs
+        atomic_write_text(p, text)
         p.chmod(0o755)
         return p
 
@@ -408,11 +449,14 @@ def multinode(
     out_dir=None,
     name: str = "",
     python: str | None = None,
+    max_restarts: int = 0,
 ) -> MultiNode:
-    "Prepare `target` (as in `launch`) for `nnodes` nodes; print the result for each node's command."
+    """Prepare `target` (as in `launch`) for `nnodes` nodes; print the result for each node's command.
+    `max_restarts`: torchrun's restarts of the node group when a rank fails (each resumes from the latest
+    checkpoint)."""
     if not isinstance(nnodes, int) or nnodes < 2:
         raise LaunchError(f"nnodes={nnodes!r}: a multi-node job has >= 2 nodes")
-    check_layout(nproc, nnodes, 0, None, "127.0.0.1", rdzv_endpoint, 0)
+    check_layout(nproc, nnodes, 0, None, "127.0.0.1", rdzv_endpoint, max_restarts)
     if (
         not name
         and not (isinstance(target, str) and target.endswith((".yaml", ".yml")))
@@ -422,7 +466,7 @@ def multinode(
     t = prepare_target(
         target, *args, overrides=overrides, out_dir=out_dir, name=name, nproc=nproc, nnodes=nnodes, node_rank=0
     )
-    mn = MultiNode(t, nnodes, nproc, rdzv_endpoint, rdzv_id or t.run_dir.name, python or sys.executable)
+    mn = MultiNode(t, nnodes, nproc, rdzv_endpoint, rdzv_id or t.run_dir.name, python or sys.executable, max_restarts)
     atomic_write_text(
         t.run_dir / "launch.json",
         json.dumps(
@@ -431,7 +475,7 @@ def multinode(
                 label=t.label,
                 args=t.args,
                 launches=[],
-                spec=launch_spec(nproc, nnodes, 0, rdzv_endpoint, mn.rdzv_id),
+                spec=launch_spec(nproc, nnodes, 0, rdzv_endpoint, mn.rdzv_id, max_restarts),
             ),
             indent=1,
         ),

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 import torch
+from .errors import DataError
 from .files import atomic_write_text
 from .precision import autocast_dtype
 
@@ -98,17 +99,37 @@ def peak_memory_gb(device: torch.device) -> float:
     return kb / (2**30 if sys.platform == "darwin" else 2**20)
 
 # %% ../nbs/2_data/22_metrics.ipynb #6b14f9c0
-def read_metrics(path) -> list[dict]:
-    "Records of a `metrics.jsonl` (a partly written last line is ignored)."
+def read_metrics(path, strict: bool = False) -> list[dict]:
+    """Records of a `metrics.jsonl`: JSON objects with a whole-number `step`. A partly written last line (a crash
+    mid-write) is ignored. Any other line that is not such a record is skipped, or with `strict` (a resume, which
+    rewrites the file) refused in one line (`DataError`) naming the line, so nothing is dropped unseen."""
     out = []
     p = Path(path)
     if not p.exists():
         return out
-    for line in p.read_text().splitlines():
+    try:
+        lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        if strict:
+            raise DataError(f"{p}: cannot read ({e.strerror or e}); a run's metrics.jsonl is a text file") from None
+        return out
+    for i, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
+            r = json.loads(line)
+            why = "" if isinstance(r, dict) else f"{json.dumps(r)[:40]} is not a JSON object"
+            if not why and not (isinstance(r.get("step", 0), int) and not isinstance(r.get("step", 0), bool)):
+                why = f"step={r['step']!r} is not a whole number"
         except json.JSONDecodeError:
-            pass
+            if i == len(lines) or not line.strip():
+                continue
+            why = "not JSON"
+        if not why:
+            out.append(r)
+        elif strict:
+            raise DataError(
+                f"{p} line {i}: {why}; a metrics record is one JSON object per line with a whole-number step "
+                "(mend or remove that line; nothing was changed)"
+            )
     return out
 
 
@@ -126,5 +147,5 @@ def truncate_metrics(path, last_step: int) -> None:
     p = Path(path)
     if not p.exists():
         return
-    keep = [json.dumps(r) for r in read_metrics(p) if r.get("step", 0) <= last_step]
+    keep = [json.dumps(r) for r in read_metrics(p, strict=True) if r.get("step", 0) <= last_step]
     atomic_write_text(p, "".join(k + "\n" for k in keep))

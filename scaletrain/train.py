@@ -320,6 +320,7 @@ class Trainer:
         self.step, self.tokens, self.train_time, self.stop_requested = 0, 0, 0.0, False
         self.wall_before = self.energy_before = 0.0  # seconds and joules of the sessions before a resume
         self.nothing_to_do = False  # a resumed run that had already reached train.steps: `fit` touched nothing
+        self.restart_log = False  # a resumed run that had no checkpoint yet: its metrics.jsonl starts again
         self.eval_owed, self.changes = False, []
         self.resume_command = "scaletrain train --resume"  # what the user types to continue (fine-tuning says its own)
         self.history, self.val_history, self.earlier = [], [], []
@@ -355,8 +356,8 @@ class Trainer:
         self.cfg = named_for(self.cfg, self.run_dir)
         if self.info.is_main:
             try:
-                if self.resumed:
-                    truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # the log reads as one run
+                if self.resumed:  # the log reads as one run (all of it goes when the run starts again at step 0)
+                    truncate_metrics(self.run_dir / "metrics.jsonl", -1 if self.restart_log else self.step)
                 write_run_config(self.cfg, self.run_dir)  # the resolved config, with any overrides given at resume
             except OSError as e:
                 if not is_disk_full(e):
@@ -370,6 +371,10 @@ class Trainer:
         return find_micro_batch(self)
 
     def _resume(self):
+        if ckpt.never_saved(self.run_dir):  # stopped (or killed) before its first save: nothing to continue from
+            self.changes, self.restart_log = [], True
+            self.print(f"resumed {self.run_dir}: it was stopped before its first checkpoint, so it starts at step 0")
+            return
         # everything is verified (manifest, config, tensor names and shapes) before the run folder is touched
         path = ckpt.verify_checkpoint(ckpt.resolve_checkpoint(self.run_dir), collective=True)
         before = ckpt.checkpoint_config(path)
@@ -379,7 +384,7 @@ class Trainer:
         self.wall_before, self.energy_before = st.get("wall_time", 0.0), st.get("energy_j", 0.0)
         self.last_checkpoint = path
         # the run's log before this session: the summary covers the whole run (`history` stays this session's)
-        recs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("step", 0) <= self.step]
+        recs = [r for r in read_metrics(self.run_dir / "metrics.jsonl", strict=True) if r.get("step", 0) <= self.step]
         self.earlier = [r for r in recs if "loss" in r]
         self.val_history = eval_points(recs, "val_loss")
         # a stop can come before its step's evaluation: do it first (unless an earlier resume already logged it)
@@ -719,10 +724,13 @@ class Trainer:
             final_train_loss=sum(r["loss"] for r in h) / len(h) if h else None,
             first_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
             final_val_loss=vals[-1][1] if vals else None,
-            tokens_per_s=(self.tokens - self.global_batch * self.task.seq_len) / self.train_time
+            tokens_per_s=(tps := (self.tokens - self.global_batch * self.task.seq_len) / self.train_time)
             if self.train_time
             else None,
-            mfu=sum(m) / len(m) if (m := [r["mfu"] for r in run[1:] if r.get("mfu") is not None]) else None,
+            # of the same tokens/s (the first step, compile and warm-up, is left out of both), not a mean of steps
+            mfu=self.flops_per_token * tps / (self.info.world_size * self.peak_tflops * 1e12)
+            if self.train_time and self.peak_tflops
+            else None,
             peak_tflops=self.peak_tflops,
             peak_source=self.peak_source,
             wall_time_s=self.wall_time(),

@@ -61,6 +61,30 @@ def test_a_hugging_face_folder_reads_into_our_family_with_equal_logits(tmp_path,
     assert rel(logits(hf, X), logits(ours, X)) <= 1e-5
 
 
+def test_rope_theta_is_read_from_either_way_transformers_writes_it_and_scaling_is_refused(tmp_path):
+    "transformers 5 writes RoPE as rope_parameters {rope_theta, rope_type}; 4.x wrote a top-level rope_theta."
+    from scaletrain.config import ConfigError
+
+    small = dict(vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, rope_theta=500000.0)).eval()
+    hf.save_pretrained(tmp_path / "theta")
+    d = json.loads((tmp_path / "theta" / "config.json").read_text())
+    ours, mc = load_hf(tmp_path / "theta")
+    assert mc.rope_theta == 500000.0 and rel(logits(hf, X), logits(ours, X)) <= 1e-5
+    d.pop("rope_parameters", None)  # the 4.x form of the same config
+    d["rope_theta"] = 500000.0
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(d))
+    for f in (tmp_path / "theta").glob("*.safetensors"):
+        (tmp_path / "old" / f.name).write_bytes(f.read_bytes())
+    assert load_hf(tmp_path / "old")[1].rope_theta == 500000.0
+    d.pop("rope_theta")
+    d["rope_parameters"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="rope_parameters=.*linear.*only plain RoPE"):
+        load_hf(tmp_path / "old")
+
+
 def train(tmp_path, corpus, cache_dir, hf_dir, *extra):
     out = tmp_path / "runs"
     r = run_cli(
@@ -178,6 +202,9 @@ def test_shorter_sequences_than_the_folders_maximum(tmp_path, corpus, cache_dir)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     want, got = hf.state_dict(), back.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # the exported model keeps the folder's maximum length, not the shorter one it was trained on
+    assert back.config.max_position_embeddings == 32
+    assert json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())["model_max_length"] == 32
     (tmp_path / "hf").rename(tmp_path / "moved")  # the folder moves: the run resumes from its copy of config.json
     r = run_cli("train", "--resume", run, "train.steps=4")
     assert r.returncode == 0 and "hf_config" in r.stdout + r.stderr, r.stderr[-3000:]
@@ -192,3 +219,44 @@ def test_shorter_sequences_than_the_folders_maximum(tmp_path, corpus, cache_dir)
     )
     one_line_exit_2(r, "model.block_size=16", "block_size=32")
     assert "a smaller one" not in r.stderr and (not out.exists() or not any(out.iterdir()))
+
+
+def test_pipeline_takes_an_untied_folder_and_refuses_a_tied_one(tmp_path):
+    "The folder's config.json decides the tie, not the config's default (model.tie_weights=true)."
+    from scaletrain.config import ConfigError
+    from scaletrain.models.hub import resolve_hf
+
+    hf_llama(tmp_path / "untied", tie=False)
+    hf_llama(tmp_path / "tied", tie=True)
+    for family in ("llama", "hf"):
+        ov = [f"model.family={family}", "parallel.pp=2"]
+        cfg = resolve_hf(load_config(overrides=[*ov, f"model.hf_path={tmp_path / 'untied'}"]))
+        assert cfg.model.tie_weights is False and cfg.parallel.pp == 2
+        with pytest.raises(ConfigError, match="parallel.pp=2 with model.hf_path=.*ties the embedding"):
+            resolve_hf(load_config(overrides=[*ov, f"model.hf_path={tmp_path / 'tied'}"]))
+
+
+def test_a_model_key_typed_at_its_default_value_must_agree_with_the_folder(tmp_path):
+    "model.n_layer=4 is 4 by default too: typed on the command line, it is the user's, not silently the folder's 2."
+    from scaletrain.config import ConfigError
+    from scaletrain.jobs import prepare_run
+
+    hf_llama(tmp_path / "hf")
+    base = [f"model.hf_path={tmp_path / 'hf'}", f"run.out_dir={tmp_path / 'runs'}", "train.device=cpu"]
+    for typed, says in (("model.n_layer=4", "model.n_layer=4 but"), ("model.tie_weights=true", "tie_weights=True but")):
+        with pytest.raises(ConfigError, match=says):
+            prepare_run(None, [*base, typed])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_folder_with_a_nan_weight_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from scaletrain.errors import CheckpointError
+
+    hf_llama(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(str(f))
+    sd["model.norm.weight"][0] = float("nan")
+    save_file(sd, str(f), {"format": "pt"})
+    with pytest.raises(CheckpointError, match="tensor model.norm.weight holds NaN or Inf values"):
+        load_hf(tmp_path / "hf")

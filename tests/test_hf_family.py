@@ -261,7 +261,7 @@ def test_family_hf_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, corp
         (["model.family=hf", f"model.hf_path={tmp_path / 'nowhere'}"], ("no config.json",)),
         (
             ["model.family=hf", f"model.hf_path={tied}", "parallel.pp=2", "--nproc", "2"],
-            ("model.tie_weights=true with parallel.pp=2", "untie them in model.hf_path's config.json"),
+            ("parallel.pp=2 with model.hf_path=", "ties the embedding and the output head"),
         ),
         (
             ["model.family=hf", f"model.hf_path={untied}", "parallel.tp=2", "--nproc", "2"],

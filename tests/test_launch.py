@@ -369,3 +369,40 @@ def test_a_refusal_in_the_users_script_is_one_line_naming_its_line(tmp_path):
     assert (rec["rc"], rec["error"]) == (2, want)
     r = run_cli("launch", "--out-dir", tmp_path / "runs", "--name", "crash", tmp_path / "crash.py", cwd=tmp_path)
     assert r.returncode == 1 and "RuntimeError: my own bug" in r.stderr and "Traceback" in r.stderr, r.stderr
+
+
+def test_slurm_values_that_a_batch_line_cannot_carry_are_refused_before_anything_is_made(tmp_path):
+    "A #SBATCH line is not shell-quoted: a newline in --partition would be a command in the script."
+    base = ["launch", "--nnodes", "2", "--nproc", "2", "--rdzv-endpoint", "node0:29400", "--out-dir", tmp_path]
+    for extra, expect in (
+        (["--partition", "gpu\nrm -rf $HOME"], "--partition='gpu\\nrm -rf $HOME': expected a Slurm partition name"),
+        (["--time", "bogus time"], "--time='bogus time': expected a Slurm time limit"),
+        (["--name", "a%j b"], "a SLURM script's #SBATCH --output cannot hold spaces, quotes, %"),
+    ):
+        r = run_cli(
+            *base, "--slurm", tmp_path / "job.sh", *(["--name", "ok"] if "--name" not in extra else []), *extra, "train"
+        )
+        assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not any(tmp_path.iterdir())  # no run folder, no script
+    # accepted forms; --max-restarts reaches torchrun on every node and in the script; Slurm's log folder exists
+    r = run_cli(
+        *base,
+        "--slurm",
+        tmp_path / "job.sh",
+        "--name",
+        "ok",
+        "--partition",
+        "gpu,debug",
+        "--time",
+        "2-12:00:00",
+        "--max-restarts",
+        "3",
+        "--print-commands",
+        "train",
+    )
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "job.sh").read_text()
+    assert "#SBATCH --partition=gpu,debug" in text and "#SBATCH --time=2-12:00:00" in text
+    assert "--max-restarts 3" in text and r.stdout.count("--max-restarts 3") == 2
+    assert (tmp_path / "ok" / "logs").is_dir()
+    assert json.loads((tmp_path / "ok" / "launch.json").read_text())["spec"]["max_restarts"] == 3

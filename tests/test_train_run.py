@@ -52,6 +52,8 @@ def test_cli_train_writes_run_folder(tmp_path, corpus, cache_dir):
     for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"):
         assert all(k in r for r in steps), k
     assert [r["step"] for r in recs if "val_loss" in r] == [0, 3, 6]
+    # the summary's MFU is that of its own tokens/s (the per-step records have the same FLOPs per token and peak)
+    assert s["mfu"] / s["tokens_per_s"] == pytest.approx(steps[-1]["mfu"] / steps[-1]["tokens_per_s"], rel=1e-4)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert "val loss" in r.stdout and "run folder" in r.stdout
 
@@ -361,3 +363,70 @@ def test_nan_is_caught_at_its_step_when_reading_every_n_steps(tmp_path, corpus, 
     assert s["nonfinite_steps"] == 2
     assert (t.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (t.run_dir / "checkpoints" / "step_00000006").exists()
+
+
+def test_a_resume_runs_on_as_many_processes_as_wrote_the_checkpoint(tmp_path, corpus, cache_dir):
+    "Not 1 by default: the same data-parallel size keeps the global batch, so the losses go on as they would have."
+    ov = tiny(corpus, cache_dir, tmp_path, "run.name=r", "train.steps=2", "train.warmup_steps=1", "train.eval_batch=4")
+    r = run_cli("train", "--nproc", "2", *ov)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", "--resume", tmp_path / "r", "train.steps=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming on 2 processes, as the checkpoint was written" in r.stdout
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert (s["world_size"], s["global_batch"], s["steps"]) == (2, 8, 3)
+    r = run_cli("launch", "--resume", tmp_path / "r", "train.steps=4")  # a run `train` made has no launch.json spec
+    assert r.returncode == 0 and "launched 2 processes" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    # another --nproc is the user's choice, and said: the global batch follows the data-parallel size
+    r = run_cli("train", "--resume", tmp_path / "r", "--nproc", "1", "train.steps=5")
+    assert r.returncode == 0 and "the checkpoint was written by 2" in r.stdout, r.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ("[1, 2]", "line 2: [1, 2] is not a JSON object"),
+        ("null", "line 2: null is not a JSON object"),
+        ('{"step": "abc", "loss": 1.0}', "line 2: step='abc' is not a whole number"),
+        ("{garbage", "line 2: not JSON"),  # not the last line: damage, not a write cut short by a crash
+        (None, "cannot read (Is a directory)"),
+    ],
+)
+def test_a_damaged_metrics_log_is_one_line_on_resume_and_left_as_it_was(tmp_path, corpus, cache_dir, line, says):
+    ov = tiny(corpus, cache_dir, tmp_path, "run.name=r", "train.steps=3", "train.warmup_steps=1", "train.ckpt_every=3")
+    assert run_cli("train", *ov).returncode == 0
+    m = tmp_path / "r" / "metrics.jsonl"
+    if line is None:
+        m.unlink()
+        m.mkdir()
+    else:
+        recs = m.read_text().splitlines()
+        m.write_text("\n".join([recs[0], line, *recs[2:]]) + "\n")
+    before = snapshot(tmp_path / "r")
+    r = run_cli("train", "--resume", tmp_path / "r", "train.steps=5")
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert snapshot(tmp_path / "r") == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(tmp_path, corpus, cache_dir):
+    "Ctrl-C while the ranks start leaves config.yaml (and maybe a few records): --resume starts it again."
+    ov = tiny(corpus, cache_dir, tmp_path, "run.name=ref", "train.steps=3", "train.warmup_steps=1")
+    assert run_cli("train", *ov).returncode == 0
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.yaml").write_text(
+        (tmp_path / "ref" / "config.yaml").read_text().replace("name: ref", "name: early")
+    )
+    (early / "metrics.jsonl").write_text('{"step": 0, "val_loss": 9.0}\n{"step": 1, "loss": 9.0}\n')  # before the stop
+    r = run_cli("train", "--resume", early)
+    assert r.returncode == 0 and "stopped before its first checkpoint, so it starts at step 0" in r.stdout, r.stderr
+    same = lambda d: [(x["step"], x.get("loss"), x.get("val_loss")) for x in read_metrics(d / "metrics.jsonl")]
+    assert same(early) == same(tmp_path / "ref")  # the records of before the stop are gone, not mixed in
+    # a run whose checkpoints exist but are all damaged is not that: refused, not silently started again
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.yaml").write_text((early / "config.yaml").read_text())
+    (bad / "checkpoints" / "step_00000003").mkdir(parents=True)
+    r = run_cli("train", "--resume", bad)
+    assert r.returncode == 2 and "holds no complete checkpoint" in r.stderr and not (bad / "metrics.jsonl").exists()

@@ -134,10 +134,17 @@ def check_hf(folder, mc: ModelConfig | None = None) -> ModelConfig:
 
 def load_hf(folder, **overrides):
     """`(model, ModelConfig)`: the `save_pretrained` folder's weights in our family's model (eval mode). Every tensor
-    must map exactly; a missing, extra or differently shaped tensor is one line."""
+    must map exactly; a missing, extra or differently shaped tensor is one line, and so is one holding NaN or Inf
+    (a run would only meet it as a NaN loss)."""
     mc = hf_model_config(read_hf_config(folder), **overrides)
     model = build_model(mc)
-    sd = _ours(folder, read_hf_weights(folder), mc, model)
+    hf = read_hf_weights(folder)
+    for k, v in hf.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(
+                f"model.hf_path={str(folder)!r}: tensor {k} holds NaN or Inf values; the folder's weights are damaged"
+            )
+    sd = _ours(folder, hf, mc, model)
     want = model.state_dict()
     model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True)
     return model.eval(), mc
@@ -224,19 +231,22 @@ def resume_source(c: ModelConfig, run_dir) -> ModelConfig:
     return replace(c, hf_path=str(copy))
 
 
-def resolve_hf(cfg: Config, explicit=None) -> Config:
+def resolve_hf(cfg: Config, explicit=None, typed=()) -> Config:
     """`cfg` with its model section taken from `model.hf_path` (when set). `explicit`: the `model.*` keys the user
-    gave (default: those whose value is not the default), which must agree with the folder."""
+    gave (default: those whose value is not the default, and the keys in `typed`, the ones typed on the command
+    line at any value: `model.n_layer=4` is the user's even where 4 is the default), which must agree with the
+    folder; `model.dropout` among them is kept."""
     path = cfg.model.hf_path
     if not path or is_run_copy(path):  # a resumed run's copy: config.yaml holds the shape, the checkpoint the weights
         return cfg
     if explicit is None:
         d = ModelConfig()
         explicit = [f"model.{k}" for k in d.__dataclass_fields__ if getattr(cfg.model, k) != getattr(d, k)]
+        explicit += [k for k in typed if k.startswith("model.") and k not in explicit]
     hf = read_hf_config(path)
     if cfg.model.family == "hf":  # the transformers class itself trains (models.hf): the folder's shape, family kept
         cfg.model = hf_shape_config(hf, path, cfg.model, explicit)
-        return cfg
+        return _untied_for_pipeline(cfg)
     theirs = hf_model_config(hf, hf_path=path)
     shorter = False
     for k in SHAPE_KEYS + ("tie_weights", "rope_theta", "norm_eps"):
@@ -250,4 +260,15 @@ def resolve_hf(cfg: Config, explicit=None) -> Config:
     keep |= {"block_size": cfg.model.block_size} if shorter else {}
     keep |= {"fused_qkv": True} if cfg.model.fused_qkv else {}  # our layout choice: the adapter fuses the folder's
     cfg.model = check_hf(path, hf_model_config(hf, hf_path=path, **keep))
+    return _untied_for_pipeline(cfg)
+
+
+def _untied_for_pipeline(cfg: Config) -> Config:
+    "Pipeline stages cannot share the embedding with the output head: a folder that ties them is refused under pp."
+    if cfg.parallel.pp > 1 and cfg.model.tie_weights:
+        raise ConfigError(
+            f"config: parallel.pp={cfg.parallel.pp} with model.hf_path={cfg.model.hf_path!r}, whose config.json ties "
+            "the embedding and the output head (tie_word_embeddings=true): they would live on different stages; "
+            "untie them in a copy of the folder, or use parallel.pp=1"
+        )
     return cfg

@@ -229,8 +229,15 @@ class LlamaAdapter(StateDictAdapter):
         window): what we cannot express (rope scaling, another activation, biases on only some layers) is refused."""
         where = f"Hugging Face config (model_type={hf.get('model_type')!r})"
         h, heads = hf["hidden_size"], hf["num_attention_heads"]
+        # transformers 5 writes RoPE as rope_parameters {rope_theta, rope_type, factor, ...}; 4.x as top-level keys
+        rp = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        theta = hf.get("rope_theta") if hf.get("rope_theta") is not None else rp.get("rope_theta", 10000.0)
         refuse = [
             (hf.get("rope_scaling") not in (None, {}), f"rope_scaling={hf.get('rope_scaling')!r} (only plain RoPE)"),
+            (
+                rp.get("rope_type", "default") != "default",
+                f"rope_parameters={rp!r} (only plain RoPE: rope_type 'default')",
+            ),
             (hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu)"),
             (
                 bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)),
@@ -256,7 +263,7 @@ class LlamaAdapter(StateDictAdapter):
             vocab_size=hf["vocab_size"],
             bias=bool(hf.get("attention_bias", False)),
             tie_weights=bool(hf.get("tie_word_embeddings", False)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             dropout=float(hf.get("attention_dropout", 0.0)),
         )
