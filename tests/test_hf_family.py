@@ -310,3 +310,46 @@ def test_the_trainer_takes_a_pretrained_model_passed_in_python(tmp_path, corpus,
         Trainer(load_config(overrides=other), run_dir=tmp_path / "runs" / "no", model=model)
     assert str(e.value) == "config: model.family=llama, but the model given is of family hf"
     assert not (tmp_path / "runs" / "no").exists()
+
+
+def test_a_qwen2_folder_trains_as_itself_and_the_estimator_counts_it(tmp_path, corpus, cache_dir):
+    "A decoder our families do not read (Qwen2: biases on q/k/v only) trains through model.family=hf."
+    from scaletrain.config import load_config
+    from scaletrain.models.hub import resolve_hf
+    from scaletrain.models.spec import build_model, get_spec
+
+    transformers = pytest.importorskip("transformers")
+    c = transformers.Qwen2Config(
+        vocab_size=260,  # the byte tokenizer's 257 ids fit
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(c).save_pretrained(tmp_path / "qwen")
+    cfg = resolve_hf(load_config(overrides=["model.family=hf", f"model.hf_path={tmp_path / 'qwen'}"]))
+    model = build_model(cfg.model)
+    held = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    counted = get_spec("hf").shape(cfg.model).n_params()
+    assert counted <= held and (held - counted) / held < 0.02  # only the q/k/v biases are left out
+    r = run_cli(
+        "train",
+        "model.family=hf",
+        f"model.hf_path={tmp_path / 'qwen'}",
+        "model.block_size=32",
+        f"data.source={corpus}",
+        f"data.cache_dir={cache_dir}",
+        f"run.out_dir={tmp_path / 'runs'}",
+        "run.name=q",
+        "train.device=cpu",
+        "train.steps=2",
+        "train.warmup_steps=1",
+        "train.micro_batch=2",
+        "train.eval_iters=1",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "q" / "summary.json").read_text())["status"] == "finished"

@@ -231,9 +231,16 @@ class HFSpec(ModelSpec):
         return model.train()
 
     def shape(self, c: ModelConfig, seq_len=None, vocab_size=None):
-        "The estimator's view: the shape of the family that reads this `model_type` (llama or gpt)."
+        """The estimator's view: the shape of the family that reads this `model_type` (llama or gpt); for another
+        decoder of the Llama layout (Qwen2 and kin: a SiLU-gated MLP of `intermediate_size`), the llama shape of its
+        sizes, which leaves out only biases (Qwen2's q/k/v: under 0.1 % of the parameters)."""
         hf = read_hf_config(_folder(c))
         fam = HF_FAMILIES.get(hf["model_type"])
+        llama_like = hf.get("hidden_act") == "silu" and all(
+            k in hf for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        )
+        if fam is None and llama_like:
+            fam = "llama"
         if fam is None:
             raise ConfigError(
                 f"the memory estimator has no shape for Hugging Face model_type={hf['model_type']!r} "

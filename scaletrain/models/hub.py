@@ -166,6 +166,7 @@ def hf_shape_config(hf: dict, path: str, mine: ModelConfig, explicit) -> ModelCo
             ffn_dim=get("intermediate_size", "n_inner") or 0,
             block_size=get("max_position_embeddings", "n_positions"),
             vocab_size=get("vocab_size"),
+            tie_weights=get("tie_word_embeddings"),
         )
         theirs = from_dict(
             {"model": {k: v for k, v in vals.items() if v is not None} | {"family": "llama"}}, where="config.json"
