@@ -27,11 +27,11 @@ from .files import atomic_write, atomic_write_text, check_out_path, disk_full_er
 
 # %% auto #0
 __all__ = ['POINTER_FAMILY', 'MANIFEST', 'READERS', 'step_name', 'is_complete', 'checkpoint_step', 'family_folders',
-           'pointed_checkpoint', 'latest_checkpoint', 'never_saved', 'written_by', 'resolve_checkpoint',
-           'write_manifest', 'verify_checkpoint', 'read_metadata', 'check_tensors', 'rng_state', 'set_rng_state',
-           'NonFiniteWeights', 'agree_failure', 'write_checkpoint', 'nonfinite_tensor', 'prune', 'held', 'reading',
-           'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights', 'checkpoint_config',
-           'check_export_out', 'export_safetensors', 'load_safetensors', 'safetensors_config']
+           'pointed_checkpoint', 'latest_checkpoint', 'never_saved', 'written_by', 'latest_written_by',
+           'resolve_checkpoint', 'write_manifest', 'verify_checkpoint', 'read_metadata', 'check_tensors', 'rng_state',
+           'set_rng_state', 'NonFiniteWeights', 'agree_failure', 'write_checkpoint', 'nonfinite_tensor', 'prune',
+           'held', 'reading', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights',
+           'checkpoint_config', 'check_export_out', 'export_safetensors', 'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -120,6 +120,14 @@ def written_by(ck) -> int | None:
     "How many ranks wrote checkpoint folder `ck` (its per-rank RNG files); None if it cannot tell."
     n = len(list(Path(ck).glob("rng/rank*.pt")))
     return n or None
+
+
+def latest_written_by(run_dir) -> int | None:
+    "How many ranks wrote the latest checkpoint of run folder `run_dir` (None: no run, no checkpoint, or unknown)."
+    if not run_dir or not Path(run_dir).is_dir():
+        return None  # the resume itself refuses it, in one line
+    ck = latest_checkpoint(run_dir)
+    return written_by(ck) if ck is not None else None
 
 
 def resolve_checkpoint(path) -> Path:

@@ -94,29 +94,21 @@ def check_launch_args(args) -> int:
     """Validate --nproc/--nnodes/--node-rank, the rendezvous endpoint and restarts; returns the world size. A resume
     without --nproc runs on as many processes as wrote its checkpoint: the same data-parallel size, so the same
     global batch and losses; one with another --nproc is said in one line, since its global batch may change."""
+    from scaletrain.checkpoint import latest_written_by
+
     if args.nproc is None:
         args.nproc = 1
-        was = _written_by(getattr(args, "resume", None))
+        was = latest_written_by(getattr(args, "resume", None))
         if was is not None and was > 1 and was % args.nnodes == 0:
             args.nproc = was // args.nnodes
             print(f"scaletrain: resuming on {was} processes, as the checkpoint was written (--nproc changes it)")
-    elif (was := _written_by(getattr(args, "resume", None))) not in (None, args.nproc * args.nnodes):
+    elif (was := latest_written_by(getattr(args, "resume", None))) not in (None, args.nproc * args.nnodes):
         print(
             f"scaletrain: resuming on {args.nproc * args.nnodes} processes; the checkpoint was written by {was}, so "
             "the data-parallel size (and with it the global batch) may differ"
         )
     check_layout(args.nproc, args.nnodes, args.node_rank, None, "127.0.0.1", args.rdzv_endpoint, args.max_restarts)
     return args.nproc * args.nnodes
-
-
-def _written_by(run) -> int | None:
-    "How many ranks wrote the latest checkpoint of run folder `run` (None: no run, no checkpoint or cannot tell)."
-    if not run or not Path(run).is_dir():
-        return None  # the resume itself refuses it, in one line
-    from scaletrain.checkpoint import latest_checkpoint, written_by
-
-    ck = latest_checkpoint(run)
-    return written_by(ck) if ck is not None else None
 
 
 def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:

@@ -273,10 +273,9 @@ def resume(
     spec.update(rec.get("spec", {}))
     spec.update(spec_changes)
     if nproc is None and "spec" not in rec:  # a run `scaletrain train` started: as many ranks as wrote its checkpoint
-        from scaletrain.checkpoint import latest_checkpoint, written_by
+        from scaletrain.checkpoint import latest_written_by
 
-        ck = latest_checkpoint(run_dir)
-        was = written_by(ck) if ck is not None else None
+        was = latest_written_by(run_dir)
         if was is not None and was % spec["nnodes"] == 0:
             nproc = was // spec["nnodes"]
     if nproc is not None:
