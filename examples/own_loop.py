@@ -78,7 +78,12 @@ def batch_at(step: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps in this launch (0: never)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="stop (with a checkpoint) after this many steps (0: never); a resume ignores it",
+    )
     p.add_argument("--ckpt-every", type=int, default=2)
     p.add_argument("--strategy", default="fsdp")
     p.add_argument("--out", default=os.environ.get("SCALETRAIN_RUN_DIR", "runs/own_loop"))
@@ -94,12 +99,16 @@ def main(argv=None):
         lambda params: MyAdamW(params, max_update=0.01, lr=3e-3, betas=(0.9, 0.98), weight_decay=0.01),
         overrides=[f"parallel.strategy={a.strategy}", "train.device=cpu"],
     )
-    step = 0
+    step, stop_after = 0, a.stop_after
     if loop.latest(out) is not None:  # `scaletrain launch --resume` runs this file again: go on from the checkpoint
         step = loop.load(out)["step"]
+        stop_after = 0  # the same arguments come again: this launch runs to --steps
         loop.print(f"resumed from step {step}")
+        if loop.is_main and (out / "losses.jsonl").exists():  # steps after the checkpoint were not kept: drop them
+            kept = [l for l in (out / "losses.jsonl").read_text().splitlines() if json.loads(l)["step"] <= step]
+            (out / "losses.jsonl").write_text("".join(l + "\n" for l in kept))
     first = step
-    while step < a.steps and not (a.stop_after and step - first >= a.stop_after):
+    while step < a.steps and not (stop_after and step - first >= stop_after):
         batch = loop.shard(batch_at(step))  # this data-parallel rank's half
         with loop.autocast():
             logits = loop.model(batch["tokens"])
@@ -116,7 +125,7 @@ def main(argv=None):
             with open(out / "losses.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(json.dumps(rec), flush=True)
-        if step % a.ckpt_every == 0 or step == a.steps:
+        if step % a.ckpt_every == 0 or step == a.steps or (stop_after and step - first >= stop_after):
             loop.save(out, step)  # sharded: each rank writes its own shard
     loop.print(f"done at step {step}")
 

@@ -131,8 +131,9 @@ def latest_written_by(run_dir) -> int | None:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder from a run folder, a checkpoint folder, or the run's `checkpoints/` folder or its `latest`
-    pointer (both mean the newest); `CheckpointError` if there is none."""
+    """A checkpoint folder from a run folder, a checkpoint folder, the run's `checkpoints/` folder or its `latest`
+    pointer (both mean the newest), or its `best` pointer (a fine-tune's best so far); `CheckpointError` if there is
+    none."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(
@@ -140,6 +141,8 @@ def resolve_checkpoint(path) -> Path:
         )
     if is_complete(p):
         return p
+    if p.name == "best" and p.parent.name == "checkpoints" and p.is_file():
+        return pointed_checkpoint(p.parent.parent, "best")
     if p.name == "checkpoints" and p.is_dir() or p.name == "latest" and p.parent.name == "checkpoints":
         p = p.parent if p.is_dir() else p.parent.parent  # the run folder: its newest checkpoint, as `latest` names
     if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file():

@@ -22,9 +22,10 @@ from .runlock import RunLock
 
 # %% auto #0
 __all__ = ['COMMANDS', 'fail', 'OneLineParser', 'parse_overrides', 'add_launch_args', 'train_parser', 'check_launch_args',
-           'launch_ranks', 'train_main', 'run_rank', 'rank_main', 'export_main', 'plan_parser', 'plan_main',
-           'launch_parser', 'launch_main', 'finetune_parser', 'finetune_main', 'finetune_report', 'finetune_rank_main',
-           'sweep_parser', 'sweep_main', 'compress_parser', 'compress_main', 'data_parser', 'data_main', 'main']
+           'launch_ranks', 'drop_unstarted', 'train_main', 'run_rank', 'rank_main', 'export_main', 'plan_parser',
+           'plan_main', 'launch_parser', 'launch_main', 'finetune_parser', 'finetune_main', 'finetune_report',
+           'finetune_rank_main', 'sweep_parser', 'sweep_main', 'compress_parser', 'compress_main', 'data_parser',
+           'only_sections', 'data_main', 'main']
 
 # %% ../nbs/6_apps/65_cli.ipynb #cad41745
 def fail(msg: str, code: int = 2):
@@ -113,25 +114,57 @@ def check_launch_args(args) -> int:
 
 def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
     """Hold the run folder's lock while the job runs: `local_main()` in this process for one process, else torchrun
-    on `python -m <rank_argv>` (a subprocess, never fork)."""
+    on `python -m <rank_argv>` (a subprocess, never fork). A new run that the ranks refuse (exit code 2: bad input
+    only they could see, such as a Hugging Face folder's damaged tensor), or that is stopped while starting (exit
+    code 128 + the signal), before it logged a step or saved a checkpoint leaves no folder behind."""
     try:
         lock = RunLock(run_dir, args.node_rank)  # refuses a folder that a live job is using
     except USER_ERRORS as e:
         fail(str(e))
-    with lock:
-        if args.nproc * args.nnodes == 1:
-            return local_main()
-        cmd = torchrun_args(
-            ["-m", *rank_argv],
-            nproc=args.nproc,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
-            rdzv_endpoint=args.rdzv_endpoint,
-            rdzv_id=args.rdzv_id or cfg.run.name,
-            max_restarts=args.max_restarts,
-        )
-        print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
-        return run_foreground(cmd, child_env(loopback=args.nnodes == 1))
+    rc = 1
+    try:
+        with lock:
+            rc = _run_ranks(args, cfg, run_dir, rank_argv, local_main)
+    except SystemExit as e:  # fail() in this process (one process): the same refusal
+        rc = e.code
+        raise
+    except KeyboardInterrupt:  # Ctrl-C just before the job's own stop handling was in place
+        rc = 128 + signal.SIGINT
+        raise
+    finally:
+        if rc in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM) and not getattr(args, "resume", None):
+            if args.nnodes == 1:
+                drop_unstarted(run_dir, "refused" if rc == 2 else "stopped")
+    return rc
+
+
+def drop_unstarted(run_dir: Path, why: str) -> bool:
+    "Remove a new run folder whose job ended (`why`) before its first logged step and first checkpoint."
+    import shutil
+    from scaletrain.checkpoint import never_saved
+
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not never_saved(run_dir) or (metrics.is_file() and metrics.stat().st_size):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"scaletrain: removed {run_dir}: the run was {why} before its first step", file=sys.stderr, flush=True)
+    return True
+
+
+def _run_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
+    if args.nproc * args.nnodes == 1:
+        return local_main()
+    cmd = torchrun_args(
+        ["-m", *rank_argv],
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id or cfg.run.name,
+        max_restarts=args.max_restarts,
+    )
+    print(f"scaletrain: launching {args.nproc * args.nnodes} processes into {run_dir}", flush=True)
+    return run_foreground(cmd, child_env(loopback=args.nnodes == 1))
 
 
 def train_main(argv) -> int:
@@ -155,12 +188,14 @@ def run_rank(argv, prog: str, fit):
     p = OneLineParser(prog=prog)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume-if-saved", action="store_true", help="continue from the latest checkpoint if there is one")
     p.add_argument("overrides", nargs="*", help="with --resume: config changes, saved once the checkpoint has loaded")
     a = parse_overrides(p, argv)
     try:
         try:
             cfg = load_config(Path(a.run_dir) / "config.yaml", a.overrides)
-            return fit(cfg, a.run_dir, restart_resumes(a.run_dir, a.resume, cfg.train.device))
+            resume = restart_resumes(a.run_dir, a.resume, cfg.train.device, if_saved=a.resume_if_saved)
+            return fit(cfg, a.run_dir, resume)
         except USER_ERRORS as e:
             if getattr(e, "all_ranks", False) and int(os.environ.get("RANK", 0)):
                 raise SystemExit(2)  # every rank raised it together (a full disk): rank 0's line says it once
@@ -661,7 +696,8 @@ def finetune_report(s: dict) -> int:
             else ""
         )
         print(
-            f"scaletrain: finetune {s['status']} after {s['steps']} steps in {s['wall_time_s']:.0f}s; {best}{extra}; "
+            f"scaletrain: finetune {s['status'].replace('_', ' ')} after {s['steps']} steps in "
+            f"{s['wall_time_s']:.0f}s; {best}{extra}; "
             f"run folder {s['run_dir']}",
             flush=True,
         )
@@ -740,7 +776,7 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a fine-tuned run folder (its best checkpoint) or a checkpoint folder")
     p.add_argument("--out", help="output folder (default RUN/compress)")
     p.add_argument(
-        "--sparsity", type=float, default=0.5, help="share of each block Linear's weights to prune, in [0, 1)"
+        "--sparsity", type=float, help="share of each block Linear's weights to prune, in [0, 1) (default 0.5)"
     )
     p.add_argument("--prune", default="unstructured", help="unstructured | structured (whole output channels) | none")
     p.add_argument("--recover-steps", type=int, default=0, help="fine-tuning steps after pruning, masks kept")
@@ -778,10 +814,15 @@ def compress_main(argv) -> int:
                 raise ConfigError(f"compress: {flag}={v}: must be a whole number >= {low}")
         if not 0 < a.recover_lr < float("inf"):
             raise ConfigError(f"compress: --recover-lr={a.recover_lr}: must be a finite number > 0")
+        if a.prune == "none" and a.sparsity is not None:
+            raise ConfigError(
+                f"compress: --sparsity {a.sparsity} with --prune none prunes nothing; drop --sparsity, or choose "
+                "--prune unstructured | structured"
+            )
         rows = compress(
             a.run,
             a.out,
-            a.sparsity,
+            0.5 if a.sparsity is None else a.sparsity,
             a.prune,
             a.quant.split(","),
             a.quant_layers.split(",") if a.quant_layers else None,
@@ -822,16 +863,23 @@ def data_parser() -> argparse.ArgumentParser:
     return p
 
 
+def only_sections(command: str, overrides, sections: tuple, why: str) -> None:
+    """Refuse a `key=value` outside `sections` (e.g. `("data",)`) for a command that reads only those: checking a
+    `train.*` value against the defaults would refuse what has nothing to do with it. `why` says where the rest
+    belong."""
+    other = [o.split("=")[0].strip() for o in overrides if o.strip().split(".")[0] not in sections]
+    if other:
+        keys = " and ".join(f"{s}.*" for s in sections)
+        raise ConfigError(f"{command}: {other[0]}: only {keys} overrides apply; {why}")
+
+
 def _label(args, prep_o: list, rest: list) -> int:
     "`scaletrain data label`: only data.* overrides, which say how the corpus is read; the model's come from the run."
     if prep_o:
         raise ConfigError(f"config: {prep_o[0].split('=')[0]}: prep.* keys belong to 'data prepare'")
-    other = [o.split("=")[0].strip() for o in rest if not o.strip().startswith("data.")]
-    if other:
-        raise ConfigError(
-            f"data label: {other[0]}: only data.* overrides apply (how the corpus is read); the model and its "
-            "settings come from the run"
-        )
+    only_sections(
+        "data label", rest, ("data",), "they say how the corpus is read; the model and its settings come from the run"
+    )
     cfg = load_config(None, [*rest, f"data.source={args.source}"])
     out = _load("scaletrain.label:label_corpus")(
         args.run, cfg, out=args.out, show_progress=not args.quiet, force=args.force
@@ -851,12 +899,12 @@ def data_main(argv) -> int:
     try:
         if args.what == "label":
             return _label(args, prep_o, rest)
-        other = [o.split("=")[0].strip() for o in rest if not o.strip().startswith("data.")]
-        if other:  # a train.* or model.* key is not the dataset's; checking it would only refuse unrelated values
-            raise ConfigError(
-                f"data prepare: {other[0]}: only data.* and prep.* overrides apply; the model and training "
-                "settings belong to scaletrain train"
-            )
+        only_sections(
+            "data prepare",
+            args.overrides,
+            ("data", "prep"),
+            "the model and training settings belong to scaletrain train",
+        )
         cfg = load_config(getattr(args, "config", None), [*rest, f"data.source={args.source}"])
         prep = check_prep(prep_config(prep_o))
         held = _load("scaletrain.label:task_held_out")(cfg, prep.tasks) if prep.tasks else {}
@@ -919,7 +967,11 @@ def main(argv=None) -> int:
             + (f" (did you mean '{m[0]}'?)" if m else "")
             + f"; commands: {', '.join(k for k, v in COMMANDS.items() if v[1])}"
         )
-    rc = _load(COMMANDS[argv[0]][0])(argv[1:])
+    try:
+        rc = _load(COMMANDS[argv[0]][0])(argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C before a job's own stop handling is in place (checks, imports, data)
+        print("scaletrain: interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     return int(rc or 0)
 
 # %% ../nbs/6_apps/65_cli.ipynb #ea652379

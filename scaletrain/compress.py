@@ -8,7 +8,6 @@ import copy
 import csv
 import io
 import json
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from .files import atomic_write, atomic_write_text, check_out_path
 from .models.heads import build_classifier
 from .models.spec import spec_for
 from .plots import save_figure
+from .precision import quiet_torchao
 
 # %% auto #0
 __all__ = ['PRUNE_METHODS', 'QUANT_MODES', 'REPORT_COLS', 'prunable_layers', 'check_sparsity', 'prune_model', 'make_permanent',
@@ -110,8 +110,7 @@ QUANT_MODES = ("int8-weight", "int8-dynamic")
 
 def _torchao():
     "Import torchao quietly (its optional CUDA kernels log warnings on a CPU-only machine)."
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_torchao()
     import torchao.quantization as q
 
     return q
@@ -289,6 +288,9 @@ def compress(
     quant = [q for q in ([quant] if isinstance(quant, str) else list(quant)) if q and q != "none"]
     for q in quant:
         check_quant(q)
+    if len(set(quant)) < len(quant):
+        twice = next(q for q in quant if quant.count(q) > 1)
+        raise ConfigError(f"compress: quant {twice} given twice; name each mode once")
     if split not in ("auto", "val", "test"):
         raise ConfigError(f"compress: split={split!r}: allowed: auto (test, else val) | val | test")
     if not (isinstance(recover_steps, int) and recover_steps >= 0):
@@ -316,6 +318,9 @@ def compress(
         )
     task.setup(batch, batch)
     x = torch.from_numpy(task.data.x[split][:batch].astype(np.int64))
+    if force and out.exists():  # what an earlier compress wrote there goes, so the report lists every file left
+        for old in [*out.glob("model_*.safetensors"), out / "report.csv", out / "report.json", out / "compress.png"]:
+            old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     rows, float_model = [], model
 

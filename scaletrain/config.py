@@ -23,7 +23,7 @@ __all__ = ['INT_MAX', 'NAME_MAX', 'SECTIONS', 'ModelConfig', 'DataConfig', 'Trai
            'RunConfig', 'FinetuneConfig', 'Config', 'DataPrepConfig', 'prep_config', 'all_keys', 'split_sources',
            'set_value', 'apply_overrides', 'from_dict', 'load_config', 'to_dict', 'to_yaml', 'save_config',
            'changed_keys', 'typed_keys', 'config_diff', 'config_hash', 'kv_heads', 'ffn_dim_of', 'loggers_of',
-           'validate']
+           'check_model_rules', 'check_finetune_layout', 'validate']
 
 # %% ../nbs/0_core/04_config.ipynb #fbeafd6d
 INT_MAX = 2**63 - 1  # the largest whole number torch and numpy hold (seeds, sizes, step counts)
@@ -138,6 +138,11 @@ class ParallelConfig:
     microbatches: int = _f(0, "pipeline micro-batches per step; 0 = 2 x pp", low=0)
     backend: str = _f("torch", "implementation of zero1/zero2", choices=BACKENDS)
     sequence_parallel: bool = _f(False, "shard norms and dropout over the sequence under tp")
+    find_unused: bool = _f(
+        False,
+        "ddp and zero1: the forward may leave some parameters unused (DistributedDataParallel's "
+        "find_unused_parameters: one more pass over the graph each step)",
+    )
 
 
 @dataclass
@@ -600,6 +605,18 @@ def loggers_of(cfg: Config) -> list[str]:
     return ["jsonl"] + [n for n in dict.fromkeys(names) if n != "jsonl"]
 
 
+def check_model_rules(cfg: Config) -> None:
+    """The rules that involve the model's shape: its own, the family's, tensor parallelism's and activation
+    checkpointing's (also checked on a shape read from a Hugging Face folder, `models.hub.resolve_hf`)."""
+    m, mem = cfg.model, cfg.memory
+    _check_model(m, cfg.parallel.tp)
+    if mem.activation_checkpointing == "every_k" and mem.ac_every > m.n_layer:
+        raise ConfigError(
+            f"config: memory.ac_every={mem.ac_every} with activation_checkpointing=every_k checkpoints none of "
+            f"model.n_layer={m.n_layer} blocks; use ac_every <= {m.n_layer}"
+        )
+
+
 def _check_model(m: ModelConfig, tp: int) -> None:
     "The model section's cross-field rules, the family's and tensor parallelism's."
     fam, kv, ffn = FAMILIES[m.family], kv_heads(m), ffn_dim_of(m)
@@ -638,10 +655,20 @@ def _check_model(m: ModelConfig, tp: int) -> None:
         raise ConfigError(f"config: the MLP width {ffn} (model.ffn_dim) is not divisible by parallel.tp={tp}")
 
 
+def check_finetune_layout(cfg: Config) -> None:
+    "Fine-tuning (`finetune.init` set) evaluates whole-model logits, which pipeline stages do not have."
+    if cfg.finetune.init and cfg.parallel.pp > 1:
+        raise ConfigError(
+            f"config: parallel.pp={cfg.parallel.pp}: fine-tuning evaluates whole-model logits, which pipeline "
+            "stages do not have; use ddp, zero1, zero2, fsdp or tp"
+        )
+
+
 def validate(cfg: Config) -> Config:
     "Cross-field checks that no single field can make. Raises `ConfigError`."
     m, t, p, mem = cfg.model, cfg.train, cfg.parallel, cfg.memory
-    _check_model(m, p.tp)
+    check_finetune_layout(cfg)  # first: the pipeline's own rules (a tied head) would only send the user elsewhere
+    check_model_rules(cfg)
     for name in loggers_of(cfg):
         LOGGERS[name]
     if t.warmup_steps > t.steps:
@@ -668,11 +695,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "config: memory.ac_offload=true with memory.activation_checkpointing=selective: offloading recomputes "
             "whole blocks (fairscale's wrapper); use full or every_k with ac_offload"
-        )
-    if mem.activation_checkpointing == "every_k" and mem.ac_every > m.n_layer:
-        raise ConfigError(
-            f"config: memory.ac_every={mem.ac_every} with activation_checkpointing=every_k checkpoints none of "
-            f"model.n_layer={m.n_layer} blocks; use ac_every <= {m.n_layer}"
         )
     if mem.cpu_offload and p.strategy != "fsdp":
         raise ConfigError(f"config: memory.cpu_offload=true needs parallel.strategy=fsdp (got {p.strategy})")

@@ -69,7 +69,11 @@ class EnergyMeter:
         ('estimate-cpu', 20.0)
     """
 
-    def __init__(self, device, cores: int | None = None, watts_per_core: float = CPU_WATTS_PER_CORE):
+    def __init__(
+        self, device, cores: int | None = None, watts_per_core: float = CPU_WATTS_PER_CORE, since: float | None = None
+    ):
+        """`since`: the `time.perf_counter()` the window began, if before now (a run's start, before its device was
+        set up): an estimate, or sampled power, covers it; NVML's counter counts from now."""
         self.device = torch.device(device)
         self.handle, self.source, self.watts, self.cores = None, "estimate-cpu", 0.0, 0
         if self.device.type == "cuda":
@@ -85,7 +89,7 @@ class EnergyMeter:
         else:
             self.cores = cores or os.cpu_count() or 1
             self.watts = self.cores * watts_per_core
-        self.start()
+        self.start(since)
 
     @property
     def measured(self) -> bool:
@@ -107,8 +111,8 @@ class EnergyMeter:
         except Exception:
             return None
 
-    def start(self) -> None:
-        self.t0 = self.t_last = time.perf_counter()
+    def start(self, since: float | None = None) -> None:
+        self.t0 = self.t_last = time.perf_counter() if since is None else since
         self.j0 = self._counter() if self.source == "nvml-counter" else 0.0
         self.j_sampled = 0.0
 

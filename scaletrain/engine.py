@@ -9,7 +9,8 @@ import functools
 import inspect
 import math
 import re
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ from .precision import autocast_ctx, make_scaler, needs_scaler
 
 # %% auto #0
 __all__ = ['param_groups', 'adamw_kwargs', 'lr_at', 'split_by_kind', 'set_lr', 'lm_loss', 'clean_name', 'ctor_kwargs',
-           'OptimizerRecipe', 'local_bytes', 'StepResult', 'Engine', 'clip_grad_norm_mixed', 'ParallelEngine']
+           'hidden_args', 'OptimizerRecipe', 'local_bytes', 'StepResult', 'Engine', 'clip_grad_norm_mixed',
+           'ParallelEngine']
 
 # %% ../nbs/3_parallel/30_engine.ipynb #78d2bf7c
 def param_groups(model: nn.Module, weight_decay: float):
@@ -110,6 +112,40 @@ def ctor_kwargs(cls, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in allowed and k not in ("self", "params")}
 
 
+def hidden_args(optimizer) -> dict:
+    """The constructor arguments of `optimizer`'s class that its `defaults` do not keep but the instance holds under
+    their own name with a value other than the signature's default, `{name: value}`: a rebuild from the defaults
+    would silently reset them (`class Clamped(AdamW): def __init__(self, params, max_update=0.01, **kw)` keeping
+    `self.max_update`). An argument the instance does not hold by name was mapped into the defaults under another
+    one (`wd` -> `weight_decay`), or dropped, by the class itself: not counted."""
+    P, out = inspect.Parameter, {}
+    for c in type(optimizer).__mro__:
+        if c is object or c is torch.optim.Optimizer:
+            break
+        if "__init__" not in vars(c):
+            continue
+        ps = inspect.signature(c.__init__).parameters
+        for k, p in ps.items():
+            if p.kind not in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) or k in ("self", "params") or k in out:
+                continue
+            if k in optimizer.defaults:
+                continue
+            have = getattr(optimizer, k, P.empty)
+            if have is P.empty or callable(have) or (p.default is not P.empty and _same(have, p.default)):
+                continue
+            out[k] = have
+        if not any(p.kind is P.VAR_KEYWORD for p in ps.values()):
+            break
+    return out
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
 @dataclass
 class OptimizerRecipe:
     """How to rebuild the user's optimizer over the parameters a strategy leaves: `cls`, constructor `kwargs`,
@@ -127,6 +163,7 @@ class OptimizerRecipe:
     groups: list
     factory: object = None
     instance: object = None  # the object the user built, kept where the strategy leaves its parameters alone
+    hidden: dict = field(default_factory=dict)  # constructor arguments its defaults do not keep (`hidden_args`)
 
     @classmethod
     def of(cls, optimizer, model: nn.Module) -> "OptimizerRecipe":
@@ -162,7 +199,8 @@ class OptimizerRecipe:
                 {**{k: v for k, v in g.items() if k != "params"}, "names": [names[id(p)] for p in g["params"]]}
             )
         kw = ctor_kwargs(type(optimizer), optimizer.defaults)
-        return cls(type(optimizer), kw, groups, factory, None if factory is not None else optimizer)
+        hidden = hidden_args(optimizer)
+        return cls(type(optimizer), kw, groups, factory, None if factory is not None else optimizer, hidden)
 
     def param_groups(self, module: nn.Module) -> list:
         "The groups over `module`'s parameters as they are now (sharded, wrapped), by name; missing names left out."
@@ -192,6 +230,7 @@ class OptimizerRecipe:
             return inst
         if self.factory is not None:  # called again, so a constructor of its own keeps working
             return self.factory([p for g in groups for p in g["params"]])
+        self.check_rebuildable()  # (a factory is called again instead, above)
         try:
             return self.cls(split_by_kind(groups) if self.kwargs.get("fused") else groups, **self.kwargs)
         except TypeError as e:
@@ -199,6 +238,26 @@ class OptimizerRecipe:
                 f"optimizer: cannot rebuild {self.cls.__name__} over the sharded parameters ({e}); "
                 f"pass a factory instead: lambda params: {self.cls.__name__}(params, ...)"
             ) from None
+
+    def check_rebuildable(self, strategy: str = "") -> None:
+        """Refuse (one line) to rebuild a class whose constructor takes arguments its defaults do not keep: from a
+        factory where one is given, else (and always under `strategy`, a ZeRO optimizer that builds each shard's
+        optimizer from the class and its defaults itself) from the class."""
+        if not self.hidden or (self.factory is not None and not strategy):
+            return
+        k, v = next(iter(self.hidden.items()))
+        name = self.cls.__name__
+        if strategy:
+            raise ConfigError(
+                f"optimizer: {name}(..., {k}={v!r}) keeps {k} outside its defaults, and parallel.strategy={strategy} "
+                f"builds each shard's {name} from its defaults, which would reset {k} silently; keep it in the "
+                f"defaults dict {name} passes to Optimizer.__init__, or use parallel.strategy=ddp | fsdp "
+                "(they step your object)"
+            )
+        raise ConfigError(
+            f"optimizer: {name}(..., {k}=...) keeps {k} outside its defaults, so rebuilding it over the sharded "
+            f"parameters would reset it silently; pass a factory instead: lambda params: {name}(params, {k}={v!r}, ...)"
+        )
 
     def retire(self, used: torch.optim.Optimizer, strategy: str) -> None:
         """Where a strategy steps another optimizer than the user's object (`used`: ZeRO's sharded one, a pipeline
@@ -215,10 +274,20 @@ class OptimizerRecipe:
                 "create the scheduler after setup, on loop.optimizer"
             )
 
-        def step(*args, **kwargs):
+        def step(self_, *args, **kwargs):
             raise ConfigError(f"optimizer: this {name} does not train the model: {how}; call loop.step()")
 
-        inst.step = step
+        inst.step = types.MethodType(step, inst)  # a bound method, as an LR scheduler built on it expects
+        self.retired = (inst, how)
+
+    def check_retired(self) -> None:
+        "Refuse a learning-rate scheduler attached after setup to the retired optimizer: it would schedule nothing."
+        inst, how = getattr(self, "retired", (None, ""))
+        if inst is not None and any("initial_lr" in g for g in inst.param_groups):
+            raise ConfigError(
+                f"optimizer: a learning-rate scheduler was attached to the {type(inst).__name__} given, but {how}; "
+                "create the scheduler on loop.optimizer"
+            )
 
 # %% ../nbs/3_parallel/30_engine.ipynb #56348b39
 def local_bytes(tensors) -> int:

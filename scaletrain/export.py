@@ -6,7 +6,6 @@
 from __future__ import annotations
 import inspect
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from .errors import CheckpointError, ConfigError
 from .files import atomic_write_text, usual_modes
 from .metrics import read_metrics
 from .models.spec import build_model, get_spec
+from .precision import quiet_torchao
 
 # %% auto #0
 __all__ = ['byte_tokenizer_json', 'run_tokenizer', 'model_card', 'check_with_transformers', 'export_hf']
@@ -81,6 +81,10 @@ def model_card(cfg: Config, facts: dict, n_params: int, hf_type: str) -> str:
     n = facts["world_size"] or 1
     layout = "one process" if n == 1 else f"{facts['strategy']} on {n} processes"
     src = cfg.data.source
+    ft = cfg.finetune
+    tuned = bool(ft.init) and ft.task.startswith("lm:")  # an lm: fine-tune: its data and where it started
+    data = f"`{ft.task}` of `{src}`" if tuned else f"`{src}`"
+    start = [f"| fine-tuned from | `{ft.init}` (continued pretraining) |"] if tuned else []
     return "\n".join(
         [
             "---",
@@ -96,10 +100,11 @@ def model_card(cfg: Config, facts: dict, n_params: int, hf_type: str) -> str:
             "| | |",
             "|---|---|",
             f"| steps | {facts['step']} |",
-            f"| tokens seen | {facts['tokens']:,} |",
+            f"| tokens seen{' (this fine-tune)' if tuned else ''} | {facts['tokens']:,} |",
             f"| final train loss (mean of the last 10 steps) | {f(facts['train_loss'])} |",
             f"| final validation loss | {f(facts['val_loss'])} |",
-            f"| data | `{src}` (tokenizer `{cfg.data.tokenizer}`) |",
+            f"| data | {data} (tokenizer `{cfg.data.tokenizer}`) |",
+            *start,
             f"| layout | {layout}, {cfg.memory.precision} |",
             "",
             "```python",
@@ -121,8 +126,7 @@ def model_card(cfg: Config, facts: dict, n_params: int, hf_type: str) -> str:
 def check_with_transformers(folder: Path, model, vocab_size: int, block_size: int) -> float | None:
     """Load `folder` with `transformers` (if installed): refuse missing, unexpected or mismatched keys and logits that
     differ from `model`'s; returns the largest logit difference relative to the largest logit (None: not checked)."""
-    for name in ("torchao", "torch.utils._pytree"):  # transformers imports torchao, whose CUDA kernels log on CPU
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_torchao()  # transformers imports torchao
     try:
         import transformers
     except ImportError:

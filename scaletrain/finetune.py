@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from . import checkpoint as ckpt
-from .config import Config, changed_keys, to_dict, validate
+from .config import Config, changed_keys, check_finetune_layout, to_dict, validate
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write_text
 from .jobs import is_architecture
@@ -46,14 +46,16 @@ def resolve_config(cfg: Config, explicit=None, resume: bool = False, hold=None) 
             "config: finetune.init is required: a pretrained run folder or checkpoints/step_* folder, or 'scratch'"
         )
     kind = task_kind(f.task)
-    if cfg.parallel.pp > 1:
-        raise ConfigError(
-            f"config: parallel.pp={cfg.parallel.pp}: fine-tuning evaluates whole-model logits, which pipeline "
-            "stages do not have; use ddp, zero1, zero2, fsdp or tp"
-        )
+    check_finetune_layout(cfg)
     if f.init != "scratch" and not resume:
         start = ckpt.resolve_checkpoint(f.init) if hold is None else hold.enter_context(ckpt.held(f.init))
         ck = ckpt.checkpoint_config(start)
+        if kind == "lm" and ck.finetune.init and not ck.finetune.task.startswith("lm:"):
+            raise ConfigError(
+                f"finetune.init={f.init}: a fine-tuned classifier (finetune.task={ck.finetune.task}), whose output "
+                f"head gives classes, not tokens; finetune.task={f.task} starts from a language model: a pretraining "
+                "run or an lm: fine-tune"
+            )
         for k in ARCH_KEYS:
             mine, theirs = getattr(cfg.model, k), getattr(ck.model, k)
             if f"model.{k}" in explicit and mine != theirs and not (k == "vocab_size" and mine == 0):

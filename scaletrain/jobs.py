@@ -188,13 +188,22 @@ def resume_changes(before: Config, after: Config) -> list[str]:
 def resume_config(run_dir, overrides=()) -> Config:
     """The config a resumed run will have: its `config.yaml` plus `overrides`, checked against its checkpoint. A
     `model.hf_path` folder that has moved is replaced by the run's copy of its config.json (`hub.resume_source`)."""
-    from scaletrain.checkpoint import checkpoint_config, never_saved, resolve_checkpoint
+    from scaletrain.checkpoint import checkpoint_config, checkpoint_step, never_saved, resolve_checkpoint
 
     path = Path(run_dir) / "config.yaml"
     cfg = load_config(path, overrides, named=f"--resume {run_dir}: {path}")  # what the user typed was --resume
     cfg.model = resume_source(cfg.model, run_dir)
     if not never_saved(run_dir):  # else nothing was trained that a change could contradict
-        resume_changes(checkpoint_config(resolve_checkpoint(run_dir)), cfg)
+        ck = resolve_checkpoint(run_dir)
+        before = checkpoint_config(ck)
+        resume_changes(before, cfg)
+        done = checkpoint_step(ck.name)
+        if done is not None and cfg.train.steps < done < before.train.steps:
+            # an unfinished run told to end before where it is: its config.yaml would say fewer steps than it trained
+            raise ConfigError(
+                f"config: train.steps={cfg.train.steps}, but {run_dir} has trained {done} of its "
+                f"{before.train.steps} steps; resume with train.steps >= {done} (train.steps={done} ends it there)"
+            )
     return cfg
 
 # %% ../nbs/5_runs/52_jobs.ipynb #7095d711

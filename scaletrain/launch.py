@@ -347,7 +347,7 @@ class MultiNode:
     def command(self, node_rank: int = 0) -> list:
         "The exact argument list node `node_rank` runs (the same on every node with c10d)."
         return torchrun_args(
-            self.target.worker_args(),
+            self.target.worker_args(if_saved=True),  # run again (a node failed, resubmitted): it continues
             nproc=self.nproc,
             nnodes=self.nnodes,
             node_rank=node_rank,
@@ -388,7 +388,7 @@ class MultiNode:
         shell-quoted, so a newline in one would be a command."""
         check_slurm(partition, time_limit, self.run_dir)
         port = port or split_endpoint(self.rdzv_endpoint)[1]
-        worker = " ".join(shlex.quote(a) for a in self.target.worker_args())
+        worker = " ".join(shlex.quote(a) for a in self.target.worker_args(if_saved=True))  # requeued: continues
         sb = [
             f"#SBATCH --job-name={shlex.quote(self.run_dir.name)}",
             f"#SBATCH --nodes={self.nnodes}",

@@ -14,6 +14,7 @@ from .config import Config, load_config
 from .dist import DistInfo, ParallelDims, init_distributed
 from .engine import Engine, OptimizerRecipe, StepResult, set_lr
 from .errors import ConfigError
+from .files import check_out_path
 from .models.generic import GenericSpec
 from .models.spec import spec_for
 from .parallel import build_engine
@@ -23,14 +24,26 @@ __all__ = ['split_batch', 'Loop', 'prepare', 'setup']
 
 # %% ../nbs/3_parallel/39_loop.ipynb #2cbf5b5f
 def split_batch(obj, n: int, i: int):
-    "Part `i` of `n` of every tensor in a (nested) tuple/list/dict along dim 0; other values as they are."
+    "Part `i` of `n` of every tensor in a (nested) tuple/list/dict along dim 0; other values (scalars) as they are."
     if torch.is_tensor(obj):
-        return obj.tensor_split(n)[i]
+        return obj.tensor_split(n)[i] if obj.dim() else obj
     if isinstance(obj, dict):
         return {k: split_batch(v, n, i) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return type(obj)(split_batch(v, n, i) for v in obj)
     return obj
+
+
+def _tensors(obj):
+    "The tensors in a (nested) tuple/list/dict."
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def _broadcast_weights(model: nn.Module, device) -> None:
@@ -103,7 +116,16 @@ class Loop:
             print(*args, flush=True)
 
     def shard(self, batch):
-        "This data-parallel rank's part of a global batch (tensors, or tuples/lists/dicts of them, split on dim 0)."
+        """This data-parallel rank's part of a global batch (tensors, or tuples/lists/dicts of them, split on dim 0).
+        A batch whose rows do not divide by the data-parallel size is refused in one line: unequal parts would weigh
+        each rank's rows differently in the averaged gradient (an empty part gives a NaN loss)."""
+        rows = {t.shape[0] for t in _tensors(batch) if t.dim()}
+        bad = sorted(r for r in rows if r % self.dp_size)
+        if bad:
+            raise ConfigError(
+                f"loop.shard: a batch of {bad[0]} rows does not split evenly over {self.dp_size} data-parallel ranks; "
+                f"give a multiple of {self.dp_size} (a DataLoader with drop_last=True and batch_size a multiple)"
+            )
         return split_batch(batch, self.dp_size, self.dp_rank)
 
     # ---- the step ----
@@ -155,14 +177,21 @@ class Loop:
         self._norm = n.full_tensor() if hasattr(n, "full_tensor") else n
         return self._norm
 
-    def step(self, loss: torch.Tensor | None = None) -> StepResult:
+    def step(self, loss: torch.Tensor | None = None, reduced: bool = False) -> StepResult:
         """The optimizer step (through the loss scaler under fp16-mixed), then gradients to None. A non-finite step
         is skipped, the weights left as they were: a NaN/Inf gradient norm (measured here unless `clip_grad_norm` ran),
-        or a NaN/Inf `loss` when given (the same rule as the Trainer's: `Engine.apply_step`). Returns the step's
-        `StepResult` (device tensors; `.resolve()` reads them: `.skipped`, `.nonfinite`, `.grad_norm`)."""
+        or a NaN/Inf `loss` when given (the same rule as the Trainer's: `Engine.apply_step`). This rank's `loss` is
+        averaged over the data-parallel ranks first (one small collective; `reduced=True`: it already is, as
+        `reduce` gives it), so a NaN on one rank skips the step on all of them and the replicas stay equal. Returns
+        the step's `StepResult` (device tensors; `.resolve()` reads them: `.skipped`, `.nonfinite`, `.grad_norm`)."""
+        if self.engine.recipe is not None:
+            self.engine.recipe.check_retired()  # a scheduler on the user's object after setup would drive nothing
         if self._norm is None:
             self.clip_grad_norm(0.0)  # measure only (and unscale under fp16)
-        loss = torch.zeros((), device=self.device) if loss is None else loss.detach().float()
+        if loss is None:
+            loss = torch.zeros((), device=self.device)
+        else:
+            loss = loss.detach().float() if reduced else self.reduce(loss).float()
         res = self.engine.apply_step(loss, self._norm, self._scale)
         self._unscaled = self._averaged = False
         self._norm = self._scale = None
@@ -200,7 +229,7 @@ class Loop:
                     self.backward(loss)
                 total += loss.detach()
         self.clip_grad_norm(self.engine.cfg.train.grad_clip)
-        return self.step(self.reduce(total))
+        return self.step(self.reduce(total), reduced=True)
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         "The mean of `t` over the data-parallel group (a loss to log)."
@@ -227,7 +256,9 @@ class Loop:
     def save(self, folder, step: int, keep: int = 2, **extra) -> Path:
         """Collective: a sharded checkpoint `folder/checkpoints/step_<step>` (DCP: each rank writes its shards; loads
         under any other layout), with `extra` (plain values, tensors) kept beside it; the `keep` newest are kept.
-        Returns the checkpoint folder. The Trainer's checkpoints are these, its state being the `extra`."""
+        Returns the checkpoint folder. The Trainer's checkpoints are these, its state being the `extra`. A `folder`
+        that is a file, or lies where nothing can be written, is one line before any rank writes."""
+        check_out_path(folder, "loop.save: folder")
         return save_checkpoint(folder, step, self.engine, dict(extra, step=int(step)), keep=keep)
 
     def load(self, path) -> dict:

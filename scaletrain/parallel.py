@@ -19,8 +19,8 @@ from .registry import load_target
 from .tensor_parallel import apply_tensor_parallel, plan_targets
 
 # %% auto #0
-__all__ = ['meta_model', 'check', 'block_wise', 'check_compile_scope', 'compile_blocks', 'compiled_loss', 'blocks_compiled',
-           'compiled_what', 'prepare_stage', 'build_engine']
+__all__ = ['meta_model', 'check', 'check_shard_units', 'block_wise', 'check_compile_scope', 'compile_blocks', 'compiled_loss',
+           'blocks_compiled', 'compiled_what', 'prepare_stage', 'build_engine']
 
 # %% ../nbs/3_parallel/37_parallel.ipynb #dfb6e54f
 def meta_model(cfg: Config) -> nn.Module:
@@ -79,9 +79,43 @@ def check(cfg: Config, world_size: int, model: nn.Module | None = None, spec: Mo
             f"memory.ac_every={mem.ac_every} "
             f"wraps none of the model's {depth} blocks; use ac_every <= {depth}"
         )
+    if dims.engine.startswith("scaletrain.strategies.fsdp:"):
+        check_shard_units(model, spec, cfg.parallel.strategy)
     loss_chunk(cfg, spec)  # memory.chunked_loss=on where it cannot run: refused here, before launch
     check_compile_scope(cfg, dims)
     return dims
+
+
+def check_shard_units(model: nn.Module, spec, strategy: str) -> None:
+    """FSDP2 shards each block as a unit of its own and the rest of the model as one more: a block object placed
+    twice (weights shared ALBERT-style), or one parameter tied across two units (a head tied to a weight inside a
+    block), cannot be sharded so. Refused in one line naming the two places; inside one unit a tie is fine (the
+    output head tied to the embedding, both outside the blocks)."""
+    blocks = spec.block_modules(model)
+    keys = list(blocks.keys())
+    prefixes = spec.block_prefixes(keys)
+    seen = {}
+    for pre, blk in zip(prefixes, blocks.values()):
+        if id(blk) in seen:
+            raise ConfigError(
+                f"parallel.strategy={strategy}: '{seen[id(blk)][:-1]}' and '{pre[:-1]}' are one block module placed "
+                "twice (shared weights), which FSDP cannot shard as two units; give each place a block of its own, "
+                "or use parallel.strategy=ddp | zero1"
+            )
+        seen[id(blk)] = pre
+    unit = lambda name: next((p[:-1] for p in prefixes if name.startswith(p)), "the rest of the model")
+    owners = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    for names in owners.values():
+        units = list(dict.fromkeys(unit(n) for n in names))
+        if len(units) > 1:
+            a, b = names[0], next(n for n in names if unit(n) != units[0])
+            raise ConfigError(
+                f"parallel.strategy={strategy}: '{a}' and '{b}' are one tied parameter in two FSDP units "
+                f"({units[0]}; {units[1]}), which cannot be sharded apart; untie them, or use parallel.strategy="
+                "ddp | zero1"
+            )
 
 
 def block_wise(cfg: Config, dims: ParallelDims) -> str:

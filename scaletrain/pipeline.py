@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from .dist import ParallelDims
 from .engine import ParallelEngine, clip_grad_norm_mixed
 from .errors import ConfigError
@@ -49,6 +50,12 @@ class PipelineEngine(ParallelEngine):
                 )
             (s,) = self.stage_ids
             pipe = self._trace(model, spec)
+            if pipe.num_stages != self.n_stages:  # a cut with nothing before it: the tracer drops the empty stage
+                raise ConfigError(
+                    f"pp_split={spec.pp_split}: the traced model splits into {pipe.num_stages} stage(s), not "
+                    f"{self.n_stages}: a cut at the first module the forward runs, or two cuts at one place, leaves a "
+                    "stage empty; cut where the stage before it has work"
+                )
             holder = pipe.get_stage_module(s).to(device)
             self.stage_modules = [holder]
             make_stages = lambda: [pipe.build_stage(s, device, group=self.pp_group)]
@@ -69,7 +76,7 @@ class PipelineEngine(ParallelEngine):
         self._accum_scale = 1.0
         super().__init__(holder, cfg, device, info, mesh, spec=spec, **kw)
         self.stages = make_stages()
-        loss = lambda out, tgt: self.loss_fn(out, tgt) * self._accum_scale
+        loss = lambda out, tgt: self.loss_fn(self._as_model_output(out), tgt) * self._accum_scale
         if dims.pp_schedule == "interleaved1f1b":
             self.schedule = ScheduleInterleaved1F1B(self.stages, self.n_mb, loss_fn=loss, scale_grads=False)
         else:
@@ -108,7 +115,17 @@ class PipelineEngine(ParallelEngine):
         mb = tuple(t.tensor_split(self.n_mb)[0] if torch.is_tensor(t) else t for t in ex)
         # stages send fixed shapes to each other: every batch must split into micro-batches of these
         self.traced_shapes = [tuple(t.shape) for t in mb if torch.is_tensor(t)]
+        with torch.no_grad():  # what the model returns (a dict, a tuple, a ModelOutput): the tracer flattens it
+            self.out_spec = tree_flatten(model(*mb))[1]
         return pipeline(model, mb_args=mb, split_spec={p: SplitPoint.BEGINNING for p in spec.pp_split})
+
+    def _as_model_output(self, out):
+        """The last stage's output in the structure the model returns, so the user's `loss_fn` gets what it gets
+        without pipelining (`{"logits": ...}`, not the bare tensor the traced graph ends in)."""
+        spec = getattr(self, "out_spec", None)
+        if spec is None or spec.is_leaf():
+            return out
+        return tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], spec)
 
     def _check_shapes(self, x):
         "A traced pipeline's batch must split into micro-batches of the example's shape (else torch says nothing)."
@@ -135,7 +152,7 @@ class PipelineEngine(ParallelEngine):
             self._check_shapes(x)
         x, y = self.cp_shard(x, y)  # every stage runs on this rank's part of the sequences
         losses = [] if self.is_last else None
-        args = (x,) if self.is_first else ()
+        args = (tuple(x) if isinstance(x, tuple) else (x,)) if self.is_first else ()  # a model of several inputs
         kw = dict(target=y, losses=losses) if self.is_last else {}
         with self.forward_ctx(), self.cp_context():
             (self.schedule.step if train else self.schedule.eval)(*args, **kw)

@@ -564,10 +564,11 @@ def config_shape(
 
 
 def run_config(cfg: Config) -> Config:
-    "A copy of `cfg` as a run sees it: its model section read from `model.hf_path` where set (`resolve_hf`)."
+    """A copy of `cfg` as a run sees it: its model section read from `model.hf_path` where set (`resolve_hf`; its
+    config.json is enough: a model is planned before its weights are downloaded)."""
     import copy
 
-    return resolve_hf(copy.deepcopy(cfg)) if cfg.model.hf_path else cfg
+    return resolve_hf(copy.deepcopy(cfg), weights=False) if cfg.model.hf_path else cfg
 
 
 def _sequence_parallel_ok(spec) -> bool:

@@ -10,7 +10,7 @@ from .registry import PRECISIONS
 
 # %% auto #0
 __all__ = ['torch_dtype', 'autocast_dtype', 'autocast_ctx', 'param_dtype', 'needs_scaler', 'make_scaler', 'uses_float8',
-           'float8_refusal', 'apply_float8']
+           'float8_refusal', 'quiet_torchao', 'apply_float8']
 
 # %% ../nbs/0_core/03_precision.ipynb #acc09b83
 def torch_dtype(name: str) -> torch.dtype:
@@ -67,14 +67,21 @@ def float8_refusal(precision: str, device) -> str | None:
     return None
 
 
+def quiet_torchao() -> None:
+    """Keep torchao's import quiet: on a machine without its CUDA kernels (any CPU, or another torch build) it logs a
+    "Failed to load" warning per kernel file, and pytree deprecation warnings, on every import, in every rank.
+    transformers imports torchao too, so importing transformers goes through here as well."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def apply_float8(model: torch.nn.Module, scaling: str = "tensorwise", skip=(), fsdp: bool = False) -> list[str]:
     """Swap the `nn.Linear` layers of `model` for torchao's `Float8Linear` (in place), except those named in `skip`
     (and below them) and those whose sizes are not multiples of 16. `fsdp`: all-gather the weights in float8
     (tensorwise scaling only). Returns the names of the converted layers."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):  # torchao's optional CUDA kernels log on a CPU-only machine
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_torchao()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(scaling)

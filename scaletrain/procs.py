@@ -315,12 +315,12 @@ class Job:
 
 def run_foreground(cmd: list, env: dict | None = None, stop_timeout: float = 60.0) -> int:
     """Run `cmd` as a `Job`; SIGINT/SIGTERM here become `Job.interrupt` (the ranks checkpoint and exit 0). Returns its
-    exit code."""
-    stopping, job = False, None
+    exit code: 128 + the signal's number (and one line) when the stop came before the job had ranks to stop."""
+    stopping, job = 0, None  # the signal that stops it
 
-    def on_signal(*_):
+    def on_signal(signum, frame):
         nonlocal stopping
-        stopping = True
+        stopping = signum
         if job is not None:
             job.interrupt()
 
@@ -329,7 +329,12 @@ def run_foreground(cmd: list, env: dict | None = None, stop_timeout: float = 60.
         job = Job(cmd, env)
         if stopping:  # a signal before the job existed
             job.interrupt()
-        return job.proc.wait()
+        rc = job.proc.wait()
+        if stopping and rc < 0:  # torchrun itself was still starting: the stop ended it
+            print("scaletrain: stopped before the ranks started", flush=True)
+        if stopping and (rc < 0 or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM)):
+            return 128 + stopping  # stopped before any step (`supervise`): the signal the user sent
+        return rc
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -459,12 +464,14 @@ def job_restarted(device: str = "auto") -> bool:
     return vote(restart_count() > 0, info, info.device, any_rank=True)
 
 
-def restart_resumes(run_dir, resume: bool = False, device: str = "auto") -> bool:
+def restart_resumes(run_dir, resume: bool = False, device: str = "auto", if_saved: bool = False) -> bool:
     """Does this rank continue `run_dir` from a checkpoint? On a first attempt: `resume`, as asked. On a restart
     (`job_restarted`): when there is a checkpoint to continue from; on one node `supervise` has chosen it
     (`SCALETRAIN_RESTART_STEP`, empty for none), on several (torchrun's own restarts) the latest one, and with none
-    rank 0 empties `metrics.jsonl`."""
-    if not job_restarted(device):
+    rank 0 empties `metrics.jsonl`. `if_saved` (a multi-node command or a SLURM script, which may be run again:
+    resubmitted, requeued, or after a node failed): as a restart, even on its first attempt, so running the same
+    command twice continues the run instead of training it again from step 0 into the same folder."""
+    if resume or not (if_saved or job_restarted(device)):
         return resume
     step = os.environ.get("SCALETRAIN_RESTART_STEP")
     if step is not None:
@@ -537,6 +544,9 @@ def supervise(args, run) -> int:
             why, code = _root_cause(e)
         for s in stops:  # between attempts, no rank running: a stop only means "no more restarts"
             signal.signal(s, lambda signum, frame: stopping.append(signum))
+        if stopping and code in (-signal.SIGTERM, -signal.SIGINT):  # the stop reached ranks still starting up
+            print("scaletrain: stopped while the ranks were starting, before any step", flush=True)
+            return 128 - code
         if stopping or code == 2 or attempt == restarts:
             reason = (
                 "; not restarting a job that is being stopped"

@@ -12,8 +12,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,6 +65,15 @@ def parse_space(varies) -> dict:
     return space
 
 
+def _whole_key(key: str) -> bool:
+    "Is the config key `key` (section.field) a whole number (its default an int)?"
+    from scaletrain.config import Config
+
+    sec, _, name = key.partition(".")
+    value = getattr(getattr(Config(), sec, None), name, None)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _fmt(x) -> str:
     return x if isinstance(x, str) else f"{x:.3g}"
 
@@ -84,11 +95,12 @@ def expand(space: dict, mode: str = "grid", n: int | None = None, seed: int = 0)
         for k, v in space.items():
             if isinstance(v, tuple):
                 kind, lo, hi = v
-                r[k] = _fmt(
+                x = (
                     float(math.exp(g.uniform(math.log(lo), math.log(hi))))
                     if kind == "log"
                     else float(g.uniform(lo, hi))
                 )
+                r[k] = str(round(x)) if _whole_key(k) else _fmt(x)  # train.steps=uniform:10:30 draws whole steps
             else:
                 r[k] = v[int(g.integers(len(v)))]
         out.append(r)
@@ -121,6 +133,9 @@ def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
     pending, active = list(runs), []
     env = _child_env(parallel)
     bar = tqdm(total=len(runs), desc="sweep", file=sys.stderr, mininterval=1.0)
+    term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (timeout, Slurm, docker stop) as Ctrl-C:
+        term = signal.signal(signal.SIGTERM, _as_interrupt)  # the runs are stopped below, never left orphaned
     try:
         while pending or active:
             while pending and len(active) < parallel:
@@ -146,7 +161,13 @@ def run_all(runs: list, parallel: int = 1, on_done=None) -> list:
         raise
     finally:
         bar.close()
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
     return runs
+
+
+def _as_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 # %% ../nbs/6_apps/62_sweep.ipynb #08b4ba41
 def plot_finetune_runs(runs: dict, metric: str = "accuracy", out=None, ranking: dict | None = None):

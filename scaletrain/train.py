@@ -289,9 +289,11 @@ class Trainer:
     ):
         from scaletrain import parallel
 
-        self.t0 = time.time()
+        self.t0 = time.perf_counter()
         self.info = init_distributed(cfg.train.device)
         self.device = self.info.device
+        # the bill's energy covers the same window as its device-hours (`wall_time`): from here, set-up included
+        self.energy = EnergyMeter(self.device, watts_per_core=cfg.run.cpu_watts_per_core, since=self.t0)
         self.print = RankPrinter(self.info, cfg.run.log_ranks == "all")
         if resume and run_dir is not None:  # a model.hf_path folder that has moved: the run's copy of its config.json
             cfg = replace(cfg, model=resume_source(cfg.model, run_dir))
@@ -334,7 +336,6 @@ class Trainer:
         self.peak_tflops, self.peak_source = device_peak(
             self.device, self.cfg.memory.precision, self.cfg.run.peak_tflops
         )
-        self.energy = EnergyMeter(self.device, watts_per_core=self.cfg.run.cpu_watts_per_core)
         self.callbacks = sorted(
             ([SignalCallback(), ProgressCallback(), MetricsCallback(), PlotCallback()] if default_callbacks else [])
             + list(callbacks),
@@ -690,7 +691,7 @@ class Trainer:
 
     def wall_time(self) -> float:
         "Seconds the run has run, over all its sessions: a resume adds to the time before it, not the pause between."
-        return self.wall_before + time.time() - self.t0
+        return self.wall_before + time.perf_counter() - self.t0
 
     def energy_j(self) -> float:
         "Joules of this rank's device over the run's sessions (the sessions before a resume as rank 0 saved them)."
@@ -713,6 +714,7 @@ class Trainer:
         return self.summary
 
     def _summary(self) -> dict:
+        joules = self.energy_j()  # read before the wall time: the energy's window is never the longer one
         run = self.earlier + self.history
         h = [r for r in run if not r.get("nonfinite")][-10:]
         vals = self.val_history
@@ -760,9 +762,9 @@ class Trainer:
             nonfinite_steps=self.nonfinite_steps,
             restarts=restart_count(),  # automatic restarts of this launch it took (--max-restarts)
         )
-        return d | self._bill(d["wall_time_s"])
+        return d | self._bill(d["wall_time_s"], joules)
 
-    def _bill(self, wall_s: float) -> dict:
+    def _bill(self, wall_s: float, joules: float) -> dict:
         """Device-hours, energy, CO2 and cost of the run. Rank 0's device is metered (NVML, or an estimate), and the
         job is that times its devices: every GPU, or every machine for a CPU run (its estimate covers all its cores)."""
         r = self.cfg.run
@@ -780,7 +782,7 @@ class Trainer:
             "(run.cpu_watts_per_core)",
         }[self.energy.source]
         b = bill(
-            self.energy_j() * n,
+            joules * n,
             n * wall_s / 3600,
             r.pue,
             r.grid_gco2_per_kwh,

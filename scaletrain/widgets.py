@@ -8,6 +8,7 @@ import functools
 import html
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -18,10 +19,10 @@ import traceback
 from collections import deque
 from pathlib import Path
 import ipywidgets as W
-from .config import ModelConfig, load_config
+from .config import ModelConfig, TrainConfig, load_config
 from .errors import USER_ERRORS, ConfigError
 from .launch import launch, multinode, resume
-from .registry import FAMILIES
+from .registry import FAMILIES, STRATEGIES
 from .runlock import RunLock
 from .runs import LOST_HINT, Run, folder_status
 
@@ -343,8 +344,9 @@ def runs_table_html(rows) -> str:
     return f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{body}</table>{lost}"
 
 
-def progress_text(records, total_steps) -> tuple[int, str]:
-    "(steps done, `step 12/40 · 30% · ETA 0:42`) from the step records; the ETA from their times since the first."
+def progress_text(records, total_steps, running: bool = True) -> tuple[int, str]:
+    """(steps done, `step 12/40 · 30% · ETA 0:42`) from the step records; the ETA from their times since the first,
+    while the run is `running` (a stopped run has none)."""
     steps = [r for r in records if "loss" in r]
     if not steps:
         return 0, f"step 0/{total_steps}"
@@ -354,7 +356,7 @@ def progress_text(records, total_steps) -> tuple[int, str]:
         return last["step"], s
     s += f" · {100 * last['step'] / total_steps:.0f}%"
     first = steps[0]
-    if last["step"] >= total_steps:
+    if last["step"] >= total_steps or not running:
         return last["step"], s
     if last["step"] > first["step"] and last.get("time") is not None and first.get("time") is not None:
         per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
@@ -419,11 +421,52 @@ def _guarded(fn):
     return run
 
 
+def _choices(field: str, value, options: list) -> list:
+    "A dropdown's options, `value` among them, else a one-line `ConfigError` naming the field and the choices."
+    if value not in options:
+        raise ConfigError(f"LaunchPanel: {field}={value!r}; the panel offers {' | '.join(map(str, options))}")
+    return options
+
+
+def _whole(field: str, value) -> int:
+    "A number control's value: a whole number >= 1, else a one-line `ConfigError`."
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"LaunchPanel: {field}={value!r}; the panel's control takes a whole number >= 1")
+    return value
+
+
+def _typed(cast):
+    "A base override's value as its control holds it (the text kept where it does not parse: refused by the control)."
+
+    def read(key: str, text: str):
+        try:
+            return cast(text)
+        except ValueError:
+            if cast is float:
+                raise ConfigError(f"LaunchPanel: {key}={text!r}; expected a number") from None
+            return text
+
+    return read
+
+
+_CONTROLLED = {  # the base overrides' keys that a control stands for, and how its value is read
+    "parallel.strategy": _typed(str),
+    "memory.precision": _typed(str),
+    "memory.activation_checkpointing": _typed(str),
+    "train.micro_batch": _typed(int),
+    "train.grad_accum": _typed(int),
+    "train.steps": _typed(int),
+    "train.lr": _typed(float),
+}
+
+
 class LaunchPanel(W.VBox):
     """Controls -> overrides -> `launch`; live status, plot and log; Stop / Resume; past runs.
 
-    `overrides`: base `key=value` settings (data, run.out_dir, ...) that the controls add to (a `model.family` there is
-    the family control's first value); `out_dir`: where runs go."""
+    `overrides`: base `key=value` settings (data, run.out_dir, ...) that the controls add to. A key a control stands
+    for (`parallel.strategy`, `train.steps`, `memory.precision`, ...) sets that control's first value; a model shape
+    key (`model.n_layer=6`) wins over the model-size control's preset. `out_dir`: where runs go (a `run.out_dir` in
+    `overrides` wins)."""
 
     def __init__(
         self,
@@ -447,40 +490,75 @@ class LaunchPanel(W.VBox):
         self._painter, self._dirty, self._seq, self._shown = None, False, 0, 0
         st = dict(description_width="110px")
         lay = lambda: W.Layout(width="250px")  # one Layout per control: hiding one must not hide the others
+        ctl = self._from_base()  # a control's key in the base overrides sets the control
+        strategy, steps, micro_batch, lr = (
+            ctl.pop(k, v)
+            for k, v in [
+                ("parallel.strategy", strategy),
+                ("train.steps", steps),
+                ("train.micro_batch", micro_batch),
+                ("train.lr", lr),
+            ]
+        )
+        self.total_steps = steps
         self.strategy = W.Dropdown(
-            options=["ddp", "zero1", "zero2", "fsdp"], value=strategy, description="strategy", style=st, layout=lay()
+            options=_choices("strategy", strategy, list(STRATEGIES.names())),
+            value=strategy,
+            description="strategy",
+            style=st,
+            layout=lay(),
         )
         self.nproc = W.BoundedIntText(
             value=nproc, min=1, max=4096, description="processes/GPUs", style=st, layout=lay()
         )
         self.nnodes = W.BoundedIntText(value=1, min=1, max=4096, description="nodes", style=st, layout=lay())
         self.rdzv = W.Text(value="", placeholder="node0-host:29400", description="rendezvous", style=st, layout=lay())
+        precision = ctl.pop("memory.precision", "fp32")
         self.precision = W.Dropdown(
-            options=["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"],
-            value="fp32",
+            options=_choices(
+                "memory.precision", precision, ["fp32", "bf16-mixed", "fp16-mixed", "bf16-true", "fp8-mixed"]
+            ),
+            value=precision,
             description="precision",
             style=st,
             layout=lay(),
         )
         self.micro_batch = W.BoundedIntText(
-            value=micro_batch, min=1, max=65536, description="micro-batch", style=st, layout=lay()
+            value=_whole("train.micro_batch", micro_batch),
+            min=1,
+            max=65536,
+            description="micro-batch",
+            style=st,
+            layout=lay(),
         )
         self.grad_accum = W.BoundedIntText(
-            value=1, min=1, max=65536, description="accumulation", style=st, layout=lay()
+            value=_whole("train.grad_accum", ctl.pop("train.grad_accum", 1)),
+            min=1,
+            max=65536,
+            description="accumulation",
+            style=st,
+            layout=lay(),
         )
+        ac = ctl.pop("memory.activation_checkpointing", "none")
         self.act_ckpt = W.Dropdown(
-            options=["none", "full", "selective", "every_k"],
-            value="none",
+            options=_choices("memory.activation_checkpointing", ac, ["none", "full", "selective", "every_k"]),
+            value=ac,
             description="act. checkpoint",
             style=st,
             layout=lay(),
         )
-        self.steps = W.BoundedIntText(value=steps, min=1, max=10**9, description="steps", style=st, layout=lay())
+        self.steps = W.BoundedIntText(
+            value=_whole("train.steps", steps), min=1, max=10**9, description="steps", style=st, layout=lay()
+        )
         self.lr = W.BoundedFloatText(
             value=lr, min=0.0, max=10.0, step=1e-4, description="learning rate", style=st, layout=lay()
         )
         self.model = W.Dropdown(
-            options=list(MODEL_SIZES), value=model, description="model size", style=st, layout=lay()
+            options=_choices("model", model, list(MODEL_SIZES)),
+            value=model,
+            description="model size",
+            style=st,
+            layout=lay(),
         )
         if family is None:  # a family given in the base overrides, else the config's default
             given = [o.split("=", 1)[1] for o in self.base if o.startswith("model.family=")]
@@ -509,6 +587,7 @@ class LaunchPanel(W.VBox):
             layout=lay(),
         )
         self.memory = W.HTML()
+        self.memory.add_class("scaletrain-memory")
         self.bill = W.HTML()
         self.bill.add_class("scaletrain-bill")
         self.bill_prediction = None  # the numbers of the bill line (a `predict_bill` dict), or None
@@ -588,6 +667,22 @@ class LaunchPanel(W.VBox):
 
         return get_gpu(gpu).name if gpu else self.here_gpu or "h100-80gb"
 
+    def _from_base(self) -> dict:
+        """Take the keys the controls stand for out of the base overrides: `{key: value}` (typed) for the controls;
+        `run.out_dir` sets the panel's folder."""
+        out, keep = {}, []
+        for o in self.base:
+            k, _, v = o.partition("=")
+            k, v = k.strip(), v.strip()
+            if k == "run.out_dir":
+                self.out_dir = Path(v)
+            elif k in _CONTROLLED:
+                out[k] = _CONTROLLED[k](k, v)
+            else:
+                keep.append(o)
+        self.base = keep
+        return out
+
     def _price_default(self, price: float | None) -> float:
         "The price asked for, else a `run.price_per_device_hour` of the base overrides, else the config's default."
         from scaletrain.config import RunConfig
@@ -648,8 +743,9 @@ class LaunchPanel(W.VBox):
     def overrides(self) -> list[str]:
         "The `key=value` overrides the controls stand for (after the base ones)."
         m = MODEL_SIZES[self.model.value]
+        shape = [o for o in self.base if o.split("=")[0].strip() in {f"model.{k}" for k in m}]
         ov = (
-            self.base
+            [o for o in self.base if o not in shape]
             + [
                 f"run.out_dir={self.out_dir}",
                 f"parallel.strategy={self.strategy.value}",
@@ -663,9 +759,13 @@ class LaunchPanel(W.VBox):
             ]
             + [f"model.family={self.family.value}"]
             + [f"model.{k}={v}" for k, v in m.items()]
+            + shape  # the user's own shape keys win over the size preset
         )
         if not any(o.startswith("train.warmup_steps=") for o in self.base):  # warm-up: 10% of the steps, at most 20
             ov.append(f"train.warmup_steps={min(20, self.steps.value // 10)}")
+        if not any(o.startswith("train.eval_batch=") for o in self.base):  # whole rows per data-parallel rank
+            world, default = self.nproc.value * self.nnodes.value, TrainConfig().eval_batch
+            ov.append(f"train.eval_batch={world * math.ceil(default / world)}")
         return ov
 
     def config(self):
@@ -737,7 +837,8 @@ class LaunchPanel(W.VBox):
         return s
 
     def _show_progress(self):
-        done, text = progress_text(self.records, self.total_steps)
+        running = self.run is None or self.run.status == "running"
+        done, text = progress_text(self.records, self.total_steps, running)
         if isinstance(self.total_steps, int):
             self.progress.max = max(1, self.total_steps)
         self.progress.value = min(done, self.progress.max)
@@ -917,7 +1018,12 @@ class LaunchPanel(W.VBox):
         new = r.resume(
             overrides=[f"train.steps={self.steps.value}"] if r.kind == "train" else [], ranks="0", echo=False
         )
-        return self.watch(new)
+        self.watch(new)
+        if r.kind == "train":  # its config.yaml says so only once the ranks have loaded the checkpoint
+            with self._mutex:
+                self.total_steps = self.steps.value
+                self._show_progress()
+        return new
 
     @_guarded
     def refresh_runs(self):
@@ -933,5 +1039,8 @@ class LaunchPanel(W.VBox):
         from scaletrain.metrics import read_metrics
 
         names = self.compare.value or tuple(self.compare.options[:2])
+        if not names:  # an empty figure would say nothing
+            self.compare_plot.layout.display = "none"
+            return self.set_status(self.state, f"no runs to compare in {self.out_dir}")
         self.compare_plot.value = curves_png({n: read_metrics(self.out_dir / n / "metrics.jsonl") for n in names})
         self.compare_plot.layout.display = None

@@ -238,7 +238,9 @@ class Target:
     args: list
     label: str
 
-    def worker_args(self, resume: bool = False, overrides=()) -> list:
+    def worker_args(self, resume: bool = False, overrides=(), if_saved: bool = False) -> list:
+        """The rank's arguments. `resume`: continue from the checkpoint (a train run: with `overrides`). `if_saved`
+        (a train run): continue if the folder holds a checkpoint, else start, for a command that may be run twice."""
         if self.kind == "train":
             return [
                 "-m",
@@ -251,7 +253,7 @@ class Target:
                 "_rank",
                 "--run-dir",
                 str(self.run_dir),
-            ] + (["--resume", *overrides] if resume else [])
+            ] + (["--resume", *overrides] if resume else ["--resume-if-saved"] if if_saved else [])
         return (
             ["-m", "scaletrain.worker", "--run-dir", str(self.run_dir), *self.args[:2]]
             + (["--resume"] if resume else [])

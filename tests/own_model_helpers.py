@@ -147,6 +147,14 @@ class CountingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+class ClampedAdamW(CountingAdamW):
+    "A constructor argument kept outside `defaults` (an attribute): a rebuild from the defaults would reset it."
+
+    def __init__(self, params, max_update=0.01, **kw):
+        super().__init__(params, **kw)
+        self.max_update = max_update
+
+
 class CountingSGD(torch.optim.SGD):
     def __init__(self, params, **kw):
         super().__init__(params, **kw)
@@ -199,11 +207,27 @@ def build(kind):
     return MyLlama() if kind == "llama" else TinyViT()
 
 
-def run_case(kind, overrides, accum=1, steps=STEPS, sched=False, tp_plan=None, pp_rows=None):
+def run_case(
+    kind,
+    overrides,
+    accum=1,
+    steps=STEPS,
+    sched=False,
+    tp_plan=None,
+    pp_rows=None,
+    nan_at=None,
+    opt=None,
+    spare=False,
+    pp_split=None,
+    sched_after=False,
+):
     """Train `kind` with the user's loop under `overrides` on this job's processes. Returns per-step losses (global
     means), the whole model's final weights this rank sees, the local optimizer's class / step count / groups, and
-    how often the blocks' forward ran."""
+    how often the blocks' forward ran. `nan_at`: at that step the last rank passes `loop.step` its own loss plus NaN
+    (the others a finite one). `spare`: the model has a parameter its forward never uses."""
     model = build(kind)
+    if spare:
+        model.spare = nn.Linear(2, 2)
     calls = [0]
     container = {"llama": "layers", "vit": "encoder"}.get(kind)
     container = getattr(model, container) if container else []
@@ -216,11 +240,13 @@ def run_case(kind, overrides, accum=1, steps=STEPS, sched=False, tp_plan=None, p
     if tp:
         extra["tp_plan"] = tp_plan or LLAMA_TP  # tp_plan: a plan of the user's that pairs layers wrongly
     if pp:  # pp_rows: an example batch shaped unlike the ones the loop steps with
-        extra.update(pp_split=LLAMA_PP, pp_example=batches[0]["input_ids"][:pp_rows], loss_fn=lm_loss)
-    opt = user_optimizer(kind, model)
+        extra.update(pp_split=pp_split or LLAMA_PP, pp_example=batches[0]["input_ids"][:pp_rows], loss_fn=lm_loss)
+    opt = ClampedAdamW(model.parameters(), max_update=0.5, **ADAMW) if opt == "clamped" else user_optimizer(kind, model)
     # sched: a learning-rate scheduler built on the user's optimizer before setup, as any PyTorch script does
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s) if sched else None
     loop = setup(model, opt, overrides=["train.device=cpu", *overrides], verbose=False, **extra)
+    if sched_after:  # on the object given, after setup: under ZeRO it is not the one that steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
     losses, norms = [], []
     for batch in batches:
         local = loop.shard(batch)  # this data-parallel rank's part (tensor-parallel ranks share it)
@@ -239,7 +265,11 @@ def run_case(kind, overrides, accum=1, steps=STEPS, sched=False, tp_plan=None, p
                 loop.backward(loss / accum)
             total += float(loop.reduce(loss)) / accum
         norms.append(float(loop.clip_grad_norm(1.0)))
-        loop.step()
+        if nan_at is None:
+            loop.step()
+        else:  # this rank's unreduced loss: NaN on one rank only
+            bad = len(losses) == nan_at and loop.rank == loop.world_size - 1
+            loop.step(loss.detach() + (float("nan") if bad else 0.0))
         if schedule is not None:
             schedule.step()
         losses.append(total)

@@ -28,6 +28,11 @@ def main(spec_path, out_dir):
                 sched=case.get("sched", False),
                 tp_plan=case.get("tp_plan"),
                 pp_rows=case.get("pp_rows"),
+                nan_at=case.get("nan_at"),
+                opt=case.get("opt"),
+                spare=case.get("spare", False),
+                pp_split=case.get("pp_split"),
+                sched_after=case.get("sched_after", False),
             )
         except ConfigError as e:  # a refusal case: the message is what the test checks
             if not case.get("refused"):

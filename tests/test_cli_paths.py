@@ -111,6 +111,8 @@ def test_an_output_of_the_other_kind_is_one_line(run, unchanged, tmp_path):
         (["--batch", "0"], "compress: --batch=0: must be a whole number >= 1"),
         (["--repeats", "-1"], "compress: --repeats=-1: must be a whole number >= 1"),
         (["--threads", "-2"], "compress: --threads=-2: must be a whole number >= 0"),
+        (["--prune", "none", "--sparsity", "0.7"], "compress: --sparsity 0.7 with --prune none prunes nothing"),
+        (["--quant", "int8-weight,int8-weight"], "compress: quant int8-weight given twice; name each mode once"),
     ],
 )
 def test_compress_refuses_negative_numbers(run, unchanged, tmp_path, args, expect):

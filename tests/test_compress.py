@@ -116,6 +116,13 @@ def test_compress_cli_report(classifier, tmp_path):
     assert all(x["split"] == "test" for x in rep)
     m = load_for_inference(tmp_path / "c" / "model_pruned_int8-weight.safetensors")
     assert m.quant == "int8-weight"
+    # --force over it: the earlier run's model files go, so the folder holds what its new report lists
+    r = run_cli(
+        "compress", run, "--out", tmp_path / "c", "--force", "--prune", "none", "--quant", "none", "--repeats", "1"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "c" / "report.json").read_text())["rows"]
+    assert sorted(p.name for p in (tmp_path / "c").glob("model_*")) == sorted(x["file"] for x in rep)
 
 
 def test_compress_bad_input_is_one_line(classifier, pretrained, tmp_path):

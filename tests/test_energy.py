@@ -87,6 +87,8 @@ def test_a_cpu_run_records_an_estimated_bill(tmp_path, corpus, cache_dir):
 
     watts = (os.cpu_count() or 1) * 7
     assert s["device_kwh"] * 3.6e6 <= watts * s["wall_time_s"] * 1.001  # cores x W x at most the wall time
+    # ... and over the same window as the device-hours: the set-up (model, data, engine) is billed too
+    assert s["device_kwh"] * 3.6e6 == pytest.approx(watts * s["wall_time_s"], rel=1e-3)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     e = [r["energy_j"] for r in recs if "energy_j" in r]
     assert len(e) == 6 and e == sorted(e) and e[0] > 0  # logged at each step, growing

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny
 from ft_helpers import ft_overrides, live_copy, live_save, pets, pretrained, pretrained_llama  # noqa: F401 (fixtures)
-from scaletrain.config import load_config
+from scaletrain.config import ConfigError, load_config
 from scaletrain.metrics import read_metrics
 from scaletrain.models.gpt import GPT
 from scaletrain.models.llama import Llama
@@ -114,6 +114,13 @@ def test_early_stopping_keeps_best(tmp_path, pets, pretrained, cache_dir):
     s = finetune(cfg)
     assert s["status"] == "early_stopped" and s["early_stopped"] and s["steps"] == 3
     assert s["best_step"] == 0 and best_checkpoint(s["run_dir"]).name == "best_00000000"
+    # `checkpoints/best` names it wherever a checkpoint is read (compress, export, finetune.init), as `latest` does
+    best = ckpt.resolve_checkpoint(Path(s["run_dir"]) / "checkpoints" / "best")
+    assert best == best_checkpoint(s["run_dir"]) and best != ckpt.resolve_checkpoint(s["run_dir"])
+    # a classifier is no start for a language-model fine-tune: said as such, not as a stray output.bias
+    with pytest.raises(ConfigError) as e:
+        prepare(load_config(overrides=["finetune.task=lm:email", f"finetune.init={s['run_dir']}"]))
+    assert str(e.value).startswith(f"finetune.init={s['run_dir']}: a fine-tuned classifier (finetune.task=")
 
 
 def test_bad_checkpoints_are_one_line(tmp_path, pets, pretrained, cache_dir):
@@ -504,3 +511,26 @@ def test_a_task_that_is_a_file_of_another_kind_is_named_as_such(tmp_path):
     assert str(e.value).startswith(f"finetune.task='{tmp_path / 'notes.txt'}': a .txt file, not a task; use ")
     with pytest.raises(DataError, match="': not found; use "):
         task_kind(str(tmp_path / "missing"))
+
+
+def test_pipeline_parallel_fine_tuning_is_refused_first_for_its_own_reason(tmp_path, pretrained):
+    "Not the tied-head advice of pretraining's pipeline rules, which would only lead to this refusal next."
+    r = run_cli("finetune", "--nproc", "2", "parallel.pp=2", f"finetune.init={pretrained}", f"run.out_dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "scaletrain: error: config: parallel.pp=2: fine-tuning evaluates whole-model logits, which pipeline stages "
+        "do not have; use ddp, zero1, zero2, fsdp or tp"
+    ), r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_model_card_of_an_lm_fine_tune_names_its_data_and_its_start():
+    from scaletrain.export import model_card
+
+    facts = dict(world_size=1, strategy="ddp", step=20, tokens=10240, train_loss=4.1, val_loss=4.2)
+    tuned = load_config(overrides=["finetune.task=lm:email", "finetune.init=runs/pre/checkpoints/step_00000020"])
+    card = model_card(tuned, facts, 40_000, "llama")
+    assert "| data | `lm:email` of `stdlib` (tokenizer `byte`) |" in card
+    assert "| fine-tuned from | `runs/pre/checkpoints/step_00000020` (continued pretraining) |" in card
+    assert "| tokens seen (this fine-tune) | 10,240 |" in card
+    plain = model_card(load_config(), facts, 40_000, "llama")
+    assert "| data | `stdlib` (tokenizer `byte`) |" in plain and "fine-tuned from" not in plain

@@ -138,22 +138,26 @@ def hf_run(corpus, cache_dir, out, folder, *extra):
     ]
 
 
-def byte_llama(folder):
-    "A tiny transformers Llama with room for the byte tokenizer's 257 ids."
+def byte_decoder(folder, kind="Llama", **sizes):
+    """A tiny transformers decoder of the Llama layout (`kind`: Llama, or Qwen2: biases on q/k/v) with room for the
+    byte tokenizer's 257 ids; `sizes` replace its config's defaults here."""
     import transformers
 
-    c = transformers.LlamaConfig(
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
+    c = getattr(transformers, f"{kind}Config")(
+        **dict(
+            vocab_size=260,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+        )
+        | sizes
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(c).save_pretrained(folder)
+    getattr(transformers, f"{kind}ForCausalLM")(c).save_pretrained(folder)
     return folder
 
 
@@ -183,7 +187,7 @@ def test_scaletrain_train_family_hf_trains_resumes_and_exports(tmp_path, corpus,
     from scaletrain.config import load_config
     from scaletrain.models.spec import build_model
 
-    folder = byte_llama(tmp_path / "hf")
+    folder = byte_decoder(tmp_path / "hf")
     out = tmp_path / "runs"
     nproc2 = ("--nproc", "2")  # the Trainer on two processes under FSDP, sharded checkpoints
     r = run_cli(
@@ -274,6 +278,53 @@ def test_family_hf_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, corp
         assert not out.exists() or not any(out.iterdir()), args
 
 
+def test_a_folders_shape_and_damaged_weights_are_refused_before_any_run_folder(tmp_path, corpus, cache_dir):
+    """The folder's own head count against parallel.tp, and weight files that cannot be read, are said by the
+    launcher (the folder's values, named as its config.json's); a tensor that only transformers' load can find
+    missing is refused by the ranks, and the run folder they were given is removed: a refusal writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "runs"
+    kv1 = byte_decoder(tmp_path / "kv1", num_key_value_heads=1)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_bytes((kv1 / "config.json").read_bytes())
+    whole = (kv1 / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(whole[: len(whole) // 2])  # a download that stopped half-way
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "config.json").write_bytes((kv1 / "config.json").read_bytes())
+    sd = load_file(kv1 / "model.safetensors")
+    sd["stray.weight"] = sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, renamed / "model.safetensors", metadata={"format": "pt"})
+    cases = [
+        (
+            [f"model.hf_path={kv1}", "parallel.tp=2", "--nproc", "2"],
+            ("model.n_kv_head=1", "parallel.tp=2", f"config.json of model.hf_path='{kv1}'"),
+        ),
+        ([f"model.hf_path={cut}"], (f"model.hf_path='{cut}': unreadable weights",)),
+        (
+            [f"model.hf_path={renamed}"],
+            ("missing_keys", "model.layers.1.mlp.up_proj.weight", "unexpected_keys", "stray.weight"),
+        ),
+    ]
+    for args, expect in cases:
+        r = run_cli(
+            "train",
+            f"data.source={corpus}",
+            f"data.cache_dir={cache_dir}",
+            f"run.out_dir={out}",
+            "model.family=hf",
+            "train.steps=2",
+            "train.warmup_steps=1",
+            *args,
+        )
+        one_line_exit_2(r, *expect)
+        assert "LOAD REPORT" not in r.stderr + r.stdout  # transformers' own table: our one line says it
+        assert not out.exists() or not any(out.iterdir()), (args, list(out.iterdir()))
+    assert "removed" in r.stderr and "refused before its first step" in r.stderr  # the ranks' refusal
+
+
 @pytest.mark.parametrize("kind", ["hf_llama", "hf_gpt2", "hf_gpt2u"])
 def test_the_estimators_shape_counts_the_transformers_model(folders, kind):
     "model.family=hf: the config's shape comes from config.json, and the estimator counts what the model holds."
@@ -295,7 +346,7 @@ def test_the_trainer_takes_a_pretrained_model_passed_in_python(tmp_path, corpus,
     from scaletrain.config import ConfigError, load_config
     from scaletrain.train import Trainer
 
-    folder = byte_llama(tmp_path / "hf")
+    folder = byte_decoder(tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     ov = hf_run(corpus, cache_dir, tmp_path / "runs", folder, "train.steps=3")
@@ -318,19 +369,9 @@ def test_a_qwen2_folder_trains_as_itself_and_the_estimator_counts_it(tmp_path, c
     from scaletrain.models.hub import resolve_hf
     from scaletrain.models.spec import build_model, get_spec
 
-    transformers = pytest.importorskip("transformers")
-    c = transformers.Qwen2Config(
-        vocab_size=260,  # the byte tokenizer's 257 ids fit
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(c).save_pretrained(tmp_path / "qwen")
+    pytest.importorskip("transformers")
+    kv1 = dict(num_attention_heads=2, num_key_value_heads=1)
+    byte_decoder(tmp_path / "qwen", "Qwen2", max_position_embeddings=64, tie_word_embeddings=True, **kv1)
     cfg = resolve_hf(load_config(overrides=["model.family=hf", f"model.hf_path={tmp_path / 'qwen'}"]))
     model = build_model(cfg.model)
     held = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -166,6 +166,14 @@ def test_multinode_on_one_machine(straight, tmp_path, corpus, cache_dir):
     # two nodes of one process each train exactly like one node of two processes
     assert losses(mn.run_dir) == losses(straight.run_dir)
     assert (mn.run_dir / "logs" / "rank0.log").exists() and (mn.run_dir / "logs" / "rank1.log").exists()
+    # the same commands run again (resubmitted, or a SLURM requeue) continue the run: here finished, so nothing
+    # is trained again and metrics.jsonl keeps one record per step
+    assert all("--resume-if-saved" in c for c in mn.commands) and "--resume-if-saved" in mn.slurm_script()
+    before = (mn.run_dir / "metrics.jsonl").read_text()
+    again = [mn.start(0, echo=False), mn.start(1, echo=False)]
+    assert [n.wait(600) for n in again] == ["finished", "finished"], [n.error for n in again]
+    assert (mn.run_dir / "metrics.jsonl").read_text() == before
+    assert "is finished at step" in again[0].logs(0)
 
 
 def test_slurm_script_runs_under_a_fake_slurm(tmp_path):

@@ -44,12 +44,36 @@ CASES = [(f"{k}_{n}", k, o, a) for k in ("llama", "vit") for n, o, a in DP] + [
 SCHED = [
     dict(name="llama_fsdp_sched", kind="llama", overrides=["parallel.strategy=fsdp"], sched=True),
     dict(name="llama_zero1_sched", kind="llama", overrides=["parallel.strategy=zero1"], sched=True, refused=True),
+    dict(
+        name="llama_zero1_sched_after",
+        kind="llama",
+        overrides=["parallel.strategy=zero1"],
+        sched_after=True,
+        refused=True,
+    ),
 ]
 # a model without repeated blocks (a plain MLP): data parallelism that needs none, and a refusal where FSDP2 would
 # wrap blocks
 NO_BLOCKS = [("mlp_ddp", "mlp", ["parallel.strategy=ddp"], 1), ("mlp_zero1", "mlp", ["parallel.strategy=zero1"], 1)]
 CASES += NO_BLOCKS
 SCHED.append(dict(name="mlp_fsdp", kind="mlp", overrides=["parallel.strategy=fsdp"], refused=True))
+NAN = ("ddp", "zero1", "fsdp")  # one rank's own loss is NaN at step 1
+SCHED += [  # a parameter the forward never uses: DDP's find_unused_parameters, switched by parallel.find_unused
+    dict(name=f"spare_{s}", kind="llama", overrides=[f"parallel.strategy={s}", "parallel.find_unused=true"], spare=True)
+    for s in ("ddp", "zero1")
+]
+CLAMPED = (("zero1", "torch"), ("zero1", "fairscale"), ("zero2", "fairscale"), ("fsdp", "torch"))
+SCHED += [
+    dict(
+        name=f"clamped_{s}_{b}",
+        kind="llama",
+        overrides=[f"parallel.strategy={s}", f"parallel.backend={b}"],
+        opt="clamped",
+        refused=s != "fsdp",
+    )
+    for s, b in CLAMPED
+]
+SCHED += [dict(name=f"nan_{s}", kind="llama", overrides=[f"parallel.strategy={s}"], nan_at=1) for s in NAN]
 # a user's mistakes that torch reports as a shape error deep inside a matmul or a pipeline stage: named in one line
 WRONG = dict(
     llama_tp_colcol=(
@@ -68,6 +92,10 @@ WRONG = dict(
             "parallel.tp: 'layers.0.mlp.down' (rowwise) gets inputs 64 wide per rank but takes 32: ",
             "its input is not split",
         ],
+    ),
+    llama_pp_first_module=(  # a cut before the first module the forward runs: the tracer drops the empty stage
+        dict(pp_split=["tokens"], overrides=["parallel.pp=2"]),
+        ["pp_split=['tokens']: the traced model splits into 1 stage(s), not 2: a cut at the first module"],
     ),
     llama_pp_too_few_rows=(
         dict(pp_rows=1, overrides=["parallel.pp=2"]),
@@ -178,6 +206,46 @@ def test_a_scheduler_built_before_setup_drives_the_optimizer_that_steps(two):
         assert "create the scheduler after setup, on loop.optimizer" in r["error"] and "\n" not in r["error"]
 
 
+@pytest.mark.parametrize("strategy", NAN)
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(two, strategy):
+    "loop.step(loss) with this rank's own loss: the skip is decided together, so the replicas stay equal."
+    a, b = ranks(two, f"nan_{strategy}")
+    assert a["steps_taken"] == b["steps_taken"] == H.STEPS - 1  # step 1 skipped on both
+    assert a["weights"].keys() == b["weights"].keys()
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+
+
+@pytest.mark.parametrize("strategy,backend", CLAMPED)
+def test_an_optimizer_argument_outside_its_defaults_is_kept_or_refused(two, strategy, backend):
+    "ZeRO rebuilds each shard's optimizer from its defaults: an argument kept elsewhere would be reset: refused."
+    for r in ranks(two, f"clamped_{strategy}_{backend}"):
+        if strategy == "fsdp":  # the user's object steps: nothing is rebuilt
+            assert r["optimizer"] == "ClampedAdamW" and r["steps_taken"] == H.STEPS
+            continue
+        assert r["error"] == (
+            f"optimizer: ClampedAdamW(..., max_update=0.5) keeps max_update outside its defaults, and "
+            f"parallel.strategy={strategy} builds each shard's ClampedAdamW from its defaults, which would reset "
+            "max_update silently; keep it in the defaults dict ClampedAdamW passes to Optimizer.__init__, or use "
+            "parallel.strategy=ddp | fsdp (they step your object)"
+        ), r["error"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1"])
+def test_parallel_find_unused_trains_a_model_with_a_parameter_its_forward_skips(two, strategy):
+    a, b = ranks(two, f"spare_{strategy}")
+    assert a["steps_taken"] == b["steps_taken"] == H.STEPS and a["losses"] == b["losses"]
+    assert torch.equal(a["weights"]["spare.weight"], b["weights"]["spare.weight"])
+
+
+def test_a_scheduler_built_after_setup_on_the_retired_optimizer_is_refused_at_the_step(two):
+    for r in ranks(two, "llama_zero1_sched_after"):
+        assert r["error"] == (
+            "optimizer: a learning-rate scheduler was attached to the CountingAdamW given, but under zero1 the "
+            "optimizer that steps is a ZeroRedundancyOptimizer that setup builds from it (loop.optimizer); create the "
+            "scheduler on loop.optimizer"
+        ), r["error"]
+
+
 def test_sharding_really_happens(two):
     "FSDP and tensor parallelism hold part of the parameters on each rank; pipeline stages hold disjoint parts."
     for name in ("llama_fsdp", "vit_fsdp", "llama_tp", "llama_pp_1f1b"):
@@ -258,6 +326,9 @@ def test_refusals_say_what_to_pass():
     assert tp.startswith("parallel.tp > 1 for a model passed in Python needs its plan: setup(..., tp_plan={"), tp
     pp = one_line(lambda: check(load_config(overrides=["parallel.pp=2", "model.tie_weights=false"]), 2, m, spec))
     assert "needs its stage cut points and an example batch" in pp and "pp_split=['layers.2']" in pp, pp
+    assert one_line(lambda: GenericSpec(m, pp_split="layers.2")) == (
+        "pp_split='layers.2': expected a list of module paths where stages begin, e.g. ['layers.2']"
+    )
     cut = GenericSpec(m, pp_split=["layers.1", "layers.3"], pp_example=torch.zeros(8, 16, dtype=torch.long))
     assert "2 pipeline stages need 1 cut points, got 2" in one_line(
         lambda: check(load_config(overrides=["parallel.pp=2", "model.tie_weights=false"]), 2, m, cut)
@@ -274,6 +345,23 @@ def test_refusals_say_what_to_pass():
         )
     )
     assert "whose 'tokens.weight' and 'lm.weight' are one tied parameter" in said and "without pp" in said, said
+    # FSDP shards each block as its own unit: a tie across units, or one block placed twice, is named (a tie
+    # outside the blocks, as here between the embedding and the head, shards as one unit)
+    fsdp = load_config(overrides=["parallel.strategy=fsdp"])
+    check(fsdp, 2, tied, GenericSpec(tied))
+    across = H.build("llama")
+    across.extra = torch.nn.Linear(1, 1)
+    across.extra.weight = across.layers[1].attn.wq.weight
+    said = one_line(lambda: check(fsdp, 2, across, GenericSpec(across)))
+    assert said == (
+        "parallel.strategy=fsdp: 'layers.1.attn.wq.weight' and 'extra.weight' are one tied parameter in two FSDP units "
+        "(layers.1; the rest of the model), which cannot be sharded apart; untie them, or use parallel.strategy=ddp | "
+        "zero1"
+    ), said
+    albert = H.build("llama")
+    albert.layers[1] = albert.layers[0]
+    said = one_line(lambda: check(load_config(overrides=["parallel.strategy=zero2"]), 2, albert, GenericSpec(albert)))
+    assert said.startswith("parallel.strategy=zero2: 'layers.0' and 'layers.1' are one block module placed twice"), said
     # with the plan, the same checks pass
     check(load_config(overrides=["parallel.tp=2"]), 2, m, GenericSpec(m, tp_plan=H.LLAMA_TP))
     bad = one_line(
@@ -406,3 +494,103 @@ def test_a_fused_optimizer_over_sharded_and_plain_parameters_is_rebuilt_per_kind
                 torch.testing.assert_close(got, want[n], rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+PP_TWO_INPUTS = '''
+import sys, torch, torch.nn as nn, torch.nn.functional as F
+from scaletrain.loop import setup
+
+
+class Gated(nn.Module):  # forward(x, gate): a model of two inputs
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x, gate):
+        h = self.emb(x) * gate.unsqueeze(-1)
+        for b in self.blocks:
+            h = b(h)
+        return {"logits": self.head(h)}  # a dict, as many models return
+
+
+torch.manual_seed(0)
+m = Gated()
+x, y = torch.randint(0, 16, (8, 6)), torch.randint(0, 16, (8, 6))
+gate = torch.linspace(0.5, 1.0, 6).expand(8, 6).contiguous()
+loss = lambda out, t: F.cross_entropy(out["logits"].flatten(0, 1), t.flatten())
+pp = sys.argv[1] == "pp"
+kw = dict(pp_split=["blocks.1"], pp_example=(x, gate), loss_fn=loss) if pp else {}
+ov = ["train.device=cpu"] + (["parallel.pp=2"] * pp)
+loop = setup(m, torch.optim.SGD(m.parameters(), lr=0.1), overrides=ov, verbose=False, **kw)
+for _ in range(2):
+    l = loop.pipeline_step((x, gate), y) if pp else loss(loop.model(x, gate), y)
+    if not pp:
+        loop.backward(l)
+    loop.step()
+    loop.print(f"loss {float(l.detach()):.8f}")
+'''
+
+
+def test_a_pipeline_over_a_model_of_several_inputs_takes_them_as_a_tuple(tmp_path):
+    """pp_example=(x, gate) traces forward(x, gate); pipeline_step((x, gate), y) then trains it as one process does,
+    and the loss function gets the model's own output (a dict), not the traced graph's bare tensor."""
+    script = tmp_path / "two_inputs.py"
+    script.write_text(PP_TWO_INPUTS)
+    one = subprocess.run([sys.executable, str(script), "one"], env=child_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = torchrun_args([str(script), "pp"], nproc=2)
+    two = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    said = lambda r: [float(l.split()[1]) for l in r.stdout.splitlines() if l.startswith("loss ")]
+    assert len(said(one)) == 2 and said(two) == pytest.approx(said(one), rel=1e-5), (said(one), said(two))
+
+
+def test_blocks_in_several_lists_are_all_found():
+    "Blocks kept in nested lists (stages of layers): every one is a block, so AC and FSDP reach them all."
+    from scaletrain.models.generic import GenericSpec
+
+    class Block(torch.nn.Linear):
+        pass
+
+    class Staged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = torch.nn.ModuleList(torch.nn.ModuleList(Block(4, 4) for _ in range(2)) for _ in range(2))
+            self.head = torch.nn.Linear(4, 4)
+
+    m = Staged()
+    spec = GenericSpec(m)
+    assert spec.describe() == "4 blocks of Block (auto-detected: every Block, in 'stages.0', 'stages.1')"
+    assert [id(b) for b in spec.block_modules(m).values()] == [id(b) for st in m.stages for b in st]
+    one = GenericSpec(torch.nn.Sequential(torch.nn.ModuleList(Block(4, 4) for _ in range(3))))
+    assert one.describe() == "3 blocks of Block (auto-detected: the ModuleList '0')"
+
+
+def test_loop_save_to_a_file_or_an_unwritable_place_is_one_line_and_writes_nothing(tmp_path):
+    from scaletrain.loop import setup
+
+    m = H.build("llama")
+    loop = setup(m, H.user_optimizer("llama", m), overrides=["train.device=cpu"], verbose=False)
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    assert one_line(lambda: loop.save(f, 1)) == f"loop.save: folder={f}: is a file, not a folder; give a folder path"
+    assert one_line(lambda: loop.save(f / "sub", 1)).startswith(f"loop.save: folder={f / 'sub'}: {f} is a file")
+    assert f.read_text() == "mine" and sorted(tmp_path.iterdir()) == [f]
+
+
+def test_a_batch_that_does_not_split_evenly_over_the_ranks_is_refused(monkeypatch):
+    "7 rows on 2 ranks would weigh the ranks' rows unequally (1 row on 2: a NaN): one line, before any forward."
+    from scaletrain.loop import Loop, setup
+
+    m = H.build("llama")
+    loop = setup(m, H.user_optimizer("llama", m), overrides=["train.device=cpu"], verbose=False)
+    monkeypatch.setattr(Loop, "dp_size", property(lambda self: 2))
+    monkeypatch.setattr(Loop, "dp_rank", property(lambda self: 1))
+    x = torch.zeros(7, 16, dtype=torch.long)
+    assert one_line(lambda: loop.shard((x, x))) == (
+        "loop.shard: a batch of 7 rows does not split evenly over 2 data-parallel ranks; give a multiple of 2 "
+        "(a DataLoader with drop_last=True and batch_size a multiple)"
+    )
+    part = loop.shard({"input_ids": torch.arange(8)[:, None], "scale": torch.tensor(2.0)})
+    assert part["input_ids"].flatten().tolist() == [4, 5, 6, 7] and float(part["scale"]) == 2.0

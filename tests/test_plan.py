@@ -7,6 +7,7 @@ import re
 import pytest
 from conftest import run_cli, tiny
 from scaletrain.config import ConfigError, load_config
+from scaletrain.errors import CheckpointError
 from scaletrain.memory import estimate_config, GiB
 from scaletrain.parallel import check
 from scaletrain.cli import plan_main
@@ -401,6 +402,23 @@ def test_an_hf_folder_config_is_planned_as_its_run_reads_it(tmp_path):
     pl2 = plan(load_config(overrides=["model.family=hf", f"model.hf_path={gpt2}"]), gpus=4, global_batch=8)
     assert any(l.runnable for l in pl2.layouts)
     assert all(not l.runnable and "Conv1D" in l.why_not for l in pl2.layouts if l.tp > 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "hf"])
+def test_a_model_is_planned_from_its_config_json_alone(tmp_path, family):
+    # the weights are not needed to plan (a 70B model is planned before it is downloaded); the run still needs them
+    from hf_family_helpers import save_tiny
+    from scaletrain.jobs import prepare_run
+
+    folder = save_tiny("hf_llama", tmp_path / "llama", vocab=300)
+    (folder / "model.safetensors").unlink()
+    (tmp_path / "c.yaml").write_text(f"model:\n  family: {family}\n  hf_path: {folder}\n")
+    rc, text, err = plan_cli("--config", tmp_path / "c.yaml", "--gpus", "4", "--global-batch", "8")
+    assert rc == 0, err
+    assert "layers 4, hidden 32, heads 4 (2 key/value)" in text
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        prepare_run(tmp_path / "c.yaml", [f"run.out_dir={tmp_path / 'runs'}"])
+    assert not (tmp_path / "runs").exists()
 
 
 def _base(*extra):

@@ -116,6 +116,27 @@ def test_ctrl_c_checkpoints_and_exits_0(corpus, cache_dir, tmp_path, nproc):
     _assert_stopped_cleanly(proc, out, run_dir)
 
 
+def test_ctrl_c_while_the_ranks_start_is_one_line_and_leaves_no_folder(corpus, cache_dir, tmp_path):
+    "A stop between the launch line and the ranks' first step: exit 130, the reason said, the new folder removed."
+    proc = _start_cli("train", "--nproc", "2", *tiny(corpus, cache_dir, tmp_path, "train.steps=100000", "run.name=s"))
+    try:
+        seen = []
+        for line in proc.stdout:  # torchrun and its ranks take seconds to start after this line
+            seen.append(line)
+            if line.startswith("scaletrain: launching 2 processes"):
+                break
+        assert (tmp_path / "s" / "config.yaml").is_file(), seen
+        time.sleep(1)  # torchrun is starting (its ranks take several seconds to reach a step on 2 cores)
+        proc.send_signal(signal.SIGINT)
+        out = "".join(seen) + proc.communicate(timeout=180)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "Traceback" not in out and "scaletrain: stopped" in out, out[-3000:]
+    assert f"removed {tmp_path / 's'}: the run was stopped before its first step" in out, out[-3000:]
+    assert not (tmp_path / "s").exists()
+
+
 def test_run_stop_from_python_checkpoints_and_exits_0(corpus, cache_dir, tmp_path):
     run = launch(overrides=tiny(corpus, cache_dir, tmp_path, "train.steps=100000", "run.name=p"), nproc=2, echo=False)
     t = time.time()

@@ -126,3 +126,45 @@ def test_a_sweep_starts_every_run_from_the_same_held_checkpoint(tmp_path, pets, 
     assert newer[0].is_dir() and not (run / "checkpoints" / ckpt.READERS).exists()
     live_save(run)
     assert not start.exists()  # released: the live run's next save prunes it
+
+
+def test_sigterm_stops_the_sweeps_runs_with_it(tmp_path):
+    "SIGTERM (timeout, Slurm, docker stop) to a sweep stops its runs as Ctrl-C does: none is left running alone."
+    import os
+    import signal
+    import sys
+    import threading
+    import psutil
+    import pytest
+    from scaletrain.sweep import Run, run_all
+
+    runs = [
+        Run(
+            f"r{i}",
+            {},
+            [sys.executable, "-c", "import time; time.sleep(120)"],
+            tmp_path / f"r{i}",
+            tmp_path / f"{i}.log",
+        )
+        for i in range(2)
+    ]
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(runs, parallel=2)
+    assert signal.getsignal(signal.SIGTERM) is before  # the sweep's handler is put back
+    for r in runs:
+        assert r.proc is not None and r.proc.poll() is not None
+        assert not psutil.pid_exists(r.proc.pid) or psutil.Process(r.proc.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_range_over_a_whole_number_key_draws_whole_numbers():
+    "train.steps=uniform:10:30 draws whole steps (the config refuses 15.4), a float key keeps its draw."
+    from scaletrain.sweep import expand, parse_space
+
+    runs = expand(parse_space(["train.steps=uniform:10:30", "train.lr=log:1e-4:1e-2"]), "random", 20, seed=3)
+    steps = [r["train.steps"] for r in runs]
+    assert all(s.isdigit() and 10 <= int(s) <= 30 for s in steps) and len(set(steps)) > 3
+    assert all(1e-4 <= float(r["train.lr"]) <= 1e-2 for r in runs) and any("." in r["train.lr"] for r in runs)
+    for r in runs[:3]:
+        load_config(overrides=[f"{k}={v}" for k, v in r.items()] + ["train.warmup_steps=0"])

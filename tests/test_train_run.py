@@ -430,3 +430,20 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(tmp_path,
     (bad / "checkpoints" / "step_00000003").mkdir(parents=True)
     r = run_cli("train", "--resume", bad)
     assert r.returncode == 2 and "holds no complete checkpoint" in r.stderr and not (bad / "metrics.jsonl").exists()
+
+
+def test_an_unfinished_run_cannot_be_resumed_to_end_before_where_it_is(tmp_path, corpus, cache_dir):
+    "train.steps below the steps already trained (run not finished): one line, exit 2, the run folder untouched."
+    ov = tiny(corpus, cache_dir, tmp_path, "train.steps=8", "run.name=u")
+    first = Trainer(load_config(overrides=ov), callbacks=[StopAfter(5)])
+    assert first.fit()["status"] == "stopped"
+    before = {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()}
+    r = run_cli("train", "--resume", first.run_dir, "train.steps=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip() == (
+        f"scaletrain: error: config: train.steps=3, but {first.run_dir} has trained 5 of its 8 steps; resume "
+        "with train.steps >= 5 (train.steps=5 ends it there)"
+    )
+    assert {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()} == before
+    r = run_cli("train", "--resume", first.run_dir, "train.steps=5")  # ends it where it is: allowed
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 import pytest
 from scaletrain.config import load_config
+from scaletrain.errors import ConfigError
 from scaletrain.launch import launch
 from scaletrain.models.spec import get_spec
 from scaletrain.errors import LaunchError
@@ -76,12 +77,15 @@ def test_panel_launch_stop_resume(tmp_path, corpus, cache_dir):
     assert panel.state == "stopped" and not panel.resume_button.disabled and not panel.launch_button.disabled
     stopped_at = run.summary["steps"]
     assert 3 <= stopped_at < 60
+    assert "ETA" not in panel.progress_label.value  # a stopped run has no time left to guess
+    panel.steps.value = 80  # resumed to more steps: the progress counts to the new total
     panel.resume_button.click()
     again = panel.run
     assert again is not run and again.resumed and "--resume" in again.cmd and panel.state == "running"
+    assert panel.progress.max == 80 and "/80" in panel.progress_label.value
     assert again.wait(300) == "finished", again.error
-    assert panel.state == "finished" and "step 60/60" in panel.status.value
-    assert panel.plot_points == 60 and panel.plot.value[:4] == b"\x89PNG" and "60 points" in panel.plot_caption.value
+    assert panel.state == "finished" and "step 80/80" in panel.status.value and panel.progress.value == 80
+    assert panel.plot_points == 80 and panel.plot.value[:4] == b"\x89PNG" and "80 points" in panel.plot_caption.value
     assert "resumed" in panel.log_pane.value
     assert run.run_dir.name in panel.runs_table.value and "finished" in panel.runs_table.value
     panel.compare.value = (run.run_dir.name,)
@@ -298,6 +302,7 @@ def test_a_reused_pid_is_not_a_live_run(tmp_path):
 def test_progress_text_and_eta():
     recs = [dict(step=1, loss=3.0, time=2.0), dict(val_loss=2.9, step=1), dict(step=21, loss=2.0, time=12.0)]
     assert progress_text(recs, 101) == (21, "step 21/101 · 21% · ETA 0:40")  # 0.5 s a step, 80 steps to go
+    assert progress_text(recs, 101, running=False) == (21, "step 21/101 · 21%")  # stopped: no ETA
     assert progress_text([dict(step=1, loss=3.0, time=2.0)], 10) == (1, "step 1/10 · 10%")  # one point: no rate yet
     assert progress_text(recs[:1] + [dict(step=10, loss=1.0, time=3.0)], 10) == (10, "step 10/10 · 100%")
     assert progress_text([], 10) == (0, "step 0/10")
@@ -538,3 +543,62 @@ def test_a_context_parallel_bill_counts_each_sequence_once():
     pl = plan.plan(cfg, gpus=8, global_batch=16, strategies=("fsdp",), ac_policies=("none",))
     (ref,) = [l for l in pl.layouts if (l.dp, l.tp, l.cp, l.pp, l.micro_batch) == (4, 1, 2, 1, 4)]
     assert (b["step_s"], b["memory"], b["mfu"]) == (ref.step_time, ref.memory, ref.mfu)
+
+
+def test_base_overrides_set_the_controls_and_bad_arguments_are_one_line(tmp_path):
+    """A control's key among the base overrides is that control's first value (never silently replaced), the user's
+    model shape keys win over the size preset, and an argument or override no control can hold is one line."""
+    p = LaunchPanel(
+        overrides=[
+            "model.n_layer=6",
+            "train.micro_batch=2",
+            "parallel.strategy=fsdp",
+            "train.steps=40",
+            "memory.precision=bf16-mixed",
+            f"run.out_dir={tmp_path / 'mine'}",
+        ],
+        out_dir=tmp_path / "runs",
+        model="tiny",
+    )
+    c = p.config()
+    assert (c.model.n_layer, c.train.micro_batch, c.parallel.strategy, c.train.steps, c.memory.precision) == (
+        6,
+        2,
+        "fsdp",
+        40,
+        "bf16-mixed",
+    )
+    assert (p.micro_batch.value, p.strategy.value, p.steps.value, p.total_steps) == (2, "fsdp", 40, 40)
+    assert p.out_dir == tmp_path / "mine" and c.run.out_dir == str(tmp_path / "mine")
+    assert "337 k parameters" in p.memory.value  # the estimate is of the 6-layer model
+    p.micro_batch.value = 4  # the control owns it from here
+    assert p.config().train.micro_batch == 4
+    cases = [
+        (dict(strategy="nope"), "LaunchPanel: strategy='nope'; the panel offers ddp | zero1 | zero2 | fsdp | hsdp"),
+        (dict(model="huge"), "LaunchPanel: model='huge'; the panel offers tiny | small | medium | gpt2 | gpt2-xl"),
+        (
+            dict(overrides=["train.micro_batch=auto"]),
+            "LaunchPanel: train.micro_batch='auto'; the panel's control takes a whole number >= 1",
+        ),
+        (dict(overrides=["train.lr=abc"]), "LaunchPanel: train.lr='abc'; expected a number"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ConfigError) as e:
+            LaunchPanel(out_dir=tmp_path / "runs", **kw)
+        assert str(e.value) == msg
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("nproc", [3, 6, 64])
+def test_a_what_if_world_gets_an_eval_batch_it_divides(tmp_path, nproc):
+    # the panel has no eval-batch control: its default is rounded up to whole rows per rank, so any count is billed
+    p = LaunchPanel(out_dir=tmp_path / "runs", model="tiny")
+    p.nproc.value = nproc
+    assert p.config().train.eval_batch % nproc == 0 and p.config().train.eval_batch >= 16
+    assert "predicted memory per rank" in p.memory.value and "predicted bill on" in p.bill.value
+
+
+def test_compare_with_no_runs_says_so_instead_of_an_empty_figure(tmp_path):
+    p = LaunchPanel(out_dir=tmp_path / "none_here", model="tiny")
+    p.compare_button.click()
+    assert "no runs to compare in" in p.status.value and p.compare_plot.layout.display == "none"

@@ -108,6 +108,14 @@ def find_blocks(model: nn.Module, block_cls=None) -> tuple[list, type, str]:
     _, path, m = best
     names = list(m.keys()) if isinstance(m, nn.ModuleDict) else [str(i) for i in range(len(m))]
     cls = type(next(iter(m.children())))
+    outer = []  # every outermost module of that class: blocks in several lists (`stages.0.1`, `stages.1.0`) all count
+    for p, sub in model.named_modules():
+        if p and type(sub) is cls and not any(p.startswith(f + ".") for f in outer):
+            outer.append(p)
+    if len(outer) > len(names):
+        where = sorted({_split(p)[0] for p in outer})
+        shown = ", ".join(f"'{w}'" for w in where[:3]) + (", ..." if len(where) > 3 else "")
+        return [_split(p) for p in outer], cls, f"auto-detected: every {cls.__name__}, in {shown}"
     return [(path, n) for n in names], cls, f"auto-detected: the {type(m).__name__} '{path}'"
 
 # %% ../../nbs/1_models/14_generic.ipynb #e86a63f6
@@ -148,6 +156,10 @@ class GenericSpec(ModelSpec):
             if bad:
                 k, v = next(iter(bad.items()))
                 raise ConfigError(f"tp_plan: unknown style {v!r} for '{k}'; allowed: {' | '.join(TP_STYLES)}")
+        if isinstance(pp_split, str):  # list("blocks.2") would be its characters
+            raise ConfigError(
+                f"pp_split={pp_split!r}: expected a list of module paths where stages begin, e.g. [{pp_split!r}]"
+            )
         self.pp_split = list(pp_split) if pp_split is not None else None
         names = {n for n, _ in model.named_modules()}
         for path in self.pp_split or ():

@@ -13,6 +13,7 @@ from ..errors import CheckpointError, ConfigError
 from .generic import Blocks, find_blocks
 from .hub import HF_FAMILIES, RUN_COPY, is_run_copy, read_hf_config, read_hf_weights, resume_source
 from .spec import ModelSpec, TPPlan, get_spec
+from ..precision import quiet_torchao
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'DECODER_TP', 'RUN_CONFIG', 'SPEC', 'layout_of', 'HFStage', 'HFSpec', 'rebuild']
@@ -182,6 +183,7 @@ class HFSpec(ModelSpec):
         "The model of `c.hf_path`: its weights (`from_pretrained`), or on the meta device only its structure."
         folder = _folder(c)
         hf = read_hf_config(folder)
+        quiet_torchao()  # transformers imports torchao
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -208,15 +210,22 @@ class HFSpec(ModelSpec):
                 )
             return AutoModelForCausalLM.from_config(conf, **_float32())
         read_hf_weights(folder, meta=True)  # readable, before transformers tries
-        bars = hf_logging.is_progress_bar_enabled()
+        bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # its load report's table: a bad key is our one line below, once per rank
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                folder, config=conf, local_files_only=True, output_loading_info=True, **_float32()
+                folder,
+                config=conf,
+                local_files_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # a tensor of the wrong shape is named below, not raised as a table
+                **_float32(),
             )
         except Exception as e:
             raise CheckpointError(f"model.hf_path={folder!r}: transformers cannot load it ({_first(e)})") from None
         finally:
+            hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
         bad = {

@@ -8,7 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 import torch
-from ..config import Config, ModelConfig, from_dict
+from ..config import Config, ModelConfig, check_model_rules, from_dict
 from ..errors import CheckpointError, ConfigError
 from .spec import build_model, get_spec
 
@@ -232,11 +232,14 @@ def resume_source(c: ModelConfig, run_dir) -> ModelConfig:
     return replace(c, hf_path=str(copy))
 
 
-def resolve_hf(cfg: Config, explicit=None, typed=()) -> Config:
+def resolve_hf(cfg: Config, explicit=None, typed=(), weights: bool = True) -> Config:
     """`cfg` with its model section taken from `model.hf_path` (when set). `explicit`: the `model.*` keys the user
     gave (default: those whose value is not the default, and the keys in `typed`, the ones typed on the command
     line at any value: `model.n_layer=4` is the user's even where 4 is the default), which must agree with the
-    folder; `model.dropout` among them is kept."""
+    folder; `model.dropout` among them is kept. The result passes the config's rules on the folder's shape (tensor
+    parallelism against its heads, ...), and (`weights`) the folder's weight files are readable and
+    name the tensors its config implies: all said here, before a run folder or a rank exists. `weights=False`: the
+    shape alone (the planner plans a model from its config.json)."""
     path = cfg.model.hf_path
     if not path or is_run_copy(path):  # a resumed run's copy: config.yaml holds the shape, the checkpoint the weights
         return cfg
@@ -247,7 +250,9 @@ def resolve_hf(cfg: Config, explicit=None, typed=()) -> Config:
     hf = read_hf_config(path)
     if cfg.model.family == "hf":  # the transformers class itself trains (models.hf): the folder's shape, family kept
         cfg.model = hf_shape_config(hf, path, cfg.model, explicit)
-        return _untied_for_pipeline(cfg)
+        if weights:  # readable headers; names and shapes are checked by transformers itself as each rank loads
+            read_hf_weights(path, meta=True)
+        return _checked(cfg)
     theirs = hf_model_config(hf, hf_path=path)
     shorter = False
     for k in SHAPE_KEYS + ("tie_weights", "rope_theta", "norm_eps"):
@@ -260,16 +265,23 @@ def resolve_hf(cfg: Config, explicit=None, typed=()) -> Config:
     keep = {"dropout": cfg.model.dropout} if "model.dropout" in explicit else {}  # training choices stay the user's
     keep |= {"block_size": cfg.model.block_size} if shorter else {}
     keep |= {"fused_qkv": True} if cfg.model.fused_qkv else {}  # our layout choice: the adapter fuses the folder's
-    cfg.model = check_hf(path, hf_model_config(hf, hf_path=path, **keep))
-    return _untied_for_pipeline(cfg)
+    mc = hf_model_config(hf, hf_path=path, **keep)
+    cfg.model = check_hf(path, mc) if weights else mc
+    return _checked(cfg)
 
 
-def _untied_for_pipeline(cfg: Config) -> Config:
-    "Pipeline stages cannot share the embedding with the output head: a folder that ties them is refused under pp."
+def _checked(cfg: Config) -> Config:
+    """The resolved config under the rules that involve the model's shape, a broken one said with the folder's name
+    (the values are its config.json's, not the user's). Pipeline stages cannot share the embedding with the output
+    head: a folder that ties them is refused under pp."""
     if cfg.parallel.pp > 1 and cfg.model.tie_weights:
         raise ConfigError(
             f"config: parallel.pp={cfg.parallel.pp} with model.hf_path={cfg.model.hf_path!r}, whose config.json ties "
             "the embedding and the output head (tie_word_embeddings=true): they would live on different stages; "
             "untie them in a copy of the folder, or use parallel.pp=1"
         )
-    return cfg
+    try:
+        check_model_rules(cfg)
+        return cfg
+    except ConfigError as e:
+        raise ConfigError(f"{e} (model.* from the config.json of model.hf_path={cfg.model.hf_path!r})") from None

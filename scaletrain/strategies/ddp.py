@@ -19,7 +19,12 @@ class DDPEngine(ParallelEngine):
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, process_group=self.dp_group, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return DDP(
+            model,
+            process_group=self.dp_group,
+            device_ids=[self.device] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.cfg.parallel.find_unused,  # a forward that skips some parameters (a branch)
+        )
 
     def sync(self, last_micro):
         return contextlib.nullcontext() if last_micro else self.model.no_sync()

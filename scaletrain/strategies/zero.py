@@ -103,6 +103,7 @@ class ShardedOptimizerMixin:
 
         if self.recipe is not None:  # the user's class and hyper-parameters, sharded by OSS
             r = self.recipe
+            r.check_rebuildable(self.cfg.parallel.strategy)
             return OSS(r.param_groups(self.module), optim=r.cls, group=self.dp_group, **r.kwargs)
         return OSS(
             groups,
@@ -139,6 +140,7 @@ class ZeRO1Engine(ShardedOptimizerMixin, DDPEngine):
 
         if self.recipe is not None:  # the user's optimizer class, its keywords and its groups' hyper-parameters
             r = self.recipe
+            r.check_rebuildable(self.cfg.parallel.strategy)
             groups = r.param_groups(self.module)
             cls, kw = r.cls, r.group_kwargs(groups[0])
         else:
