@@ -30,8 +30,9 @@ __all__ = ['POINTER_FAMILY', 'MANIFEST', 'READERS', 'step_name', 'is_complete', 
            'pointed_checkpoint', 'latest_checkpoint', 'never_saved', 'written_by', 'latest_written_by',
            'resolve_checkpoint', 'write_manifest', 'verify_checkpoint', 'read_metadata', 'check_tensors', 'rng_state',
            'set_rng_state', 'NonFiniteWeights', 'agree_failure', 'write_checkpoint', 'nonfinite_tensor', 'prune',
-           'held', 'reading', 'save_checkpoint', 'read_trainer_state', 'load_checkpoint', 'load_model_weights',
-           'checkpoint_config', 'check_export_out', 'export_safetensors', 'load_safetensors', 'safetensors_config']
+           'held', 'reading', 'save_checkpoint', 'read_trainer_state', 'optimizer_state_names', 'check_optimizer_state',
+           'load_checkpoint', 'load_model_weights', 'checkpoint_config', 'check_export_out', 'export_safetensors',
+           'load_safetensors', 'safetensors_config']
 
 # %% ../nbs/3_parallel/38_checkpoint.ipynb #e17527a4
 def _load_errors():
@@ -709,12 +710,32 @@ def _put_back_groups(sd: dict, aside) -> None:
         g.update(extra)
 
 
+def optimizer_state_names(keys) -> set:
+    """The per-parameter state an optimizer keeps (`{'exp_avg', 'exp_avg_sq', 'step'}` for Adam, `{'momentum_buffer'}`
+    for SGD with momentum), from a state dict's flat `optim.state.<param>.<name>` keys."""
+    return {k.rsplit(".", 1)[1] for k in keys if k.startswith("optim.state.")}
+
+
+def check_optimizer_state(path, optim_sd: dict) -> None:
+    """Refuse a checkpoint whose optimizer state is of another kind than this optimizer's (one line naming both), where
+    DCP would only say that one tensor is missing. An optimizer without per-parameter state here matches anything."""
+    mine = {n for st in optim_sd.get("state", {}).values() if isinstance(st, dict) for n in st}
+    theirs = optimizer_state_names(read_metadata(path).state_dict_metadata)
+    if mine and theirs and mine != theirs:
+        raise CheckpointError(
+            f"checkpoint {path}: its optimizer state per parameter is {sorted(theirs)}, this optimizer's is "
+            f"{sorted(mine)}: it was saved by another optimizer class (or other settings, such as SGD's momentum); "
+            "load it with the optimizer it was saved with"
+        )
+
+
 def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     "Collective: load model, optimizer and extra state into `engine`; returns the trainer state."
     path = verify_checkpoint(resolve_checkpoint(path), collective=True)
     st = read_trainer_state(path)
     sd = engine.state_dict()
     check_tensors(path, sd["model"])
+    check_optimizer_state(path, sd.get("optim", {}))
     aside = _set_aside_groups(sd, set(read_metadata(path).state_dict_metadata))
     _dcp_load(sd, path, "cannot be loaded into this model")
     _put_back_groups(sd, aside)

@@ -28,6 +28,23 @@ def _resolve(root: nn.Module, path: str, where: str, family: str) -> nn.Module:
         ) from None
 
 
+def _warn_fused(path: str, mod: nn.Linear) -> None:
+    """A user's column-wise Linear 3 (or 2) times as wide as its input is likely a fused q/k/v (or k/v) projection:
+    cut by columns, each rank gets a contiguous slice of [q | k | v], not whole heads of each, and a `chunk(3)` after
+    it mixes them without an error. Said as a warning: a fused layer laid out by head group splits correctly."""
+    import warnings
+
+    n_in, n_out = mod.in_features, mod.out_features
+    if n_out in (2 * n_in, 3 * n_in) or "qkv" in path.lower():
+        warnings.warn(
+            f"tp_plan: '{path}' is column-wise and {n_out} wide for {n_in} inputs: if it is a fused q/k/v projection "
+            "split with chunk() or split(), each tensor-parallel rank gets a slice of the fused output, not whole "
+            "heads of q, k and v, and trains another model without an error; give q, k and v a Linear each, or "
+            "order its rows by head group (as model.fused_qkv=true does)",
+            stacklevel=3,
+        )
+
+
 def plan_targets(model: nn.Module, spec: ModelSpec, plan: TPPlan) -> list[tuple]:
     """`(module, path, style)` for every entry of `plan` on `model`, in the order they are applied; refused in one line.
 
@@ -62,6 +79,8 @@ def plan_targets(model: nn.Module, spec: ModelSpec, plan: TPPlan) -> list[tuple]
                     "tensor parallelism cannot split it: leave it out of the plan, or write the attention with "
                     "nn.Linear projections"
                 )
+            if key == first and style == "colwise" and spec.tp_checks_inputs and isinstance(mod, nn.Linear):
+                _warn_fused(path, mod)
             out.append((mod, ".".join(x for x in (spec.block_container, key, path) if x), style))
     for path, style in plan.top.items():
         if staged and not hasattr(model, path.split(".")[0]):

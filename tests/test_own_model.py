@@ -594,3 +594,61 @@ def test_a_batch_that_does_not_split_evenly_over_the_ranks_is_refused(monkeypatc
     )
     part = loop.shard({"input_ids": torch.arange(8)[:, None], "scale": torch.tensor(2.0)})
     assert part["input_ids"].flatten().tolist() == [4, 5, 6, 7] and float(part["scale"]) == 2.0
+
+
+def test_a_checkpoint_of_another_optimizer_class_is_named_as_such(tmp_path):
+    "AdamW's state into SGD with momentum: both kinds of state named, not one missing tensor of 'this model'."
+    import torch.nn.functional as F
+    from scaletrain.errors import CheckpointError
+    from scaletrain.loop import setup
+
+    def trained(opt_of):
+        torch.manual_seed(0)
+        m = H.build("llama")
+        loop = setup(m, opt_of(m.parameters()), overrides=["train.device=cpu"], verbose=False)
+        b = H.global_batches("llama", 1)[0]
+        loop.backward(F.cross_entropy(loop.model(b["input_ids"]).flatten(0, 1), b["labels"].flatten()))
+        loop.step()
+        return loop
+
+    trained(lambda ps: torch.optim.AdamW(ps, lr=1e-3)).save(tmp_path, 1)
+    sgd = trained(lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9))
+    with pytest.raises(CheckpointError) as e:
+        sgd.load(tmp_path)
+    assert str(e.value) == (
+        f"checkpoint {tmp_path / 'checkpoints' / 'step_00000001'}: its optimizer state per parameter is "
+        "['exp_avg', 'exp_avg_sq', 'step'], this optimizer's is ['momentum_buffer']: it was saved by another "
+        "optimizer class (or other settings, such as SGD's momentum); load it with the optimizer it was saved with"
+    )
+    trained(lambda ps: torch.optim.AdamW(ps, lr=1e-3)).load(tmp_path)  # the same class loads
+
+
+def test_a_column_wise_fused_projection_in_the_users_plan_is_warned_about():
+    "A Linear 3x as wide as its input, split by columns: a chunk(3) after it would mix q, k and v without an error."
+    from scaletrain.config import load_config
+    from scaletrain.models.generic import GenericSpec
+    from scaletrain.parallel import check
+
+    class Attn(torch.nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Attn() for _ in range(2))
+
+    m = Net()
+    tp = load_config(overrides=["parallel.tp=2"])
+    with pytest.warns(UserWarning, match="'qkv' is column-wise and 48 wide for 16 inputs: if it is a fused q/k/v"):
+        check(tp, 2, m, GenericSpec(m, tp_plan={"qkv": "colwise", "o": "rowwise"}))
+    import warnings
+
+    mlp = Net()
+    for b in mlp.blocks:  # an MLP's up-projection, 40 wide: no warning
+        del b.qkv
+        b.up, b.o = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(tp, 2, mlp, GenericSpec(mlp, tp_plan={"up": "colwise", "o": "rowwise"}))
