@@ -14,35 +14,47 @@ def save_tiny(kind, folder, vocab=VOCAB):
     (`vocab` >= 257 for a run of scaletrain's byte tokenizer)."""
     import transformers
 
-    torch.manual_seed(0)
     if kind == "hf_llama":
-        c = transformers.LlamaConfig(
-            vocab_size=vocab,
+        return byte_decoder(folder, vocab_size=vocab, intermediate_size=64, num_hidden_layers=4)
+    torch.manual_seed(0)
+    c = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=kind == "hf_gpt2",
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    m = transformers.GPT2LMHeadModel(c)
+    m.save_pretrained(folder)
+    return folder
+
+
+def byte_decoder(folder, kind="Llama", **sizes):
+    """A tiny transformers decoder of the Llama layout (`kind`: Llama, or Qwen2: biases on q/k/v) with room for the
+    byte tokenizer's 257 ids; `sizes` replace its config's defaults here."""
+    import transformers
+
+    c = getattr(transformers, f"{kind}Config")(
+        **dict(
+            vocab_size=260,
             hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
+            intermediate_size=48,
+            num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=32,
             tie_word_embeddings=False,
         )
-        m = transformers.LlamaForCausalLM(c)
-    else:
-        c = transformers.GPT2Config(
-            vocab_size=vocab,
-            n_embd=32,
-            n_layer=4,
-            n_head=4,
-            n_positions=32,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=kind == "hf_gpt2",
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        m = transformers.GPT2LMHeadModel(c)
-    m.save_pretrained(folder)
+        | sizes
+    )
+    torch.manual_seed(0)
+    getattr(transformers, f"{kind}ForCausalLM")(c).save_pretrained(folder)
     return folder
 
 

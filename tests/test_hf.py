@@ -11,25 +11,14 @@ from scaletrain.config import load_config
 from scaletrain.data import ByteTokenizer
 from scaletrain.models.hub import load_hf
 from scaletrain.models.spec import build_model
+from hf_family_helpers import byte_decoder
 
 transformers = pytest.importorskip("transformers", reason="transformers is the [hf] extra (pip install -e .[hf])")
 
 
 def hf_llama(path, tie=False):
-    cfg = transformers.LlamaConfig(
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(cfg).eval()
-    m.save_pretrained(path)
-    return m
+    byte_decoder(path, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM.from_pretrained(path).eval()
 
 
 def hf_gpt2(path):

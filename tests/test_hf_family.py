@@ -138,29 +138,6 @@ def hf_run(corpus, cache_dir, out, folder, *extra):
     ]
 
 
-def byte_decoder(folder, kind="Llama", **sizes):
-    """A tiny transformers decoder of the Llama layout (`kind`: Llama, or Qwen2: biases on q/k/v) with room for the
-    byte tokenizer's 257 ids; `sizes` replace its config's defaults here."""
-    import transformers
-
-    c = getattr(transformers, f"{kind}Config")(
-        **dict(
-            vocab_size=260,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-            tie_word_embeddings=False,
-        )
-        | sizes
-    )
-    torch.manual_seed(0)
-    getattr(transformers, f"{kind}ForCausalLM")(c).save_pretrained(folder)
-    return folder
-
-
 def byte_gpt2(folder, tie):
     import transformers
 
@@ -187,7 +164,7 @@ def test_scaletrain_train_family_hf_trains_resumes_and_exports(tmp_path, corpus,
     from scaletrain.config import load_config
     from scaletrain.models.spec import build_model
 
-    folder = byte_decoder(tmp_path / "hf")
+    folder = H.byte_decoder(tmp_path / "hf")
     out = tmp_path / "runs"
     nproc2 = ("--nproc", "2")  # the Trainer on two processes under FSDP, sharded checkpoints
     r = run_cli(
@@ -285,7 +262,7 @@ def test_a_folders_shape_and_damaged_weights_are_refused_before_any_run_folder(t
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "runs"
-    kv1 = byte_decoder(tmp_path / "kv1", num_key_value_heads=1)
+    kv1 = H.byte_decoder(tmp_path / "kv1", num_key_value_heads=1)
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "config.json").write_bytes((kv1 / "config.json").read_bytes())
@@ -346,7 +323,7 @@ def test_the_trainer_takes_a_pretrained_model_passed_in_python(tmp_path, corpus,
     from scaletrain.config import ConfigError, load_config
     from scaletrain.train import Trainer
 
-    folder = byte_decoder(tmp_path / "hf")
+    folder = H.byte_decoder(tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     ov = hf_run(corpus, cache_dir, tmp_path / "runs", folder, "train.steps=3")
@@ -371,7 +348,7 @@ def test_a_qwen2_folder_trains_as_itself_and_the_estimator_counts_it(tmp_path, c
 
     pytest.importorskip("transformers")
     kv1 = dict(num_attention_heads=2, num_key_value_heads=1)
-    byte_decoder(tmp_path / "qwen", "Qwen2", max_position_embeddings=64, tie_word_embeddings=True, **kv1)
+    H.byte_decoder(tmp_path / "qwen", "Qwen2", max_position_embeddings=64, tie_word_embeddings=True, **kv1)
     cfg = resolve_hf(load_config(overrides=["model.family=hf", f"model.hf_path={tmp_path / 'qwen'}"]))
     model = build_model(cfg.model)
     held = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
