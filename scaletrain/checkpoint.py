@@ -716,11 +716,12 @@ def optimizer_state_names(keys) -> set:
     return {k.rsplit(".", 1)[1] for k in keys if k.startswith("optim.state.")}
 
 
-def check_optimizer_state(path, optim_sd: dict) -> None:
-    """Refuse a checkpoint whose optimizer state is of another kind than this optimizer's (one line naming both), where
-    DCP would only say that one tensor is missing. An optimizer without per-parameter state here matches anything."""
+def check_optimizer_state(path, optim_sd: dict, keys) -> None:
+    """Refuse checkpoint `path` (its metadata's `keys`) when its optimizer state is of another kind than this
+    optimizer's (one line naming both), where DCP would only say that one tensor is missing. An optimizer without
+    per-parameter state here matches anything."""
     mine = {n for st in optim_sd.get("state", {}).values() if isinstance(st, dict) for n in st}
-    theirs = optimizer_state_names(read_metadata(path).state_dict_metadata)
+    theirs = optimizer_state_names(keys)
     if mine and theirs and mine != theirs:
         raise CheckpointError(
             f"checkpoint {path}: its optimizer state per parameter is {sorted(theirs)}, this optimizer's is "
@@ -735,8 +736,9 @@ def load_checkpoint(path, engine, restore_rng: bool = True) -> dict:
     st = read_trainer_state(path)
     sd = engine.state_dict()
     check_tensors(path, sd["model"])
-    check_optimizer_state(path, sd.get("optim", {}))
-    aside = _set_aside_groups(sd, set(read_metadata(path).state_dict_metadata))
+    keys = set(read_metadata(path).state_dict_metadata)
+    check_optimizer_state(path, sd.get("optim", {}), keys)
+    aside = _set_aside_groups(sd, keys)
     _dcp_load(sd, path, "cannot be loaded into this model")
     _put_back_groups(sd, aside)
     engine.load_state_dict(sd)

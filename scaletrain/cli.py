@@ -132,9 +132,9 @@ def launch_ranks(args, cfg, run_dir: Path, rank_argv: list, local_main) -> int:
         rc = 128 + signal.SIGINT
         raise
     finally:
-        if rc in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM) and not getattr(args, "resume", None):
-            if args.nnodes == 1:
-                drop_unstarted(run_dir, "refused" if rc == 2 else "stopped")
+        new = not getattr(args, "resume", None) and args.nnodes == 1
+        if new and rc in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+            drop_unstarted(run_dir, "refused" if rc == 2 else "stopped")
     return rc
 
 

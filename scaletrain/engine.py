@@ -24,9 +24,9 @@ from .models.loss import chunked_cross_entropy, full_cross_entropy
 from .precision import autocast_ctx, make_scaler, needs_scaler
 
 # %% auto #0
-__all__ = ['param_groups', 'adamw_kwargs', 'lr_at', 'split_by_kind', 'set_lr', 'lm_loss', 'clean_name', 'ctor_kwargs',
-           'hidden_args', 'OptimizerRecipe', 'local_bytes', 'StepResult', 'Engine', 'clip_grad_norm_mixed',
-           'ParallelEngine']
+__all__ = ['param_groups', 'adamw_kwargs', 'lr_at', 'split_by_kind', 'set_lr', 'lm_loss', 'clean_name', 'ctor_params',
+           'ctor_kwargs', 'hidden_args', 'OptimizerRecipe', 'local_bytes', 'StepResult', 'Engine',
+           'clip_grad_norm_mixed', 'ParallelEngine']
 
 # %% ../nbs/3_parallel/30_engine.ipynb #78d2bf7c
 def param_groups(model: nn.Module, weight_decay: float):
@@ -95,21 +95,32 @@ def clean_name(name: str) -> str:
     return _WRAPPER_PARTS.sub("", name).lstrip(".")
 
 
-def ctor_kwargs(cls, values: dict) -> dict:
-    """The entries of `values` that `cls(...)` accepts as keyword arguments; a constructor taking `**kwargs` passes
-    them on, so its parents' named arguments count too (`class Mine(AdamW): def __init__(self, params, **kw)`)."""
-    P = inspect.Parameter
-    allowed = set()
+def ctor_params(cls, stop: type = object) -> tuple[dict, bool]:
+    """The named constructor arguments of `cls`, `{name: inspect.Parameter}` (`self` and `params` left out): a
+    constructor taking `**kwargs` passes them on, so its parents' named arguments count too (`class Mine(AdamW): def
+    __init__(self, params, **kw)`), up to `stop`. And whether every constructor up to `object` takes `**kwargs`, so
+    that any keyword is accepted."""
+    P, out = inspect.Parameter, {}
     for c in cls.__mro__:
         if c is object:
-            return {k: v for k, v in values.items() if k != "params"}
+            return out, True
+        if c is stop:
+            return out, False
         if "__init__" not in vars(c):
             continue
         ps = inspect.signature(c.__init__).parameters
-        allowed |= {k for k, p in ps.items() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+        for k, p in ps.items():
+            if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) and k not in ("self", "params"):
+                out.setdefault(k, p)
         if not any(p.kind is P.VAR_KEYWORD for p in ps.values()):
-            break
-    return {k: v for k, v in values.items() if k in allowed and k not in ("self", "params")}
+            return out, False
+    return out, False
+
+
+def ctor_kwargs(cls, values: dict) -> dict:
+    "The entries of `values` that `cls(...)` accepts as keyword arguments (`ctor_params`)."
+    named, any_keyword = ctor_params(cls)
+    return {k: v for k, v in values.items() if k != "params" and (any_keyword or k in named)}
 
 
 def hidden_args(optimizer) -> dict:
@@ -118,24 +129,13 @@ def hidden_args(optimizer) -> dict:
     would silently reset them (`class Clamped(AdamW): def __init__(self, params, max_update=0.01, **kw)` keeping
     `self.max_update`). An argument the instance does not hold by name was mapped into the defaults under another
     one (`wd` -> `weight_decay`), or dropped, by the class itself: not counted."""
-    P, out = inspect.Parameter, {}
-    for c in type(optimizer).__mro__:
-        if c is object or c is torch.optim.Optimizer:
-            break
-        if "__init__" not in vars(c):
+    out = {}
+    for k, p in ctor_params(type(optimizer), stop=torch.optim.Optimizer)[0].items():
+        have = getattr(optimizer, k, inspect.Parameter.empty)
+        if k in optimizer.defaults or have is inspect.Parameter.empty or callable(have):
             continue
-        ps = inspect.signature(c.__init__).parameters
-        for k, p in ps.items():
-            if p.kind not in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) or k in ("self", "params") or k in out:
-                continue
-            if k in optimizer.defaults:
-                continue
-            have = getattr(optimizer, k, P.empty)
-            if have is P.empty or callable(have) or (p.default is not P.empty and _same(have, p.default)):
-                continue
+        if p.default is inspect.Parameter.empty or not _same(have, p.default):
             out[k] = have
-        if not any(p.kind is P.VAR_KEYWORD for p in ps.values()):
-            break
     return out
 
 
@@ -164,6 +164,7 @@ class OptimizerRecipe:
     factory: object = None
     instance: object = None  # the object the user built, kept where the strategy leaves its parameters alone
     hidden: dict = field(default_factory=dict)  # constructor arguments its defaults do not keep (`hidden_args`)
+    retired: tuple = (None, "")  # (the user's object, why) once a strategy steps another optimizer (`retire`)
 
     @classmethod
     def of(cls, optimizer, model: nn.Module) -> "OptimizerRecipe":
@@ -282,7 +283,7 @@ class OptimizerRecipe:
 
     def check_retired(self) -> None:
         "Refuse a learning-rate scheduler attached after setup to the retired optimizer: it would schedule nothing."
-        inst, how = getattr(self, "retired", (None, ""))
+        inst, how = self.retired
         if inst is not None and any("initial_lr" in g for g in inst.param_groups):
             raise ConfigError(
                 f"optimizer: a learning-rate scheduler was attached to the {type(inst).__name__} given, but {how}; "

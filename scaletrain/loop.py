@@ -8,6 +8,7 @@ import contextlib
 from pathlib import Path
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_leaves
 import torch.nn as nn
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config
@@ -32,18 +33,6 @@ def split_batch(obj, n: int, i: int):
     if isinstance(obj, (tuple, list)):
         return type(obj)(split_batch(v, n, i) for v in obj)
     return obj
-
-
-def _tensors(obj):
-    "The tensors in a (nested) tuple/list/dict."
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def _broadcast_weights(model: nn.Module, device) -> None:
@@ -119,7 +108,7 @@ class Loop:
         """This data-parallel rank's part of a global batch (tensors, or tuples/lists/dicts of them, split on dim 0).
         A batch whose rows do not divide by the data-parallel size is refused in one line: unequal parts would weigh
         each rank's rows differently in the averaged gradient (an empty part gives a NaN loss)."""
-        rows = {t.shape[0] for t in _tensors(batch) if t.dim()}
+        rows = {t.shape[0] for t in tree_leaves(batch) if torch.is_tensor(t) and t.dim()}
         bad = sorted(r for r in rows if r % self.dp_size)
         if bad:
             raise ConfigError(

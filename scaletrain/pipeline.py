@@ -29,6 +29,7 @@ class PipelineEngine(ParallelEngine):
         self.pp_rank, self.pp_size = self.pp_mesh.get_local_rank(), dims.pp
         self.n_stages, self.n_mb = dims.n_stages, dims.microbatches
         self.traced_shapes = None  # a traced model's micro-batch shapes (`_trace`)
+        self.out_spec = None  # a traced model's output structure (`_trace`)
         # FSDP2 on every stage: the strategies that shard gradients, on more than one data-parallel rank
         self.fsdp = dims.replicas > 1 and "grads" in dims.strategy_entry.shards
         self.reshard_after_forward = dims.strategy != "zero2"
@@ -122,10 +123,9 @@ class PipelineEngine(ParallelEngine):
     def _as_model_output(self, out):
         """The last stage's output in the structure the model returns, so the user's `loss_fn` gets what it gets
         without pipelining (`{"logits": ...}`, not the bare tensor the traced graph ends in)."""
-        spec = getattr(self, "out_spec", None)
-        if spec is None or spec.is_leaf():
+        if self.out_spec is None or self.out_spec.is_leaf():
             return out
-        return tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], spec)
+        return tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], self.out_spec)
 
     def _check_shapes(self, x):
         "A traced pipeline's batch must split into micro-batches of the example's shape (else torch says nothing)."

@@ -89,6 +89,7 @@ def expand(space: dict, mode: str = "grid", n: int | None = None, seed: int = 0)
     if not n or n < 1:
         raise ConfigError(f"--random {n}: must be >= 1")
     g = np.random.default_rng(seed)
+    whole = {k: _whole_key(k) for k, v in space.items() if isinstance(v, tuple)}  # train.steps draws whole steps
     out = []
     for _ in range(n):
         r = {}
@@ -100,7 +101,7 @@ def expand(space: dict, mode: str = "grid", n: int | None = None, seed: int = 0)
                     if kind == "log"
                     else float(g.uniform(lo, hi))
                 )
-                r[k] = str(round(x)) if _whole_key(k) else _fmt(x)  # train.steps=uniform:10:30 draws whole steps
+                r[k] = str(round(x)) if whole[k] else _fmt(x)
             else:
                 r[k] = v[int(g.integers(len(v)))]
         out.append(r)

@@ -485,7 +485,7 @@ class LaunchPanel(W.VBox):
     ):
         self.base, self.out_dir, self.refresh_s = list(overrides), Path(out_dir), refresh_s
         self.run, self.records, self.prediction, self.fits = None, [], None, False
-        self.state, self.plot_points, self.total_steps = "idle", 0, steps
+        self.state, self.plot_points = "idle", 0
         self._mutex, self._last_log, self._lines, self._log_timer = threading.RLock(), 0.0, deque(maxlen=300), None
         self._painter, self._dirty, self._seq, self._shown = None, False, 0, 0
         st = dict(description_width="110px")

@@ -237,8 +237,9 @@ def resolve_hf(cfg: Config, explicit=None, typed=(), weights: bool = True) -> Co
     gave (default: those whose value is not the default, and the keys in `typed`, the ones typed on the command
     line at any value: `model.n_layer=4` is the user's even where 4 is the default), which must agree with the
     folder; `model.dropout` among them is kept. The result passes the config's rules on the folder's shape (tensor
-    parallelism against its heads, ...), and (`weights`) the folder's weight files are readable and
-    name the tensors its config implies: all said here, before a run folder or a rank exists. `weights=False`: the
+    parallelism against its heads, ...), and (`weights`) the folder's weight files are readable (for our families,
+    also every tensor's name and shape; transformers checks its own class's as each rank loads): all said here,
+    before a run folder or a rank exists. `weights=False`: the
     shape alone (the planner plans a model from its config.json)."""
     path = cfg.model.hf_path
     if not path or is_run_copy(path):  # a resumed run's copy: config.yaml holds the shape, the checkpoint the weights
